@@ -1,4 +1,4 @@
-"""Exceptions shared across the engine."""
+"""Errors the engine raises on purpose: each message names what is wrong and where."""
 
 
 class LotteryError(Exception):
@@ -6,5 +6,12 @@ class LotteryError(Exception):
 
 
 class CorruptArtifactError(LotteryError):
-    """An artifact on disk (mask, checkpoint, report) is missing, truncated
-    or does not match its recorded checksum. The message names the file."""
+    """A checkpoint, mask or result file exists but cannot be trusted (truncated, bad checksum)."""
+
+
+class WorkdirMismatchError(LotteryError):
+    """A work directory already belongs to a different experiment configuration."""
+
+
+class MissingArtifactError(LotteryError):
+    """A step needs the output of an earlier step that has not been produced yet."""
