@@ -1,0 +1,5 @@
+import sys
+
+from lottery.cli import main
+
+sys.exit(main())

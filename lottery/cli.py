@@ -1,0 +1,164 @@
+"""``python -m lottery``: every step of the experiment by hand (or from SLURM, cron, a notebook).
+
+    python -m lottery fetch fashion-mnist --out data/fashion-mnist-images
+    python -m lottery dense --config cfg.json --data DATA_DIR --workdir W
+    python -m lottery masks --workdir W
+    python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
+    python -m lottery summarize --workdir W
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lottery.config import CONTROLS, ConfigError
+from lottery.errors import LotteryError
+
+log = logging.getLogger("lottery")
+
+
+def _load_config(path: str | None, overrides: list[str]) -> dict:
+    conf = {}
+    if path:
+        try:
+            conf = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise LotteryError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise LotteryError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(conf, dict):
+            raise LotteryError(f"config file {path} must hold a JSON object")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LotteryError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            conf[key] = json.loads(value)
+        except json.JSONDecodeError:
+            conf[key] = value  # a bare string such as --set model=conv4
+    return conf
+
+
+def _threads(args) -> int | None:
+    return args.threads or (int(os.environ["LOTTERY_THREADS"]) if os.environ.get("LOTTERY_THREADS") else None)
+
+
+def cmd_fetch(args) -> None:
+    from lottery.data.fetch import export_fashion_mnist
+
+    summary = export_fashion_mnist(args.out, limit=args.limit, progress=True)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_id(args) -> None:
+    from lottery import experiment
+
+    cfg = experiment.resolve_config(_load_config(args.config, args.set))
+    print(experiment.workdir_for(cfg, args.data, args.root).name)
+
+
+def cmd_dense(args) -> None:
+    from lottery import experiment
+
+    cfg = experiment.resolve_config(_load_config(args.config, args.set))
+    workdir = args.workdir or experiment.workdir_for(cfg, args.data, args.root)
+    result = experiment.run_dense(cfg, args.data, workdir, threads=_threads(args), progress=sys.stdout.isatty())
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_masks(args) -> None:
+    from lottery import experiment
+
+    for d in experiment.make_masks(args.workdir):
+        print(f"{d['index']:3d}  {d['mask_id']}  sparsity {100 * d['sparsity']:6.2f}%  left {100 * d['remaining']:6.2f}%")
+
+
+def cmd_retrain(args) -> None:
+    from lottery import experiment
+
+    result = experiment.retrain(args.workdir, args.mask, args.rewind, control=args.control, threads=_threads(args),
+                                data_dir=args.data, progress=sys.stdout.isatty())
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_summarize(args) -> None:
+    from lottery import experiment
+
+    rows = experiment.summarize(args.workdir)
+    print(experiment.format_table(args.workdir, rows))
+    print(f"\nwrote {Path(args.workdir) / 'results.csv'}")
+
+
+def cmd_report(args) -> None:
+    from lottery import report
+
+    paths = report.write_report(args.workdir)
+    print(json.dumps(paths, indent=2, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lottery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="write a bundled data set as an ImageNet-layout image folder")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("--out", required=True, help="output folder (train/<class>/*.png, val/<class>/*.png)")
+    p.add_argument("--limit", type=int, help="keep the first N images of each split")
+    p.set_defaults(func=cmd_fetch)
+
+    def experiment_args(p, *, workdir_required: bool) -> None:
+        p.add_argument("--config", help="experiment config (JSON object); missing fields take their defaults")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (JSON value)")
+        p.add_argument("--data", required=True, help="data directory written by the preprocessing job (manifest.json + shards)")
+        group = p.add_mutually_exclusive_group(required=workdir_required)
+        group.add_argument("--workdir", type=Path, help="the experiment's work directory")
+        group.add_argument("--root", type=Path, help="artifact root: the work directory is ROOT/<experiment id>")
+
+    p = sub.add_parser("id", help="print the experiment id of a config and data set")
+    experiment_args(p, workdir_required=False)
+    p.set_defaults(func=cmd_id, root=Path("."))
+
+    p = sub.add_parser("dense", help="train the dense network, saving rewind checkpoints and the final weights")
+    experiment_args(p, workdir_required=True)
+    p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
+    p.set_defaults(func=cmd_dense)
+
+    p = sub.add_parser("masks", help="magnitude-prune the final dense weights at every sparsity level")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("retrain", help="late-reset retraining of one (mask, rewind point)")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--mask", required=True, help="mask index (0-based) or id such as sp20.000")
+    p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
+    p.add_argument("--control", choices=CONTROLS, help="run a baseline instead of the ticket")
+    p.add_argument("--data", help="data directory (default: the one the dense run used)")
+    p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("summarize", help="print the accuracy table and write results.csv")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("report", help="write results.csv, accuracy_vs_sparsity.png and report.md")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args.func(args)
+    except (ConfigError, LotteryError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

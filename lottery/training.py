@@ -1,0 +1,227 @@
+"""The training loop shared by dense training and late-reset retraining (Keras 3 API only).
+
+Training is cut into *segments* that end at epoch boundaries and at the steps where a checkpoint
+is wanted (rewind points). Each segment is one ``model.fit`` call over the deterministic batch
+stream of its epoch, started ``skip_batches`` into it, so training can start (or resume) at any
+step and still see exactly the batches an uninterrupted run would have seen. Keras caches the
+compiled train step, so a segment costs one iterator, not a recompilation.
+
+Everything that defines the training state is saved in a checkpoint: every model variable (BatchNorm
+statistics included), every optimizer variable (the iteration counter, hence the position in the
+learning-rate schedule, and the slots: momentum, Adam moments), and the step, from which the data
+position (epoch, batch within the epoch) follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+from keras import ops
+
+from lottery.config import ExperimentConfig, Step
+from lottery.io import load_arrays, save_arrays
+
+log = logging.getLogger("lottery")
+
+METRIC_COLUMNS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "images_per_s",
+    "wall_s",
+)
+
+
+# ---- learning rate and optimizer --------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="lottery")
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up over ``warmup_steps`` iterations, then ``lr * gamma**k`` after k milestones."""
+
+    def __init__(self, base_lr: float, warmup_steps: int = 0, milestones: tuple[int, ...] = (), gamma: float = 0.1):
+        self.base_lr = float(base_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = tuple(int(m) for m in milestones)
+        self.gamma = float(gamma)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        lr = ops.convert_to_tensor(self.base_lr, "float32")
+        for milestone in self.milestones:
+            lr = lr * ops.where(step >= milestone, self.gamma, 1.0)
+        if self.warmup_steps > 0:
+            lr = lr * ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        return lr
+
+    def value_at(self, step: int) -> float:
+        factor = self.gamma ** sum(step >= m for m in self.milestones)
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        return self.base_lr * factor * warm
+
+    def get_config(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, "warmup_steps": self.warmup_steps, "milestones": list(self.milestones), "gamma": self.gamma}
+
+
+def make_schedule(cfg: ExperimentConfig, steps_per_epoch: int) -> WarmupStepDecay:
+    return WarmupStepDecay(
+        cfg.lr,
+        Step.parse(cfg.warmup_steps).iterations(steps_per_epoch),
+        tuple(Step.parse(m).iterations(steps_per_epoch) for m in cfg.lr_milestones),
+        cfg.lr_gamma,
+    )
+
+
+def make_optimizer(cfg: ExperimentConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD (momentum, Nesterov) or Adam. Keras applies ``weight_decay`` decoupled (AdamW-style)."""
+    schedule = make_schedule(cfg, steps_per_epoch)
+    weight_decay = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=schedule, weight_decay=weight_decay)
+
+
+def compile_model(model: keras.Model, cfg: ExperimentConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Compile with a fresh optimizer and build its variables, so that a checkpoint can be loaded."""
+    model.compile(
+        optimizer=make_optimizer(cfg, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=cfg.jit_compile,
+    )
+    model.optimizer.build(model.trainable_variables)
+    return model.optimizer
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def training_state(model: keras.Model) -> dict[str, np.ndarray]:
+    """Every model and optimizer variable, keyed ``model:<path>`` / ``optimizer:<path>``."""
+    state = {f"model:{v.path}": ops.convert_to_numpy(v) for v in model.weights}
+    state.update({f"optimizer:{v.path}": ops.convert_to_numpy(v) for v in model.optimizer.variables})
+    return state
+
+
+def save_checkpoint(path: str | Path, model: keras.Model, *, step: int, steps_per_epoch: int, extra: dict | None = None) -> None:
+    meta = {
+        "step": int(step),
+        "epoch": step // steps_per_epoch,
+        "batch_in_epoch": step % steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer_iterations": int(ops.convert_to_numpy(model.optimizer.iterations)),
+        "lr": float(_current_lr(model.optimizer)),
+        **(extra or {}),
+    }
+    save_arrays(path, training_state(model), meta)
+
+
+def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = True, optimizer: bool = True) -> dict:
+    """Restore a checkpoint into a compiled model; every variable must match by path and shape."""
+    arrays, meta = load_arrays(path)
+    targets = []
+    if weights:
+        targets += [(f"model:{v.path}", v) for v in model.weights]
+    if optimizer:
+        targets += [(f"optimizer:{v.path}", v) for v in model.optimizer.variables]
+    missing = [key for key, _ in targets if key not in arrays]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match this model: no values for {missing[:3]} ({len(missing)} in all)")
+    for key, variable in targets:
+        value = arrays[key]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(f"checkpoint {path}: {key} has shape {value.shape}, the model expects {tuple(variable.shape)}")
+        variable.assign(value)
+    return meta
+
+
+def _current_lr(optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer under mixed precision
+    lr = inner.learning_rate  # Keras evaluates a schedule at the current iteration here
+    return float(ops.convert_to_numpy(lr))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainingRun:
+    """What to train and where to stop. ``history`` holds the metric rows of finished epochs."""
+
+    model: keras.Model
+    cfg: ExperimentConfig
+    train_data: Any  # lottery.data.pipeline.ShardedDataset
+    val_data: Any
+    steps_per_epoch: int
+    total_steps: int
+    label: str = "train"
+    stop_points: tuple[int, ...] = ()  # steps where on_stop is called (rewind points)
+    on_stop: Callable[[int], None] | None = None
+    on_epoch_end: Callable[[int, list[dict]], None] | None = None
+    progress: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def run(self, start_step: int) -> list[dict]:
+        step = start_step
+        spe, total = self.steps_per_epoch, self.total_steps
+        num_epochs = math.ceil(total / spe)
+        val_stream = self.val_data.eval_batches(self.cfg.batch_size)
+        if step in self.stop_points and self.on_stop:
+            self.on_stop(step)
+        epoch_loss = epoch_correct = 0.0
+        epoch_seen = 0
+        epoch_train_time = 0.0
+        epoch_wall_start = time.perf_counter()
+        while step < total:
+            epoch, position = divmod(step, spe)
+            epoch_end = min((epoch + 1) * spe, total)
+            next_stops = [s for s in self.stop_points if step < s < epoch_end]
+            segment_end = min(next_stops) if next_stops else epoch_end
+            n = segment_end - step
+            stream = self.train_data.batches(
+                self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
+            ).take(n)
+            started = time.perf_counter()
+            fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, verbose=1 if self.progress else 0)
+            epoch_train_time += time.perf_counter() - started
+            epoch_loss += fit.history["loss"][-1] * n
+            epoch_correct += fit.history["accuracy"][-1] * n
+            epoch_seen += n
+            step = segment_end
+            if step in self.stop_points and self.on_stop:
+                self.on_stop(step)
+            if step == epoch_end:
+                val = self.model.evaluate(val_stream, verbose=0, return_dict=True)
+                row = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "lr": _current_lr(self.model.optimizer),
+                    "train_loss": epoch_loss / epoch_seen,
+                    "train_accuracy": epoch_correct / epoch_seen,
+                    "val_loss": float(val["loss"]),
+                    "val_accuracy": float(val["accuracy"]),
+                    "images_per_s": epoch_seen * self.cfg.batch_size / max(epoch_train_time, 1e-9),
+                    "wall_s": time.perf_counter() - epoch_wall_start,
+                }
+                self.history.append(row)
+                log.info(
+                    "%s epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%  %.0f img/s  %.1fs",
+                    self.label, epoch + 1, num_epochs, step, total, row["train_loss"], 100 * row["train_accuracy"],
+                    row["val_loss"], 100 * row["val_accuracy"], row["images_per_s"], row["wall_s"],
+                )
+                if self.on_epoch_end:
+                    self.on_epoch_end(step, self.history)
+                epoch_loss = epoch_correct = 0.0
+                epoch_seen = 0
+                epoch_train_time = 0.0
+                epoch_wall_start = time.perf_counter()
+        return self.history
+
+
+def count_params(variables) -> int:
+    return int(sum(int(np.prod(v.shape)) for v in variables))
