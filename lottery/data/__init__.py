@@ -1,0 +1,39 @@
+"""Data: the record format (`records`, pure Python), the tf.data pipeline (`pipeline`), the TF
+runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
+
+Importing `lottery.data` (or `lottery.data.records` / `lottery.data.fetch`) never imports
+TensorFlow: Spark executors and TF-less (JAX) machines import this package.  `ShardedDataset`
+and the runtime helpers are loaded lazily on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .records import (  # noqa: F401 - re-exported
+    ChannelStats,
+    CorruptDataError,
+    DataFormatError,
+    read_manifest,
+    write_dataset,
+)
+
+_LAZY = {
+    "ShardedDataset": "pipeline",
+    "configure_threads": "runtime",
+    "enable_determinism": "runtime",
+    "distribution_scope": "runtime",
+    "num_replicas": "runtime",
+    "split_cpu": "runtime",
+    "export_fashion_mnist": "fetch",
+    "load_fashion_mnist_arrays": "fetch",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ChannelStats", "CorruptDataError", "DataFormatError", "read_manifest", "write_dataset", *_LAZY]
