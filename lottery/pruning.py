@@ -1,0 +1,315 @@
+"""Magnitude pruning, the random-pruning control, mask files and applying masks.
+
+A mask is a dict `{variable.path: np.ndarray[bool]}` (True = kept) over the
+prunable weights of `lottery.models.prunable_weights`.
+
+Counting rule: in every pruning group (all layers together for the global
+scope, or one layer) exactly `round(rate * group size)` weights are removed:
+the smallest magnitudes, found with a stable argsort so that ties (e.g. the
+exact zeros of an already pruned ticket) are broken by position and can never
+change the counts.
+
+Dead layers: like OpenLTH, global pruning does not protect any layer; at very
+high sparsity a layer can lose every weight. `mask_report` lists such layers
+under `dead_layers` so that callers can see (and report) it.
+
+Keras 3 / numpy only: no TensorFlow import, so this runs on the JAX backend.
+"""
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from lottery.errors import CorruptArtifactError
+from lottery.io import atomic_path, sha256_file, write_json
+from lottery.models import prunable_weights
+
+MASK_FORMAT_VERSION = 1
+SCOPES = ("global", "layerwise")
+# Weight paths become zip member names in the .npz; keep them boring.
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+# Fixed zip timestamp: the same mask always gives the same bytes (and sha256).
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+# --- magnitude pruning -------------------------------------------------------
+
+
+def _numpy(value):
+    if isinstance(value, np.ndarray):
+        return value
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _prune_group(magnitudes, rate, paths):
+    """Masks for one group of layers pruned together at `rate`."""
+    flat = np.concatenate([magnitudes[p].ravel() for p in paths])
+    num_remove = int(round(rate * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    order = np.argsort(flat, kind="stable")
+    keep[order[:num_remove]] = False
+    masks, start = {}, 0
+    for p in paths:
+        size = magnitudes[p].size
+        masks[p] = keep[start:start + size].reshape(magnitudes[p].shape)
+        start += size
+    return masks
+
+
+def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
+                    output_factor=1.0, prior_mask=None):
+    """Masks that remove the smallest-magnitude weights.
+
+    Args:
+        weights: {path: array} of the weights to rank (numpy or Keras variables).
+        sparsity: fraction of weights removed, in [0, 1].
+        scope: "global": one magnitude ranking across all layers;
+            "layerwise": each layer pruned at `sparsity` on its own.
+        output_path: the output layer's kernel path. With `output_factor != 1`
+            it is pruned by its own ranking at `min(1, output_factor * sparsity)`
+            and (global scope) left out of the global ranking.
+        output_factor: see `output_path`.
+        prior_mask: optional mask of an earlier pruning round: its removed
+            weights rank below every surviving weight, so they stay removed
+            (a ValueError if the new rate would bring any back).
+
+    Returns:
+        {path: bool array} in the order of `weights`, True = kept.
+    """
+    sparsity = float(sparsity)
+    output_factor = float(output_factor)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1]; got {sparsity}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
+    if output_factor < 0:
+        raise ValueError(f"output_factor must be >= 0; got {output_factor}")
+    if not weights:
+        raise ValueError("no weights to prune")
+    if output_path is not None and output_path not in weights:
+        raise ValueError(f"output_path {output_path!r} is not among the weights: {list(weights)}")
+
+    magnitudes = {}
+    for p, w in weights.items():
+        magnitude = np.abs(_numpy(w))
+        if magnitude.dtype not in (np.float32, np.float64):
+            magnitude = magnitude.astype(np.float32)
+        if not np.all(np.isfinite(magnitude)):
+            raise ValueError(f"weight {p!r} has NaN or infinite values: cannot rank by magnitude")
+        magnitudes[p] = magnitude
+    if prior_mask is not None:
+        missing = sorted(set(weights) - set(prior_mask))
+        if missing:
+            raise ValueError(f"prior_mask lacks the weights {missing}")
+        for p in magnitudes:
+            prior = np.asarray(prior_mask[p], dtype=bool)
+            if prior.shape != magnitudes[p].shape:
+                raise ValueError(f"prior_mask[{p!r}] has shape {prior.shape}, the weight {magnitudes[p].shape}")
+            magnitudes[p] = np.where(prior, magnitudes[p], magnitudes[p].dtype.type(-1))
+
+    paths = list(weights)
+    output_rate = min(1.0, output_factor * sparsity)
+    separate_output = output_path is not None and output_factor != 1.0
+    if scope == "global":
+        groups = []
+        if separate_output:
+            groups.append(([p for p in paths if p != output_path], sparsity))
+            groups.append(([output_path], output_rate))
+        else:
+            groups.append((paths, sparsity))
+    else:
+        groups = [([p], output_rate if p == output_path else sparsity) for p in paths]
+
+    masks = {}
+    for group_paths, rate in groups:
+        if group_paths:
+            masks.update(_prune_group(magnitudes, rate, group_paths))
+
+    if prior_mask is not None:
+        revived = [p for p in paths if np.any(masks[p] & ~np.asarray(prior_mask[p], dtype=bool))]
+        if revived:
+            raise ValueError(
+                f"sparsity {sparsity} is below the prior mask's in {revived}: weights would come back"
+            )
+    return {p: masks[p] for p in paths}
+
+
+def random_prune_like(mask, seed):
+    """A random mask with exactly the same number of kept weights in every layer."""
+    rng = np.random.default_rng(int(seed))
+    result = {}
+    for path in sorted(mask):  # independent of the dict's order
+        layer = np.asarray(mask[path], dtype=bool)
+        kept = int(layer.sum())
+        flat = np.zeros(layer.size, dtype=bool)
+        flat[rng.permutation(layer.size)[:kept]] = True
+        result[path] = flat.reshape(layer.shape)
+    return {path: result[path] for path in mask}
+
+
+def mask_report(mask, weights=None):
+    """Exact per-layer and total counts. With `weights`, also the largest
+    pruned and smallest kept magnitude of each layer."""
+    layers, total, kept = {}, 0, 0
+    for path, layer in mask.items():
+        layer = np.asarray(layer, dtype=bool)
+        n, k = int(layer.size), int(layer.sum())
+        entry = {
+            "shape": list(layer.shape),
+            "total": n,
+            "kept": k,
+            "sparsity": (n - k) / n if n else 0.0,
+        }
+        if weights is not None:
+            magnitude = np.abs(_numpy(weights[path]))
+            entry["max_pruned_abs"] = float(magnitude[~layer].max()) if k < n else None
+            entry["min_kept_abs"] = float(magnitude[layer].min()) if k else None
+        layers[path] = entry
+        total += n
+        kept += k
+    return {
+        "layers": layers,
+        "total": total,
+        "kept": kept,
+        "sparsity": (total - kept) / total if total else 0.0,
+        "dead_layers": [p for p, e in layers.items() if e["total"] and e["kept"] == 0],
+    }
+
+
+# --- mask files --------------------------------------------------------------
+
+
+def _report_path(path):
+    return Path(path).with_suffix(".json")
+
+
+def _npz_bytes(mask):
+    """The .npz bytes: one bool array per weight path, fixed member order and dates."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path, layer in mask.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(layer, dtype=bool), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{path}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def save_mask(path, mask, meta):
+    """Writes `mask` to `path` (.npz, keys = weight paths) and its report,
+    `meta` and the npz's sha256 to `<stem>.json`; both atomically."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"mask files end in .npz; got {path}")
+    for key in mask:
+        if not _SAFE_PATH.match(key) or ".." in key.split("/"):
+            raise ValueError(f"weight path {key!r} cannot be a mask file key")
+    json.dumps(meta)  # fail before writing anything if meta is not JSON
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(_npz_bytes(mask))
+    write_json(_report_path(path), {
+        "format_version": MASK_FORMAT_VERSION,
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "meta": meta,
+        "report": mask_report(mask),
+    })
+
+
+def load_mask(path):
+    """Reads a mask written by `save_mask`: returns (mask, meta). A missing
+    report, a checksum mismatch or an unreadable file raises
+    CorruptArtifactError naming the file."""
+    path = Path(path)
+    report_path = _report_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"mask file {path} does not exist")
+    try:
+        info = json.loads(report_path.read_text())
+        expected_sha = info["sha256"]
+        layers = info["report"]["layers"]
+        meta = info["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptArtifactError(
+            f"mask report {report_path} is missing or unreadable ({type(exc).__name__}: {exc}); "
+            f"delete {path} and recompute"
+        ) from None
+    actual_sha = sha256_file(path)
+    if actual_sha != expected_sha:
+        raise CorruptArtifactError(
+            f"mask file {path} does not match the sha256 in {report_path} "
+            f"({actual_sha[:12]} != {expected_sha[:12]}): truncated or modified; delete it and recompute"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mask = {key: np.asarray(data[key]) for key in layers}
+    except Exception as exc:  # zipfile, numpy format, missing keys: all mean a bad file
+        raise CorruptArtifactError(
+            f"mask file {path} cannot be read ({type(exc).__name__}: {exc}); delete it and recompute"
+        ) from None
+    for key, layer in mask.items():
+        if layer.dtype != bool or list(layer.shape) != layers[key]["shape"]:
+            raise CorruptArtifactError(
+                f"mask file {path}: {key!r} is {layer.dtype}{list(layer.shape)}, "
+                f"the report says bool{layers[key]['shape']}"
+            )
+    return mask, meta
+
+
+# --- applying masks ----------------------------------------------------------
+
+
+class MaskConstraint(keras.constraints.Constraint):
+    """Keeps pruned weights at exactly +0.0.
+
+    Keras 3 optimizers apply `variable.constraint` after every update inside
+    the train step, so this holds whatever the optimizer does (momentum,
+    weight decay, Adam moments). Set on the variable itself, never in a
+    layer's config: it is not serialised with the model and must be
+    re-attached (`apply_mask`) after loading.
+    """
+
+    def __init__(self, mask, inner=None):
+        self.mask = np.asarray(mask, dtype=bool)
+        self.inner = inner  # a constraint the variable had before; applied first
+        self._mask_tensor = keras.ops.convert_to_tensor(self.mask)
+
+    def __call__(self, w):
+        if self.inner is not None:
+            w = self.inner(w)
+        return keras.ops.where(self._mask_tensor, w, keras.ops.zeros_like(w))
+
+    def get_config(self):
+        raise NotImplementedError("MaskConstraint is attached at run time and not serialised")
+
+
+def apply_mask(model, mask):
+    """Zeroes the pruned weights of `model` and keeps them at 0.0 during training."""
+    variables = prunable_weights(model)
+    unknown = sorted(set(mask) - set(variables))
+    if unknown:
+        raise ValueError(f"mask has weights that {model.name!r} lacks: {unknown}")
+    for path, layer in mask.items():
+        variable = variables[path]
+        layer = np.asarray(layer, dtype=bool)
+        if tuple(layer.shape) != tuple(variable.shape):
+            raise ValueError(f"mask for {path!r} has shape {layer.shape}, the weight {tuple(variable.shape)}")
+        inner = variable.constraint
+        if isinstance(inner, MaskConstraint):
+            inner = inner.inner
+        constraint = MaskConstraint(layer, inner=inner)
+        variable.assign(constraint(variable.value))
+        variable.constraint = constraint
+
+
+def remove_mask(model):
+    """Detaches the mask constraints (restoring any earlier constraint); weights are left as they are."""
+    for variable in prunable_weights(model).values():
+        if isinstance(variable.constraint, MaskConstraint):
+            variable.constraint = variable.constraint.inner
