@@ -260,8 +260,8 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _mask_descriptor(index: int, mid: str, sparsity: float, meta: dict) -> dict[str, Any]:
-    total = meta["report"]["total"]
-    return {"index": index, "mask_id": mid, "sparsity": sparsity, "remaining": total["kept"] / total["total"]}
+    report = meta["report"]
+    return {"index": index, "mask_id": mid, "sparsity": sparsity, "remaining": report["kept"] / report["total"]}
 
 
 # ---- late resetting ---------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def _retrain(cfg, run_info, workdir, ticket, mid, sparsity, label, control, mask
             save_mask(ticket / "mask.npz", mask, {"control": control, "like": mid, "report": report})
         log.info(
             "retrain %s: start  mask %s (%.2f%% of prunable weights left)  rewind %s = step %d  %s  %d -> %d it (%d epochs)",
-            name, mid, 100 * report["total"]["kept"] / report["total"]["total"], label, Step.parse(label).iterations(spe),
+            name, mid, 100 * report["kept"] / report["total"], label, Step.parse(label).iterations(spe),
             f"control {control}" if control else "ticket", start, total, -(-(total - start) // spe),
         )
 
@@ -410,7 +410,7 @@ def _retrain(cfg, run_info, workdir, ticket, mid, sparsity, label, control, mask
         "ticket": str(ticket),
         "mask_id": mid,
         "sparsity": sparsity,
-        "remaining": report["total"]["kept"] / report["total"]["total"],
+        "remaining": report["kept"] / report["total"],
         "rewind": label,
         "rewind_step": Step.parse(label).iterations(spe),
         "control": control,

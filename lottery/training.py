@@ -106,8 +106,14 @@ def compile_model(model: keras.Model, cfg: ExperimentConfig, steps_per_epoch: in
 def training_state(model: keras.Model) -> dict[str, np.ndarray]:
     """Every model and optimizer variable, keyed ``model:<path>`` / ``optimizer:<path>``."""
     state = {f"model:{v.path}": ops.convert_to_numpy(v) for v in model.weights}
-    state.update({f"optimizer:{v.path}": ops.convert_to_numpy(v) for v in model.optimizer.variables})
+    state.update({_optimizer_key(v): ops.convert_to_numpy(v) for v in model.optimizer.variables})
     return state
+
+
+def _optimizer_key(variable) -> str:
+    # "sgd_1/fc1_kernel_momentum" -> "optimizer:fc1_kernel_momentum": Keras numbers optimizer names
+    # per process, so the optimizer's own name is not part of the key.
+    return "optimizer:" + variable.path.split("/", 1)[-1]
 
 
 def save_checkpoint(path: str | Path, model: keras.Model, *, step: int, steps_per_epoch: int, extra: dict | None = None) -> None:
@@ -130,7 +136,7 @@ def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = Tru
     if weights:
         targets += [(f"model:{v.path}", v) for v in model.weights]
     if optimizer:
-        targets += [(f"optimizer:{v.path}", v) for v in model.optimizer.variables]
+        targets += [(_optimizer_key(v), v) for v in model.optimizer.variables]
     missing = [key for key, _ in targets if key not in arrays]
     if missing:
         raise ValueError(f"checkpoint {path} does not match this model: no values for {missing[:3]} ({len(missing)} in all)")
@@ -187,7 +193,7 @@ class TrainingRun:
                 self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
             ).take(n)
             started = time.perf_counter()
-            fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, verbose=1 if self.progress else 0)
+            fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, shuffle=False, verbose=1 if self.progress else 0)
             epoch_train_time += time.perf_counter() - started
             epoch_loss += fit.history["loss"][-1] * n
             epoch_correct += fit.history["accuracy"][-1] * n

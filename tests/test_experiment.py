@@ -1,0 +1,271 @@
+"""The science of the engine, end to end on small real runs: rewinding, masking, retraining.
+
+Real TensorFlow and Keras, a tiny learnable data set in the real shard format, short schedules.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lottery import experiment
+from lottery.config import ExperimentConfig
+from lottery.errors import CorruptArtifactError, WorkdirMismatchError
+from tests.datasets import make_synthetic_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 256 images / batch 32 = 8 iterations per epoch; 3 epochs = 24 iterations.
+TINY = {
+    "training_steps": "3ep",
+    "batch_size": 32,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "warmup_steps": "4it",
+    "lr_milestones": ["2ep"],
+    "rewind_points": ["0it", "3it", "1ep", "1ep4it"],
+    "sparsities": [0.5, 0.9],
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("data"), 256, 96, shape=(8, 8, 1), num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def dense_workdir(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("exp") / "w"
+    cfg = ExperimentConfig.from_dict(TINY)
+    result = experiment.run_dense(cfg, data_dir, workdir, threads=1)
+    assert result["skipped"] is False
+    return workdir
+
+
+def _load_model(path):
+    import keras
+
+    return keras.models.load_model(path, compile=False)
+
+
+def _compiled_model(workdir, data_dir):
+    from lottery.data.pipeline import ShardedDataset
+    from lottery.models import build_model
+    from lottery.training import compile_model
+
+    cfg, _ = experiment.load_workdir(workdir)
+    train = ShardedDataset(data_dir, "train")
+    model = build_model(cfg.model, tuple(train.image_shape), train.num_classes, seed=cfg.seed)
+    compile_model(model, cfg, train.steps_per_epoch(cfg.batch_size))
+    return model
+
+
+def test_dense_writes_every_artifact(dense_workdir):
+    dense = dense_workdir / "dense"
+    for label in ("0it", "3it", "1ep", "1ep4it"):
+        assert (dense / "rewind" / f"{label}.npz").exists()
+    assert (dense / "final.keras").exists() and (dense / "metrics.csv").exists()
+    result = json.loads((dense / "result.json").read_text())
+    assert result["epochs"] == 3 and result["steps"] == 24
+    assert [row["step"] for row in result["curve"]] == [8, 16, 24]
+    assert result["rewind_steps"] == {"0it": 0, "3it": 3, "1ep": 8, "1ep4it": 12}
+    assert result["val_accuracy"] > 0.6, "the synthetic task is learnable"
+    assert json.loads((dense_workdir / "config.json").read_text())["training_steps"] == "3ep"
+    assert not (dense / "checkpoint.npz").exists()
+
+
+def test_rerunning_a_finished_dense_run_is_a_noop(dense_workdir, data_dir, caplog):
+    before = (dense_workdir / "dense" / "final.keras").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="lottery"):
+        result = experiment.run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir)
+    assert result["skipped"] is True
+    assert "already done" in caplog.text
+    assert (dense_workdir / "dense" / "final.keras").stat().st_mtime_ns == before
+
+
+def test_a_workdir_is_never_shared_by_two_configs(dense_workdir, data_dir):
+    with pytest.raises(WorkdirMismatchError, match="different config"):
+        experiment.run_dense(ExperimentConfig.from_dict({**TINY, "seed": 1}), data_dir, dense_workdir)
+
+
+def test_rewind_checkpoint_restores_weights_slots_and_learning_rate(dense_workdir, data_dir):
+    from lottery.io import load_arrays
+    from lottery.training import load_checkpoint, make_schedule, training_state
+
+    cfg, _ = experiment.load_workdir(dense_workdir)
+    saved, meta = load_arrays(dense_workdir / "dense" / "rewind" / "1ep4it.npz")
+    model = _compiled_model(dense_workdir, data_dir)
+    load_checkpoint(dense_workdir / "dense" / "rewind" / "1ep4it.npz", model)
+    restored = training_state(model)
+    assert restored.keys() == saved.keys()
+    for key in saved:
+        np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+    momenta = [k for k in saved if k.endswith("_momentum")]
+    assert momenta and all(np.any(saved[k] != 0) for k in momenta), "SGD momentum slots are part of the state"
+    assert int(model.optimizer.iterations.numpy()) == 12 == meta["step"]
+    # Past warm-up (4 it), before the milestone (2ep = 16 it): the base learning rate.
+    expected_lr = make_schedule(cfg, 8).value_at(12)
+    assert expected_lr == pytest.approx(0.05)
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(expected_lr, rel=1e-7)
+    assert meta["lr"] == pytest.approx(expected_lr, rel=1e-7)
+    assert (meta["epoch"], meta["batch_in_epoch"]) == (1, 4)
+
+
+def test_masks_come_from_the_final_weights(dense_workdir):
+    from lottery.models import output_kernel_path, prunable_weights
+    from lottery.pruning import load_mask, magnitude_masks
+
+    descriptors = experiment.make_masks(dense_workdir)
+    assert [d["mask_id"] for d in descriptors] == ["sp50.000", "sp90.000"]
+    model = _load_model(dense_workdir / "dense" / "final.keras")
+    final = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
+    mask, meta = load_mask(dense_workdir / "masks" / "sp90.000.npz")
+    expected = magnitude_masks(final, 0.9, scope="global", output_path=output_kernel_path(model), output_factor=0.5)
+    assert mask.keys() == expected.keys()
+    for path in mask:
+        np.testing.assert_array_equal(mask[path], expected[path])
+    # ... and not from the initial weights.
+    from lottery.io import load_arrays
+
+    start, _ = load_arrays(dense_workdir / "dense" / "rewind" / "0it.npz")
+    from_init = magnitude_masks({p: start[f"model:{p}"] for p in final}, 0.9, scope="global",
+                                output_path=output_kernel_path(model), output_factor=0.5)
+    assert any(np.any(from_init[p] != mask[p]) for p in mask)
+    assert meta["source"] == "dense/final.keras"
+
+
+def test_retrained_ticket_keeps_pruned_weights_at_exactly_zero(dense_workdir):
+    from lottery.models import prunable_weights
+    from lottery.pruning import load_mask
+
+    experiment.make_masks(dense_workdir)
+    result = experiment.retrain(dense_workdir, "sp90.000", "3it", threads=1)
+    ticket = Path(result["ticket"])
+    assert ticket.name == "sp90.000__3it"
+    saved = json.loads((ticket / "result.json").read_text())
+    assert saved["rewind_step"] == 3 and saved["curve"][0]["step"] == 8 and saved["curve"][-1]["step"] == 24
+    mask, _ = load_mask(dense_workdir / "masks" / "sp90.000.npz")
+    model = _load_model(ticket / "model.keras")
+    weights = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
+    for path, keep in mask.items():
+        assert np.all(weights[path][~keep] == 0.0), path
+        assert np.all(np.signbit(weights[path][~keep]) == False), f"{path}: -0.0 is not a clean zero"  # noqa: E712
+        assert np.count_nonzero(weights[path][keep]) > 0.9 * keep.sum()
+    for variable in model.weights:  # biases are never pruned
+        if variable.path.endswith("bias"):
+            assert np.count_nonzero(np.asarray(variable)) > 0
+
+
+def test_rerunning_a_finished_ticket_is_a_noop(dense_workdir, caplog):
+    experiment.make_masks(dense_workdir)
+    experiment.retrain(dense_workdir, 1, 2, threads=1)
+    with caplog.at_level("INFO", logger="lottery"):
+        again = experiment.retrain(dense_workdir, 1, 2, threads=1)
+    assert again["skipped"] is True and "already done" in caplog.text
+
+
+def test_all_ones_mask_from_rewind_zero_reproduces_the_dense_run(tmp_path, data_dir):
+    from lottery.pruning import save_mask
+
+    workdir = tmp_path / "w"
+    cfg = ExperimentConfig.from_dict({**TINY, "sparsities": [0.5]})
+    experiment.run_dense(cfg, data_dir, workdir, threads=1)
+    experiment.make_masks(workdir)
+    final = _load_model(workdir / "dense" / "final.keras")
+    from lottery.models import prunable_weights
+
+    ones = {p: np.ones(v.shape, bool) for p, v in prunable_weights(final).items()}
+    save_mask(workdir / "masks" / "sp50.000.npz", ones, {"mask_id": "sp50.000", "report": {"kept": 1, "total": 1}})
+    result = experiment.retrain(workdir, 0, "0it", threads=1)
+    dense = experiment.dense_result(workdir)["curve"]
+    ticket = json.loads((Path(result["ticket"]) / "result.json").read_text())["curve"]
+    assert [r["step"] for r in ticket] == [r["step"] for r in dense]
+    for mine, theirs in zip(ticket, dense):
+        assert mine["val_accuracy"] == theirs["val_accuracy"]
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-6, abs=1e-7)
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+    retrained = _load_model(Path(result["ticket"]) / "model.keras")
+    for a, b in zip(retrained.weights, final.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_controls(dense_workdir):
+    from lottery.pruning import load_mask, mask_report
+
+    experiment.make_masks(dense_workdir)
+    pruned = experiment.retrain(dense_workdir, "sp50.000", "1ep", control="random_prune", threads=1)
+    ticket = Path(pruned["ticket"])
+    assert ticket.name == "sp50.000__1ep__random_prune"
+    original, _ = load_mask(dense_workdir / "masks" / "sp50.000.npz")
+    random_mask, _ = load_mask(ticket / "mask.npz")
+    assert mask_report(random_mask)["layers"] == mask_report(original)["layers"]
+    assert any(np.any(random_mask[p] != original[p]) for p in original)
+    reinit = experiment.retrain(dense_workdir, "sp50.000", "1ep", control="random_reinit", threads=1)
+    assert Path(reinit["ticket"]).name == "sp50.000__1ep__random_reinit"
+    rows = experiment.summarize(dense_workdir)
+    statuses = {(r["mask_id"], r["rewind"], r["control"]): r["status"] for r in rows}
+    assert statuses[("sp50.000", "1ep", "random_prune")] == "ok"
+    assert statuses[("sp50.000", "1ep", "random_reinit")] == "ok"
+    assert (dense_workdir / "results.csv").exists()
+
+
+def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workdir):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(dense_workdir, workdir)
+    shutil.rmtree(workdir / "tickets", ignore_errors=True)
+    experiment.make_masks(workdir)
+    path = workdir / "dense" / "rewind" / "1ep.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptArtifactError, match="1ep.npz"):
+        experiment.retrain(workdir, 0, "1ep", threads=1)
+    rows = experiment.summarize(workdir)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [(r["mask_id"], r["rewind"]) for r in failed] == [("sp50.000", "1ep")]
+    assert "1ep.npz" in failed[0]["error"]
+    assert (workdir / "dense" / "final.keras").exists(), "nothing already computed is lost"
+
+
+def _dense_cli(data_dir, workdir, config_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return [sys.executable, "-m", "lottery", "dense", "--config", str(config_path), "--data", str(data_dir),
+            "--workdir", str(workdir), "--threads", "1"], env
+
+
+@pytest.mark.slow
+def test_a_killed_dense_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL after the first epoch's checkpoint, rerun: the same final weights, bit for bit."""
+    data_dir = make_synthetic_shards(tmp_path, 4096, 256, shape=(8, 8, 1), num_classes=3)
+    config_path = tmp_path / "cfg.json"
+    config_path.write_text(json.dumps({**TINY, "batch_size": 16, "training_steps": "6ep", "lr": 0.01,
+                                       "rewind_points": ["0it", "1ep"], "lr_milestones": ["4ep"]}))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    cmd, env = _dense_cli(data_dir, killed, config_path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "dense" / "checkpoint.npz"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (killed / "dense" / "result.json").exists(), "the run was not killed mid-training"
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    cmd, env = _dense_cli(data_dir, whole, config_path)
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    a = _load_model(killed / "dense" / "final.keras")
+    b = _load_model(whole / "dense" / "final.keras")
+    for x, y in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=x.path)
+    ra = json.loads((killed / "dense" / "result.json").read_text())
+    rb = json.loads((whole / "dense" / "result.json").read_text())
+    assert [r["val_loss"] for r in ra["curve"]] == [r["val_loss"] for r in rb["curve"]]
