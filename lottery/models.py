@@ -13,7 +13,8 @@ Models:
   (`cifar_resnet_20`, `cifar_vgg_16`). He (kaiming) normal initialisation with
   fan-in, as OpenLTH's `kaiming_normal`; BatchNorm with PyTorch's momentum and
   epsilon, gamma = 1, beta = 0.
-* `resnet50`, `mobilenetv2`: `keras.applications`, `weights=None`, logits.
+* `resnet50`, `mobilenetv2`: `keras.applications` (Keras' own initialisers),
+  `weights=None`, logits; inputs of at least 32x32.
 
 No model has dropout: training must be exactly reproducible.
 """
@@ -194,16 +195,22 @@ def resnet50(input_shape, num_classes):
     _check_min_size("resnet50", input_shape)
     return keras.applications.ResNet50(
         weights=None, include_top=True, input_shape=tuple(input_shape),
+        input_tensor=keras.Input(shape=input_shape, name="input"),
         classes=num_classes, classifier_activation=None,
     )
 
 
 def mobilenetv2(input_shape, num_classes):
     _check_min_size("mobilenetv2", input_shape)
-    return keras.applications.MobileNetV2(
-        weights=None, include_top=True, input_shape=tuple(input_shape),
-        classes=num_classes, classifier_activation=None,
+    # include_top=True leaves the pooling layer unnamed (auto-numbered), so
+    # the same top (pooling, Dense "predictions") is added here with names.
+    base = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=tuple(input_shape),
+        input_tensor=keras.Input(shape=input_shape, name="input"),
     )
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    outputs = layers.Dense(num_classes, name="predictions")(x)
+    return keras.Model(base.input, outputs, name="mobilenetv2")
 
 
 MODELS = {

@@ -283,6 +283,7 @@ class MaskConstraint(keras.constraints.Constraint):
     def __call__(self, w):
         if self.inner is not None:
             w = self.inner(w)
+        w = keras.ops.convert_to_tensor(w)  # optimizers pass the Variable itself
         return keras.ops.where(self._mask_tensor, w, keras.ops.zeros_like(w))
 
     def get_config(self):
