@@ -80,6 +80,8 @@ def _session(cfg: ExperimentConfig, threads: int | None):
 
     from lottery.data import runtime
 
+    if os.environ.get("LOTTERY_LOGICAL_CPUS"):  # test MirroredStrategy on a CPU machine
+        runtime.split_cpu(int(os.environ["LOTTERY_LOGICAL_CPUS"]))
     runtime.configure_threads(threads)
     runtime.enable_determinism()
     keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
@@ -185,6 +187,7 @@ def run_dense(
         "rewind_steps": {label: step for step, label in rewinds.items()},
         "images_per_s": _mean(r["images_per_s"] for r in history),
         "wall_s": time.perf_counter() - started,
+        "replicas": replicas,
         "curve": history,
         "workdir": str(workdir),
     }

@@ -269,3 +269,29 @@ def test_a_killed_dense_run_resumes_to_the_same_result(tmp_path):
     ra = json.loads((killed / "dense" / "result.json").read_text())
     rb = json.loads((whole / "dense" / "result.json").read_text())
     assert [r["val_loss"] for r in ra["curve"]] == [r["val_loss"] for r in rb["curve"]]
+
+
+@pytest.mark.slow
+def test_dense_training_and_retraining_under_mirrored_strategy(tmp_path):
+    """Two logical CPU devices stand in for two GPUs: the same runners use MirroredStrategy."""
+    data_dir = make_synthetic_shards(tmp_path, 256, 96, shape=(8, 8, 1), num_classes=3)
+    config_path = tmp_path / "cfg.json"
+    config_path.write_text(json.dumps(TINY))
+    workdir = tmp_path / "w"
+    cmd, env = _dense_cli(data_dir, workdir, config_path)
+    env["LOTTERY_LOGICAL_CPUS"] = "2"
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MirroredStrategy over 2 devices" in run.stderr
+    result = json.loads((workdir / "dense" / "result.json").read_text())
+    assert result["replicas"] == 2 and result["val_accuracy"] > 0.6
+    for step in (["masks", "--workdir", str(workdir)], ["retrain", "--workdir", str(workdir), "--mask", "1", "--rewind", "1ep"]):
+        run = subprocess.run([sys.executable, "-m", "lottery", *step], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+    from lottery.models import prunable_weights
+    from lottery.pruning import load_mask
+
+    mask, _ = load_mask(workdir / "masks" / "sp90.000.npz")
+    model = _load_model(workdir / "tickets" / "sp90.000__1ep" / "model.keras")
+    weights = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
+    assert all(np.all(weights[p][~keep] == 0.0) for p, keep in mask.items())
