@@ -1,0 +1,138 @@
+"""lottery.report on a hand-made work directory (no training, no TensorFlow)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lottery.config import ExperimentConfig
+from lottery.experiment import mask_id, ticket_name
+from lottery.report import accuracy_table, matching_levels, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSITIES = [0.5, 0.8, 0.95]
+REWINDS = ["0it", "1ep"]
+
+
+def _write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def make_workdir(tmp_path: Path, *, dense=0.88, fail=(), skip=(), controls=()) -> Path:
+    """A work dir as the engine leaves it: config, dense result, tickets (some failed or missing)."""
+    cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": [], "rewind_points": REWINDS, "sparsities": SPARSITIES})
+    w = tmp_path / "lenet_300_100-abc"
+    _write(w / "config.json", cfg.to_dict())
+    _write(w / "run.json", {"experiment_id": w.name, "data_dir": "/data/x", "dataset_id": "d1"})
+    if dense is not None:
+        _write(w / "dense" / "result.json", {"val_accuracy": dense, "best_val_accuracy": dense + 0.001, "epochs": 2})
+    for s in SPARSITIES:
+        for r in REWINDS:
+            for control in [None, *controls]:
+                name = ticket_name(mask_id(s), r, control)
+                if (s, r, control) in skip:
+                    continue
+                if (s, r, control) in fail:
+                    _write(w / "tickets" / name / "error.json", {"error": "CorruptArtifactError: bad checksum\ntrace", "traceback": "..."})
+                    continue
+                # sparser = worse; later rewind = better; controls much worse
+                acc = dense + 0.005 - 0.02 * s * s + (0.004 if r == "1ep" else 0.0) - (0.1 if control else 0.0)
+                _write(w / "tickets" / name / "result.json", {
+                    "val_accuracy": acc, "best_val_accuracy": acc + 0.002, "remaining": 1 - s, "rewind_step": 0 if r == "0it" else 10,
+                    "sparsity": s, "rewind": r, "control": control, "mask_id": mask_id(s),
+                })
+    return w
+
+
+def test_write_report_all_done(tmp_path):
+    w = make_workdir(tmp_path)
+    out = write_report(w)
+    for key in ("results_csv", "plot", "report"):
+        assert Path(out[key]).is_file(), key
+    assert out["expected"] == 6 and out["done"] == 6 and out["problems"] == []
+    with open(out["results_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    png = Path(out["plot"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = Path(out["report"]).read_text()
+    assert "Dense network**: val accuracy 88.00%" in md
+    assert "| 50.00% | 50.0% |" in md and "| 95.00% | 5.0% |" in md
+    assert "accuracy_vs_sparsity.png" in md
+    assert "None: every combination finished." in md
+    # 0.88 + 0.005 - 0.02 * 0.95**2 = 0.867 < 0.87: the sparsest level does not match; 80% does
+    assert out["matching"]["0it"]["sparsest_mask_id"] == mask_id(0.8)
+    assert "sparsest matching ticket keeps 20.0%" in md
+
+
+def test_failed_and_missing_are_listed_not_fatal(tmp_path):
+    w = make_workdir(tmp_path, fail={(0.8, "1ep", None)}, skip={(0.95, "0it", None)}, controls=["random_prune"],
+                     )
+    expected = [{"mask_id": mask_id(s), "rewind": r, "control": c}
+                for c in ("random_prune", "random_reinit") for s in (0.8,) for r in REWINDS]
+    out = write_report(w, expected_controls=expected)
+    problems = out["problems"]
+    assert any(p.startswith(f"{mask_id(0.8)} (20.0% left), rewind 1ep: failed: CorruptArtifactError") for p in problems), problems
+    assert any(p.startswith(f"{mask_id(0.95)} (5.0% left), rewind 0it: missing") for p in problems), problems
+    # the planned random_reinit controls never ran: missing
+    assert sum("control random_reinit: missing" in p for p in problems) == 2, problems
+    assert len(problems) == 4
+    md = Path(out["report"]).read_text()
+    assert "## Failed or missing (4)" in md
+    assert "## Control `random_prune` (6 of 6 done)" in md
+    assert "## Control `random_reinit` (0 of 2 done)" in md
+    assert Path(out["plot"]).is_file()
+
+
+def test_report_without_dense_result(tmp_path):
+    w = make_workdir(tmp_path, dense=None, skip={(s, r, None) for s in SPARSITIES for r in REWINDS})
+    out = write_report(w)
+    assert out["done"] == 0 and len(out["problems"]) == 6 and out["dense_val_accuracy"] is None
+    md = Path(out["report"]).read_text()
+    assert "not trained (missing)" in md
+    assert Path(out["plot"]).is_file()
+
+
+def test_accuracy_table_bold_marks_matching_tickets():
+    rows = [
+        {"mask_id": "a", "sparsity": 0.5, "remaining": 0.5, "rewind": "0it", "control": "", "status": "ok", "val_accuracy": 0.875},
+        {"mask_id": "a", "sparsity": 0.5, "remaining": 0.5, "rewind": "1ep", "control": "", "status": "failed", "val_accuracy": None},
+        {"mask_id": "b", "sparsity": 0.9, "remaining": 0.1, "rewind": "0it", "control": "", "status": "ok", "val_accuracy": 0.80},
+        {"mask_id": "b", "sparsity": 0.9, "remaining": 0.1, "rewind": "1ep", "control": "", "status": "ok", "val_accuracy": 0.86},
+    ]
+    table = accuracy_table(rows, ["0it", "1ep"], dense_acc=0.88, tolerance=0.01)
+    assert "| 50.00% | 50.0% | **87.50** | failed |" in table
+    assert "| 90.00% | 10.0% | 80.00 | 86.00 |" in table
+    m = matching_levels(rows, ["0it", "1ep"], 0.88, 0.01)
+    assert m["0it"] == {"matching": 1, "done": 2, "sparsest_mask_id": "a", "sparsest_remaining": 0.5}
+    assert m["1ep"]["matching"] == 0
+
+
+def test_cli_report(tmp_path):
+    w = make_workdir(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "lottery", "report", "--workdir", str(w)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["report"] == str(w / "report" / "report.md")
+
+
+def test_report_imports_no_tensorflow():
+    code = "import sys, lottery.report; print(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("n_rewinds", [1, 5])
+def test_plot_many_lines(tmp_path, n_rewinds):
+    from lottery.report import plot
+
+    labels = [f"{i}ep" for i in range(n_rewinds)]
+    rows = [{"mask_id": f"m{k}", "sparsity": 1 - 0.8 ** k, "remaining": 0.8 ** k, "rewind": label, "control": c,
+             "status": "ok", "val_accuracy": 0.9 - 0.01 * k - (0.05 if c else 0)}
+            for k in range(1, 21) for label in labels for c in ("", "random_reinit")]
+    path = plot(rows, labels, 0.9, tmp_path / "p.png", title="t")
+    assert path.stat().st_size > 10_000
