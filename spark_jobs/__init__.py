@@ -1,0 +1,1 @@
+"""Spark jobs of the project (run with spark-submit; see docs/spark-preprocessing.md)."""
