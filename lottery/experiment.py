@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lottery.config import CONTROLS, ConfigError, ExperimentConfig, Step, experiment_id
-from lottery.errors import MissingArtifactError, WorkdirMismatchError
+from lottery.errors import CorruptArtifactError, MissingArtifactError, WorkdirMismatchError
 from lottery.io import atomic_path, read_json, write_json, write_text
 
 log = logging.getLogger("lottery")
@@ -234,10 +234,14 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     for index, (sparsity, mid) in enumerate(zip(cfg.sparsities, ids)):
         path = masks_dir / f"{mid}.npz"
         if path.exists():
-            _, meta = load_mask(path)  # verifies the checksum: a damaged mask is recomputed, never used
-            descriptors.append(_mask_descriptor(index, mid, sparsity, meta))
-        else:
-            todo.append((index, sparsity, mid))
+            try:
+                _, meta = load_mask(path)  # verifies the checksum
+            except CorruptArtifactError as exc:  # a mask is cheap to recompute: never use a damaged one
+                log.warning("masks: %s; recomputing it", exc)
+            else:
+                descriptors.append(_mask_descriptor(index, mid, sparsity, meta))
+                continue
+        todo.append((index, sparsity, mid))
     if todo:
         model = keras.models.load_model(final, compile=False)
         weights = {path: keras.ops.convert_to_numpy(v) for path, v in prunable_weights(model).items()}

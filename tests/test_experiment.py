@@ -295,3 +295,23 @@ def test_dense_training_and_retraining_under_mirrored_strategy(tmp_path):
     model = _load_model(workdir / "tickets" / "sp90.000__1ep" / "model.keras")
     weights = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
     assert all(np.all(weights[p][~keep] == 0.0) for p, keep in mask.items())
+
+
+def test_a_damaged_mask_is_recomputed_not_used(tmp_path, dense_workdir, caplog):
+    import shutil
+
+    from lottery.pruning import load_mask
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(dense_workdir, workdir)
+    experiment.make_masks(workdir)
+    good, _ = load_mask(workdir / "masks" / "sp90.000.npz")
+    path = workdir / "masks" / "sp90.000.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="lottery"):
+        experiment.make_masks(workdir)
+    assert "sp90.000.npz" in caplog.text and "recomputing" in caplog.text
+    again, _ = load_mask(path)
+    assert all(np.array_equal(again[p], good[p]) for p in good)
