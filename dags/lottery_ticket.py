@@ -260,6 +260,56 @@ def match_control_sparsities(wanted: list[float], levels: list[float]) -> list[f
     return out
 
 
+def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checks the params' JSON schema cannot express (raises ``ConfigError`` naming the field),
+    and everything the run derives from its params: engine config, rewind labels, paths, Spark args."""
+    conf = conf or {}
+    unknown = sorted(set(conf) - set(PARAMS))
+    if unknown:
+        raise ConfigError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(PARAMS))}")
+    if params["dataset"] != FASHION_MNIST:
+        if params.get("dataset_limit"):
+            raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
+        if not Path(params["dataset"]).is_dir():
+            raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
+    from lottery.experiment import mask_id, resolve_config
+
+    cfg = resolve_config(engine_conf(params))
+    if params.get("sparsities"):
+        log.info("explicit sparsities given: num_levels and prune_rate are ignored")
+    controls = None
+    if params["controls"]:
+        levels = match_control_sparsities(list(params["control_sparsities"]), list(cfg.sparsities))
+        controls = {"kinds": list(params["control_kinds"]), "mask_ids": [mask_id(s) for s in levels]}
+
+    root = Path(params["artifact_root"])
+    data_dir = root / "data" / data_key(params)
+    src = source_dir(params)
+    spark_args = [
+        "--input", src, "--output", str(data_dir), "--image-size", str(params["image_size"]),
+        "--channels", str(params["channels"]), "--encoding", params["encoding"],
+    ]
+    rewinds = cfg.rewind_labels()
+    log.info(
+        "experiment: model %s, %s, %d sparsity levels (%s) x %d rewind points (%s) = %d tickets; controls %s; "
+        "data %s -> %s; artifact root %s",
+        cfg.model, cfg.training_steps, len(cfg.sparsities), ", ".join(f"{s:g}" for s in cfg.sparsities),
+        len(rewinds), ", ".join(rewinds), len(cfg.sparsities) * len(rewinds),
+        f"{controls['kinds']} at {controls['mask_ids']}" if controls else "off", src, data_dir, root,
+    )
+    return {
+        "config": cfg.to_dict(),
+        "rewinds": rewinds,
+        "dataset": params["dataset"],
+        "dataset_limit": params.get("dataset_limit"),
+        "source_dir": src,
+        "data_dir": str(data_dir),
+        "artifact_root": str(root),
+        "spark_args": spark_args,
+        "controls": controls,
+    }
+
+
 def remaining_label(remaining: float) -> str:
     pct = 100 * remaining
     return f"{pct:.1f}% left" if pct >= 0.95 else f"{pct:.2g}% left"
@@ -361,55 +411,10 @@ def lottery_ticket():
         from airflow.sdk.exceptions import AirflowFailException
 
         context = get_current_context()
-        params = dict(context["params"])
-        conf = dict(context["dag_run"].conf or {})
         try:
-            unknown = sorted(set(conf) - set(PARAMS))
-            if unknown:
-                raise ConfigError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(PARAMS))}")
-            if params["dataset"] != FASHION_MNIST:
-                if params.get("dataset_limit"):
-                    raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
-                if not Path(params["dataset"]).is_dir():
-                    raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
-            from lottery.experiment import mask_id, resolve_config
-
-            cfg = resolve_config(engine_conf(params))
-            if params.get("sparsities"):
-                log.info("explicit sparsities given: num_levels and prune_rate are ignored")
-            controls = None
-            if params["controls"]:
-                levels = match_control_sparsities(list(params["control_sparsities"]), list(cfg.sparsities))
-                controls = {"kinds": list(params["control_kinds"]), "mask_ids": [mask_id(s) for s in levels]}
+            return check_params(dict(context["params"]), dict(context["dag_run"].conf or {}))
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from exc
-
-        root = Path(params["artifact_root"])
-        data_dir = root / "data" / data_key(params)
-        src = source_dir(params)
-        spark_args = [
-            "--input", src, "--output", str(data_dir), "--image-size", str(params["image_size"]),
-            "--channels", str(params["channels"]), "--encoding", params["encoding"],
-        ]
-        rewinds = cfg.rewind_labels()
-        log.info(
-            "experiment: model %s, %s, %d sparsity levels (%s) x %d rewind points (%s) = %d tickets; controls %s; "
-            "data %s -> %s; artifact root %s",
-            cfg.model, cfg.training_steps, len(cfg.sparsities), ", ".join(f"{s:g}" for s in cfg.sparsities),
-            len(rewinds), ", ".join(rewinds), len(cfg.sparsities) * len(rewinds),
-            f"{controls['kinds']} at {controls['mask_ids']}" if controls else "off", src, data_dir, root,
-        )
-        return {
-            "config": cfg.to_dict(),
-            "rewinds": rewinds,
-            "dataset": params["dataset"],
-            "dataset_limit": params.get("dataset_limit"),
-            "source_dir": src,
-            "data_dir": str(data_dir),
-            "artifact_root": str(root),
-            "spark_args": spark_args,
-            "controls": controls,
-        }
 
     @task
     def fetch_dataset(dataset: str, source: str, limit: int | None) -> dict[str, Any]:
@@ -564,7 +569,7 @@ def lottery_ticket():
         application=str(REPO / "spark_jobs" / "preprocess_images.py"),
         application_args=checked["spark_args"],
         name="lottery-preprocess",
-        env_vars={"PYTHONPATH": str(REPO), "PYSPARK_PYTHON": SPARK_PYTHON},
+        env_vars={"PYSPARK_PYTHON": SPARK_PYTHON},  # the job ships lottery/ to the executors itself
         conf={"spark.pyspark.python": SPARK_PYTHON, "spark.ui.showConsoleProgress": "false"},
         trigger_rule=TriggerRule.NONE_FAILED,  # fetch_dataset is skipped for an image folder
         retries=1,

@@ -186,6 +186,42 @@ def _init_db_inprocess() -> None:
     print(f"Airflow home {os.environ['AIRFLOW_HOME']}: database ready, pool {POOL} = {POOL_SLOTS} slots, spark_default = {master}")
 
 
+def use_test_home(prefix: str = "lottery-airflow-test-") -> Path:
+    """Tests: point this process's Airflow at a throwaway home (SQLite, this repo's DAG and plugins).
+
+    Call before anything imports ``airflow``; a second call in the same process returns the same
+    home. The database is not created here (``init_db_here``)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_HOME"):
+        return Path(os.environ["LOTTERY_TEST_AIRFLOW_HOME"])
+    if "airflow" in sys.modules:
+        raise RuntimeError("airflow was imported before use_test_home(): its configuration is already loaded")
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    write_config(home, parallelism=2, port=free_port())
+    env = environ(home)
+    os.environ.update({k: env[k] for k in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "PATH")})
+    os.environ["LOTTERY_TEST_AIRFLOW_HOME"] = str(home)
+    return home
+
+
+def init_db_here() -> None:
+    """Create (migrate) the database of this process's Airflow home, once per process."""
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_DB") == os.environ.get("AIRFLOW_HOME"):
+        return
+    import logging
+
+    from airflow.utils import db
+
+    level = logging.root.level
+    db.initdb()
+    logging.root.setLevel(level)
+    os.environ["LOTTERY_TEST_AIRFLOW_DB"] = os.environ.get("AIRFLOW_HOME", "")
+
+
 # ---- components -------------------------------------------------------------------------------
 class Components:
     """Airflow components as child processes (own process groups), logs in ``home/logs/<name>.log``."""

@@ -1,0 +1,418 @@
+"""The lottery_ticket DAG: parses fast and light, has the right shape, refuses bad params.
+
+No training here (see test_dag_e2e.py). Airflow runs on a throwaway home (SQLite) set up before
+``airflow`` is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import airflow_local  # noqa: E402
+
+HOME = airflow_local.use_test_home()
+
+from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, experiment_id  # noqa: E402
+
+DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
+TRAINING_TASKS = {"train_dense", "late_reset", "controls"}
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+@pytest.fixture(scope="module")
+def dag(dagbag):
+    return dagbag.dags["lottery_ticket"]
+
+
+@pytest.fixture(scope="module")
+def sdag(dag):
+    """The DAG as the scheduler and the API server see it (serialized): what validates a new run's conf."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+
+
+def resolve(sdag, conf):
+    """Exactly what ``create_dagrun`` does with a trigger's conf before the run exists."""
+    return sdag.params.deep_merge(conf).validate()
+
+
+@pytest.fixture(scope="module")
+def mod():
+    """The DAG module itself (its helper functions)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lottery_ticket_dag", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+def test_dagbag_imports_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) == {"lottery_ticket"}
+
+
+def test_parse_is_fast_and_light():
+    """In a fresh interpreter: the file parses in well under a second and pulls in no TF/Keras/Spark/NumPy."""
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        from airflow.dag_processing.dagbag import DagBag
+        import airflow.sdk, airflow.providers.apache.spark.operators.spark_submit  # what every DAG file pays
+        t = time.perf_counter()
+        bag = DagBag(dag_folder={str(ROOT / "dags")!r})
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        DagBag(dag_folder={str(ROOT / "dags")!r})
+        warm = time.perf_counter() - t
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"tensorflow", "keras", "pyspark", "numpy", "matplotlib", "jax", "torch"}})
+        print(json.dumps({{"errors": list(bag.import_errors), "cold": cold, "warm": warm, "heavy": heavy,
+                          "stat": bag.dagbag_stats[0].duration.total_seconds()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["errors"] == []
+    assert result["heavy"] == [], f"parsing imported {result['heavy']}"
+    assert result["cold"] < 0.9, result
+    assert result["warm"] < 0.3, result
+
+
+# ---- structure --------------------------------------------------------------------------------
+def test_dag_settings(dag):
+    assert dag.schedule is None or str(dag.timetable.summary) in ("None", "Never, external triggers only")
+    assert dag.catchup is False
+    assert dag.max_active_tasks >= 20
+    assert {"lottery-ticket"} <= set(dag.tags)
+    assert "late_reset" in dag.doc_md and "num_levels" in dag.doc_md
+
+
+def test_tasks_and_dependencies(dag):
+    upstream = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
+    assert set(upstream) == {
+        "validate_config", "fetch_dataset", "preprocess", "prepare_workdir", "train_dense", "make_masks",
+        "plan_tickets", "late_reset", "plan_controls", "controls", "report", "check_results",
+    }
+    assert upstream["validate_config"] == set()
+    assert upstream["fetch_dataset"] == {"validate_config"}
+    assert upstream["preprocess"] == {"validate_config", "fetch_dataset"}
+    assert "preprocess" in upstream["prepare_workdir"]
+    assert "prepare_workdir" in upstream["train_dense"]
+    assert "train_dense" in upstream["make_masks"]
+    assert "make_masks" in upstream["plan_tickets"] and "plan_tickets" in upstream["late_reset"]
+    assert "make_masks" in upstream["plan_controls"] and "plan_controls" in upstream["controls"]
+    assert {"late_reset", "controls", "prepare_workdir"} <= upstream["report"]
+    assert upstream["check_results"] == {"report"}
+    assert [t.task_id for t in dag.leaves] == ["check_results"]
+
+
+def test_pool_queue_retries_trigger_rules(dag, mod):
+    for t in dag.tasks:
+        if t.task_id in TRAINING_TASKS:
+            assert t.pool == "lottery_workers", t.task_id
+            assert t.queue == "gpu", t.task_id
+            assert t.retries >= 1 and t.retry_delay.total_seconds() > 0, t.task_id
+        else:
+            assert t.pool == "default_pool", t.task_id
+            assert t.queue != "gpu", t.task_id
+    assert dag.get_task("validate_config").retries == 0
+    rules = {t.task_id: str(t.trigger_rule.value if hasattr(t.trigger_rule, "value") else t.trigger_rule) for t in dag.tasks}
+    assert rules["report"] == "all_done"
+    assert rules["check_results"] == "all_done"
+    assert rules["preprocess"] == "none_failed"
+    assert rules["late_reset"] == "all_success"
+
+
+def test_mapped_tasks_and_their_names(dag):
+    from jinja2 import Environment
+
+    for task_id, kwargs, label in [
+        ("late_reset", {"mask": {"label": "5.0% left"}, "rewind": "2ep"}, "5.0% left, rewind 2ep"),
+        ("controls", {"mask": {"label": "5.0% left"}, "rewind": "2ep", "control": "random_prune"}, "random_prune: 5.0% left, rewind 2ep"),
+    ]:
+        task = dag.get_task(task_id)
+        assert type(task).__name__.endswith("MappedOperator"), task_id
+        rendered = Environment().from_string(task.map_index_template).render(task=SimpleNamespace(op_kwargs=kwargs))
+        assert rendered == label
+
+
+def test_spark_submit_task(dag):
+    task = dag.get_task("preprocess")
+    assert type(task).__name__ == "SparkSubmitOperator"
+    assert task.conn_id == "spark_default" if hasattr(task, "conn_id") else task._conn_id == "spark_default"
+    assert task.application == str(ROOT / "spark_jobs" / "preprocess_images.py")
+    assert Path(task.application).is_file()
+
+
+def test_remaining_labels(mod):
+    assert mod.remaining_label(0.05) == "5.0% left"
+    assert mod.remaining_label(0.8) == "80.0% left"
+    assert mod.remaining_label(0.0137) == "1.4% left"
+    assert mod.remaining_label(0.0023) == "0.23% left"
+
+
+# ---- params -----------------------------------------------------------------------------------
+def test_default_params_are_the_default_experiment(sdag, mod):
+    params = resolve(sdag, {})
+    conf = mod.engine_conf(params)
+    cfg = ExperimentConfig.from_dict(conf)
+    assert cfg == ExperimentConfig()
+    assert experiment_id(cfg, "d") == experiment_id(ExperimentConfig(), "d")
+    assert len(cfg.sparsities) * len(cfg.rewind_points) == 100
+    assert mod.derived_sparsities(20, 0.2) == list(ExperimentConfig().sparsities)
+    assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is False
+
+
+def test_form_metadata(dag):
+    """Every param has a title and a section; enums come from the engine's lists."""
+    for name, param in dag.params.items():
+        assert param.schema.get("title"), name
+        assert param.schema.get("section"), name
+    assert dag.params.get_param("model").schema["enum"] == list(MODEL_NAMES)
+    assert dag.params.get_param("control_kinds").schema["items"]["enum"] == list(CONTROLS)
+
+
+INVALID = [
+    ("dataset", "relative/path"),
+    ("dataset", ""),
+    ("dataset", 3),
+    ("dataset_limit", 5),
+    ("dataset_limit", "100"),
+    ("image_size", 4),
+    ("image_size", "28"),
+    ("image_size", 28.5),
+    ("channels", 2),
+    ("encoding", "gif"),
+    ("model", "resnet1000"),
+    ("training_steps", "8 epochs"),
+    ("training_steps", ""),
+    ("training_steps", 8),
+    ("batch_size", 0),
+    ("optimizer", "rmsprop"),
+    ("lr", 0),
+    ("lr", -0.1),
+    ("momentum", 1.0),
+    ("nesterov", "yes"),
+    ("weight_decay", -0.1),
+    ("warmup_steps", "soon"),
+    ("lr_milestones", ["4 epochs"]),
+    ("lr_milestones", "4ep"),
+    ("lr_gamma", 0),
+    ("lr_gamma", 1.5),
+    ("augmentation", "mixup"),
+    ("mixed_precision", "no"),
+    ("seed", -1),
+    ("rewind_points", []),
+    ("rewind_points", ["1 epoch"]),
+    ("rewind_points", ["1ep", "1ep"]),
+    ("sparsities", [1.0]),
+    ("sparsities", [0]),
+    ("sparsities", [0.5, 0.5]),
+    ("sparsities", ["0.5"]),
+    ("num_levels", 0),
+    ("num_levels", 101),
+    ("prune_rate", 1.0),
+    ("prune_rate", 0),
+    ("pruning_scope", "local"),
+    ("output_layer_prune_factor", 0),
+    ("output_layer_prune_factor", 1.5),
+    ("controls", "on"),
+    ("control_kinds", ["random_everything"]),
+    ("control_kinds", []),
+    ("control_sparsities", [1.5]),
+    ("artifact_root", "artifacts"),
+    ("queue", "bad queue"),
+    ("queue", ""),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])
+def test_invalid_param_refused_naming_the_field(sdag, field, value):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError) as err:
+        resolve(sdag, {field: value})
+    assert f"param {field}" in str(err.value)
+
+
+def test_every_param_has_an_invalid_case(dag):
+    untested = set(dag.params) - {f for f, _ in INVALID} - {"nesterov", "jit_compile", "mixed_precision"}
+    assert untested == set()
+
+
+def test_valid_conf_accepted(sdag):
+    conf = {"model": "conv4", "image_size": 32, "channels": 3, "training_steps": "2ep100it", "rewind_points": ["0it", "500it"],
+            "sparsities": [0.5, 0.9], "controls": True, "control_sparsities": [0.9], "queue": "gpu-a100", "dataset_limit": 500}
+    params = resolve(sdag, conf)
+    assert params["model"] == "conv4" and params["queue"] == "gpu-a100"
+
+
+# ---- cross-field checks (validate_config) -----------------------------------------------------
+def _params(sdag, **conf):
+    return resolve(sdag, conf)
+
+
+@pytest.mark.parametrize("conf,field", [
+    ({"rewind_points": ["0it", "10ep"]}, "rewind_points"),       # after the end of training (6ep)
+    ({"rewind_points": ["6ep"]}, "rewind_points"),               # at the end
+    ({"lr_milestones": ["9ep"]}, "lr_milestones"),
+    ({"sparsities": [0.5, 0.9], "controls": True, "control_sparsities": [0.7]}, "control_sparsities"),
+    ({"dataset": "/nonexistent/images"}, "dataset"),
+    ({"dataset": "/tmp", "dataset_limit": 100}, "dataset_limit"),
+])
+def test_cross_field_errors_name_the_field(sdag, mod, conf, field):
+    with pytest.raises(ConfigError) as err:
+        mod.check_params(_params(sdag, **conf), conf)
+    assert err.value.field == field
+    assert f"'{field}'" in str(err.value)
+
+
+def test_unknown_conf_key_refused(sdag, mod):
+    with pytest.raises(ConfigError) as err:
+        mod.check_params(_params(sdag), {"modle": "conv4"})
+    assert err.value.field == "modle"
+
+
+def test_check_params_derives_paths_and_plan(sdag, mod, tmp_path):
+    conf = {"artifact_root": str(tmp_path), "image_size": 32, "dataset_limit": 300, "controls": True,
+            "control_sparsities": [0.79, 0.488], "rewind_points": ["0it", "1ep"]}
+    out = mod.check_params(_params(sdag, **conf), conf)
+    assert out["data_dir"] == str(tmp_path / "data" / "fashion_mnist-32px-c1-png-n300")
+    assert out["source_dir"] == str(tmp_path / "sources" / "fashion_mnist-n300")
+    assert out["spark_args"][:4] == ["--input", out["source_dir"], "--output", out["data_dir"]]
+    assert out["rewinds"] == ["0it", "1ep"]
+    # nearest levels: 0.79 -> 0.790285, 0.488 -> 0.488
+    assert out["controls"] == {"kinds": list(CONTROLS), "mask_ids": ["sp79.029", "sp48.800"]}
+    json.dumps(out)  # XCom-able
+
+
+def test_explicit_sparsities_win_over_levels(sdag, mod):
+    conf = mod.engine_conf(_params(sdag, sparsities=[0.5, 0.75], num_levels=3))
+    assert conf["sparsities"] == [0.5, 0.75]
+    conf = mod.engine_conf(_params(sdag, num_levels=3, prune_rate=0.5))
+    assert conf["sparsities"] == [0.5, 0.75, 0.875]
+
+
+def test_data_key_distinguishes_options(mod, tmp_path):
+    base = {"dataset": "fashion_mnist", "image_size": 28, "channels": 1, "encoding": "png", "dataset_limit": None}
+    keys = {mod.data_key(base), mod.data_key({**base, "image_size": 32}), mod.data_key({**base, "channels": 3}),
+            mod.data_key({**base, "encoding": "raw"}), mod.data_key({**base, "dataset_limit": 100}),
+            mod.data_key({**base, "dataset": str(tmp_path / "a" / "imgs")}), mod.data_key({**base, "dataset": str(tmp_path / "b" / "imgs")})}
+    assert len(keys) == 7
+    assert mod.data_key(base) == "fashion_mnist-28px-c1-png"
+
+
+def test_training_threads(mod, monkeypatch):
+    monkeypatch.setenv("LOTTERY_THREADS", "3")
+    assert mod.training_threads("ticket") == 3
+    monkeypatch.delenv("LOTTERY_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert mod.training_threads("dense") == cores
+    monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", "1")
+    assert mod.training_threads("ticket") == cores
+    monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", str(4 * cores))
+    assert mod.training_threads("ticket") == 1
+
+
+# ---- the queue policy -------------------------------------------------------------------------
+def _hook():
+    sys.path.insert(0, str(ROOT / "plugins"))
+    import airflow_local_settings
+
+    return airflow_local_settings.task_instance_mutation_hook
+
+
+@pytest.mark.parametrize("dag_id,queue,conf,want", [
+    ("lottery_ticket", "gpu", {"queue": "gpu-a100"}, "gpu-a100"),
+    ("lottery_ticket", "gpu", {}, "gpu"),
+    ("lottery_ticket", "default", {"queue": "gpu-a100"}, "default"),  # CPU tasks stay put
+    ("other_dag", "gpu", {"queue": "gpu-a100"}, "gpu"),
+    ("lottery_ticket", "gpu", {"queue": "bad queue"}, "gpu"),
+    ("lottery_ticket", "gpu", None, "gpu"),
+])
+def test_queue_policy(dag_id, queue, conf, want):
+    ti = SimpleNamespace(dag_id=dag_id, queue=queue)
+    _hook()(ti, SimpleNamespace(conf=conf))
+    assert ti.queue == want
+    ti = SimpleNamespace(dag_id=dag_id, queue=queue)
+    _hook()(ti, None)  # no run yet: untouched
+    assert ti.queue == queue
+
+
+def test_policy_is_loaded_by_airflow():
+    """Airflow found plugins/airflow_local_settings.py (the plugins folder is on its sys.path)."""
+    from airflow import settings
+
+    assert settings.task_instance_mutation_hook.is_noop is False
+    ti = SimpleNamespace(dag_id="lottery_ticket", queue="gpu")
+    settings.task_instance_mutation_hook(ti, dag_run=SimpleNamespace(conf={"queue": "q7"}))
+    assert ti.queue == "q7"
+
+
+def sync_dag_to_db():
+    """Parse the dags folder into the metadata database, as the dag-processor would."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+
+    airflow_local.init_db_here()
+    manager = DagBundlesManager()
+    manager.sync_bundles_to_db()
+    for bundle in manager.get_all_dag_bundles():
+        if not bundle.is_initialized:
+            bundle.initialize()
+        bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
+        sync_bag_to_db(bag, bundle.name, bundle.version)
+
+
+def test_run_conf_queue_routes_training_tasks(dag):
+    """A real DagRun: the scheduler-side task instances get the queue from the run's conf."""
+    from airflow.models import TaskInstance
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+    from airflow.sdk import timezone
+
+    sync_dag_to_db()
+    from airflow.models.dagbag import DBDagBag
+
+    with create_session() as session:
+        sdag = DBDagBag().get_latest_version_of_dag("lottery_ticket", session=session)
+        now = timezone.utcnow()
+        run = sdag.create_dagrun(
+            run_id=f"queue_test_{now.timestamp()}", logical_date=None, data_interval=None, run_after=now,
+            conf={"queue": "gpu-a100"}, run_type=DagRunType.MANUAL, triggered_by=DagRunTriggeredByType.TEST,
+            state=DagRunState.QUEUED, session=session,
+        )
+        session.flush()
+        queues = {ti.task_id: ti.queue for ti in session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id)}
+    assert queues["train_dense"] == "gpu-a100"
+    assert queues["late_reset"] == "gpu-a100"  # the unexpanded mapped task; expansion re-applies the hook
+    assert queues["controls"] == "gpu-a100"
+    assert queues["validate_config"] == "default" and queues["report"] == "default"
+
+
+def test_invalid_conf_refused_when_the_run_is_created(dag):
+    """What the trigger form and the REST API do: create_dagrun validates the params first."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    airflow_local.init_db_here()
+    with pytest.raises(ParamValidationError) as err:
+        dag.test(run_conf={"rewind_points": ["1 epoch"]})
+    assert "rewind_points" in str(err.value)
