@@ -1,0 +1,188 @@
+"""The whole DAG with ``dag.test()`` on a tiny config: real Spark job, real training, real report.
+
+300 Fashion-MNIST images per split, LeNet-300-100 for one epoch, 2 masks x 2 rewind points, both
+controls at one level. ``dag.test()`` runs the tasks one after the other in this process (the
+scheduler-based run is tests/test_make_run.py). About a minute for the first run on 2 cores.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import airflow_local  # noqa: E402
+
+HOME = airflow_local.use_test_home()
+os.environ["AIRFLOW_CONN_SPARK_DEFAULT"] = json.dumps({"conn_type": "spark", "host": "local[2]"})
+os.environ["LOTTERY_RETRY_DELAY_S"] = "1"  # read when the DAG file is parsed
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "dataset_limit": 300,
+    "training_steps": "1ep",
+    "lr_milestones": [],
+    "batch_size": 32,
+    "rewind_points": ["0it", "2it"],
+    "sparsities": [0.5, 0.8],
+    "controls": True,
+    "control_sparsities": [0.8],
+    "queue": "gpu_e2e",
+}
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    airflow_local.init_db_here()
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["lottery_ticket"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+def run_dag(dag, conf):
+    started = time.perf_counter()
+    run = dag.test(run_conf=conf)
+    print(f"dag.test: {run.state} in {time.perf_counter() - started:.1f}s")
+    return run, task_instances(run)
+
+
+def task_instances(run) -> dict:
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id, TaskInstance.dag_id == run.dag_id)
+        return {(ti.task_id, ti.map_index): _ti(ti) for ti in tis}
+
+
+def _ti(ti):
+    return {"state": str(ti.state.value if hasattr(ti.state, "value") else ti.state), "queue": ti.queue,
+            "name": ti.rendered_map_index, "try_number": ti.try_number}
+
+
+def states(tis, task_id):
+    return sorted(v["state"] for (t, _), v in tis.items() if t == task_id)
+
+
+@pytest.fixture(scope="module")
+def first(dag, root):
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root)})
+    workdirs = [p for p in root.iterdir() if p.name.startswith("lenet_300_100-")]
+    assert len(workdirs) == 1, workdirs
+    return run, tis, workdirs[0]
+
+
+def test_first_run_produces_every_artifact(first, root):
+    run, tis, w = first
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
+    assert all(v["state"] == "success" for v in tis.values()), {k: v for k, v in tis.items() if v["state"] != "success"}
+    assert len([k for k in tis if k[0] == "late_reset"]) == 4
+    assert len([k for k in tis if k[0] == "controls"]) == 4  # 2 kinds x 1 level x 2 rewind points
+    data = root / "data" / "fashion_mnist-28px-c1-png-n300"
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 300
+    assert (root / "sources" / "fashion_mnist-n300" / "train").is_dir()
+    assert json.loads((w / "config.json").read_text())["training_steps"] == "1ep"
+    assert (w / "dense" / "result.json").is_file() and (w / "dense" / "final.keras").is_file()
+    assert sorted(p.name for p in (w / "masks").glob("*.npz")) == ["sp50.000.npz", "sp80.000.npz"]
+    tickets = sorted(p.name for p in (w / "tickets").iterdir() if (p / "result.json").is_file())
+    assert tickets == sorted([
+        "sp50.000__0it", "sp50.000__2it", "sp80.000__0it", "sp80.000__2it",
+        "sp80.000__0it__random_prune", "sp80.000__2it__random_prune",
+        "sp80.000__0it__random_reinit", "sp80.000__2it__random_reinit",
+    ])
+    assert len((w / "results.csv").read_text().strip().splitlines()) == 1 + 8
+    assert (w / "report" / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    md = (w / "report" / "report.md").read_text()
+    assert "## Failed or missing (0)" in md and "Control `random_prune`" in md
+
+
+def test_mapped_instances_are_named_and_routed_to_the_run_queue(first):
+    _, tis, _ = first
+    names = {v["name"] for (t, _), v in tis.items() if t == "late_reset"}
+    assert names == {"50.1% left, rewind 0it", "50.1% left, rewind 2it", "20.2% left, rewind 0it", "20.2% left, rewind 2it"}, names
+    assert "random_prune: 20.2% left, rewind 2it" in {v["name"] for (t, _), v in tis.items() if t == "controls"}
+    for (task_id, _), v in tis.items():
+        want = "gpu_e2e" if task_id in ("train_dense", "late_reset", "controls") else "default"
+        assert v["queue"] == want, (task_id, v)
+
+
+def test_rerun_reuses_finished_work(first, dag, root, caplog):
+    import logging
+
+    _, _, w = first
+    mtimes = {p: p.stat().st_mtime_ns for p in w.glob("tickets/*/result.json")}
+    caplog.set_level(logging.INFO)
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root)})
+    log = caplog.text
+    assert str(run.state) in ("success", "DagRunState.SUCCESS")
+    assert {p: p.stat().st_mtime_ns for p in w.glob("tickets/*/result.json")} == mtimes
+    assert "train_dense: already done" in log
+    assert log.count(": already done (val_accuracy") == 8, log[-5000:]  # 4 tickets + 4 controls
+    assert "50.1% left, rewind 2it: already done" in log
+    assert [p.name for p in root.iterdir() if p.name.startswith("lenet_300_100-")] == [w.name]
+
+
+def test_failing_late_reset_does_not_stop_the_others_or_the_report(first, dag, root, monkeypatch):
+    """One mask file is damaged after make_masks wrote it: its two late_reset instances fail at
+    once (no retry: a corrupt artifact is not transient); the rest, the report and the listing go on."""
+    import shutil
+
+    from lottery import experiment
+
+    _, _, w = first
+    for name in ("sp50.000__0it", "sp50.000__2it"):
+        shutil.rmtree(w / "tickets" / name)
+    real_make_masks = experiment.make_masks
+
+    def make_masks_then_damage(workdir):
+        out = real_make_masks(workdir)
+        path = Path(workdir) / "masks" / "sp50.000.npz"
+        path.write_bytes(path.read_bytes()[:-40] + b"\0" * 40)
+        return out
+
+    monkeypatch.setattr(experiment, "make_masks", make_masks_then_damage)
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root)})
+    assert str(run.state) in ("failed", "DagRunState.FAILED")
+    failed = {v["name"]: v for (t, _), v in tis.items() if t == "late_reset" and v["state"] == "failed"}
+    assert set(failed) == {"50.1% left, rewind 0it", "50.1% left, rewind 2it"}, tis
+    assert all(v["try_number"] == 1 for v in failed.values())  # not retried
+    assert states(tis, "late_reset").count("success") == 2
+    assert states(tis, "controls") == ["success"] * 4
+    assert states(tis, "report") == ["success"]
+    assert states(tis, "check_results") == ["failed"]
+    md = (w / "report" / "report.md").read_text()
+    assert "## Failed or missing (2)" in md
+    assert "sp50.000 (50.0% left), rewind 0it: failed: CorruptArtifactError" in md
+    rows = (w / "results.csv").read_text()
+    assert rows.count(",failed,") == 2
+
+
+def test_rewind_after_the_end_of_training_fails_fast(dag, root):
+    """A cross-field error the form cannot see: validate_config fails, nothing else runs."""
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root), "rewind_points": ["0it", "3ep"]})
+    assert str(run.state) in ("failed", "DagRunState.FAILED")
+    assert states(tis, "validate_config") == ["failed"]
+    assert tis[("validate_config", -1)]["try_number"] == 1
+    assert states(tis, "train_dense") == ["upstream_failed"]
+
+
+def test_rewind_after_the_end_in_iterations_fails_in_train_dense_without_retry(dag, root):
+    """``100it`` is after the end of a 9-iteration epoch: only known once the data set exists."""
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root), "rewind_points": ["0it", "100it"]})
+    assert str(run.state) in ("failed", "DagRunState.FAILED")
+    assert states(tis, "validate_config") == ["success"]
+    assert states(tis, "train_dense") == ["failed"]
+    assert tis[("train_dense", -1)]["try_number"] == 1
