@@ -68,8 +68,9 @@ class ShardedDataset:
         self.mean = np.asarray(self.manifest["mean"], dtype=np.float64)
         self.std = np.asarray(self.manifest["std"], dtype=np.float64)
         std = np.maximum(self.std, MIN_STD)
-        self._scale = tf.constant(1.0 / (255.0 * std), dtype=tf.float32)
-        self._offset = tf.constant(-self.mean / std, dtype=tf.float32)
+        with tf.device("/CPU:0"):  # tf.data runs on the host
+            self._scale = tf.constant(1.0 / (255.0 * std), dtype=tf.float32)
+            self._offset = tf.constant(-self.mean / std, dtype=tf.float32)
         self._cached = None
 
     def __repr__(self) -> str:
@@ -261,7 +262,8 @@ class ShardedDataset:
             ds = tf.data.TFRecordDataset(files, buffer_size=1 << 20)
         window = int(self.shuffle_window)
         # random sort keys per position; a window is permuted by argsort of its keys (stable)
-        keys = tf.constant(_rng(seed, epoch, _STREAM_WINDOW).random(max(self.num_examples, 1)), tf.float64)
+        with tf.device("/CPU:0"):
+            keys = tf.constant(_rng(seed, epoch, _STREAM_WINDOW).random(max(self.num_examples, 1)), tf.float64)
 
         def shuffle_window(index, records):
             start = tf.cast(index, tf.int32) * window
