@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -638,7 +639,8 @@ class _Progress(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: listing (metadata only: Spark does not read file contents for these columns)
+# Stage 1: listing.  A parallel walk of the class folders on the executors (Spark's own file
+# index skips zero-byte files and names starting with "_" or ".", which must be reported).
 # ---------------------------------------------------------------------------------------------
 
 def _rel_of(path: str, prefix: str) -> str:
@@ -647,34 +649,73 @@ def _rel_of(path: str, prefix: str) -> str:
     return path[len(prefix):]
 
 
-def _list_partition(rows: Iterable, *, prefix: str, derived_val: bool, val_fraction: float, seed: int,
-                    class_set: frozenset, sample_size: int) -> Iterator[dict]:
-    agg = {"files": 0, "bytes": 0, "fp": 0, "by_split": {}, "by_class": {}, "outside": 0, "sample": []}
-    heap: list[tuple[str, str]] = []   # max-heap by negated key: keep the `sample_size` smallest
-    for path, length, mtime_us in rows:
-        rel = _rel_of(path, prefix)
-        length = int(length)
+def _new_listing() -> dict:
+    return {"files": 0, "bytes": 0, "fp": 0, "readable": 0, "by_split": {}, "by_class": {}, "outside": 0,
+            "skipped": [], "sample": []}
+
+
+class _Lister:
+    """Accumulates the listing of some files: counts, fingerprint, listing-time skips, sample."""
+
+    def __init__(self, *, derived_val: bool, val_fraction: float, seed: int, class_set: frozenset,
+                 sample_size: int):
+        self.kw = {"derived_val": derived_val, "val_fraction": val_fraction, "seed": seed}
+        self.class_set, self.sample_size = class_set, sample_size
+        self.agg = _new_listing()
+        self.heap: list[tuple[str, str]] = []   # negated keys: a max-heap of the smallest keys
+
+    def add(self, rel: str, size: int, mtime_ns: int) -> None:
+        agg = self.agg
         agg["files"] += 1
-        agg["bytes"] += length
-        digest = hashlib.sha256(f"{rel}\0{length}\0{mtime_us}".encode("utf-8")).digest()
+        agg["bytes"] += size
+        digest = hashlib.sha256(f"{rel}\0{size}\0{mtime_ns}".encode("utf-8")).digest()
         agg["fp"] = (agg["fp"] + int.from_bytes(digest[:16], "big")) % (1 << 128)
-        split, cls = assign(rel, derived_val=derived_val, val_fraction=val_fraction, seed=seed)
+        split, cls = assign(rel, **self.kw)
         s = agg["by_split"].setdefault(split, [0, 0])
         s[0] += 1
-        s[1] += length
-        if cls is None or cls not in class_set:
+        s[1] += size
+        if cls is None or cls not in self.class_set:
             agg["outside"] += 1
-            continue
-        k = (split, cls)
-        agg["by_class"][k] = agg["by_class"].get(k, 0) + 1
-        key = shard_key(rel)
-        item = (_neg_hex(key), rel)
-        if len(heap) < sample_size:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-    agg["sample"] = sorted((_neg_hex(k), rel) for k, rel in heap)
-    yield agg
+            agg["skipped"].append({"path": rel, "reason": "outside-class: not inside a class folder"})
+            return
+        if any(part.startswith("_") for part in rel.split("/")[2:]):
+            agg["skipped"].append({"path": rel, "reason": "ignored-name: Spark does not read names "
+                                                          "starting with '_'"})
+            return
+        if size == 0:
+            agg["skipped"].append({"path": rel, "reason": "empty: zero-byte file"})
+            return
+        agg["readable"] += 1
+        agg["by_class"][(split, cls)] = agg["by_class"].get((split, cls), 0) + 1
+        item = (_neg_hex(shard_key(rel)), rel)
+        if len(self.heap) < self.sample_size:
+            heapq.heappush(self.heap, item)
+        elif item > self.heap[0]:
+            heapq.heapreplace(self.heap, item)
+
+    def result(self) -> dict:
+        self.agg["sample"] = sorted((_neg_hex(k), rel) for k, rel in self.heap)
+        return self.agg
+
+
+def _walk_partition(rel_dirs: Iterable[str], *, root: str, lister_kw: dict) -> Iterator[dict]:
+    """Walk some class folders (recursively, following links like Spark's listing does)."""
+    lister = _Lister(**lister_kw)
+    for rel_dir in rel_dirs:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, rel_dir), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # hidden: ignored
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue   # vanished or a dangling link: Spark cannot read it either
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                lister.add(os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns)
+    yield lister.result()
 
 
 def _neg_hex(h: str) -> str:
@@ -684,7 +725,8 @@ def _neg_hex(h: str) -> str:
 
 def _merge_listing(a: dict, b: dict, sample_size: int = HEADER_SAMPLE) -> dict:
     out = {"files": a["files"] + b["files"], "bytes": a["bytes"] + b["bytes"],
-           "fp": (a["fp"] + b["fp"]) % (1 << 128), "outside": a["outside"] + b["outside"],
+           "fp": (a["fp"] + b["fp"]) % (1 << 128), "readable": a["readable"] + b["readable"],
+           "outside": a["outside"] + b["outside"], "skipped": a["skipped"] + b["skipped"],
            "by_split": dict(a["by_split"]), "by_class": dict(a["by_class"])}
     for k, (n, nb) in b["by_split"].items():
         s = out["by_split"].get(k, [0, 0])
@@ -695,21 +737,42 @@ def _merge_listing(a: dict, b: dict, sample_size: int = HEADER_SAMPLE) -> dict:
     return out
 
 
-def list_inputs(df, cfg: JobConfig) -> dict:
-    from pyspark.sql import functions as F
+def class_dirs(cfg: JobConfig) -> list[str]:
+    """Relative paths of the class folders to read: train/<c> and val/<c>."""
+    dirs = [f"train/{c}" for c in cfg.classes]
+    if cfg.has_val_dir:
+        dirs += [f"val/{c}" for c in _visible_dirs(cfg.root / "val")]
+    return dirs
 
+
+def list_inputs(spark, cfg: JobConfig) -> dict:
+    """Listing, fingerprint, counts and the probe sample of the input (no file contents read)."""
     a = cfg.args
-    prefix = "file:" + str(cfg.root) + "/"
-    fn = _partial(_list_partition, prefix=prefix, derived_val=cfg.derived_val, val_fraction=a.val_fraction,
-                  seed=a.seed, class_set=frozenset(cfg.classes), sample_size=HEADER_SAMPLE)
-    meta = df.select("path", "length", F.expr("unix_micros(modificationTime)").alias("mtime"))
-    parts = meta.rdd.map(tuple).mapPartitions(fn)
-    empty = {"files": 0, "bytes": 0, "fp": 0, "by_split": {}, "by_class": {}, "outside": 0, "sample": []}
-    listing = parts.fold(empty, _merge_listing)
+    lister_kw = {"derived_val": cfg.derived_val, "val_fraction": a.val_fraction, "seed": a.seed,
+                 "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE}
+    # Files directly in train/ or val/ (not in a class folder), on the driver: few and cheap.
+    top = _Lister(**lister_kw)
+    for split in SPLITS:
+        d = cfg.root / split
+        if not d.is_dir():
+            continue
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            if e.name.startswith(".") or not e.is_file():
+                continue
+            st = e.stat()
+            top.add(f"{split}/{e.name}", st.st_size, st.st_mtime_ns)
+    dirs = class_dirs(cfg)
+    sc = spark.sparkContext
+    root = str(cfg.root)
+    n = max(1, min(len(dirs), sc.defaultParallelism * PARTITIONS_PER_CORE))
+    walked = sc.parallelize(dirs, n).mapPartitions(
+        lambda part: _walk_partition(part, root=root, lister_kw=lister_kw))
+    listing = _merge_listing(top.result(), walked.fold(_new_listing(), _merge_listing))
     fp = hashlib.sha256(json.dumps([listing["files"], listing["bytes"], f"{listing['fp']:032x}"])
                         .encode("ascii")).hexdigest()
     listing["fingerprint"] = fp
     listing["sample"] = [rel for _, rel in listing["sample"]]
+    listing["skipped"].sort(key=lambda s: s["path"])
     return listing
 
 
@@ -883,7 +946,7 @@ def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: P
     a = cfg.args
     # Input partitions: enough to keep every core busy (and balanced), none too big.
     dp = sc.defaultParallelism
-    n_files = max(1, listing["files"])
+    n_files = max(1, listing["readable"])
     target = max(dp * PARTITIONS_PER_CORE, math.ceil(listing["bytes"] / MAX_PARTITION_BYTES))
     target = min(target, n_files)
     spark.conf.set("spark.sql.files.openCostInBytes", str(4096))
@@ -905,7 +968,7 @@ def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: P
         numPartitions=plan.total, partitionFunc=lambda k: k[0], keyfunc=lambda k: k)
     written = shards.mapPartitionsWithIndex(lambda p, rows: _write_partition(p, rows, **write_kw))
     sc.setJobGroup("preprocess-write", "decode, resize, encode and write shards")
-    with _Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter, listing["files"]):
+    with _Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter, listing["readable"]):
         results = written.collect()
     return sorted(results, key=lambda r: (SPLITS.index(r["split"]), r["index"]))
 
@@ -979,19 +1042,17 @@ def _run_with_spark(spark, cfg: JobConfig, options: dict, t_start: float, t_sess
     timings: dict[str, float] = {"session_start_s": t_session - t_session0}
 
     # --- 1. listing + fingerprint (no file contents are read) ---
-    paths = [_uri(cfg.root / "train")] + ([_uri(cfg.root / "val")] if cfg.has_val_dir else [])
-    df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(paths))
     t0 = time.time()
     timings["first_job_at"] = t0
     sc.setJobGroup("preprocess-list", "list input files")
-    listing = list_inputs(df, cfg)
+    listing = list_inputs(spark, cfg)
     timings["listing_s"] = time.time() - t0
     by_split = {s: listing["by_split"].get(s, [0, 0])[0] for s in SPLITS}
     log.info("listing: %d files (%.1f MB) in %.1f s: %s%s", listing["files"], listing["bytes"] / 1e6,
              timings["listing_s"], _fmt_counts(by_split),
              f"; {listing['outside']} outside class folders" if listing["outside"] else "")
-    if listing["files"] == 0:
-        raise InputError(f"no files under {cfg.root / 'train'}/<class>/")
+    if listing["readable"] == 0:
+        raise InputError(f"no (non-empty) files in the class folders of {cfg.root / 'train'}")
 
     if not a.force:
         existing = up_to_date(cfg.output, listing["fingerprint"], options)
@@ -1016,6 +1077,8 @@ def _run_with_spark(spark, cfg: JobConfig, options: dict, t_start: float, t_sess
              _fmt_counts(dict(zip(plan.splits, plan.counts))), timings["probe_s"])
 
     # --- 3. decode + write shards into the staging directory ---
+    df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+          .load([_uri(cfg.root / d) for d in class_dirs(cfg)]))
     staging = cfg.output.with_name(f"{cfg.output.name}.staging-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
@@ -1059,10 +1122,12 @@ def assemble(cfg: JobConfig, options: dict, t: Transform, plan: ShardPlan, listi
         skipped.extend(r["skipped"])
         for d in r["stats"]:
             stats = stats.merge(records.ChannelStats.from_dict(d))
-    skipped.sort(key=lambda s: s["path"])
     good = sum(sp["count"] for sp in splits.values())
-    if good + len(skipped) != listing["files"]:
-        raise DataError(f"internal error: {good} records + {len(skipped)} skipped != {listing['files']} files listed")
+    if good + len(skipped) != listing["readable"]:
+        raise DataError(f"the input changed while the job was running: {good + len(skipped)} files were read, "
+                        f"{listing['readable']} were listed; run the job again")
+    skipped = sorted(skipped + listing["skipped"], key=lambda s: s["path"])
+    assert good + len(skipped) == listing["files"]
 
     mismatched = [s for s in skipped if s["reason"].startswith("size-mismatch")]
     if mismatched:
