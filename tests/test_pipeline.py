@@ -1,5 +1,4 @@
 """lottery.data.pipeline (tf.data) and lottery.data.runtime, on tiny synthetic shards."""
-import hashlib
 import logging
 import os
 import subprocess
@@ -251,8 +250,10 @@ def test_same_seed_and_epoch_give_identical_batches_in_fresh_processes(data_dir)
     script = HASH_CODE + textwrap.dedent("""
         import sys
         import tensorflow as tf
-        if len(sys.argv) > 2:
-            tf.random.set_seed(int(sys.argv[2]))  # the global TF seed must not matter
+        if len(sys.argv) > 2:  # neither the global TF seed nor the thread count may matter
+            from lottery.data import runtime
+            runtime.configure_threads(1)
+            tf.random.set_seed(int(sys.argv[2]))
             tf.random.uniform([3])
         print("HASH", batch_hash(sys.argv[1]))
     """)
