@@ -314,3 +314,30 @@ def test_single_device_gets_a_null_scope_and_late_thread_config_warns(caplog):
         runtime._data_threads = old
     with pytest.raises(RuntimeError, match="before TensorFlow initialises"):
         runtime.split_cpu(7)
+
+
+def test_decoded_split_is_kept_on_disk_and_reused(tmp_path, caplog):
+    """A second process loads the decoded split instead of decoding every image again; a damaged
+    copy is ignored and replaced, never used."""
+    import logging
+
+    from tests.datasets import make_synthetic_shards
+
+    data_dir = make_synthetic_shards(tmp_path, 64, 16)
+    first = ShardedDataset(data_dir, "train", cache=True)
+    expected = [x.numpy() for x, _ in first.batches(8, seed=1, epoch=0)]
+    kept = list((data_dir / ".decoded").glob("train-*.npz"))
+    assert len(kept) == 1 and first.manifest["dataset_id"] in kept[0].name
+    with caplog.at_level(logging.INFO, logger="lottery.data"):
+        second = ShardedDataset(data_dir, "train", cache=True)
+        again = [x.numpy() for x, _ in second.batches(8, seed=1, epoch=0)]
+    assert "loaded decoded" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(expected, again))
+    kept[0].write_bytes(kept[0].read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lottery.data"):
+        third = ShardedDataset(data_dir, "train", cache=True)
+        fresh = [x.numpy() for x, _ in third.batches(8, seed=1, epoch=0)]
+    assert "ignoring damaged decoded cache" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(expected, fresh))
+    assert ShardedDataset(data_dir, "train", cache=True)._load_decoded() is not None, "the damaged copy was replaced"

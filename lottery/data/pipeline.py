@@ -121,8 +121,52 @@ class ShardedDataset:
     def _normalise(self, images):
         return tf.cast(images, tf.float32) * self._scale + self._offset
 
+    def _decoded_path(self) -> Path | None:
+        """Where the decoded split is kept between processes: beside the shards, named by the
+        dataset id (a new preprocessing run has a new id, so a stale file is never read)."""
+        if os.environ.get("LOTTERY_DECODED_CACHE", "1") == "0":
+            return None
+        return self.data_dir / ".decoded" / f"{self.split}-{self.manifest['dataset_id']}.npz"
+
+    def _load_decoded(self):
+        path = self._decoded_path()
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+        except Exception as exc:  # damaged: decode again and replace it
+            log.warning("ignoring damaged decoded cache %s: %s", path, exc)
+            return None
+        if images.shape != (self.num_examples, *self.image_shape) or labels.shape != (self.num_examples,):
+            log.warning("ignoring decoded cache %s: shape %s does not match the manifest", path, images.shape)
+            return None
+        return images, labels
+
+    def _save_decoded(self, images, labels) -> None:
+        path = self._decoded_path()
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, labels=labels)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only data directory: keep decoding in every process
+            log.info("not keeping decoded %s split at %s: %s", self.split, path, exc)
+            tmp.unlink(missing_ok=True)
+
     def _cached_arrays(self):
-        """Decode the whole split once into uint8 [N, H, W, C] / int32 [N] tensors (host memory)."""
+        """Decode the whole split once into uint8 [N, H, W, C] / int32 [N] tensors (host memory).
+
+        The decoded arrays are also kept on disk beside the shards, so the hundred processes of one
+        experiment decode each split once, not once each."""
+        if self._cached is None and (loaded := self._load_decoded()) is not None:
+            images, labels = loaded
+            with tf.device("/CPU:0"):
+                self._cached = (tf.constant(images), tf.constant(labels))
+            log.info("loaded decoded %s/%s: %d images (%.1f MiB)", self.data_dir, self.split, len(labels), images.nbytes / 2**20)
         if self._cached is None:
             ds = tf.data.TFRecordDataset([str(p) for p in self.files], buffer_size=1 << 20).batch(1024)
             ds = ds.map(self._decode_batch_fn(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -137,6 +181,7 @@ class ShardedDataset:
                                       f"manifest says {self.num_examples}", field=f"splits.{self.split}.count")
             images = np.concatenate(images) if images else np.zeros((0, *self.image_shape), np.uint8)
             labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+            self._save_decoded(images, labels)
             with tf.device("/CPU:0"):
                 self._cached = (tf.constant(images), tf.constant(labels))
             log.info("cached %s/%s: %d images (%.1f MiB)", self.data_dir, self.split, n, images.nbytes / 2**20)
