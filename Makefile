@@ -28,3 +28,19 @@ test: install
 
 clean:
 	rm -rf .pytest_cache build
+
+# ---- make run / make ui (owner: DAG; see docs/dag.md) ------------------------------------------
+# make run [CONF='{"model": "conv4"}']: one DAG run on a project-local Airflow (scheduler +
+#   LocalExecutor on SQLite in $(LOTTERY_AIRFLOW_HOME)), progress, accuracy table, report path;
+#   exit status 0 only when the run succeeded.
+# make ui [UI_PORT=8080]: api-server + scheduler + dag-processor + triggerer until Ctrl-C.
+CONF ?=
+UI_PORT ?= 8080
+LOTTERY_AIRFLOW_HOME ?= $(CURDIR)/.airflow
+
+run: export LOTTERY_CONF = $(CONF)
+run: install
+	$(BIN)/python scripts/run_experiment.py --home "$(LOTTERY_AIRFLOW_HOME)" --conf "$$LOTTERY_CONF"
+
+ui: install
+	$(BIN)/python scripts/ui.py --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT)

@@ -527,8 +527,12 @@ def lottery_ticket():
         return _retrain_task(workdir, mask, rewind, control)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
-    def report(workdir: str, rewinds: list[str], controls: dict | None) -> dict[str, Any]:
+    def report(workdir: str | None, rewinds: list[str], controls: dict | None) -> dict[str, Any]:
         """Collect every result (failed and missing ones listed, never fatal): csv, plot, report.md."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if not workdir:
+            raise AirflowFailException("no work directory: the run failed before prepare_workdir (see the failed task above)")
         from lottery import experiment
         from lottery.report import write_report
 
@@ -548,10 +552,12 @@ def lottery_ticket():
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in paths.items()}
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
-    def check_results(summary: dict) -> dict[str, Any]:
+    def check_results(summary: dict | None) -> dict[str, Any]:
         """Fail the run (after the report is written) when any combination failed or is missing."""
         from airflow.sdk.exceptions import AirflowFailException
 
+        if not summary:
+            raise AirflowFailException("no report was written: an earlier task failed (see validate_config, preprocess, report)")
         problems = summary.get("problems", [])
         if problems:
             raise AirflowFailException(

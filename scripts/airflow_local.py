@@ -141,6 +141,8 @@ def environ(home: Path, *, port: int | None = None, parallelism: int | None = No
             AIRFLOW__API__PORT=str(port),
             AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
+            # the LocalExecutor's log server (default 8793) must not collide with another Airflow
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
         )
     if parallelism is not None:
         env["AIRFLOW__CORE__PARALLELISM"] = str(parallelism)
