@@ -1,0 +1,73 @@
+"""What ``make run`` runs (scripts/run_experiment.py): the real scheduler + LocalExecutor + API server
+on a throwaway Airflow home, a tiny config, tasks really running in parallel. About 2-3 minutes."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_experiment.py"
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "dataset_limit": 300,
+    "training_steps": "1ep",
+    "lr_milestones": [],
+    "batch_size": 32,
+    "rewind_points": ["0it", "2it"],
+    "sparsities": [0.5, 0.8],
+    "controls": True,
+    "control_sparsities": [0.8],
+}
+
+
+def run_script(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_invalid_conf_is_refused_by_the_rest_api(tmp_path):
+    out = run_script(tmp_path / "home", {**TINY, "artifact_root": str(tmp_path / "art"), "image_size": 3})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "the run was refused (HTTP 400): Invalid input for param image_size" in out.stderr
+    assert not (tmp_path / "art").exists()
+
+
+def test_run_experiment_with_the_scheduler(tmp_path):
+    home, art = tmp_path / "home", tmp_path / "art"
+    out = run_script(home, {**TINY, "artifact_root": str(art)})
+    print(out.stdout[-4000:])
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
+    assert "SUCCESS" in out.stdout
+    assert "late_reset 4/4" in out.stdout and "tasks done" in out.stdout
+    assert "tickets: val accuracy (%)" in out.stdout
+    report = Path(out.stdout.split("Report: ", 1)[1].splitlines()[0].strip())
+    assert report.is_file() and report.parent.parent.parent == art
+    w = report.parent.parent
+    assert (w / "report" / "accuracy_vs_sparsity.png").is_file()
+    assert len(list(w.glob("tickets/*/result.json"))) == 8
+    # the components were stopped
+    assert not (home / "components.json").exists()
+    # really parallel: two late_reset / controls instances ran at the same time
+    with sqlite3.connect(home / "airflow.db") as db:
+        spans = [
+            (datetime.fromisoformat(s), datetime.fromisoformat(e))
+            for s, e in db.execute(
+                "select start_date, end_date from task_instance where task_id in ('late_reset', 'controls') and state = 'success'"
+            )
+        ]
+        queues = {q for (q,) in db.execute("select distinct queue from task_instance where task_id = 'late_reset'")}
+    assert len(spans) == 8
+    overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
+    assert overlaps >= 1, spans
+    assert queues == {"gpu"}
