@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"  Airflow UI:  {url}/dags/{af.DAG_ID}")
         print(f"  Login:       {af.USER} / {af.password(home)}   (stored in {home / 'passwords.json'})")
         print(f"  Trigger:     the DAG's 'Trigger' button opens the params form; or `make run CONF='{{...}}'`")
-        print(f"  CLI:         eval \"$(.venv/bin/python scripts/airflow_local.py env)\"; airflow dags list")
+        print("  CLI:         source scripts/airflow_env.sh && airflow dags list")
         print("  Stop:        Ctrl-C")
         print()
         while True:
