@@ -61,9 +61,11 @@ RESIZE_METHODS = ("shorter-side-crop", "exact")
 # Channel decision and shard-size estimate: deterministic samples of the input (smallest hashes
 # of the relative paths), read on the executors.
 HEADER_SAMPLE = 1000
-SIZE_SAMPLE = 200
-# Decode stage: aim for this many input partitions per core (load balance), each at most this big.
+SIZE_SAMPLE = 64
+# Decode stage input partitions: at least this many per core and about this many files each (small
+# tasks balance the load), none bigger than this.
 PARTITIONS_PER_CORE = 3
+FILES_PER_PARTITION = 256
 MAX_PARTITION_BYTES = 64 << 20
 MAX_LISTED_SKIPS = 20
 
@@ -532,17 +534,19 @@ def _lottery_package_dir() -> Path:
 
 
 def build_py_files(dest: str | os.PathLike) -> Path:
-    """A zip of the `lottery` package for --py-files (deterministic: fixed timestamps, sorted)."""
-    pkg = _lottery_package_dir()
+    """A zip for --py-files with the `lottery` package and this job's `spark_jobs` package
+    (deterministic: sorted, fixed timestamps)."""
+    pkgs = [_lottery_package_dir(), Path(__file__).resolve().parent]
     dest = Path(dest)
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(pkg.rglob("*.py")):
-            if "__pycache__" in path.parts:
-                continue
-            info = zipfile.ZipInfo(str(path.relative_to(pkg.parent)), date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            z.writestr(info, path.read_bytes())
+        for pkg in pkgs:
+            for path in sorted(pkg.rglob("*.py")):
+                if "__pycache__" in path.parts:
+                    continue
+                info = zipfile.ZipInfo(str(path.relative_to(pkg.parent)), date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                z.writestr(info, path.read_bytes())
     return dest
 
 
@@ -888,6 +892,33 @@ class ShardPlan:
         raise IndexError(p)
 
 
+def content_rdd(spark, df):
+    """(path, content) of every file of a binaryFile DataFrame as a Python RDD.
+
+    The rows are packed in the JVM as one binary value `path NUL content` and handed to Python
+    as raw bytes (no Row pickling): ~4x less CPU than `df.rdd` for image-sized blobs.  Falls
+    back to `df.rdd` where the JVM objects are not reachable (e.g. Spark Connect).
+    """
+    from pyspark.sql import functions as F
+
+    try:
+        from pyspark.rdd import RDD
+        from pyspark.serializers import NoOpSerializer
+
+        packed = df.select(F.concat(F.encode("path", "UTF-8"), F.lit(bytearray(b"\0")), F.col("content")))
+        jvm = spark.sparkContext._jvm
+        jrdd = getattr(packed._jdf, "as")(jvm.org.apache.spark.sql.Encoders.BINARY()).javaRDD()
+        return RDD(jrdd, spark.sparkContext, NoOpSerializer()).map(_unpack)
+    except Exception as e:  # pragma: no cover - depends on the deployment
+        log.info("raw content transfer unavailable (%s); using DataFrame.rdd", e)
+        return df.select("path", "content").rdd.map(tuple)
+
+
+def _unpack(blob: bytes) -> tuple[str, bytes]:
+    i = blob.index(b"\0")
+    return blob[:i].decode("utf-8"), blob[i + 1:]
+
+
 def _decode_partition(rows: Iterable, *, prefix: str, derived_val: bool, val_fraction: float, seed: int,
                       class_index: dict, t: Transform, plan: ShardPlan, counter) -> Iterator:
     stats = HistogramStats(t.channels)
@@ -904,7 +935,7 @@ def _decode_partition(rows: Iterable, *, prefix: str, derived_val: bool, val_fra
             yield (p, key, rel), ("skip", f"outside-class: {where}")
             continue
         try:
-            pixels = transform_image(bytes(content), t)
+            pixels = transform_image(content if isinstance(content, bytes) else bytes(content), t)
         except BadImage as e:
             yield (p, key, rel), ("skip", e.reason)
             continue
@@ -947,7 +978,8 @@ def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: P
     # Input partitions: enough to keep every core busy (and balanced), none too big.
     dp = sc.defaultParallelism
     n_files = max(1, listing["readable"])
-    target = max(dp * PARTITIONS_PER_CORE, math.ceil(listing["bytes"] / MAX_PARTITION_BYTES))
+    target = max(dp * PARTITIONS_PER_CORE, math.ceil(listing["readable"] / FILES_PER_PARTITION),
+                 math.ceil(listing["bytes"] / MAX_PARTITION_BYTES))
     target = min(target, n_files)
     spark.conf.set("spark.sql.files.openCostInBytes", str(4096))
     spark.conf.set("spark.sql.files.minPartitionNum", str(target))
@@ -960,7 +992,7 @@ def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: P
                       class_index={c: i for i, c in enumerate(cfg.classes)}, t=t, plan=plan, counter=counter)
     write_kw = {"staging": str(staging), "plan": plan, "num_classes": len(cfg.classes)}
 
-    content = df.select("path", "content").rdd.map(tuple)
+    content = content_rdd(spark, df)
     n_in = content.getNumPartitions()
     log.info("decode: %d input partitions on %d cores -> %d shard partitions", n_in, dp, plan.total)
     pairs = content.mapPartitions(decode)

@@ -367,6 +367,7 @@ def test_second_run_is_a_noop(fm_run, fm_root):
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_option_change_replaces_output_and_killed_run_is_not_data(fm_run, fm_root):
     out, _ = fm_run
     first = records.read_manifest(out)
