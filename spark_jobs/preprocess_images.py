@@ -1210,6 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s preprocess_images %(levelname)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
         cfg = validate(args)
