@@ -34,13 +34,15 @@ clean:
 #   LocalExecutor on SQLite in $(LOTTERY_AIRFLOW_HOME)), progress, accuracy table, report path;
 #   exit status 0 only when the run succeeded.
 # make ui [UI_PORT=8080]: api-server + scheduler + dag-processor + triggerer until Ctrl-C.
+# PARALLELISM=N: LocalExecutor slots (default: the number of cores, at least 2).
 CONF ?=
 UI_PORT ?= 8080
+PARALLELISM ?=
 LOTTERY_AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
 run: export LOTTERY_CONF = $(CONF)
 run: install
-	$(BIN)/python scripts/run_experiment.py --home "$(LOTTERY_AIRFLOW_HOME)" --conf "$$LOTTERY_CONF"
+	$(BIN)/python scripts/run_experiment.py --home "$(LOTTERY_AIRFLOW_HOME)" --conf "$$LOTTERY_CONF" $(if $(PARALLELISM),--parallelism $(PARALLELISM))
 
 ui: install
-	$(BIN)/python scripts/ui.py --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT)
+	$(BIN)/python scripts/ui.py --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
