@@ -72,7 +72,8 @@ def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
     return [round(1 - (1 - prune_rate) ** k, 6) for k in range(1, num_levels + 1)]
 
 
-DEFAULT_CONTROL_SPARSITIES = [derived_sparsities(DEFAULT_NUM_LEVELS, DEFAULT_PRUNE_RATE)[k - 1] for k in (3, 7, 11, 15)]
+# Three levels across the range (51.2%, 10.7% and 2.3% of the weights left), as in the LTH papers' control plots.
+DEFAULT_CONTROL_SPARSITIES = [derived_sparsities(DEFAULT_NUM_LEVELS, DEFAULT_PRUNE_RATE)[k - 1] for k in (3, 10, 17)]
 
 
 def _step_list(description: str, default: list[str], *, min_items: int, title: str, section: str) -> Param:
@@ -179,7 +180,7 @@ PARAMS: dict[str, Param] = {
         section="Pruning",
     ),
     # ---- controls ----
-    "controls": Param(False, type="boolean", title="Run the random baselines", section="Controls"),
+    "controls": Param(True, type="boolean", title="Run the random baselines", section="Controls"),
     "control_kinds": Param(
         list(CONTROLS), type="array", items={"type": "string", "enum": list(CONTROLS)}, minItems=1, uniqueItems=True,
         title="Control kinds", description="random_reinit: the ticket's mask, fresh random weights; "
@@ -243,14 +244,16 @@ def source_dir(params: dict[str, Any]) -> str:
     return str(Path(params["dataset"]).resolve())
 
 
-def match_control_sparsities(wanted: list[float], levels: list[float]) -> list[float]:
-    """Each wanted control sparsity mapped to the nearest experiment level (empty list: all levels)."""
+def match_control_sparsities(wanted: list[float], levels: list[float], *, strict: bool = True) -> list[float]:
+    """Each wanted control sparsity mapped to the nearest experiment level (empty list: all levels).
+    ``strict``: a wanted value further than the tolerance from every level is an error (the
+    default control levels are not strict, so they follow a run's own ``sparsities``)."""
     if not wanted:
         return list(levels)
     out = []
     for w in wanted:
         nearest = min(levels, key=lambda s: abs(s - w))
-        if abs(nearest - w) > CONTROL_MATCH_TOLERANCE:
+        if strict and abs(nearest - w) > CONTROL_MATCH_TOLERANCE:
             raise ConfigError(
                 "control_sparsities", w,
                 f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})",
@@ -279,7 +282,8 @@ def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> 
         log.info("explicit sparsities given: num_levels and prune_rate are ignored")
     controls = None
     if params["controls"]:
-        levels = match_control_sparsities(list(params["control_sparsities"]), list(cfg.sparsities))
+        wanted = list(params["control_sparsities"])
+        levels = match_control_sparsities(wanted, list(cfg.sparsities), strict=wanted != DEFAULT_CONTROL_SPARSITIES)
         controls = {"kinds": list(params["control_kinds"]), "mask_ids": [mask_id(s) for s in levels]}
 
     root = Path(params["artifact_root"])
@@ -382,7 +386,7 @@ never collides.
 * *Pruning*: `rewind_points`; `sparsities` (explicit list) **or**, when it is empty (the default),
   `num_levels` levels at `prune_rate`: sparsity_k = 1 - (1 - prune_rate)^k;
   `pruning_scope`, `output_layer_prune_factor`.
-* *Controls*: `controls` (off by default), `control_kinds`, `control_sparsities` (matched to the
+* *Controls*: `controls` (on by default: both kinds at three levels), `control_kinds`, `control_sparsities` (matched to the
   nearest level; empty = all levels); run at every rewind point.
 * *Execution*: `artifact_root`, `queue` (the Celery queue of the training tasks).
 

@@ -176,7 +176,7 @@ def test_default_params_are_the_default_experiment(sdag, mod):
     assert experiment_id(cfg, "d") == experiment_id(ExperimentConfig(), "d")
     assert len(cfg.sparsities) * len(cfg.rewind_points) == 100
     assert mod.derived_sparsities(20, 0.2) == list(ExperimentConfig().sparsities)
-    assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is False
+    assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is True
 
 
 def test_form_metadata(dag):
@@ -416,3 +416,12 @@ def test_invalid_conf_refused_when_the_run_is_created(dag):
     with pytest.raises(ParamValidationError) as err:
         dag.test(run_conf={"rewind_points": ["1 epoch"]})
     assert "rewind_points" in str(err.value)
+
+
+def test_default_control_levels_follow_a_runs_own_sparsities(mod):
+    """Controls are on by default at three levels; a run with its own sparsities gets the nearest
+    of its levels instead of an error, while explicit control sparsities must be levels."""
+    assert len(mod.DEFAULT_CONTROL_SPARSITIES) == 3
+    assert mod.match_control_sparsities(mod.DEFAULT_CONTROL_SPARSITIES, [0.5, 0.9], strict=False) == [0.5, 0.9]
+    with pytest.raises(ConfigError, match="control_sparsities"):
+        mod.match_control_sparsities([0.7], [0.5, 0.9])
