@@ -7,7 +7,6 @@ carry CRC-32 checksums, read back eagerly so that a truncated or corrupted file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lottery.data.records import sha256_file  # noqa: F401  (re-exported: one definition)
 from lottery.errors import CorruptArtifactError
 
 
@@ -78,14 +78,6 @@ def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise CorruptArtifactError(f"{path} is corrupted or truncated ({type(exc).__name__}: {exc}); delete it to recompute") from None
     return arrays, header["meta"]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _json_default(value: Any) -> Any:
