@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt | md5su
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install venv system-deps test run ui clean
+.PHONY: install venv system-deps test run ui clean cluster-up cluster-down
 
 install: venv system-deps
 
@@ -46,3 +46,10 @@ run: install
 
 ui: install
 	$(BIN)/python scripts/ui.py --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
+
+# ---- the cluster topology as local processes on loopback (see docs/cluster.md) -----------------
+cluster-up: install
+	$(BIN)/python scripts/cluster_local.py up
+
+cluster-down:
+	$(BIN)/python scripts/cluster_local.py down
