@@ -91,7 +91,12 @@ def _session(cfg: ExperimentConfig, threads: int | None):
 
 
 def _open_data(cfg: ExperimentConfig, data_dir: str | os.PathLike):
-    from lottery.data.pipeline import ShardedDataset
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        from lottery.data.pipeline import ShardedDataset
+    else:  # the numpy pipeline: same batches, no TensorFlow needed (docs/data-format.md)
+        from lottery.data.arrays import ArrayDataset as ShardedDataset
 
     train = ShardedDataset(data_dir, "train", cache=False)
     decoded = train.num_examples * int(_prod(train.image_shape))

@@ -1,8 +1,10 @@
-"""Data: the record format (`records`, pure Python), the tf.data pipeline (`pipeline`), the TF
-runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
+"""Data: the record format (`records`, pure Python), the tf.data pipeline (`pipeline`), the numpy
+pipeline for TF-less machines (`arrays`, sharing its epoch plan with `pipeline` through `plan`),
+the backend runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
 
-Importing `lottery.data` (or `lottery.data.records` / `lottery.data.fetch`) never imports
-TensorFlow: Spark executors and TF-less (JAX) machines import this package.  `ShardedDataset`
+Importing `lottery.data` (or `lottery.data.records` / `plan` / `fetch`) never imports TensorFlow:
+Spark executors and TF-less (JAX) machines import this package; `arrays` and `runtime` import it
+only on Keras's TensorFlow backend (`arrays` imports Keras).  `ShardedDataset`, `ArrayDataset`
 and the runtime helpers are loaded lazily on first attribute access.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .records import (  # noqa: F401 - re-exported
 
 _LAZY = {
     "ShardedDataset": "pipeline",
+    "ArrayDataset": "arrays",
     "configure_threads": "runtime",
     "enable_determinism": "runtime",
     "distribution_scope": "runtime",

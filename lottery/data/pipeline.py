@@ -9,82 +9,48 @@ position in the epoch.  Nothing depends on TensorFlow's global seed or op counte
 from __future__ import annotations
 
 import logging
-import math
 import os
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from . import runtime
-from .records import DataFormatError, MANIFEST_NAME, read_manifest, shard_paths, verify_dataset
+from .plan import (  # noqa: F401 - the constants are re-exported (the epoch plan lives in plan.py)
+    AUGMENTATIONS,
+    CROP_PAD,
+    MIN_STD,
+    RRC_ATTEMPTS,
+    RRC_RATIO,
+    RRC_SCALE,
+    SplitReader,
+    cached_epoch,
+    check_batch_args,
+    file_order,
+    window_keys,
+)
+from .records import DataFormatError, MANIFEST_NAME
 
 log = logging.getLogger("lottery.data")
 
-AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop")
-CROP_PAD = 4
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-RRC_ATTEMPTS = 10
-MIN_STD = 1e-6
 
-# SeedSequence streams: one independent generator per purpose.
-_STREAM_PERMUTATION, _STREAM_FILES, _STREAM_WINDOW, _STREAM_AUGMENT = 0, 1, 2, 3
-
-
-def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [int(seed) % (1 << 64), int(epoch) % (1 << 64), stream])))
-
-
-class ShardedDataset:
+class ShardedDataset(SplitReader):
     """One split of a dataset directory as tf.data streams.
 
     Attributes: `manifest`, `split`, `num_examples`, `image_shape` (H, W, C), `num_classes`,
-    `classes`, `encoding`, `mean`, `std`, `files`.
+    `classes`, `encoding`, `mean`, `std`, `files`.  The manifest handling, the epoch plan and the
+    decoded-split disk cache are `lottery.data.plan.SplitReader`'s (shared with the numpy
+    `ArrayDataset`).
     """
 
-    shuffle_window = 8192      # records shuffled together when cache=False
-    interleave_cycle = 16      # shards read concurrently when cache=False
-
     def __init__(self, data_dir: str | os.PathLike, split: str, *, cache: bool = False):
-        self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
-        if split not in self.manifest["splits"]:
-            raise DataFormatError(
-                f"{self.data_dir / MANIFEST_NAME}: no split {split!r} (has {sorted(self.manifest['splits'])})",
-                path=self.data_dir / MANIFEST_NAME, field=f"splits.{split}")
-        self.split = split
-        self.cache = bool(cache)
-        self.files = shard_paths(self.data_dir, self.manifest, split)
-        for path in self.files:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard of split {split!r} listed in {MANIFEST_NAME} is missing")
-        self.num_examples = int(self.manifest["splits"][split]["count"])
-        self.image_shape = tuple(int(v) for v in self.manifest["image_shape"])
-        self.classes = list(self.manifest["classes"])
-        self.num_classes = len(self.classes)
-        self.encoding = self.manifest["encoding"]
-        self.mean = np.asarray(self.manifest["mean"], dtype=np.float64)
-        self.std = np.asarray(self.manifest["std"], dtype=np.float64)
-        std = np.maximum(self.std, MIN_STD)
+        super().__init__(data_dir, split, cache=cache)
+        scale, offset = self.normalisation()
         with tf.device("/CPU:0"):  # tf.data runs on the host
-            self._scale = tf.constant(1.0 / (255.0 * std), dtype=tf.float32)
-            self._offset = tf.constant(-self.mean / std, dtype=tf.float32)
+            self._scale = tf.constant(scale, dtype=tf.float32)
+            self._offset = tf.constant(offset, dtype=tf.float32)
         self._cached = None
 
-    def __repr__(self) -> str:
-        return (f"ShardedDataset({str(self.data_dir)!r}, {self.split!r}, cache={self.cache}, "
-                f"num_examples={self.num_examples}, image_shape={self.image_shape})")
-
     # ------------------------------------------------------------------ helpers
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return self.num_examples // int(batch_size)
-
-    def verify(self, *, check_records: bool = False) -> dict:
-        """sha256 (and optionally CRC) check of every shard; raises naming the bad file."""
-        return verify_dataset(self.data_dir, check_records=check_records)
-
     def _options(self) -> tf.data.Options:
         options = tf.data.Options()
         options.deterministic = True
@@ -121,42 +87,6 @@ class ShardedDataset:
     def _normalise(self, images):
         return tf.cast(images, tf.float32) * self._scale + self._offset
 
-    def _decoded_path(self) -> Path | None:
-        """Where the decoded split is kept between processes: beside the shards, named by the
-        dataset id (a new preprocessing run has a new id, so a stale file is never read)."""
-        if os.environ.get("LOTTERY_DECODED_CACHE", "1") == "0":
-            return None
-        return self.data_dir / ".decoded" / f"{self.split}-{self.manifest['dataset_id']}.npz"
-
-    def _load_decoded(self):
-        path = self._decoded_path()
-        if path is None or not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-        except Exception as exc:  # damaged: decode again and replace it
-            log.warning("ignoring damaged decoded cache %s: %s", path, exc)
-            return None
-        if images.shape != (self.num_examples, *self.image_shape) or labels.shape != (self.num_examples,):
-            log.warning("ignoring decoded cache %s: shape %s does not match the manifest", path, images.shape)
-            return None
-        return images, labels
-
-    def _save_decoded(self, images, labels) -> None:
-        path = self._decoded_path()
-        if path is None:
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, labels=labels)
-            os.replace(tmp, path)
-        except OSError as exc:  # a read-only data directory: keep decoding in every process
-            log.info("not keeping decoded %s split at %s: %s", self.split, path, exc)
-            tmp.unlink(missing_ok=True)
-
     def _cached_arrays(self):
         """Decode the whole split once into uint8 [N, H, W, C] / int32 [N] tensors (host memory).
 
@@ -187,50 +117,7 @@ class ShardedDataset:
             log.info("cached %s/%s: %d images (%.1f MiB)", self.data_dir, self.split, n, images.nbytes / 2**20)
         return self._cached
 
-    # ------------------------------------------------------------------ epoch plan (numpy)
-    def _augment_params(self, augmentation: str, seed: int, epoch: int) -> np.ndarray | None:
-        """Per-position augmentation parameters of one epoch ([N, k] array) or None."""
-        n = self.num_examples
-        h, w, _ = self.image_shape
-        if augmentation == "none":
-            return None
-        rng = _rng(seed, epoch, _STREAM_AUGMENT)
-        if augmentation == "crop_flip":
-            offsets = rng.integers(0, 2 * CROP_PAD + 1, size=(n, 2))
-            flip = rng.random(n) < 0.5
-            return np.concatenate([offsets, flip[:, None]], axis=1).astype(np.int32)
-        # random_resized_crop (Inception / torchvision RandomResizedCrop): boxes [y1, x1, y2, x2]
-        area = float(h * w)
-        scale = rng.uniform(RRC_SCALE[0], RRC_SCALE[1], size=(n, RRC_ATTEMPTS))
-        log_ratio = rng.uniform(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), size=(n, RRC_ATTEMPTS))
-        u_top = rng.random(n)
-        u_left = rng.random(n)
-        flip = rng.random(n) < 0.5
-        ratio = np.exp(log_ratio)
-        cw = np.rint(np.sqrt(area * scale * ratio)).astype(np.int64)
-        ch = np.rint(np.sqrt(area * scale / ratio)).astype(np.int64)
-        valid = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-        first = np.argmax(valid, axis=1)
-        rows = np.arange(n)
-        ok = valid[rows, first]
-        cw, ch = cw[rows, first], ch[rows, first]
-        # fallback: central crop of the whole image, aspect ratio clamped to RRC_RATIO
-        in_ratio = w / h
-        if in_ratio < RRC_RATIO[0]:
-            fw, fh = w, int(round(w / RRC_RATIO[0]))
-        elif in_ratio > RRC_RATIO[1]:
-            fh, fw = h, int(round(h * RRC_RATIO[1]))
-        else:
-            fw, fh = w, h
-        cw = np.where(ok, cw, fw)
-        ch = np.where(ok, ch, fh)
-        top = np.where(ok, np.floor(u_top * (h - ch + 1)), (h - ch) // 2).astype(np.float64)
-        left = np.where(ok, np.floor(u_left * (w - cw + 1)), (w - cw) // 2).astype(np.float64)
-        dy, dx = max(h - 1, 1), max(w - 1, 1)
-        x1, x2 = left / dx, (left + cw - 1) / dx
-        x1, x2 = np.where(flip, x2, x1), np.where(flip, x1, x2)  # a mirrored box = a flipped crop
-        return np.stack([top / dy, x1, (top + ch - 1) / dy, x2], axis=1).astype(np.float32)
-
+    # ------------------------------------------------------------------ augmentation (TF)
     def _augment_fn(self, augmentation: str):
         h, w, _ = self.image_shape
         if augmentation == "none":
@@ -266,15 +153,9 @@ class ShardedDataset:
         """The training stream of one epoch: `(float32 [B, H, W, C], int32 [B])` batches,
         shuffled/augmented as a pure function of `(seed, epoch)`, normalised, drop_remainder,
         the first `skip_batches` batches skipped."""
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if augmentation not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {augmentation!r}; expected one of {AUGMENTATIONS}")
-        if skip_batches < 0:
-            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        batch_size, skip_batches = check_batch_args(batch_size, augmentation, skip_batches)
         n_batches = self.num_examples // batch_size
-        skip = min(int(skip_batches), n_batches)
+        skip = min(skip_batches, n_batches)
         params = self._augment_params(augmentation, seed, epoch)
         augment = self._augment_fn(augmentation)
         normalise = self._normalise
@@ -282,12 +163,7 @@ class ShardedDataset:
 
         if self.cache:
             images, labels = self._cached_arrays()
-            order = _rng(seed, epoch, _STREAM_PERMUTATION).permutation(self.num_examples)
-            nb = n_batches - skip
-            order = order[skip * batch_size:n_batches * batch_size].reshape(nb, batch_size)
-            if params is None:
-                params = np.zeros((self.num_examples, 0), np.int32)
-            params = params[skip * batch_size:n_batches * batch_size].reshape(nb, batch_size, params.shape[1])
+            order, params = cached_epoch(self.num_examples, batch_size, seed, epoch, skip, params)
             ds = tf.data.Dataset.from_tensor_slices((order, params))
 
             def gather(idx, p):
@@ -297,7 +173,7 @@ class ShardedDataset:
             ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
 
-        files = [str(self.files[i]) for i in _rng(seed, epoch, _STREAM_FILES).permutation(len(self.files))]
+        files = [str(self.files[i]) for i in file_order(seed, epoch, len(self.files))]
         fds = tf.data.Dataset.from_tensor_slices(files)
         if len(files) > 1:
             ds = fds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
@@ -308,7 +184,7 @@ class ShardedDataset:
         window = int(self.shuffle_window)
         # random sort keys per position; a window is permuted by argsort of its keys (stable)
         with tf.device("/CPU:0"):
-            keys = tf.constant(_rng(seed, epoch, _STREAM_WINDOW).random(max(self.num_examples, 1)), tf.float64)
+            keys = tf.constant(window_keys(seed, epoch, self.num_examples), tf.float64)
 
         def shuffle_window(index, records):
             start = tf.cast(index, tf.int32) * window

@@ -1,34 +1,104 @@
-"""TensorFlow runtime set-up: thread pools, op determinism, MirroredStrategy scope.
+"""Runtime set-up for the Keras backend in use: thread pools, determinism, data-parallel scope.
 
-Call `configure_threads` (and, in tests, `split_cpu`) before TensorFlow runs its first op.
+Call `configure_threads` (and, in tests, `split_cpu`) before the backend runs its first op.
+
+* TensorFlow backend (`keras.backend.backend() == "tensorflow"`): TF's intra/inter-op pools and
+  the tf.data pools of `ShardedDataset`, `tf.config.experimental.enable_op_determinism()`, one
+  process-wide `tf.distribute.MirroredStrategy` when there is more than one replica device.
+* Any other backend (JAX; TensorFlow need not be installed, this module imports it only on the
+  TensorFlow backend): XLA reads its options from `XLA_FLAGS` when JAX creates its backends, so
+  these functions act before the first JAX computation:
+  - `configure_threads(n)` records `n` (the numpy input pipeline's thread count); XLA:CPU sizes
+    its own pool to the cores the process may run on (limit it with `taskset -c` / a cgroup),
+    so there is nothing else to set: it says so in the log;
+  - `enable_determinism()`: XLA:CPU is run-to-run deterministic already; on a GPU,
+    `LOTTERY_XLA_DETERMINISTIC=1` adds `--xla_gpu_deterministic_ops=true` to `XLA_FLAGS`.  It is
+    not the default because XLA:GPU then refuses to compile select-and-scatter, the gradient of
+    max pooling (conv2/4/6, vgg16), which has no deterministic GPU implementation;
+  - `split_cpu(n)`: `n` CPU devices (`jax_num_cpu_devices`), for tests of data parallelism;
+  - `distribution_scope()`: a `keras.distribution.DataParallel` scope over all devices when JAX
+    sees more than one (accelerators, else CPUs), else a null context; `num_replicas()`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-
-import tensorflow as tf
+import sys
 
 log = logging.getLogger("lottery.data")
 
 _data_threads: int | None = None
 _strategy = None
 _strategy_devices: tuple[str, ...] | None = None
+_distribution = None
+_distribution_devices: tuple[str, ...] | None = None
+
+XLA_DETERMINISTIC_ENV = "LOTTERY_XLA_DETERMINISTIC"
+XLA_GPU_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
+def backend() -> str:
+    """The Keras backend this process trains with (`"tensorflow"`, `"jax"`, ...)."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def _tensorflow() -> bool:
+    return backend() == "tensorflow"
+
+
+# ---------------------------------------------------------------------------------------- XLA
+def jax_initialised() -> bool:
+    """Whether JAX has created its backends (after that, XLA_FLAGS and device counts are fixed)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - a JAX without this module: assume the worst
+        return True
+    probe = getattr(xla_bridge, "backends_are_initialized", None)
+    if probe is not None:
+        return bool(probe())
+    return bool(getattr(xla_bridge, "_backends", None))  # pragma: no cover - older JAX
+
+
+def add_xla_flags(*flags: str) -> bool:
+    """Append `flags` to `XLA_FLAGS` unless JAX is already initialised (then: False).
+
+    A flag the environment already sets (by name) is left as the user set it."""
+    if jax_initialised():
+        return False
+    current = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=", 1)[0] for f in current}
+    added = [f for f in flags if f.split("=", 1)[0] not in names]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join(current + added)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- threads
 def configure_threads(n: int | None = None) -> int:
-    """Size TF's intra- and inter-op pools (and the tf.data pools of `ShardedDataset`) to `n`
-    (default: the number of CPUs).  Returns `n`.
+    """Size the backend's thread pools (and the input pipeline's) to `n` (default: the number of
+    CPUs).  Returns `n`.
 
-    Must run before TensorFlow initialises; if it is too late, logs a warning and keeps the
-    existing pools (the tf.data pool size is still applied to datasets built afterwards).
+    TensorFlow: intra- and inter-op pools and the tf.data pools of `ShardedDataset`.  Must run
+    before TensorFlow initialises; if it is too late, logs a warning and keeps the existing pools
+    (the tf.data pool size is still applied to datasets built afterwards).  JAX: see the module
+    docstring (XLA:CPU follows the process's CPU affinity).
     """
     global _data_threads
     n = int(n) if n else (os.cpu_count() or 1)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _data_threads = n
+    if not _tensorflow():
+        log.info("configure_threads(%d) on the %s backend: XLA:CPU sizes its thread pool to the cores this "
+                 "process may run on (limit them with taskset -c / a cgroup); nothing else to set", n, backend())
+        return n
+    import tensorflow as tf
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
         tf.config.threading.set_inter_op_parallelism_threads(n)
@@ -42,20 +112,44 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def data_threads() -> int | None:
-    """The tf.data private thread-pool size set by `configure_threads` (None: TF's default)."""
+    """The input-pipeline thread count set by `configure_threads` (None: the default)."""
     return _data_threads
 
 
+# ---------------------------------------------------------------------------------------- determinism
 def enable_determinism() -> None:
-    """Deterministic TF kernels (`tf.config.experimental.enable_op_determinism`)."""
-    tf.config.experimental.enable_op_determinism()
+    """Deterministic kernels: `tf.config.experimental.enable_op_determinism()` on TensorFlow; on
+    JAX, `--xla_gpu_deterministic_ops=true` when `LOTTERY_XLA_DETERMINISTIC=1` (see the module
+    docstring), else nothing (XLA:CPU is deterministic)."""
+    if _tensorflow():
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        return
+    if os.environ.get(XLA_DETERMINISTIC_ENV, "0") not in ("", "0"):
+        if not add_xla_flags(XLA_GPU_DETERMINISTIC_FLAG):
+            log.warning("enable_determinism: JAX is already initialised, cannot add %s to XLA_FLAGS",
+                        XLA_GPU_DETERMINISTIC_FLAG)
+        else:
+            log.info("enable_determinism: XLA_FLAGS=%s", os.environ.get("XLA_FLAGS"))
 
 
+# ---------------------------------------------------------------------------------------- devices
 def split_cpu(n: int) -> list:
-    """Configure `n` logical CPU devices (for testing MirroredStrategy on one machine).
+    """Configure `n` logical CPU devices (for testing data parallelism on one machine).
 
-    Must run before TensorFlow initialises (RuntimeError otherwise).  Returns the logical devices.
+    Must run before the backend initialises (RuntimeError otherwise).  Returns the devices.
     """
+    if not _tensorflow():
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", int(n))
+        except RuntimeError as e:
+            raise RuntimeError(f"split_cpu({n}) must be called before JAX initialises: {e}") from e
+        return jax.devices("cpu")
+    import tensorflow as tf
+
     cpus = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * int(n))
@@ -65,6 +159,15 @@ def split_cpu(n: int) -> list:
 
 
 def _replica_devices() -> tuple[str, ...]:
+    if not _tensorflow():
+        if backend() != "jax":  # keras.distribution is JAX-only
+            return ()
+        import keras
+
+        devices = tuple(keras.distribution.list_devices())  # accelerators if any, else the CPUs
+        return devices if len(devices) > 1 else ()
+    import tensorflow as tf
+
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tuple(d.name for d in gpus)
@@ -77,8 +180,12 @@ def _replica_devices() -> tuple[str, ...]:
 
 def get_strategy():
     """The process-wide `MirroredStrategy` over all GPUs (or all logical CPUs when there is no
-    GPU and `split_cpu` made several), or None for a single device."""
+    GPU and `split_cpu` made several), or None for a single device or another backend."""
     global _strategy, _strategy_devices
+    if not _tensorflow():
+        return None
+    import tensorflow as tf
+
     devices = _replica_devices()
     if not devices:
         return None
@@ -89,12 +196,54 @@ def get_strategy():
     return _strategy
 
 
+def get_distribution():
+    """The process-wide `keras.distribution.DataParallel` over all devices JAX sees when there
+    are more than one (non-TensorFlow backends), else None.
+
+    A batch whose size does not divide evenly over the devices (the last, partial evaluation
+    batch) is replicated instead of split: every device computes all of it."""
+    global _distribution, _distribution_devices
+    if _tensorflow():
+        return None
+    devices = _replica_devices()
+    if not devices:
+        return None
+    if _distribution is None or _distribution_devices != devices:
+        _distribution = _data_parallel_class()(devices=list(devices))
+        _distribution_devices = devices
+        log.info("keras.distribution.DataParallel over %d devices: %s", len(devices), ", ".join(devices))
+    return _distribution
+
+
+def _data_parallel_class():
+    import keras
+
+    class DataParallel(keras.distribution.DataParallel):
+        """`DataParallel` that replicates a batch which cannot be split evenly over the devices."""
+
+        def get_data_layout(self, data_shape):
+            shards = self.device_mesh.devices.size
+            if data_shape and data_shape[0] is not None and int(data_shape[0]) % shards:
+                return keras.distribution.TensorLayout([None] * len(data_shape), self.device_mesh)
+            return super().get_data_layout(data_shape)
+
+    return DataParallel
+
+
 def distribution_scope():
-    """`MirroredStrategy().scope()` when more than one replica device is visible, else a null context."""
-    strategy = get_strategy()
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+    """The data-parallel scope when more than one replica device is visible, else a null context:
+    `MirroredStrategy().scope()` on TensorFlow, `keras.distribution.DataParallel(...).scope()`
+    on JAX."""
+    if _tensorflow():
+        strategy = get_strategy()
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+    distribution = get_distribution()
+    return distribution.scope() if distribution is not None else contextlib.nullcontext()
 
 
 def num_replicas() -> int:
-    strategy = get_strategy()
-    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+    if _tensorflow():
+        strategy = get_strategy()
+        return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+    distribution = get_distribution()
+    return 1 if distribution is None else int(distribution.device_mesh.devices.size)
