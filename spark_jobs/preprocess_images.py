@@ -579,11 +579,11 @@ def ship_lottery(spark, tmpdir: Path) -> str:
 def create_session(app_name: str = "preprocess_images"):
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName(app_name)
-    builder = builder.config("spark.ui.showConsoleProgress", "false")
     if not os.environ.get("PYSPARK_PYTHON"):
         # Executors run the driver's interpreter (same venv path on a shared filesystem).
-        builder = builder.config("spark.pyspark.python", sys.executable)
+        # PySpark reads the variable when the SparkContext is created.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+    builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
     return builder.getOrCreate()
 
 
