@@ -895,28 +895,20 @@ class ShardPlan:
 def content_rdd(spark, df):
     """(path, content) of every file of a binaryFile DataFrame as a Python RDD.
 
-    The rows are packed in the JVM as one binary value `path NUL content` and handed to Python
-    as raw bytes (no Row pickling): ~4x less CPU than `df.rdd` for image-sized blobs.  Falls
-    back to `df.rdd` where the JVM objects are not reachable (e.g. Spark Connect).
+    The rows go from the JVM to Python as a pair RDD of (String, byte[]), which PySpark streams
+    as raw bytes (as `sc.binaryFiles` does) instead of pickled `Row`s: about 4x less CPU for
+    image-sized values.  Falls back to `df.rdd` where the JVM is not reachable (Spark Connect).
     """
-    from pyspark.sql import functions as F
-
     try:
         from pyspark.rdd import RDD
-        from pyspark.serializers import NoOpSerializer
+        from pyspark.serializers import NoOpSerializer, PairDeserializer, UTF8Deserializer
 
-        packed = df.select(F.concat(F.encode("path", "UTF-8"), F.lit(bytearray(b"\0")), F.col("content")))
-        jvm = spark.sparkContext._jvm
-        jrdd = getattr(packed._jdf, "as")(jvm.org.apache.spark.sql.Encoders.BINARY()).javaRDD()
-        return RDD(jrdd, spark.sparkContext, NoOpSerializer()).map(_unpack)
+        enc = spark.sparkContext._jvm.org.apache.spark.sql.Encoders
+        pairs = getattr(df.select("path", "content")._jdf, "as")(enc.tuple(enc.STRING(), enc.BINARY()))
+        return RDD(pairs.javaRDD(), spark.sparkContext, PairDeserializer(UTF8Deserializer(), NoOpSerializer()))
     except Exception as e:  # pragma: no cover - depends on the deployment
         log.info("raw content transfer unavailable (%s); using DataFrame.rdd", e)
         return df.select("path", "content").rdd.map(tuple)
-
-
-def _unpack(blob: bytes) -> tuple[str, bytes]:
-    i = blob.index(b"\0")
-    return blob[:i].decode("utf-8"), blob[i + 1:]
 
 
 def _decode_partition(rows: Iterable, *, prefix: str, derived_val: bool, val_fraction: float, seed: int,
@@ -954,7 +946,6 @@ def _write_partition(p: int, rows: Iterable, *, staging: str, plan: ShardPlan, n
     per_class = [0] * num_classes
     skipped: list[dict] = []
     stats: list[dict] = []
-    state = {"first": None}
 
     def recs() -> Iterator[bytes]:
         for (_, _, rel), value in rows:

@@ -184,7 +184,8 @@ def make_mixed_folder(root: Path) -> dict[str, np.ndarray]:
     # color (the majority: 11 of 18 good files)
     for i, (h, w) in enumerate([(16, 16), (16, 24), (20, 16), (16, 17), (31, 16), (16, 16)]):
         x = rgb(h, w)
-        put(f"train/a_color/rgb_{i}.png", _save(Image.fromarray(x), "PNG"), x)
+        name = f"rgb_{i}.png" if i else "rgb 0 [a]{b} ü%20#.png"   # spaces, glob characters, unicode
+        put(f"train/a_color/{name}", _save(Image.fromarray(x), "PNG"), x)
     data = _save(Image.fromarray(rgb(16, 20)), "JPEG", quality=90)
     put("train/a_color/rgb.jpg", data, pillow_rgb(data))
     data = _save(Image.fromarray(rgb(16, 16)).convert("CMYK"), "JPEG", quality=90)
@@ -258,7 +259,7 @@ def fm_run(work, fm_root):
 
 @pytest.fixture(scope="module")
 def mixed_root(work):
-    root = work / "mixed"
+    root = work / "mixed [1]{x} ü"      # the input root too
     expected = make_mixed_folder(root)
     return root, expected
 
