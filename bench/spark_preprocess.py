@@ -174,6 +174,7 @@ def run_spark(root: Path, out: Path, cores: int, args) -> dict:
     env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", f"local[{cores}]",
            "--conf", "spark.ui.enabled=false", "--driver-memory", args.driver_memory,
+           *(["--driver-java-options", args.jvm_options] if args.jvm_options else []),
            str(REPO / "spark_jobs" / "preprocess_images.py"), "--input", str(root), "--output", str(out),
            "--image-size", str(args.image_size), "--encoding", "jpeg", "--jpeg-quality", str(args.jpeg_quality),
            "--shard-mb", str(args.shard_mb), "--progress-interval", "0", "--force"]
@@ -283,7 +284,8 @@ def table(res: dict) -> str:
         ("Spark, after start-up", s["work_s"], spark_after, spark_after / plain, s["cpu_after_s"]),
         ("Spark, whole spark-submit", s["wall_s"], n / s["wall_s"], n / s["wall_s"] / plain, s["cpu_s"]),
     ]
-    lines = [f"`python -m bench.spark_preprocess --count {res['count']} --cores {cores} --repeat {res['repeat']}`: "
+    jvm = f" --jvm-options={res['jvm_options']}" if res["jvm_options"] else ""
+    lines = [f"`python -m bench.spark_preprocess --count {res['count']} --cores {cores} --repeat {res['repeat']}{jvm}`: "
              f"{res['count']} JPEGs (~{res['avg_kb']:.0f} KB, ~500x375) -> {res['image_size']}x{res['image_size']} "
              f"shorter-side-crop, jpeg q{res['jpeg_quality']}, {cores} processes / local[{cores}]; "
              f"{res['machine']}; Spark {res['spark_version']}; load average before the runs {res['load']}; {res['date']}. "
@@ -330,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jpeg-quality", type=int, default=95)
     ap.add_argument("--shard-mb", type=float, default=100.0)
     ap.add_argument("--driver-memory", default="2g")
+    ap.add_argument("--jvm-options", default="",
+                    help="extra JVM options of the Spark driver (local mode: also the executor), "
+                         "e.g. -XX:TieredStopAtLevel=1")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run Spark and the plain loop this many times, alternating; report the median of each")
     ap.add_argument("--write-docs", action="store_true", help=f"update the section in {DOCS.relative_to(REPO)}")
@@ -370,7 +375,7 @@ def main(argv=None) -> int:
     spark = sorted(spark_runs, key=lambda x: x["work_s"])[len(spark_runs) // 2]
     plain = sorted(plain_runs, key=lambda x: x["wall_s"])[len(plain_runs) // 2]
     res = {"load": load, "count": args.count, "cores": args.cores, "image_size": args.image_size,
-           "jpeg_quality": args.jpeg_quality, "repeat": len(spark_runs),
+           "jpeg_quality": args.jpeg_quality, "repeat": len(spark_runs), "jvm_options": args.jvm_options,
            "avg_kb": info["bytes"] / args.count / 1024, "machine": machine(), "spark_version": m["spark_version"],
            "date": dt.date.today().isoformat(), "spark": spark, "plain": plain, "identical": identical}
     text = table(res)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from lottery.data import records
-from tests.test_spark_preprocess import (check, check_fashion_mnist_output, fashion_mnist_root, leftovers,
-                                         spark_env, spark_submit)
+from tests.test_spark_preprocess import (FAST_JVM, check, check_fashion_mnist_output, fashion_mnist_root,
+                                         leftovers, spark_env, spark_submit)
 from spark_jobs.preprocess_images import build_py_files
 
 pytestmark = pytest.mark.slow
@@ -67,6 +67,7 @@ def cluster(tmp_path_factory):
     env["SPARK_LOG_DIR"] = str(d / "logs")
     env["SPARK_WORKER_DIR"] = str(d / "work")
     env["SPARK_NO_DAEMONIZE"] = "1"
+    env["SPARK_DAEMON_JAVA_OPTS"] = FAST_JVM   # master and worker JVMs: start-up CPU matters here
     spark_class = str(Path(sys.executable).parent / "spark-class")
     port = _free_port()
     url = f"spark://127.0.0.1:{port}"
