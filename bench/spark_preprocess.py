@@ -195,6 +195,7 @@ def run_spark(root: Path, out: Path, cores: int, args) -> dict:
     n = manifest["input_fingerprint"]["files"]
     return {"manifest": manifest, "files": n, "wall_s": ended - launched, "cpu_s": cpu_s,
             "cpu_after_s": cpu_s - cpu.at(t["first_job_at"]),
+            "steady_ips": steady_rate(t.get("decode_progress", []), n),
             "startup_s": t["first_job_at"] - launched, "session_s": t["session_start_s"],
             "work_s": t["finished_at"] - t["first_job_at"],
             "stages": {k: t[k] for k in ("listing_s", "probe_s", "process_s") if k in t},
@@ -246,18 +247,30 @@ def run_plain(root: Path, out: Path, cores: int, t: job.Transform, plan: job.Sha
     chunks = [items[i:i + 32] for i in range(0, len(items), 32)]
     per_shard: dict[int, list] = {p: [] for p in range(plan.total)}
     hist = np.zeros((t.channels, 256), dtype=np.int64)
+    timeline = []
     with mp.Pool(cores, initializer=_init, initargs=(t, str(root))) as pool:
-        for recs, _skipped, h in pool.imap_unordered(_plain_chunk, chunks):
+        for recs, skipped, h in pool.imap_unordered(_plain_chunk, chunks):
             hist += h
             for k, rec in recs:
                 per_shard[k[0]].append((k, rec))
+            timeline.append((time.time() - t0, (timeline[-1][1] if timeline else 0) + len(recs) + len(skipped)))
     out.mkdir(parents=True)
     entries = {}
     for p, rows in per_shard.items():
         rows.sort(key=lambda kv: kv[0])
         split, i, n = plan.shard_of(p)
         entries[(split, i)] = records.write_shard(out / records.shard_name(split, i, n), (r for _, r in rows))
-    return {"files": len(items), "wall_s": time.time() - t0, "cpu_s": _own_cpu() - cpu0, "entries": entries}
+    return {"files": len(items), "wall_s": time.time() - t0, "cpu_s": _own_cpu() - cpu0, "entries": entries,
+            "steady_ips": steady_rate(timeline, len(items))}
+
+
+def steady_rate(timeline: list, total: int, lo: float = 0.2, hi: float = 0.9) -> float | None:
+    """Files per second between the moments `lo` and `hi` of the files were done (no warm-up, no tail)."""
+    a = next(((t, n) for t, n in timeline if n >= lo * total), None)
+    b = next(((t, n) for t, n in reversed(timeline) if n <= hi * total), None)
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return (b[1] - a[1]) / (b[0] - a[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +310,10 @@ def table(res: dict) -> str:
         cpu_cols = f"{cpu:.1f} | {1000 * cpu / n:.1f}" if cpu is not None else "| "
         lines.append(f"| {name} | {sec:.1f} | {ips:.1f} | {ratio:.2f} | {cpu_cols} |")
     lines.append(f"| Spark start-up (spark-submit launch -> first Spark job) | {s['startup_s']:.1f} | | | | |")
+    if s.get("steady_ips") and p.get("steady_ips"):
+        lines.append(f"| steady state (20%-90% of the files done): plain | | {p['steady_ips']:.1f} | 1.00 | | |")
+        lines.append(f"| steady state (20%-90% of the files done): Spark decode/write stage | | "
+                     f"{s['steady_ips']:.1f} | {s['steady_ips'] / p['steady_ips']:.2f} | | |")
     st = s["stages"]
     cpu_ratio = p["cpu_s"] / s["cpu_after_s"]
     lines += ["", f"Spark after start-up = listing {st.get('listing_s', 0):.1f} s + probe {st.get('probe_s', 0):.1f} s + "

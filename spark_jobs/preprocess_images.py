@@ -595,7 +595,11 @@ def _uri(path: Path) -> str:
 
 
 class _Progress(threading.Thread):
-    """Logs the running stage of a job group every `interval` seconds."""
+    """Logs the running stage of a job group every `interval` seconds (0: never) and keeps a
+    timeline of (seconds since start, files done) samples of `counter` (one per second at most)."""
+
+    SAMPLE_S = 1.0
+    MAX_SAMPLES = 300
 
     def __init__(self, sc, group: str, label: str, interval: float, counter=None, total: int | None = None):
         super().__init__(daemon=True)
@@ -603,34 +607,47 @@ class _Progress(threading.Thread):
         self.counter, self.total = counter, total
         self.stop_event = threading.Event()
         self.t0 = time.time()
+        self.timeline: list[tuple[float, int]] = []
+
+    def _sample(self) -> None:
+        if self.counter is None:
+            return
+        n = self.counter.value
+        if not self.timeline or self.timeline[-1][1] != n:
+            self.timeline.append((round(time.time() - self.t0, 2), n))
+            if len(self.timeline) > self.MAX_SAMPLES:
+                self.timeline = self.timeline[::2]
+
+    def _message(self) -> str:
+        st = self.sc.statusTracker()
+        parts = []
+        for job_id in st.getJobIdsForGroup(self.group):
+            job = st.getJobInfo(job_id)
+            if job is None or job.status != "RUNNING":
+                continue
+            for sid in job.stageIds:
+                s = st.getStageInfo(sid)
+                if s is not None and s.numActiveTasks + s.numCompletedTasks > 0 and s.numCompletedTasks < s.numTasks:
+                    parts.append(f"stage {sid}: {s.numCompletedTasks}/{s.numTasks} tasks done, "
+                                 f"{s.numActiveTasks} running")
+        msg = "; ".join(parts) or "waiting"
+        if self.counter is not None:
+            n = self.counter.value
+            of = f"/{self.total}" if self.total else ""
+            msg += f"; {n}{of} files done in finished tasks ({n / max(1e-9, time.time() - self.t0):.0f}/s)"
+        return msg
 
     def run(self) -> None:
-        if self.interval <= 0:
-            return
-        last = None
-        while not self.stop_event.wait(self.interval):
+        last_msg, last_log = None, time.time()
+        while not self.stop_event.wait(self.SAMPLE_S):
             try:
-                st = self.sc.statusTracker()
-                parts = []
-                for job_id in st.getJobIdsForGroup(self.group):
-                    job = st.getJobInfo(job_id)
-                    if job is None or job.status != "RUNNING":
-                        continue
-                    for sid in job.stageIds:
-                        s = st.getStageInfo(sid)
-                        if s is not None and s.numActiveTasks + s.numCompletedTasks > 0 \
-                                and s.numCompletedTasks < s.numTasks:
-                            parts.append(f"stage {sid}: {s.numCompletedTasks}/{s.numTasks} tasks done, "
-                                         f"{s.numActiveTasks} running")
-                msg = "; ".join(parts) or "waiting"
-                if self.counter is not None:
-                    n = self.counter.value
-                    el = time.time() - self.t0
-                    of = f"/{self.total}" if self.total else ""
-                    msg += f"; {n}{of} files done in finished tasks ({n / el:.0f}/s)"
-                if msg != last:
-                    log.info("%s: %s", self.label, msg)
-                    last = msg
+                self._sample()
+                if self.interval > 0 and time.time() - last_log >= self.interval:
+                    last_log = time.time()
+                    msg = self._message()
+                    if msg != last_msg:
+                        log.info("%s: %s", self.label, msg)
+                        last_msg = msg
             except Exception:  # progress is best effort
                 pass
 
@@ -640,6 +657,7 @@ class _Progress(threading.Thread):
 
     def __exit__(self, *exc):
         self.stop_event.set()
+        self.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,9 +1009,11 @@ def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: P
         numPartitions=plan.total, partitionFunc=lambda k: k[0], keyfunc=lambda k: k)
     written = shards.mapPartitionsWithIndex(lambda p, rows: _write_partition(p, rows, **write_kw))
     sc.setJobGroup("preprocess-write", "decode, resize, encode and write shards")
-    with _Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter, listing["readable"]):
+    progress = _Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter, listing["readable"])
+    with progress:
         results = written.collect()
-    return sorted(results, key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    progress._sample()
+    return sorted(results, key=lambda r: (SPLITS.index(r["split"]), r["index"])), progress.timeline
 
 
 def plan_shards(cfg: JobConfig, listing: dict, record_bytes: float) -> ShardPlan:
@@ -1106,9 +1126,10 @@ def _run_with_spark(spark, cfg: JobConfig, options: dict, t_start: float, t_sess
     staging.mkdir()
     try:
         t0 = time.time()
-        results = process(spark, df, cfg, t, plan, staging, listing)
+        results, timeline = process(spark, df, cfg, t, plan, staging, listing)
         timings["process_s"] = time.time() - t0
-        manifest = assemble(cfg, options, t, plan, listing, results, decision, spark, timings, t_start)
+        timings["process_started_at"] = t0
+        manifest = assemble(cfg, options, t, plan, listing, results, decision, spark, timings, t_start, timeline)
         # Remove anything that is not a listed shard (temporary files of failed task attempts).
         keep = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
         for p in staging.iterdir():
@@ -1132,7 +1153,7 @@ def _run_with_spark(spark, cfg: JobConfig, options: dict, t_start: float, t_sess
 
 
 def assemble(cfg: JobConfig, options: dict, t: Transform, plan: ShardPlan, listing: dict, results: list[dict],
-             decision: dict, spark, timings: dict, t_start: float) -> dict:
+             decision: dict, spark, timings: dict, t_start: float, timeline: list) -> dict:
     a = cfg.args
     splits: dict[str, dict] = {s: {"count": 0, "per_class": [0] * len(cfg.classes), "shards": []} for s in SPLITS}
     skipped: list[dict] = []
@@ -1193,6 +1214,7 @@ def assemble(cfg: JobConfig, options: dict, t: Transform, plan: ShardPlan, listi
                          "app_id": sc.applicationId}
     timings["finished_at"] = time.time()
     manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    manifest["timings"]["decode_progress"] = [list(x) for x in timeline]  # [s since decode start, files]
     manifest["job"] = {"max_bad_fraction": a.max_bad_fraction}
     return manifest
 
