@@ -17,6 +17,9 @@ $(STAMP): requirements.txt constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	@# The Spark provider pulls in pyspark-client 4.2.0, which overwrites pyspark 4.3.0's Python files
+	@# (no 4.3.0 client exists): put pyspark's own files back so both sides are 4.3.0.
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall pyspark==4.3.0
 	@rm -f $(VENV)/.installed-*; touch $@
 
 system-deps:
