@@ -472,31 +472,18 @@ def remove_stale(output: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish(staging: Path, output: Path) -> None:
     """Put the finished staging dir in place of `output`: rename old aside, rename new in, delete old."""
-    _fsync_dir(staging)
+    records.fsync_dir(staging)
     if output.exists():
         old = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:12]}")
         os.rename(output, old)
         os.rename(staging, output)
-        _fsync_dir(output.parent)
+        records.fsync_dir(output.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, output)
-        _fsync_dir(output.parent)
+        records.fsync_dir(output.parent)
 
 
 def up_to_date(output: Path, input_fp: str, options: dict) -> dict | None:

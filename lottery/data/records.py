@@ -879,7 +879,7 @@ def write_dataset(data_dir: str | os.PathLike, splits: Mapping[str, Sequence], c
                                   splits=split_entries, stats=stats, options=options, skipped=skipped,
                                   spark_version=None, duration_s=time.monotonic() - start)
         write_manifest(tmp_dir, manifest)
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         if data_dir.exists():
             old = data_dir.with_name(f"{data_dir.name}.old-{os.getpid()}")
             os.replace(data_dir, old)
@@ -887,14 +887,15 @@ def write_dataset(data_dir: str | os.PathLike, splits: Mapping[str, Sequence], c
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_dir, data_dir)
-        _fsync_dir(data_dir.parent)
+        fsync_dir(data_dir.parent)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: not every filesystem supports it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
