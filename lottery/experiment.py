@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import time
 import traceback
 from contextlib import contextmanager
@@ -524,11 +523,3 @@ def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
 
-
-def clean_ticket(workdir: str | os.PathLike, mask: int | str, rewind: int | str, control: str | None = None) -> Path:
-    """Delete one ticket's directory (to force a recomputation)."""
-    cfg, _ = load_workdir(workdir)
-    _, mid, _ = _resolve_mask(cfg, mask)
-    path = Path(workdir) / "tickets" / ticket_name(mid, _resolve_rewind(cfg, rewind), control)
-    shutil.rmtree(path, ignore_errors=True)
-    return path
