@@ -48,7 +48,8 @@ def prepare_workdir(cfg: ExperimentConfig, data_dir: str | os.PathLike, workdir:
     """Write ``config.json`` and ``run.json``, or check that the directory holds this experiment."""
     workdir = Path(workdir)
     data_dir = Path(data_dir).resolve()
-    wanted_id = experiment_id(cfg, dataset_id(data_dir))
+    data_id = dataset_id(data_dir)
+    wanted_id = experiment_id(cfg, data_id)
     config_path = workdir / "config.json"
     if config_path.exists():
         existing = ExperimentConfig.from_dict(read_json(config_path))
@@ -60,7 +61,7 @@ def prepare_workdir(cfg: ExperimentConfig, data_dir: str | os.PathLike, workdir:
             )
     else:
         write_json(config_path, cfg.to_dict())
-    write_json(workdir / "run.json", {"experiment_id": wanted_id, "data_dir": str(data_dir), "dataset_id": dataset_id(data_dir)})
+    write_json(workdir / "run.json", {"experiment_id": wanted_id, "data_dir": str(data_dir), "dataset_id": data_id})
     return workdir
 
 
