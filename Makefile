@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt | md5sum | cut -c1-8)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | md5sum | cut -c1-8)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,13 +13,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 install: venv system-deps
 
 venv: $(STAMP)
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	@# The Spark provider pulls in pyspark-client 4.2.0, which overwrites pyspark 4.3.0's Python files
 	@# (no 4.3.0 client exists): put pyspark's own files back so both sides are 4.3.0.
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall pyspark==4.3.0
+	@# The project itself, editable: `import lottery` and the `lottery` command work from any directory.
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*; touch $@
 
 system-deps:

@@ -1,0 +1,32 @@
+"""Deployment constants: one definition for the DAG, the cluster policy plugin, docker/ and scripts.
+
+Pure Python (the DAG file imports it at parse time, the plugin in every Airflow component).
+Values a deployment may change come from the environment of the scheduler, dag-processor and workers.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+DAG_ID = "lottery_ticket"
+# The pool every training task takes a slot of: one slot per GPU worker.
+POOL = "lottery_workers"
+POOL_SLOTS = int(os.environ.get("LOTTERY_POOL_SLOTS", "20"))
+POOL_DESCRIPTION = "Training tasks of the lottery-ticket DAG (one slot per GPU worker)"
+SPARK_CONN_ID = "spark_default"
+
+# The queue the training tasks are declared on; a run's `queue` param moves them to another one
+# (plugins/airflow_local_settings.py). QUEUE_PATTERN is what a queue name may look like.
+GPU_QUEUE = os.environ.get("LOTTERY_GPU_QUEUE", "gpu")
+DEFAULT_QUEUE = "default"
+QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$"
+QUEUE_DAGS = frozenset(filter(None, os.environ.get("LOTTERY_QUEUE_DAGS", DAG_ID).split(",")))
+
+ARTIFACT_ROOT = os.environ.get("LOTTERY_ARTIFACT_ROOT", str(REPO / "artifacts"))
+# Training tasks are retried (a lost worker, an OOM); invalid configs and corrupt artifacts are not.
+RETRIES = int(os.environ.get("LOTTERY_RETRIES", "2"))
+RETRY_DELAY = timedelta(seconds=int(os.environ.get("LOTTERY_RETRY_DELAY_S", "60")))
