@@ -20,7 +20,7 @@ from typing import Any
 
 from lottery.config import CONTROLS, ConfigError, ExperimentConfig, Step, experiment_id
 from lottery.errors import CorruptArtifactError, MissingArtifactError, WorkdirMismatchError
-from lottery.io import atomic_path, read_json, write_json, write_text
+from lottery.files import atomic_path, read_json, write_json, write_text
 
 log = logging.getLogger("lottery")
 
@@ -224,7 +224,7 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
     from lottery.models import output_kernel_path, prunable_weights
     from lottery.pruning import load_mask, magnitude_masks, mask_report, save_mask
-    from lottery.io import sha256_file
+    from lottery.files import sha256_file
 
     workdir = Path(workdir)
     cfg, _ = load_workdir(workdir)

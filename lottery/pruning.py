@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from lottery.errors import CorruptArtifactError
-from lottery.io import atomic_path, sha256_file, write_json
+from lottery.files import atomic_path, sha256_file, write_json
 from lottery.models import prunable_weights
 
 MASK_FORMAT_VERSION = 1

@@ -69,7 +69,7 @@ def write_report(
         workdir=workdir, cfg=cfg, run_info=run_info, rows=rows, labels=labels, dense=dense,
         tolerance=tolerance, matching=matching, problems=problems,
     )
-    from lottery.io import write_text
+    from lottery.files import write_text
 
     report_path = out_dir / REPORT_NAME
     write_text(report_path, text)

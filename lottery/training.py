@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from lottery.config import ExperimentConfig, Step
-from lottery.io import load_arrays, save_arrays
+from lottery.files import load_arrays, save_arrays
 
 log = logging.getLogger("lottery")
 

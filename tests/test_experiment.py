@@ -98,7 +98,7 @@ def test_a_workdir_is_never_shared_by_two_configs(dense_workdir, data_dir):
 
 
 def test_rewind_checkpoint_restores_weights_slots_and_learning_rate(dense_workdir, data_dir):
-    from lottery.io import load_arrays
+    from lottery.files import load_arrays
     from lottery.training import load_checkpoint, make_schedule, training_state
 
     cfg, _ = experiment.load_workdir(dense_workdir)
@@ -134,7 +134,7 @@ def test_masks_come_from_the_final_weights(dense_workdir):
     for path in mask:
         np.testing.assert_array_equal(mask[path], expected[path])
     # ... and not from the initial weights.
-    from lottery.io import load_arrays
+    from lottery.files import load_arrays
 
     start, _ = load_arrays(dense_workdir / "dense" / "rewind" / "0it.npz")
     from_init = magnitude_masks({p: start[f"model:{p}"] for p in final}, 0.9, scope="global",
