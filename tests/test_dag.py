@@ -52,14 +52,19 @@ def resolve(sdag, conf):
 
 
 @pytest.fixture(scope="module")
-def mod():
-    """The DAG module itself (its helper functions)."""
-    import importlib.util
+def form():
+    """The trigger form (lottery.dag.params) and what a run derives from its params."""
+    from lottery.dag import params
 
-    spec = importlib.util.spec_from_file_location("lottery_ticket_dag", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return params
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    """The task bodies' helpers."""
+    from lottery.dag import tasks
+
+    return tasks
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -122,7 +127,7 @@ def test_tasks_and_dependencies(dag):
     assert [t.task_id for t in dag.leaves] == ["check_results"]
 
 
-def test_pool_queue_retries_trigger_rules(dag, mod):
+def test_pool_queue_retries_trigger_rules(dag):
     for t in dag.tasks:
         if t.task_id in TRAINING_TASKS:
             assert t.pool == "lottery_workers", t.task_id
@@ -160,22 +165,22 @@ def test_spark_submit_task(dag):
     assert Path(task.application).is_file()
 
 
-def test_remaining_labels(mod):
-    assert mod.remaining_label(0.05) == "5.0% left"
-    assert mod.remaining_label(0.8) == "80.0% left"
-    assert mod.remaining_label(0.0137) == "1.4% left"
-    assert mod.remaining_label(0.0023) == "0.23% left"
+def test_remaining_labels(form):
+    assert form.remaining_label(0.05) == "5.0% left"
+    assert form.remaining_label(0.8) == "80.0% left"
+    assert form.remaining_label(0.0137) == "1.4% left"
+    assert form.remaining_label(0.0023) == "0.23% left"
 
 
 # ---- params -----------------------------------------------------------------------------------
-def test_default_params_are_the_default_experiment(sdag, mod):
+def test_default_params_are_the_default_experiment(sdag, form):
     params = resolve(sdag, {})
-    conf = mod.engine_conf(params)
+    conf = form.engine_conf(params)
     cfg = ExperimentConfig.from_dict(conf)
     assert cfg == ExperimentConfig()
     assert experiment_id(cfg, "d") == experiment_id(ExperimentConfig(), "d")
     assert len(cfg.sparsities) * len(cfg.rewind_points) == 100
-    assert mod.derived_sparsities(20, 0.2) == list(ExperimentConfig().sparsities)
+    assert form.derived_sparsities(20, 0.2) == list(ExperimentConfig().sparsities)
     assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is True
 
 
@@ -276,23 +281,23 @@ def _params(sdag, **conf):
     ({"dataset": "/nonexistent/images"}, "dataset"),
     ({"dataset": "/tmp", "dataset_limit": 100}, "dataset_limit"),
 ])
-def test_cross_field_errors_name_the_field(sdag, mod, conf, field):
+def test_cross_field_errors_name_the_field(sdag, form, conf, field):
     with pytest.raises(ConfigError) as err:
-        mod.check_params(_params(sdag, **conf), conf)
+        form.check_params(_params(sdag, **conf), conf)
     assert err.value.field == field
     assert f"'{field}'" in str(err.value)
 
 
-def test_unknown_conf_key_refused(sdag, mod):
+def test_unknown_conf_key_refused(sdag, form):
     with pytest.raises(ConfigError) as err:
-        mod.check_params(_params(sdag), {"modle": "conv4"})
+        form.check_params(_params(sdag), {"modle": "conv4"})
     assert err.value.field == "modle"
 
 
-def test_check_params_derives_paths_and_plan(sdag, mod, tmp_path):
+def test_check_params_derives_paths_and_plan(sdag, form, tmp_path):
     conf = {"artifact_root": str(tmp_path), "image_size": 32, "dataset_limit": 300, "controls": True,
             "control_sparsities": [0.79, 0.488], "rewind_points": ["0it", "1ep"]}
-    out = mod.check_params(_params(sdag, **conf), conf)
+    out = form.check_params(_params(sdag, **conf), conf)
     assert out["data_dir"] == str(tmp_path / "data" / "fashion_mnist-32px-c1-png-n300")
     assert out["source_dir"] == str(tmp_path / "sources" / "fashion_mnist-n300")
     assert out["spark_args"][:4] == ["--input", out["source_dir"], "--output", out["data_dir"]]
@@ -302,32 +307,32 @@ def test_check_params_derives_paths_and_plan(sdag, mod, tmp_path):
     json.dumps(out)  # XCom-able
 
 
-def test_explicit_sparsities_win_over_levels(sdag, mod):
-    conf = mod.engine_conf(_params(sdag, sparsities=[0.5, 0.75], num_levels=3))
+def test_explicit_sparsities_win_over_levels(sdag, form):
+    conf = form.engine_conf(_params(sdag, sparsities=[0.5, 0.75], num_levels=3))
     assert conf["sparsities"] == [0.5, 0.75]
-    conf = mod.engine_conf(_params(sdag, num_levels=3, prune_rate=0.5))
+    conf = form.engine_conf(_params(sdag, num_levels=3, prune_rate=0.5))
     assert conf["sparsities"] == [0.5, 0.75, 0.875]
 
 
-def test_data_key_distinguishes_options(mod, tmp_path):
+def test_data_key_distinguishes_options(form, tmp_path):
     base = {"dataset": "fashion_mnist", "image_size": 28, "channels": 1, "encoding": "png", "dataset_limit": None}
-    keys = {mod.data_key(base), mod.data_key({**base, "image_size": 32}), mod.data_key({**base, "channels": 3}),
-            mod.data_key({**base, "encoding": "raw"}), mod.data_key({**base, "dataset_limit": 100}),
-            mod.data_key({**base, "dataset": str(tmp_path / "a" / "imgs")}), mod.data_key({**base, "dataset": str(tmp_path / "b" / "imgs")})}
+    keys = {form.data_key(base), form.data_key({**base, "image_size": 32}), form.data_key({**base, "channels": 3}),
+            form.data_key({**base, "encoding": "raw"}), form.data_key({**base, "dataset_limit": 100}),
+            form.data_key({**base, "dataset": str(tmp_path / "a" / "imgs")}), form.data_key({**base, "dataset": str(tmp_path / "b" / "imgs")})}
     assert len(keys) == 7
-    assert mod.data_key(base) == "fashion_mnist-28px-c1-png"
+    assert form.data_key(base) == "fashion_mnist-28px-c1-png"
 
 
-def test_training_threads(mod, monkeypatch):
+def test_training_threads(tasks, monkeypatch):
     monkeypatch.setenv("LOTTERY_THREADS", "3")
-    assert mod.training_threads("ticket") == 3
+    assert tasks.training_threads("ticket") == 3
     monkeypatch.delenv("LOTTERY_THREADS")
     cores = len(os.sched_getaffinity(0))
-    assert mod.training_threads("dense") == cores
+    assert tasks.training_threads("dense") == cores
     monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", "1")
-    assert mod.training_threads("ticket") == cores
+    assert tasks.training_threads("ticket") == cores
     monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", str(4 * cores))
-    assert mod.training_threads("ticket") == 1
+    assert tasks.training_threads("ticket") == 1
 
 
 # ---- the queue policy -------------------------------------------------------------------------
@@ -418,10 +423,10 @@ def test_invalid_conf_refused_when_the_run_is_created(dag):
     assert "rewind_points" in str(err.value)
 
 
-def test_default_control_levels_follow_a_runs_own_sparsities(mod):
+def test_default_control_levels_follow_a_runs_own_sparsities(form):
     """Controls are on by default at three levels; a run with its own sparsities gets the nearest
     of its levels instead of an error, while explicit control sparsities must be levels."""
-    assert len(mod.DEFAULT_CONTROL_SPARSITIES) == 3
-    assert mod.match_control_sparsities(mod.DEFAULT_CONTROL_SPARSITIES, [0.5, 0.9], strict=False) == [0.5, 0.9]
+    assert len(form.DEFAULT_CONTROL_SPARSITIES) == 3
+    assert form.match_control_sparsities(form.DEFAULT_CONTROL_SPARSITIES, [0.5, 0.9], strict=False) == [0.5, 0.9]
     with pytest.raises(ConfigError, match="control_sparsities"):
-        mod.match_control_sparsities([0.7], [0.5, 0.9])
+        form.match_control_sparsities([0.7], [0.5, 0.9])

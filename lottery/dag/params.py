@@ -1,0 +1,283 @@
+"""The trigger form of the ``lottery_ticket`` DAG and what a run derives from its params.
+
+``PARAMS`` is built from ``ExperimentConfig``'s defaults, so the default run is the default
+experiment. ``check_params`` does the checks the form's JSON schema cannot express (raising
+``ConfigError`` naming the field) and returns the run's description: the engine config, the
+rewind labels, the data paths and the Spark job's arguments (all small: it travels through XCom).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Param
+
+from lottery.config import AUGMENTATIONS, CONTROLS, MODEL_NAMES, OPTIMIZERS, PRUNING_SCOPES, ConfigError, ExperimentConfig
+from lottery.deploy.constants import ARTIFACT_ROOT, GPU_QUEUE, QUEUE_PATTERN
+
+log = logging.getLogger("lottery.dag")
+
+FASHION_MNIST = "fashion_mnist"
+# Level k of the default schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
+DEFAULT_NUM_LEVELS = 20
+DEFAULT_PRUNE_RATE = 0.2
+CONTROL_MATCH_TOLERANCE = 0.005  # a control sparsity picks the nearest level within 0.5 points
+STEP_PATTERN = r"^\s*(\d+\s*ep\s*(\d+\s*it)?|\d+\s*it)\s*$"
+_DEFAULTS = ExperimentConfig()
+ENGINE_FIELDS = tuple(_DEFAULTS.to_dict())
+
+
+def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
+    """``sparsity_k = 1 - (1 - prune_rate)**k`` for k = 1..num_levels (rounded like the config's default)."""
+    return [round(1 - (1 - prune_rate) ** k, 6) for k in range(1, num_levels + 1)]
+
+
+# Three levels across the range (51.2%, 10.7% and 2.3% of the weights left), as in the LTH papers' control plots.
+DEFAULT_CONTROL_SPARSITIES = [derived_sparsities(DEFAULT_NUM_LEVELS, DEFAULT_PRUNE_RATE)[k - 1] for k in (3, 10, 17)]
+
+
+def _step_list(description: str, default: list[str], *, min_items: int, title: str, section: str) -> Param:
+    return Param(
+        default,
+        type="array",
+        items={"type": "string", "pattern": STEP_PATTERN},
+        minItems=min_items,
+        uniqueItems=True,
+        title=title,
+        description=description,
+        section=section,
+    )
+
+
+PARAMS: dict[str, Param] = {
+    # ---- data ----
+    "dataset": Param(
+        FASHION_MNIST,
+        type="string",
+        pattern=r"^(fashion_mnist|/.*[^/].*)$",
+        title="Data set",
+        description="`fashion_mnist` (the bundled Debian package, exported to PNGs) or the absolute path "
+        "of an ImageNet-layout folder: train/<class>/*.png|jpg and val/<class>/*.",
+        section="Data",
+    ),
+    "dataset_limit": Param(
+        None,
+        type=["null", "integer"],
+        minimum=20,
+        title="Fashion-MNIST: images per split",
+        description="Use only the first N images of each Fashion-MNIST split (smoke tests). Empty: all 70,000.",
+        section="Data",
+    ),
+    "image_size": Param(
+        28, type="integer", minimum=8, maximum=512, title="Image size (pixels)",
+        description="Images are resized to image_size x image_size by the Spark job.", section="Data",
+    ),
+    "channels": Param(
+        1, type="integer", enum=[1, 3], title="Channels", description="1 = grayscale, 3 = RGB.", section="Data",
+    ),
+    "encoding": Param(
+        "png", type="string", enum=["png", "jpeg", "raw"], title="Record encoding",
+        description="How the images are stored in the TFRecord shards.", section="Data",
+    ),
+    # ---- model and training ----
+    "model": Param(_DEFAULTS.model, type="string", enum=list(MODEL_NAMES), title="Model", section="Model and training"),
+    "training_steps": Param(
+        _DEFAULTS.training_steps, type="string", pattern=STEP_PATTERN, title="Training length",
+        description="A step string: `8ep`, `4000it` or `2ep100it` (epochs and/or iterations).", section="Model and training",
+    ),
+    "batch_size": Param(_DEFAULTS.batch_size, type="integer", minimum=1, maximum=65536, title="Batch size", section="Model and training"),
+    "optimizer": Param(_DEFAULTS.optimizer, type="string", enum=list(OPTIMIZERS), title="Optimizer", section="Model and training"),
+    "lr": Param(_DEFAULTS.lr, type="number", exclusiveMinimum=0, maximum=100, title="Learning rate", section="Model and training"),
+    "momentum": Param(
+        _DEFAULTS.momentum, type="number", minimum=0, exclusiveMaximum=1, title="Momentum (SGD)", section="Model and training",
+    ),
+    "nesterov": Param(_DEFAULTS.nesterov, type="boolean", title="Nesterov momentum (SGD)", section="Model and training"),
+    "weight_decay": Param(_DEFAULTS.weight_decay, type="number", minimum=0, title="Weight decay", section="Model and training"),
+    "warmup_steps": Param(
+        _DEFAULTS.warmup_steps, type="string", pattern=STEP_PATTERN, title="Linear warm-up",
+        description="A step string; `0it` = no warm-up.", section="Model and training",
+    ),
+    "lr_milestones": _step_list(
+        "Steps at which the learning rate is multiplied by lr_gamma (one per line).",
+        list(_DEFAULTS.lr_milestones), min_items=0, title="LR milestones", section="Model and training",
+    ),
+    "lr_gamma": Param(_DEFAULTS.lr_gamma, type="number", exclusiveMinimum=0, maximum=1, title="LR decay factor", section="Model and training"),
+    "augmentation": Param(
+        _DEFAULTS.augmentation, type="string", enum=list(AUGMENTATIONS), title="Augmentation", section="Model and training",
+    ),
+    "mixed_precision": Param(_DEFAULTS.mixed_precision, type="boolean", title="Mixed precision (float16)", section="Model and training"),
+    "jit_compile": Param(_DEFAULTS.jit_compile, type="boolean", title="XLA jit_compile", section="Model and training"),
+    "seed": Param(_DEFAULTS.seed, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Model and training"),
+    # ---- pruning and late resetting ----
+    "rewind_points": _step_list(
+        "Where the pruned network is reset to (late resetting), one step string per line; `0it` is the original "
+        "lottery ticket. Must be before the end of training.",
+        list(_DEFAULTS.rewind_points), min_items=1, title="Rewind points", section="Pruning",
+    ),
+    "sparsities": Param(
+        [],
+        type="array",
+        items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        uniqueItems=True,
+        title="Sparsities (explicit)",
+        description="Fractions of prunable weights removed, e.g. [0.5, 0.9, 0.99]. Empty (the default): "
+        "num_levels levels from prune_rate. When given, num_levels and prune_rate are ignored.",
+        section="Pruning",
+    ),
+    "num_levels": Param(
+        DEFAULT_NUM_LEVELS, type="integer", minimum=1, maximum=100, title="Number of sparsity levels",
+        description="Used when `sparsities` is empty: level k removes 1 - (1 - prune_rate)^k of the weights.",
+        section="Pruning",
+    ),
+    "prune_rate": Param(
+        DEFAULT_PRUNE_RATE, type="number", exclusiveMinimum=0, exclusiveMaximum=1, title="Pruning rate per level",
+        description="Used when `sparsities` is empty (0.2: 20% of the remaining weights per level).", section="Pruning",
+    ),
+    "pruning_scope": Param(_DEFAULTS.pruning_scope, type="string", enum=list(PRUNING_SCOPES), title="Pruning scope", section="Pruning"),
+    "output_layer_prune_factor": Param(
+        _DEFAULTS.output_layer_prune_factor, type="number", exclusiveMinimum=0, maximum=1,
+        title="Output layer prune factor", description="The output layer is pruned at this fraction of the rate.",
+        section="Pruning",
+    ),
+    # ---- controls ----
+    "controls": Param(True, type="boolean", title="Run the random baselines", section="Controls"),
+    "control_kinds": Param(
+        list(CONTROLS), type="array", items={"type": "string", "enum": list(CONTROLS)}, minItems=1, uniqueItems=True,
+        title="Control kinds", description="random_reinit: the ticket's mask, fresh random weights; "
+        "random_prune: the rewound weights, a random mask with the same layer-wise sparsity.", section="Controls",
+    ),
+    "control_sparsities": Param(
+        DEFAULT_CONTROL_SPARSITIES,
+        type="array",
+        items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        uniqueItems=True,
+        title="Control sparsities",
+        description="The levels the controls run at (each matched to the nearest sparsity level within 0.005); "
+        "empty: every level. Every rewind point is run.",
+        section="Controls",
+    ),
+    # ---- execution ----
+    "artifact_root": Param(
+        ARTIFACT_ROOT, type="string", pattern=r"^/", title="Artifact root",
+        description="Absolute path shared by all workers: data sets under data/, one work directory per experiment id.",
+        section="Execution",
+    ),
+    "queue": Param(
+        GPU_QUEUE, type="string", pattern=QUEUE_PATTERN, title="Training queue",
+        description="Celery queue of the training tasks (train_dense, late_reset, controls). The LocalExecutor ignores it.",
+        section="Execution",
+    ),
+}
+
+
+def engine_conf(params: dict[str, Any]) -> dict[str, Any]:
+    """The engine's config fields from the run's params (``sparsities`` resolved)."""
+    conf = {k: params[k] for k in ENGINE_FIELDS if k in params and k != "sparsities"}
+    explicit = list(params.get("sparsities") or [])
+    conf["sparsities"] = explicit or derived_sparsities(
+        int(params.get("num_levels", DEFAULT_NUM_LEVELS)), float(params.get("prune_rate", DEFAULT_PRUNE_RATE))
+    )
+    return conf
+
+
+def data_key(params: dict[str, Any]) -> str:
+    """The preprocessed data set's directory name: data set + image size + channels + encoding."""
+    dataset = params["dataset"]
+    if dataset == FASHION_MNIST:
+        name = FASHION_MNIST
+    else:
+        path = str(Path(dataset).resolve())
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name)[:40] or "images"
+        name = f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    key = f"{name}-{params['image_size']}px-c{params['channels']}-{params['encoding']}"
+    if params.get("dataset_limit"):
+        key += f"-n{params['dataset_limit']}"
+    return key
+
+
+def source_dir(params: dict[str, Any]) -> str:
+    """The image folder the Spark job reads."""
+    if params["dataset"] == FASHION_MNIST:
+        limit = params.get("dataset_limit")
+        return str(Path(params["artifact_root"]) / "sources" / (FASHION_MNIST + (f"-n{limit}" if limit else "")))
+    return str(Path(params["dataset"]).resolve())
+
+
+def match_control_sparsities(wanted: list[float], levels: list[float], *, strict: bool = True) -> list[float]:
+    """Each wanted control sparsity mapped to the nearest experiment level (empty list: all levels).
+    ``strict``: a wanted value further than the tolerance from every level is an error (the
+    default control levels are not strict, so they follow a run's own ``sparsities``)."""
+    if not wanted:
+        return list(levels)
+    out = []
+    for w in wanted:
+        nearest = min(levels, key=lambda s: abs(s - w))
+        if strict and abs(nearest - w) > CONTROL_MATCH_TOLERANCE:
+            raise ConfigError(
+                "control_sparsities", w,
+                f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})",
+            )
+        if nearest not in out:
+            out.append(nearest)
+    return out
+
+
+def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checks the params' JSON schema cannot express (raises ``ConfigError`` naming the field),
+    and everything the run derives from its params: engine config, rewind labels, paths, Spark args."""
+    conf = conf or {}
+    unknown = sorted(set(conf) - set(PARAMS))
+    if unknown:
+        raise ConfigError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(PARAMS))}")
+    if params["dataset"] != FASHION_MNIST:
+        if params.get("dataset_limit"):
+            raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
+        if not Path(params["dataset"]).is_dir():
+            raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
+    from lottery.experiment import mask_id, resolve_config
+
+    cfg = resolve_config(engine_conf(params))
+    if params.get("sparsities"):
+        log.info("explicit sparsities given: num_levels and prune_rate are ignored")
+    controls = None
+    if params["controls"]:
+        wanted = list(params["control_sparsities"])
+        levels = match_control_sparsities(wanted, list(cfg.sparsities), strict=wanted != DEFAULT_CONTROL_SPARSITIES)
+        controls = {"kinds": list(params["control_kinds"]), "mask_ids": [mask_id(s) for s in levels]}
+
+    root = Path(params["artifact_root"])
+    data_dir = root / "data" / data_key(params)
+    src = source_dir(params)
+    spark_args = [
+        "--input", src, "--output", str(data_dir), "--image-size", str(params["image_size"]),
+        "--channels", str(params["channels"]), "--encoding", params["encoding"],
+    ]
+    rewinds = cfg.rewind_labels()
+    log.info(
+        "experiment: model %s, %s, %d sparsity levels (%s) x %d rewind points (%s) = %d tickets; controls %s; "
+        "data %s -> %s; artifact root %s",
+        cfg.model, cfg.training_steps, len(cfg.sparsities), ", ".join(f"{s:g}" for s in cfg.sparsities),
+        len(rewinds), ", ".join(rewinds), len(cfg.sparsities) * len(rewinds),
+        f"{controls['kinds']} at {controls['mask_ids']}" if controls else "off", src, data_dir, root,
+    )
+    return {
+        "config": cfg.to_dict(),
+        "rewinds": rewinds,
+        "dataset": params["dataset"],
+        "dataset_limit": params.get("dataset_limit"),
+        "source_dir": src,
+        "data_dir": str(data_dir),
+        "artifact_root": str(root),
+        "spark_args": spark_args,
+        "controls": controls,
+    }
+
+
+def remaining_label(remaining: float) -> str:
+    pct = 100 * remaining
+    return f"{pct:.1f}% left" if pct >= 0.95 else f"{pct:.2g}% left"
+
