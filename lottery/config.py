@@ -79,9 +79,26 @@ class Step:
         return f"{self.it}it"
 
 
+# Level k of the derived schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
+DEFAULT_NUM_LEVELS = 20
+DEFAULT_PRUNE_RATE = 0.2
+CONTROL_MATCH_TOLERANCE = 0.005  # a control sparsity picks the nearest level within 0.5 points
+# Fields that add runs or only say how the levels are spelled: never part of the experiment id.
+NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities")
+
+
+def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
+    """``sparsity_k = 1 - (1 - prune_rate)**k`` for k = 1..num_levels, rounded to 6 places."""
+    return [round(1 - (1 - prune_rate) ** k, 6) for k in range(1, num_levels + 1)]
+
+
 def default_sparsities() -> list[float]:
     """Twenty levels, 20% of the remaining weights removed per level: 1 - 0.8**k, k = 1..20."""
-    return [round(1 - 0.8**k, 6) for k in range(1, 21)]
+    return derived_sparsities(DEFAULT_NUM_LEVELS, DEFAULT_PRUNE_RATE)
+
+
+# Three levels across the range (51.2%, 10.7% and 2.3% of the weights left), as in the LTH papers' control plots.
+DEFAULT_CONTROL_SPARSITIES = tuple(default_sparsities()[k - 1] for k in (3, 10, 17))
 
 
 def default_rewind_points() -> list[str]:
@@ -109,13 +126,21 @@ class ExperimentConfig:
     lr_milestones: tuple[str, ...] = ("4ep",)
     lr_gamma: float = 0.1
     rewind_points: tuple[str, ...] = field(default_factory=lambda: tuple(default_rewind_points()))
-    sparsities: tuple[float, ...] = field(default_factory=lambda: tuple(default_sparsities()))
+    # Empty: derived, ``num_levels`` levels at ``prune_rate`` (see ``levels()``).
+    sparsities: tuple[float, ...] = ()
+    num_levels: int = DEFAULT_NUM_LEVELS
+    prune_rate: float = DEFAULT_PRUNE_RATE
     pruning_scope: str = "global"
     output_layer_prune_factor: float = 0.5
     augmentation: str = "none"
     mixed_precision: bool = False
     jit_compile: bool = False
     seed: int = 0
+    # The random controls: they add runs, never change a ticket's result (not in the id).
+    controls: bool = True
+    control_kinds: tuple[str, ...] = CONTROLS
+    # Matched to the nearest level; empty: every level. The default follows a run's own levels.
+    control_sparsities: tuple[float, ...] = DEFAULT_CONTROL_SPARSITIES
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -179,12 +204,34 @@ class ExperimentConfig:
         for text, step in zip(self.rewind_points, rewinds):
             if _surely_after(step, total) or step == total:
                 raise ConfigError("rewind_points", text, f"is not before the end of training ({self.training_steps})")
-        if not self.sparsities:
-            raise ConfigError("sparsities", list(self.sparsities), "needs at least one sparsity level")
+        self._validate_levels()
+        self._validate_controls()
+
+    def _validate_levels(self) -> None:
+        if self.num_levels < 1:
+            raise ConfigError("num_levels", self.num_levels, "must be at least 1")
+        if not 0 < self.prune_rate < 1:
+            raise ConfigError("prune_rate", self.prune_rate, "must be in (0, 1)")
         for s in self.sparsities:
             if not 0 < s < 1:
                 raise ConfigError("sparsities", s, "each sparsity (fraction of prunable weights removed) must be in (0, 1)")
         _no_duplicates("sparsities", self.sparsities, list(self.sparsities))
+        levels = self.levels()
+        if not all(0 < s < 1 for s in levels):  # rounded to 6 places: 0% or 100% removed
+            raise ConfigError("num_levels", self.num_levels, f"at prune_rate {self.prune_rate:g} some levels round to 0 or 1")
+        _no_duplicates("num_levels", levels, levels)
+
+    def _validate_controls(self) -> None:
+        for kind in self.control_kinds:
+            _one_of("control_kinds", kind, CONTROLS)
+        _no_duplicates("control_kinds", self.control_kinds, list(self.control_kinds))
+        if self.controls and not self.control_kinds:
+            raise ConfigError("control_kinds", [], "needs at least one kind when controls is true")
+        for s in self.control_sparsities:
+            if not 0 < s < 1:
+                raise ConfigError("control_sparsities", s, "each control sparsity must be in (0, 1)")
+        _no_duplicates("control_sparsities", self.control_sparsities, list(self.control_sparsities))
+        self.control_levels()  # a wanted level that is not one of the experiment's: named error
 
     def check_against_data(self, steps_per_epoch: int) -> None:
         """Validation that needs the data set size: steps given in iterations vs epochs."""
@@ -211,12 +258,40 @@ class ExperimentConfig:
         """Canonical names of the rewind points (``2ep``, ``500it``), as used in directory names."""
         return [str(Step.parse(r)) for r in self.rewind_points]
 
+    def levels(self) -> tuple[float, ...]:
+        """The sparsity levels: ``sparsities`` when given, else ``num_levels`` derived at ``prune_rate``."""
+        return tuple(self.sparsities) or tuple(derived_sparsities(self.num_levels, self.prune_rate))
+
+    def control_levels(self) -> tuple[float, ...]:
+        """The levels the controls run at: each wanted ``control_sparsities`` value mapped to the
+        nearest level (empty list: every level; ``()`` when ``controls`` is false). A value further
+        than ``CONTROL_MATCH_TOLERANCE`` from every level is an error, except in the default list,
+        which follows a run's own levels."""
+        if not self.controls:
+            return ()
+        levels = self.levels()
+        if not self.control_sparsities:
+            return levels
+        strict = tuple(self.control_sparsities) != DEFAULT_CONTROL_SPARSITIES
+        out: list[float] = []
+        for wanted in self.control_sparsities:
+            nearest = min(levels, key=lambda s: abs(s - wanted))
+            if strict and abs(nearest - wanted) > CONTROL_MATCH_TOLERANCE:
+                raise ConfigError(
+                    "control_sparsities", wanted,
+                    f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})",
+                )
+            if nearest not in out:
+                out.append(nearest)
+        return tuple(out)
+
     def id_fields(self) -> dict[str, Any]:
         """The fields that differ from their defaults, canonicalised. Steps are compared in their
-        canonical spelling, so ``"1ep0it"`` and ``"1ep"`` are the same experiment."""
-        defaults = ExperimentConfig().to_dict()
-        mine = _canonical(self.to_dict())
-        return {k: v for k, v in mine.items() if v != _canonical(defaults)[k]}
+        canonical spelling, so ``"1ep0it"`` and ``"1ep"`` are the same experiment. The shape is the
+        one ids have always hashed: the resolved levels under ``sparsities``, none of ``NOT_IN_ID``
+        (so an explicit list and the same levels derived from ``num_levels`` are one experiment)."""
+        defaults = _id_shape(ExperimentConfig())
+        return {k: v for k, v in _id_shape(self).items() if v != defaults[k]}
 
 
 def experiment_id(cfg: ExperimentConfig, dataset_id: str) -> str:
@@ -254,14 +329,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(name, value, "must be a list")
-        if name == "sparsities":
+        if name in ("sparsities", "control_sparsities"):
             for v in value:
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ConfigError(name, v, "each sparsity must be a number")
             return tuple(float(v) for v in value)
+        what = "a control kind" if name == "control_kinds" else "a step string like '2ep' or '500it'"
         for v in value:
             if not isinstance(v, str):
-                raise ConfigError(name, v, "each entry must be a step string like '2ep' or '500it'")
+                raise ConfigError(name, v, f"each entry must be {what}")
         return tuple(value)
     raise AssertionError(f"no coercion for field {name}")  # pragma: no cover
 
@@ -293,6 +369,14 @@ def _surely_after(step: Step, total: Step) -> bool:
     if step.ep == total.ep:
         return step.it > total.it
     return False
+
+
+def _id_shape(cfg: ExperimentConfig) -> dict[str, Any]:
+    out = cfg.to_dict()
+    for key in NOT_IN_ID:
+        del out[key]
+    out["sparsities"] = list(cfg.levels())
+    return _canonical(out)
 
 
 def _canonical(d: dict[str, Any]) -> dict[str, Any]:

@@ -231,12 +231,12 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     final = workdir / "dense" / "final.keras"
     if not (workdir / "dense" / "result.json").exists():
         raise MissingArtifactError(f"{final} does not exist yet: train the dense network first (lottery dense)")
-    ids = [mask_id(s) for s in cfg.sparsities]
+    ids = [mask_id(s) for s in cfg.levels()]
     if len(set(ids)) != len(ids):
-        raise ConfigError("sparsities", list(cfg.sparsities), "two levels round to the same mask id (0.001% apart)")
+        raise ConfigError("sparsities", list(cfg.levels()), "two levels round to the same mask id (0.001% apart)")
     masks_dir = workdir / "masks"
     descriptors, todo = [], []
-    for index, (sparsity, mid) in enumerate(zip(cfg.sparsities, ids)):
+    for index, (sparsity, mid) in enumerate(zip(cfg.levels(), ids)):
         path = masks_dir / f"{mid}.npz"
         if path.exists():
             try:
@@ -282,16 +282,16 @@ def ticket_name(mid: str, rewind: str, control: str | None = None) -> str:
 
 
 def _resolve_mask(cfg: ExperimentConfig, mask: int | str) -> tuple[int, str, float]:
-    ids = [mask_id(s) for s in cfg.sparsities]
+    ids = [mask_id(s) for s in cfg.levels()]
     if isinstance(mask, str) and mask.isdigit():
         mask = int(mask)
     if isinstance(mask, int):
         if not 0 <= mask < len(ids):
             raise ValueError(f"mask index {mask} is out of range: this experiment has {len(ids)} masks (0..{len(ids) - 1})")
-        return mask, ids[mask], cfg.sparsities[mask]
+        return mask, ids[mask], cfg.levels()[mask]
     if mask not in ids:
         raise ValueError(f"unknown mask {mask!r}: this experiment's masks are {', '.join(ids)}")
-    return ids.index(mask), mask, cfg.sparsities[ids.index(mask)]
+    return ids.index(mask), mask, cfg.levels()[ids.index(mask)]
 
 
 def _resolve_rewind(cfg: ExperimentConfig, rewind: int | str) -> str:
@@ -454,7 +454,7 @@ def summarize(workdir: str | os.PathLike, *, controls: bool = True) -> list[dict
     tickets = workdir / "tickets"
     control_dirs = {p.name.split("__")[2] for p in tickets.glob("*__*__*")} if tickets.exists() else set()
     for control in [None] + ([c for c in CONTROLS if c in control_dirs] if controls else []):
-        for sparsity in cfg.sparsities:
+        for sparsity in cfg.levels():
             mid = mask_id(sparsity)
             for label in cfg.rewind_labels():
                 path = tickets / ticket_name(mid, label, control)

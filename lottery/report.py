@@ -96,7 +96,7 @@ def _add_expected_controls(rows: list[dict], expected: list[dict], cfg) -> list[
     sparsity_of = {}
     from lottery.experiment import mask_id
 
-    for s in cfg.sparsities:
+    for s in cfg.levels():
         sparsity_of[mask_id(s)] = s
     out = list(rows)
     for e in expected:
@@ -249,7 +249,7 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
     controls = sorted({r["control"] for r in rows if r["control"]})
     out = [f"# Lottery-ticket experiment `{workdir.name}`", ""]
     out.append(f"Model `{cfg.model}`, {cfg.training_steps} of training, batch {cfg.batch_size}, {cfg.optimizer} "
-               f"lr {cfg.lr:g}; {len(cfg.sparsities)} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
+               f"lr {cfg.lr:g}; {len(cfg.levels())} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
                f"{len(labels)} rewind points ({', '.join(labels)}).")
     changed = cfg.id_fields()
     out.append("")

@@ -4,7 +4,15 @@ import dataclasses
 
 import pytest
 
-from lottery.config import MODEL_NAMES, ConfigError, ExperimentConfig, Step, default_sparsities, experiment_id
+from lottery.config import (
+    MODEL_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    Step,
+    default_sparsities,
+    derived_sparsities,
+    experiment_id,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,10 +36,13 @@ def test_step_iterations():
 
 def test_defaults_are_valid_and_follow_the_papers():
     cfg = ExperimentConfig.from_dict({})
-    assert len(cfg.rewind_points) == 5 and len(cfg.sparsities) == 20
-    assert cfg.sparsities[0] == pytest.approx(0.2) and cfg.sparsities[-1] == pytest.approx(1 - 0.8**20)
+    assert len(cfg.rewind_points) == 5 and len(cfg.levels()) == 20 and cfg.sparsities == ()
+    assert cfg.levels()[0] == pytest.approx(0.2) and cfg.levels()[-1] == pytest.approx(1 - 0.8**20)
     assert cfg.pruning_scope == "global" and cfg.output_layer_prune_factor == 0.5
-    assert list(cfg.sparsities) == default_sparsities()
+    assert list(cfg.levels()) == default_sparsities() == derived_sparsities(20, 0.2)
+    # the controls: both kinds at levels 3, 10 and 17 (51.2%, 10.7% and 2.3% of the weights left)
+    assert cfg.controls and cfg.control_kinds == ("random_reinit", "random_prune")
+    assert cfg.control_levels() == (0.488, 0.892626, 0.977482) == tuple(cfg.levels()[k - 1] for k in (3, 10, 17))
 
 
 INVALID = [
@@ -59,7 +70,15 @@ INVALID = [
     ({"sparsities": [0.5, 1.0]}, "sparsities"),
     ({"sparsities": [0.0]}, "sparsities"),
     ({"sparsities": [0.5, 0.5]}, "sparsities"),
-    ({"sparsities": []}, "sparsities"),
+    ({"sparsities": ["half"]}, "sparsities"),
+    ({"num_levels": 0}, "num_levels"),
+    ({"num_levels": 200, "prune_rate": 0.5}, "num_levels"),  # deep levels round to 1.0
+    ({"prune_rate": 1.0}, "prune_rate"),
+    ({"controls": "yes"}, "controls"),
+    ({"control_kinds": ["random_everything"]}, "control_kinds"),
+    ({"control_kinds": []}, "control_kinds"),
+    ({"control_sparsities": [0.3]}, "control_sparsities"),  # not a level (strict: not the default list)
+    ({"control_sparsities": [1.5]}, "control_sparsities"),
     ({"pruning_scope": "random"}, "pruning_scope"),
     ({"output_layer_prune_factor": 0}, "output_layer_prune_factor"),
     ({"augmentation": "mixup"}, "augmentation"),
@@ -116,3 +135,94 @@ def test_model_names_match_the_registry():
     from lottery.models import MODELS
 
     assert set(MODELS) == set(MODEL_NAMES)
+
+
+# ---- experiment ids: pinned (computed with the code before the run plan, commit 43c644e) --------
+FASHION_MNIST_ID = "bb5f6bf2d867"
+PINNED_IDS = [
+    ({}, "lenet_300_100-c30a9b1461f8"),
+    ({"sparsities": [0.5, 0.9, 0.99]}, "lenet_300_100-3b4c9144eb69"),
+    # what the DAG passed for num_levels=10: the derived levels as an explicit list
+    ({"sparsities": derived_sparsities(10, 0.2)}, "lenet_300_100-d5206a76762c"),
+    ({"num_levels": 10}, "lenet_300_100-d5206a76762c"),
+    ({"num_levels": 5, "prune_rate": 0.3}, "lenet_300_100-87592278637f"),
+    ({"lr": 0.01}, "lenet_300_100-6f1e1650fa7a"),
+    # an old config.json: the 20 default levels spelled out; the controls never change the id
+    ({"sparsities": default_sparsities()}, "lenet_300_100-c30a9b1461f8"),
+    ({"controls": False, "control_kinds": ["random_prune"], "control_sparsities": []}, "lenet_300_100-c30a9b1461f8"),
+]
+
+
+@pytest.mark.parametrize("conf, wanted", PINNED_IDS)
+def test_experiment_ids_do_not_change(conf, wanted):
+    assert experiment_id(ExperimentConfig.from_dict(conf), FASHION_MNIST_ID) == wanted
+
+
+def test_id_fields_keep_the_old_shape():
+    assert ExperimentConfig().id_fields() == {}
+    assert ExperimentConfig.from_dict({"num_levels": 2, "controls": False}).id_fields() == {"sparsities": [0.2, 0.36]}
+
+
+def test_control_levels():
+    ten = ExperimentConfig.from_dict({"num_levels": 10})
+    assert ten.control_levels() == (0.488, 0.892626)  # the default list follows the run's levels
+    custom = ExperimentConfig.from_dict({"sparsities": [0.5, 0.9, 0.99], "control_sparsities": [0.899, 0.5]})
+    assert custom.control_levels() == (0.9, 0.5)
+    assert custom.replace(control_sparsities=[]).control_levels() == (0.5, 0.9, 0.99)
+    assert custom.replace(controls=False).control_levels() == ()
+    with pytest.raises(ConfigError, match="control_sparsities"):
+        custom.replace(control_sparsities=[0.8])
+
+
+# ---- the run plan -------------------------------------------------------------------------------
+def test_run_plan_lists_tickets_and_controls_in_order():
+    from lottery.plan import MaskSpec, RunPlan, TicketSpec, mask_id
+
+    plan = RunPlan.from_config(ExperimentConfig())
+    assert len(plan.masks) == 20 and plan.masks[2] == MaskSpec(2, "sp48.800", 0.488)
+    assert plan.rewinds == ("0it", "100it", "250it", "1ep", "2ep")
+    assert len(plan.tickets) == 100 and plan.tickets[:2] == (TicketSpec("sp20.000", "0it"), TicketSpec("sp20.000", "100it"))
+    assert len(plan.controls) == 2 * 3 * 5 and len(plan.expected) == 130
+    assert plan.controls[0] == TicketSpec("sp48.800", "0it", "random_reinit")
+    assert plan.controls[-1].name == "sp97.748__2ep__random_prune"
+    assert [c.mask_id for c in plan.controls[:15:5]] == ["sp48.800", "sp89.263", "sp97.748"]
+    assert mask_id(0.2) == "sp20.000" and TicketSpec("sp20.000", "1ep").name == "sp20.000__1ep"
+    assert RunPlan.from_dict(plan.to_dict()) == plan
+    assert RunPlan.from_config(ExperimentConfig(controls=False)).controls == ()
+
+
+def test_run_plan_resolves_masks_and_rewinds():
+    from lottery.plan import RunPlan
+
+    plan = RunPlan.from_config(ExperimentConfig.from_dict({"sparsities": [0.5, 0.9]}))
+    assert plan.mask(1).mask_id == "sp90.000" and plan.mask("1") == plan.mask("sp90.000")
+    assert plan.rewind(3) == "1ep" and plan.rewind("1ep0it") == "1ep" and plan.rewind("100it") == "100it"
+    with pytest.raises(ValueError, match="out of range"):
+        plan.mask(2)
+    with pytest.raises(ValueError, match="sp50.000, sp90.000"):
+        plan.mask("sp10.000")
+    with pytest.raises(ValueError, match="unknown rewind point"):
+        plan.rewind("3ep")
+    with pytest.raises(ConfigError, match="same mask id"):
+        RunPlan.from_config(ExperimentConfig.from_dict({"sparsities": [0.5, 0.500001]}))
+
+
+# ---- the work directory ---------------------------------------------------------------------------
+def test_workdir_status(tmp_path):
+    from lottery.paths import Workdir
+    from lottery.plan import RunPlan
+
+    plan = RunPlan.from_config(ExperimentConfig.from_dict({"sparsities": [0.5, 0.9], "rewind_points": ["0it", "1ep"], "control_sparsities": [0.9]}))
+    w = Workdir(tmp_path / "w")
+    status = w.status(plan)
+    assert not status.dense_done and not status.masks_done and len(status.missing) == 8
+    assert status.summary() == "dense not done, 0 of 8 tickets done"
+    for path in (w.dense_result, w.ticket(plan.tickets[0]).result, w.ticket(plan.controls[1]).error):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    status = w.status(plan)
+    assert status.done == [plan.tickets[0]] and status.failed == [plan.controls[1]]
+    assert status.summary() == "dense done, 1 of 8 tickets done, 1 failed"
+    assert w.started_controls() == [plan.controls[1]]
+    assert w.ticket(plan.controls[1]).dir == tmp_path / "w" / "tickets" / "sp90.000__1ep__random_reinit"
+    assert w.rewind_checkpoint("1ep") == tmp_path / "w" / "dense" / "rewind" / "1ep.npz"
