@@ -89,14 +89,14 @@ def lottery_ticket():
         return tasks.fetch_dataset(dataset, source, limit)
 
     @task
-    def prepare_workdir(config: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
+    def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
         """``<artifact_root>/<experiment id>``: created, or checked to hold this very experiment."""
-        return tasks.prepare_workdir(config, data_dir, artifact_root)
+        return tasks.prepare_workdir(plan, data_dir, artifact_root)
 
     @task(**TRAINING)
-    def train_dense(config: dict, data_dir: str, workdir: str) -> dict[str, Any]:
+    def train_dense(plan: dict, data_dir: str, workdir: str) -> dict[str, Any]:
         """Train the dense network once, with a checkpoint at every rewind point (resumes)."""
-        return tasks.train_dense(config, data_dir, workdir)
+        return tasks.train_dense(plan, data_dir, workdir)
 
     @task
     def make_masks(workdir: str) -> list[dict[str, Any]]:
@@ -104,9 +104,9 @@ def lottery_ticket():
         return tasks.make_masks(workdir)
 
     @task
-    def plan_tickets(masks: list[dict], rewinds: list[str]) -> list[dict[str, Any]]:
+    def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
         """Every (mask, rewind point) pair: the kwargs of the mapped late_reset instances."""
-        return tasks.plan_tickets(masks, rewinds)
+        return tasks.plan_tickets(masks, plan)
 
     @task(**TRAINING, map_index_template=TICKET_LABEL)
     def late_reset(workdir: str, mask: dict, rewind: str) -> dict[str, Any]:
@@ -114,9 +114,9 @@ def lottery_ticket():
         return tasks.retrain(workdir, mask, rewind)
 
     @task
-    def plan_controls(masks: list[dict], rewinds: list[str], controls: dict | None) -> list[dict[str, Any]]:
+    def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
         """(control kind, mask, rewind point) triples; empty when the controls are off."""
-        return tasks.plan_controls(masks, rewinds, controls)
+        return tasks.plan_controls(masks, plan)
 
     @task(**TRAINING, map_index_template=CONTROL_LABEL)
     def controls(workdir: str, mask: dict, rewind: str, control: str) -> dict[str, Any]:
@@ -124,9 +124,9 @@ def lottery_ticket():
         return tasks.retrain(workdir, mask, rewind, control)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
-    def report(workdir: str | None, rewinds: list[str], controls: dict | None) -> dict[str, Any]:
+    def report(workdir: str | None, plan: dict) -> dict[str, Any]:
         """Collect every result (failed and missing ones listed, never fatal): csv, plot, report.md."""
-        return tasks.report(workdir, rewinds, controls)
+        return tasks.report(workdir, plan)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def check_results(summary: dict | None) -> dict[str, Any]:
@@ -149,15 +149,16 @@ def lottery_ticket():
         doc_md="Spark job: image folder -> TFRecord shards + manifest.json (a no-op when the output exists).",
     )
     fetched >> preprocess
-    prepared = prepare_workdir(checked["config"], checked["data_dir"], checked["artifact_root"])
+    plan = checked["plan"]
+    prepared = prepare_workdir(plan, checked["data_dir"], checked["artifact_root"])
     preprocess >> prepared
     workdir = prepared["workdir"]
-    dense = train_dense(checked["config"], checked["data_dir"], workdir)
+    dense = train_dense(plan, checked["data_dir"], workdir)
     masks = make_masks(workdir)
     dense >> masks
-    tickets = late_reset.partial(workdir=workdir).expand_kwargs(plan_tickets(masks, checked["rewinds"]))
-    control_runs = controls.partial(workdir=workdir).expand_kwargs(plan_controls(masks, checked["rewinds"], checked["controls"]))
-    summary = report(workdir, checked["rewinds"], checked["controls"])
+    tickets = late_reset.partial(workdir=workdir).expand_kwargs(plan_tickets(masks, plan))
+    control_runs = controls.partial(workdir=workdir).expand_kwargs(plan_controls(masks, plan))
+    summary = report(workdir, plan)
     [tickets, control_runs] >> summary
     check_results(summary)
 

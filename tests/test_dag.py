@@ -20,7 +20,8 @@ import airflow_local  # noqa: E402
 
 HOME = airflow_local.use_test_home()
 
-from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, experiment_id  # noqa: E402
+from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, default_sparsities, experiment_id  # noqa: E402
+from lottery.plan import RunPlan  # noqa: E402
 
 DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
 TRAINING_TASKS = {"train_dense", "late_reset", "controls"}
@@ -175,12 +176,12 @@ def test_remaining_labels(form):
 # ---- params -----------------------------------------------------------------------------------
 def test_default_params_are_the_default_experiment(sdag, form):
     params = resolve(sdag, {})
-    conf = form.engine_conf(params)
-    cfg = ExperimentConfig.from_dict(conf)
+    cfg = form.experiment_config(params)
     assert cfg == ExperimentConfig()
     assert experiment_id(cfg, "d") == experiment_id(ExperimentConfig(), "d")
-    assert len(cfg.sparsities) * len(cfg.rewind_points) == 100
-    assert form.derived_sparsities(20, 0.2) == list(ExperimentConfig().sparsities)
+    plan = RunPlan.from_config(cfg)
+    assert len(plan.tickets) == 100 and len(plan.controls) == 2 * 3 * 5
+    assert list(cfg.levels()) == default_sparsities()
     assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is True
 
 
@@ -298,20 +299,21 @@ def test_check_params_derives_paths_and_plan(sdag, form, tmp_path):
     conf = {"artifact_root": str(tmp_path), "image_size": 32, "dataset_limit": 300, "controls": True,
             "control_sparsities": [0.79, 0.488], "rewind_points": ["0it", "1ep"]}
     out = form.check_params(_params(sdag, **conf), conf)
+    assert set(out) == {"plan", "dataset", "dataset_limit", "source_dir", "data_dir", "artifact_root", "spark_args"}
     assert out["data_dir"] == str(tmp_path / "data" / "fashion_mnist-32px-c1-png-n300")
     assert out["source_dir"] == str(tmp_path / "sources" / "fashion_mnist-n300")
     assert out["spark_args"][:4] == ["--input", out["source_dir"], "--output", out["data_dir"]]
-    assert out["rewinds"] == ["0it", "1ep"]
+    plan = RunPlan.from_dict(out["plan"])
+    assert plan.rewinds == ("0it", "1ep")
     # nearest levels: 0.79 -> 0.790285, 0.488 -> 0.488
-    assert out["controls"] == {"kinds": list(CONTROLS), "mask_ids": ["sp79.029", "sp48.800"]}
+    assert {c.mask_id for c in plan.controls} == {"sp79.029", "sp48.800"}
+    assert [c.control for c in plan.controls[::4]] == list(CONTROLS)
     json.dumps(out)  # XCom-able
 
 
 def test_explicit_sparsities_win_over_levels(sdag, form):
-    conf = form.engine_conf(_params(sdag, sparsities=[0.5, 0.75], num_levels=3))
-    assert conf["sparsities"] == [0.5, 0.75]
-    conf = form.engine_conf(_params(sdag, num_levels=3, prune_rate=0.5))
-    assert conf["sparsities"] == [0.5, 0.75, 0.875]
+    assert form.experiment_config(_params(sdag, sparsities=[0.5, 0.75], num_levels=3)).levels() == (0.5, 0.75)
+    assert form.experiment_config(_params(sdag, num_levels=3, prune_rate=0.5)).levels() == (0.5, 0.75, 0.875)
 
 
 def test_data_key_distinguishes_options(form, tmp_path):
@@ -423,10 +425,28 @@ def test_invalid_conf_refused_when_the_run_is_created(dag):
     assert "rewind_points" in str(err.value)
 
 
-def test_default_control_levels_follow_a_runs_own_sparsities(form):
+def test_default_control_levels_follow_a_runs_own_sparsities(sdag, form):
     """Controls are on by default at three levels; a run with its own sparsities gets the nearest
     of its levels instead of an error, while explicit control sparsities must be levels."""
-    assert len(form.DEFAULT_CONTROL_SPARSITIES) == 3
-    assert form.match_control_sparsities(form.DEFAULT_CONTROL_SPARSITIES, [0.5, 0.9], strict=False) == [0.5, 0.9]
+    assert len(resolve(sdag, {})["control_sparsities"]) == 3
+    out = form.check_params(_params(sdag, sparsities=[0.5, 0.9]))
+    assert {c.mask_id for c in RunPlan.from_dict(out["plan"]).controls} == {"sp50.000", "sp90.000"}
     with pytest.raises(ConfigError, match="control_sparsities"):
-        form.match_control_sparsities([0.7], [0.5, 0.9])
+        form.check_params(_params(sdag, sparsities=[0.5, 0.9], control_sparsities=[0.7]))
+
+
+def test_mapped_kwargs_follow_the_plan(sdag, form, tasks):
+    """plan_tickets / plan_controls: one kwargs dict per ticket of the plan, with the mask's descriptor."""
+    conf = {"sparsities": [0.5, 0.9], "rewind_points": ["0it", "1ep"], "control_sparsities": [0.9]}
+    plan = form.check_params(_params(sdag, **conf))["plan"]
+    masks = [{"index": i, "mask_id": m, "sparsity": s, "remaining": 1 - s, "label": form.remaining_label(1 - s)}
+             for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
+    tickets = tasks.plan_tickets(masks, plan)
+    assert [(k["mask"]["mask_id"], k["rewind"]) for k in tickets] == [
+        ("sp50.000", "0it"), ("sp50.000", "1ep"), ("sp90.000", "0it"), ("sp90.000", "1ep")]
+    controls = tasks.plan_controls(masks, plan)
+    assert [(k["control"], k["mask"]["label"], k["rewind"]) for k in controls] == [
+        (kind, "10.0% left", r) for kind in CONTROLS for r in ("0it", "1ep")]
+    assert tasks.plan_controls(masks, form.check_params(_params(sdag, controls=False))["plan"]) == []
+    assert tasks.ticket_label(masks[1], "1ep", "random_prune") == "random_prune: 10.0% left, rewind 1ep"
+    json.dumps([tickets, controls])  # XCom-able

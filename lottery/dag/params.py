@@ -2,8 +2,9 @@
 
 ``PARAMS`` is built from ``ExperimentConfig``'s defaults, so the default run is the default
 experiment. ``check_params`` does the checks the form's JSON schema cannot express (raising
-``ConfigError`` naming the field) and returns the run's description: the engine config, the
-rewind labels, the data paths and the Spark job's arguments (all small: it travels through XCom).
+``ConfigError`` naming the field) and returns what the run derives from them: the run plan
+(``RunPlan.to_dict()``: the config is parsed here once), the data paths and the Spark job's
+arguments (all small: they travel through XCom).
 """
 
 from __future__ import annotations
@@ -18,26 +19,15 @@ from airflow.sdk import Param
 
 from lottery.config import AUGMENTATIONS, CONTROLS, MODEL_NAMES, OPTIMIZERS, PRUNING_SCOPES, ConfigError, ExperimentConfig
 from lottery.deploy.constants import ARTIFACT_ROOT, GPU_QUEUE, QUEUE_PATTERN
+from lottery.plan import RunPlan
 
 log = logging.getLogger("lottery.dag")
 
 FASHION_MNIST = "fashion_mnist"
-# Level k of the default schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
-DEFAULT_NUM_LEVELS = 20
-DEFAULT_PRUNE_RATE = 0.2
-CONTROL_MATCH_TOLERANCE = 0.005  # a control sparsity picks the nearest level within 0.5 points
 STEP_PATTERN = r"^\s*(\d+\s*ep\s*(\d+\s*it)?|\d+\s*it)\s*$"
 _DEFAULTS = ExperimentConfig()
-ENGINE_FIELDS = tuple(_DEFAULTS.to_dict())
-
-
-def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
-    """``sparsity_k = 1 - (1 - prune_rate)**k`` for k = 1..num_levels (rounded like the config's default)."""
-    return [round(1 - (1 - prune_rate) ** k, 6) for k in range(1, num_levels + 1)]
-
-
-# Three levels across the range (51.2%, 10.7% and 2.3% of the weights left), as in the LTH papers' control plots.
-DEFAULT_CONTROL_SPARSITIES = [derived_sparsities(DEFAULT_NUM_LEVELS, DEFAULT_PRUNE_RATE)[k - 1] for k in (3, 10, 17)]
+# The params that are ExperimentConfig fields; the others say where the data comes from and where it goes.
+CONFIG_FIELDS = tuple(_DEFAULTS.to_dict())
 
 
 def _step_list(description: str, default: list[str], *, min_items: int, title: str, section: str) -> Param:
@@ -119,7 +109,7 @@ PARAMS: dict[str, Param] = {
         list(_DEFAULTS.rewind_points), min_items=1, title="Rewind points", section="Pruning",
     ),
     "sparsities": Param(
-        [],
+        list(_DEFAULTS.sparsities),
         type="array",
         items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         uniqueItems=True,
@@ -129,12 +119,12 @@ PARAMS: dict[str, Param] = {
         section="Pruning",
     ),
     "num_levels": Param(
-        DEFAULT_NUM_LEVELS, type="integer", minimum=1, maximum=100, title="Number of sparsity levels",
+        _DEFAULTS.num_levels, type="integer", minimum=1, maximum=100, title="Number of sparsity levels",
         description="Used when `sparsities` is empty: level k removes 1 - (1 - prune_rate)^k of the weights.",
         section="Pruning",
     ),
     "prune_rate": Param(
-        DEFAULT_PRUNE_RATE, type="number", exclusiveMinimum=0, exclusiveMaximum=1, title="Pruning rate per level",
+        _DEFAULTS.prune_rate, type="number", exclusiveMinimum=0, exclusiveMaximum=1, title="Pruning rate per level",
         description="Used when `sparsities` is empty (0.2: 20% of the remaining weights per level).", section="Pruning",
     ),
     "pruning_scope": Param(_DEFAULTS.pruning_scope, type="string", enum=list(PRUNING_SCOPES), title="Pruning scope", section="Pruning"),
@@ -144,14 +134,14 @@ PARAMS: dict[str, Param] = {
         section="Pruning",
     ),
     # ---- controls ----
-    "controls": Param(True, type="boolean", title="Run the random baselines", section="Controls"),
+    "controls": Param(_DEFAULTS.controls, type="boolean", title="Run the random baselines", section="Controls"),
     "control_kinds": Param(
-        list(CONTROLS), type="array", items={"type": "string", "enum": list(CONTROLS)}, minItems=1, uniqueItems=True,
+        list(_DEFAULTS.control_kinds), type="array", items={"type": "string", "enum": list(CONTROLS)}, minItems=1, uniqueItems=True,
         title="Control kinds", description="random_reinit: the ticket's mask, fresh random weights; "
         "random_prune: the rewound weights, a random mask with the same layer-wise sparsity.", section="Controls",
     ),
     "control_sparsities": Param(
-        DEFAULT_CONTROL_SPARSITIES,
+        list(_DEFAULTS.control_sparsities),
         type="array",
         items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         uniqueItems=True,
@@ -174,14 +164,9 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def engine_conf(params: dict[str, Any]) -> dict[str, Any]:
-    """The engine's config fields from the run's params (``sparsities`` resolved)."""
-    conf = {k: params[k] for k in ENGINE_FIELDS if k in params and k != "sparsities"}
-    explicit = list(params.get("sparsities") or [])
-    conf["sparsities"] = explicit or derived_sparsities(
-        int(params.get("num_levels", DEFAULT_NUM_LEVELS)), float(params.get("prune_rate", DEFAULT_PRUNE_RATE))
-    )
-    return conf
+def experiment_config(params: dict[str, Any]) -> ExperimentConfig:
+    """The engine's config from the run's params (validated: ``ConfigError`` names the field)."""
+    return ExperimentConfig.from_dict({k: params[k] for k in CONFIG_FIELDS if k in params})
 
 
 def data_key(params: dict[str, Any]) -> str:
@@ -207,77 +192,62 @@ def source_dir(params: dict[str, Any]) -> str:
     return str(Path(params["dataset"]).resolve())
 
 
-def match_control_sparsities(wanted: list[float], levels: list[float], *, strict: bool = True) -> list[float]:
-    """Each wanted control sparsity mapped to the nearest experiment level (empty list: all levels).
-    ``strict``: a wanted value further than the tolerance from every level is an error (the
-    default control levels are not strict, so they follow a run's own ``sparsities``)."""
-    if not wanted:
-        return list(levels)
-    out = []
-    for w in wanted:
-        nearest = min(levels, key=lambda s: abs(s - w))
-        if strict and abs(nearest - w) > CONTROL_MATCH_TOLERANCE:
-            raise ConfigError(
-                "control_sparsities", w,
-                f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})",
-            )
-        if nearest not in out:
-            out.append(nearest)
-    return out
-
-
 def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checks the params' JSON schema cannot express (raises ``ConfigError`` naming the field),
-    and everything the run derives from its params: engine config, rewind labels, paths, Spark args."""
-    conf = conf or {}
+    and everything the run derives from its params: the run plan, the data paths, the Spark args."""
+    _check_conf_keys(conf or {})
+    _check_dataset(params)
+    plan = RunPlan.from_config(experiment_config(params))
+    if params.get("sparsities"):
+        log.info("explicit sparsities given: num_levels and prune_rate are ignored")
+    data = data_paths(params)
+    _log_experiment(plan, data)
+    return {"plan": plan.to_dict(), **data}
+
+
+def data_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """Where the images come from and where the Spark job writes the preprocessed data set."""
+    root = Path(params["artifact_root"])
+    data_dir = str(root / "data" / data_key(params))
+    src = source_dir(params)
+    spark_args = [
+        "--input", src, "--output", data_dir, "--image-size", str(params["image_size"]),
+        "--channels", str(params["channels"]), "--encoding", params["encoding"],
+    ]
+    return {"dataset": params["dataset"], "dataset_limit": params.get("dataset_limit"), "source_dir": src,
+            "data_dir": data_dir, "artifact_root": str(root), "spark_args": spark_args}
+
+
+def _check_conf_keys(conf: dict[str, Any]) -> None:
     unknown = sorted(set(conf) - set(PARAMS))
     if unknown:
         raise ConfigError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(PARAMS))}")
-    if params["dataset"] != FASHION_MNIST:
-        if params.get("dataset_limit"):
-            raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
-        if not Path(params["dataset"]).is_dir():
-            raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
-    from lottery.experiment import mask_id, resolve_config
 
-    cfg = resolve_config(engine_conf(params))
-    if params.get("sparsities"):
-        log.info("explicit sparsities given: num_levels and prune_rate are ignored")
-    controls = None
-    if params["controls"]:
-        wanted = list(params["control_sparsities"])
-        levels = match_control_sparsities(wanted, list(cfg.sparsities), strict=wanted != DEFAULT_CONTROL_SPARSITIES)
-        controls = {"kinds": list(params["control_kinds"]), "mask_ids": [mask_id(s) for s in levels]}
 
-    root = Path(params["artifact_root"])
-    data_dir = root / "data" / data_key(params)
-    src = source_dir(params)
-    spark_args = [
-        "--input", src, "--output", str(data_dir), "--image-size", str(params["image_size"]),
-        "--channels", str(params["channels"]), "--encoding", params["encoding"],
-    ]
-    rewinds = cfg.rewind_labels()
+def _check_dataset(params: dict[str, Any]) -> None:
+    if params["dataset"] == FASHION_MNIST:
+        return
+    if params.get("dataset_limit"):
+        raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
+    if not Path(params["dataset"]).is_dir():
+        raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
+
+
+def _log_experiment(plan: RunPlan, data: dict[str, Any]) -> None:
+    cfg, levels = plan.config, [m.sparsity for m in plan.masks]
+    kinds = list(dict.fromkeys(c.control for c in plan.controls))
+    control_ids = list(dict.fromkeys(c.mask_id for c in plan.controls))
     log.info(
         "experiment: model %s, %s, %d sparsity levels (%s) x %d rewind points (%s) = %d tickets; controls %s; "
         "data %s -> %s; artifact root %s",
-        cfg.model, cfg.training_steps, len(cfg.sparsities), ", ".join(f"{s:g}" for s in cfg.sparsities),
-        len(rewinds), ", ".join(rewinds), len(cfg.sparsities) * len(rewinds),
-        f"{controls['kinds']} at {controls['mask_ids']}" if controls else "off", src, data_dir, root,
+        cfg.model, cfg.training_steps, len(levels), ", ".join(f"{s:g}" for s in levels),
+        len(plan.rewinds), ", ".join(plan.rewinds), len(plan.tickets),
+        f"{kinds} at {control_ids}" if plan.controls else "off", data["source_dir"], data["data_dir"], data["artifact_root"],
     )
-    return {
-        "config": cfg.to_dict(),
-        "rewinds": rewinds,
-        "dataset": params["dataset"],
-        "dataset_limit": params.get("dataset_limit"),
-        "source_dir": src,
-        "data_dir": str(data_dir),
-        "artifact_root": str(root),
-        "spark_args": spark_args,
-        "controls": controls,
-    }
 
 
 def remaining_label(remaining: float) -> str:
+    """How a mask is named in the UI and the logs: the share of prunable weights left ("10.7% left")."""
     pct = 100 * remaining
     return f"{pct:.1f}% left" if pct >= 0.95 else f"{pct:.2g}% left"
 

@@ -21,6 +21,7 @@ from lottery.config import ConfigError
 from lottery.dag.params import FASHION_MNIST, check_params, remaining_label
 from lottery.deploy.constants import POOL_SLOTS
 from lottery.errors import LotteryError
+from lottery.plan import RunPlan
 
 log = logging.getLogger("lottery.dag")
 
@@ -30,6 +31,7 @@ CONTROL_LABEL = "{{ task.op_kwargs['control'] }}: " + TICKET_LABEL
 # What a retraining result may carry through XCom.
 TICKET_KEYS = ("mask_id", "sparsity", "remaining", "rewind", "control", "val_accuracy", "best_val_accuracy", "skipped", "ticket")
 DENSE_KEYS = ("val_accuracy", "best_val_accuracy", "epochs", "steps", "skipped")
+MASK_KEYS = ("index", "mask_id", "sparsity", "remaining")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -102,30 +104,25 @@ def fetch_dataset(dataset: str, source: str, limit: int | None) -> dict[str, Any
     return {k: v for k, v in (summary or {}).items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def prepare_workdir(config: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
-    from lottery import experiment
+def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
+    from lottery.paths import Workdir
 
-    cfg = experiment.resolve_config(config)
-    workdir = engine_call(experiment.workdir_for, cfg, data_dir, artifact_root)
-    fresh = not (workdir / "config.json").exists()
-    engine_call(experiment.prepare_workdir, cfg, data_dir, workdir)
-    done = len(list((workdir / "tickets").glob("*/result.json")))
-    dense_done = (workdir / "dense" / "result.json").exists()
-    log.info(
-        "work dir %s (experiment %s): %s", workdir, workdir.name,
-        "new" if fresh else f"reused: dense {'done' if dense_done else 'not done'}, {done} tickets done",
-    )
+    run = RunPlan.from_dict(plan)
+    workdir = engine_call(Workdir.for_experiment, artifact_root, run.config, data_dir)
+    fresh = not workdir.config_json.exists()
+    engine_call(workdir.prepare, run.config, data_dir)
+    state = "new" if fresh else f"reused: {workdir.status(run).summary()}"
+    log.info("work dir %s (experiment %s): %s", workdir, workdir.name, state)
     return {"workdir": str(workdir), "experiment_id": workdir.name, "reused": not fresh}
 
 
-def train_dense(config: dict, data_dir: str, workdir: str) -> dict[str, Any]:
-    from lottery import experiment
+def train_dense(plan: dict, data_dir: str, workdir: str) -> dict[str, Any]:
+    from lottery import dense
 
     threads = training_threads("dense")
     log.info("train_dense: start  workdir %s  threads %d  %s", workdir, threads, queue_note())
     started = time.perf_counter()
-    cfg = experiment.resolve_config(config)
-    result = engine_call(experiment.run_dense, cfg, data_dir, workdir, threads=threads)
+    result = engine_call(dense.run_dense, RunPlan.from_dict(plan).config, data_dir, workdir, threads=threads)
     log.info(
         "train_dense: %s in %.1fs  val_accuracy %.4f",
         "already done" if result.get("skipped") else "done", time.perf_counter() - started, result["val_accuracy"],
@@ -134,49 +131,49 @@ def train_dense(config: dict, data_dir: str, workdir: str) -> dict[str, Any]:
 
 
 def make_masks(workdir: str) -> list[dict[str, Any]]:
-    from lottery import experiment
+    from lottery import masks as pruning_step
 
     started = time.perf_counter()
-    masks = engine_call(experiment.make_masks, workdir)
-    out = [
-        {**_pick(m, ("index", "mask_id", "sparsity", "remaining")), "label": remaining_label(m["remaining"])}
-        for m in masks
-    ]
+    masks = engine_call(pruning_step.make_masks, workdir)
+    out = [{**_pick(m, MASK_KEYS), "label": remaining_label(m["remaining"])} for m in masks]
     log.info("make_masks: %d masks in %.1fs: %s", len(out), time.perf_counter() - started, ", ".join(m["label"] for m in out))
     return out
 
 
-def plan_tickets(masks: list[dict], rewinds: list[str]) -> list[dict[str, Any]]:
-    plan = [{"mask": m, "rewind": r} for m in masks for r in rewinds]
-    log.info("late_reset: %d masks x %d rewind points = %d tickets", len(masks), len(rewinds), len(plan))
-    return plan
+def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+    run = RunPlan.from_dict(plan)
+    kwargs = _mapped_kwargs(masks, run.tickets)
+    log.info("late_reset: %d masks x %d rewind points = %d tickets", len(run.masks), len(run.rewinds), len(kwargs))
+    return kwargs
 
 
-def plan_controls(masks: list[dict], rewinds: list[str], controls: dict | None) -> list[dict[str, Any]]:
-    if not controls:
+def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+    run = RunPlan.from_dict(plan)
+    if not run.controls:
         log.info("controls are off")
         return []
-    wanted = set(controls["mask_ids"])
-    plan = [
-        {"mask": m, "rewind": r, "control": kind}
-        for kind in controls["kinds"] for m in masks if m["mask_id"] in wanted for r in rewinds
-    ]
-    log.info(
-        "controls: %s at %s x %d rewind points = %d runs", ", ".join(controls["kinds"]),
-        ", ".join(m["label"] for m in masks if m["mask_id"] in wanted), len(rewinds), len(plan),
-    )
-    return plan
+    kwargs = _mapped_kwargs(masks, run.controls)
+    kinds = dict.fromkeys(c.control for c in run.controls)
+    labels = dict.fromkeys(k["mask"]["label"] for k in kwargs)
+    log.info("controls: %s at %s x %d rewind points = %d runs", ", ".join(kinds), ", ".join(labels), len(run.rewinds), len(kwargs))
+    return kwargs
+
+
+def _mapped_kwargs(masks: list[dict], specs) -> list[dict[str, Any]]:
+    """The kwargs of one mapped late_reset / controls instance per ticket of the plan."""
+    by_id = {m["mask_id"]: m for m in masks}
+    return [{"mask": by_id[s.mask_id], "rewind": s.rewind, **({"control": s.control} if s.control else {})} for s in specs]
 
 
 def retrain(workdir: str, mask: dict, rewind: str, control: str | None = None) -> dict[str, Any]:
     """A ticket (``control`` None: the late_reset task) or a control (the controls task)."""
-    from lottery import experiment
+    from lottery import late_reset
 
     label = ticket_label(mask, rewind, control)
     threads = training_threads("ticket")
     log.info("%s: start  mask %s  rewind %s  threads %d  %s  workdir %s", label, mask["mask_id"], rewind, threads, queue_note(), workdir)
     started = time.perf_counter()
-    result = engine_call(experiment.retrain, workdir, mask["mask_id"], rewind, control=control, threads=threads)
+    result = engine_call(late_reset.retrain, workdir, mask["mask_id"], rewind, control=control, threads=threads)
     if result.get("skipped"):
         log.info("%s: already done (val_accuracy %.4f), nothing to do: %s", label, result["val_accuracy"], result.get("ticket"))
     else:
@@ -187,20 +184,14 @@ def retrain(workdir: str, mask: dict, rewind: str, control: str | None = None) -
     return _pick(result, TICKET_KEYS)
 
 
-def report(workdir: str | None, rewinds: list[str], controls: dict | None) -> dict[str, Any]:
+def report(workdir: str | None, plan: dict) -> dict[str, Any]:
     if not workdir:
         raise AirflowFailException("no work directory: the run failed before prepare_workdir (see the failed task above)")
-    from lottery import experiment
-    from lottery.report import write_report
+    from lottery import report as reporting
 
-    expected = None
-    if controls:
-        expected = [
-            {"mask_id": mid, "rewind": r, "control": kind}
-            for kind in controls["kinds"] for mid in controls["mask_ids"] for r in rewinds
-        ]
-    paths = engine_call(write_report, workdir, expected_controls=expected)
-    log.info("results:\n%s", experiment.format_table(workdir, experiment.summarize(workdir)))
+    run = RunPlan.from_dict(plan)
+    paths = engine_call(reporting.write_report, workdir, plan=run)
+    log.info("results:\n%s", reporting.format_table(workdir, reporting.summarize(workdir, plan=run)))
     for problem in paths.get("problems", []):
         log.warning("not done: %s", problem)
     log.info("report: %s", paths["report"])
