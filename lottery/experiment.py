@@ -34,7 +34,7 @@ def resolve_config(conf: dict[str, Any] | None) -> ExperimentConfig:
 
 
 def dataset_id(data_dir: str | os.PathLike) -> str:
-    from lottery.data.records import read_manifest
+    from lottery.data import read_manifest
 
     return read_manifest(data_dir)["dataset_id"]
 

@@ -1,15 +1,22 @@
-"""Atomic, checked file writes: everything the engine produces goes through here.
+"""Atomic, checked file writes: everything the engine and the data layer produce goes through here.
 
 Every artifact is written to a temporary name in the same directory and renamed into place, so a
-reader sees either nothing or the whole file. Array bundles are ``.npz`` files: a zip whose members
-carry CRC-32 checksums, read back eagerly so that a truncated or corrupted file is refused.
+reader sees either nothing or the whole file; a whole directory (a dataset, an image export) is
+written into a staging sibling and swapped in by `publish_dir`. Array bundles are ``.npz`` files:
+a zip whose members carry CRC-32 checksums, read back eagerly so that a truncated or corrupted file
+is refused.
+
+Pure Python + numpy (no TensorFlow, no Keras): Spark executors and the data layer import it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +24,63 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from lottery.data.records import sha256_file  # noqa: F401  (re-exported: one definition)
 from lottery.errors import CorruptArtifactError
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (best effort: not every filesystem supports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _aside_path(target: str | os.PathLike) -> Path:
+    """Where `publish_dir` moves the old copy of ``target`` while it swaps: ``<name>.old-<12 hex>``
+    beside it (the Spark job removes such leftovers of an interrupted swap)."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:12]}")
+
+
+def publish_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished directory ``staging`` in place of ``target``, atomically for readers.
+
+    ``staging`` must be a sibling of ``target`` (same filesystem). Its entries and the rename are
+    fsynced. An existing ``target`` is renamed aside, the staging directory renamed in, and the
+    old copy deleted; if the second rename fails, the old copy is put back. A reader sees the old
+    directory or the new one, never a mix. Raises OSError when ``target`` appears (non-empty)
+    between the check and the rename: callers that race other writers catch it.
+    """
+    staging, target = Path(staging), Path(target)
+    fsync_dir(staging)
+    if not target.exists():
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        return
+    old = _aside_path(target)
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lottery.data import fetch
-from lottery.data import records as R
+from lottery.data import manifest
 from tests.datasets import make_fashion_mnist_shards, make_synthetic_shards
 
 SOURCE = Path(fetch.DEFAULT_SOURCE_DIR)
@@ -111,9 +111,9 @@ def test_export_refuses_to_replace_foreign_directory(tmp_path):
 @needs_source
 def test_make_fashion_mnist_shards(tmp_path):
     d = make_fashion_mnist_shards(tmp_path, 30, 10)
-    m = R.read_manifest(d)
+    m = manifest.read_manifest(d)
     assert m["image_shape"] == [28, 28, 1] and m["classes"] == fetch.CLASS_FOLDERS
-    x, y = R.read_split_arrays(d, "train")
+    x, y = manifest.read_split_arrays(d, "train")
     rx, ry = fetch.load_fashion_mnist_arrays("train", limit=30)
     assert np.array_equal(x[:, :, :, 0], rx) and np.array_equal(y, ry)
     assert m["splits"]["val"]["count"] == 10
@@ -122,6 +122,6 @@ def test_make_fashion_mnist_shards(tmp_path):
 def test_make_synthetic_shards_is_deterministic(tmp_path):
     a = make_synthetic_shards(tmp_path / "a", 20, 6, shape=(8, 8, 1), num_classes=3, seed=0)
     b = make_synthetic_shards(tmp_path / "b", 20, 6, shape=(8, 8, 1), num_classes=3, seed=0)
-    assert R.read_manifest(a)["fingerprint"] == R.read_manifest(b)["fingerprint"]
-    _, y = R.read_split_arrays(a, "train")
+    assert manifest.read_manifest(a)["fingerprint"] == manifest.read_manifest(b)["fingerprint"]
+    _, y = manifest.read_split_arrays(a, "train")
     assert sorted(set(y.tolist())) == [0, 1, 2]

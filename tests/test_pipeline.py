@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lottery.data import records as R
+from lottery.data import CorruptDataError, DataFormatError, manifest
 from lottery.data import runtime
 from lottery.data.pipeline import ShardedDataset
 from tests.datasets import make_synthetic_shards
@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def arrays(data_dir):
-    return {s: R.read_split_arrays(data_dir, s) for s in ("train", "val")}
+    return {s: manifest.read_split_arrays(data_dir, s) for s in ("train", "val")}
 
 
 def _pixels(ds, x):
@@ -54,7 +54,7 @@ def test_properties(data_dir):
 
 def test_missing_shard_and_split_are_named(tmp_path):
     d = make_synthetic_shards(tmp_path, 10, 4)
-    with pytest.raises(R.DataFormatError, match="no split 'test'"):
+    with pytest.raises(DataFormatError, match="no split 'test'"):
         ShardedDataset(d, "test")
     (d / "train-00001-of-00002.tfrecord").unlink()
     with pytest.raises(FileNotFoundError, match="train-00001-of-00002.tfrecord"):
@@ -202,7 +202,7 @@ def test_bad_arguments(data_dir):
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
 def test_other_encodings(tmp_path, encoding):
     d = make_synthetic_shards(tmp_path, 12, 5, shape=(8, 8, 3), encoding=encoding)
-    images, labels = R.read_split_arrays(d, "val")
+    images, labels = manifest.read_split_arrays(d, "val")
     for cache in (False, True):
         ds = ShardedDataset(d, "val", cache=cache)
         x = np.concatenate([b[0].numpy() for b in ds.eval_batches(4)])
@@ -210,7 +210,7 @@ def test_other_encodings(tmp_path, encoding):
         if encoding == "raw":
             assert np.array_equal(got, images)
         else:  # TF's jpeg decoder (chroma upsampling) differs from Pillow's: compare with TF's own
-            ref = np.stack([tf.io.decode_jpeg(e["encoded"], channels=3).numpy() for e in R.iter_split(d, "val")])
+            ref = np.stack([tf.io.decode_jpeg(e["encoded"], channels=3).numpy() for e in manifest.iter_split(d, "val")])
             assert np.array_equal(got, ref)
             assert np.abs(got.astype(int) - images).mean() < 8
         assert len(list(ShardedDataset(d, "train", cache=cache).batches(4, seed=0, epoch=0))) == 3
@@ -223,7 +223,7 @@ def test_corrupt_shard_fails_loudly(tmp_path):
     raw[30] ^= 0xFF
     shard.write_bytes(bytes(raw))
     ds = ShardedDataset(d, "train")
-    with pytest.raises(R.CorruptDataError, match="train-00000-of-00002.tfrecord"):
+    with pytest.raises(CorruptDataError, match="train-00000-of-00002.tfrecord"):
         ds.verify()
     with pytest.raises(tf.errors.DataLossError):
         list(ds.eval_batches(4))

@@ -1,4 +1,5 @@
-"""lottery.data.records: the pure-Python format, checked against TensorFlow's own reader."""
+"""lottery.data.tfrecord / example / manifest: the pure-Python format, checked against TensorFlow's
+own reader (datasets written with tests.datasets.write_dataset)."""
 import json
 import os
 import struct
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lottery.data import records as R
-from lottery.data.records import ChannelStats, CorruptDataError, DataFormatError
+from lottery.data import example, manifest, tfrecord
+from lottery.data import ChannelStats, CorruptDataError, DataFormatError
+from lottery.files import sha256_file
+from tests.datasets import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TF_FEATURES = {
@@ -42,9 +45,9 @@ CLASSES = ["a", "b", "c", "d"]
 def test_example_round_trip():
     x = dict(encoded=bytes(range(256)) * 3, label=7, height=28, width=31, channels=3, encoding="png",
              image_id="train/07_bag/ünïcode 01.png")
-    assert R.decode_example(R.encode_example(**x)) == x
+    assert example.decode_example(example.encode_example(**x)) == x
     y = dict(x, encoded=b"", label=0, encoding="raw", image_id="")
-    assert R.decode_example(R.encode_example(**y)) == y
+    assert example.decode_example(example.encode_example(**y)) == y
 
 
 def test_example_is_byte_identical_to_protobuf_and_parsed_by_tf():
@@ -55,10 +58,10 @@ def test_example_is_byte_identical_to_protobuf_and_parsed_by_tf():
         "c": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x", b""])),
         "d": tf.train.Feature(int64_list=tf.train.Int64List(value=[])),
     }))
-    ours = R.serialize_example(features)
+    ours = example.serialize_example(features)
     assert tf.train.Example.FromString(ours) == ref
-    assert R.parse_example_features(ref.SerializeToString()) == features
-    record = R.encode_example(encoded=b"\x00\xff", label=9, height=2, width=1, channels=1, encoding="raw",
+    assert example.parse_example_features(ref.SerializeToString()) == features
+    record = example.encode_example(encoded=b"\x00\xff", label=9, height=2, width=1, channels=1, encoding="raw",
                               image_id="x/y.raw")
     parsed = tf.io.parse_single_example(record, TF_FEATURES)
     assert parsed["image/class/label"].numpy() == 9
@@ -73,25 +76,25 @@ def test_decoder_accepts_unpacked_int64_and_unknown_fields():
     feature = b"\x1a" + bytes([len(int64_list)]) + int64_list + b"\x38\x01"
     entry = b"\x0a\x01k" + b"\x12" + bytes([len(feature)]) + feature
     features = b"\x0a" + bytes([len(entry)]) + entry
-    example = b"\x0a" + bytes([len(features)]) + features
-    assert R.parse_example_features(example) == {"k": [5]}
+    message = b"\x0a" + bytes([len(features)]) + features
+    assert example.parse_example_features(message) == {"k": [5]}
 
 
 def test_decode_example_rejects_missing_feature_and_garbage():
-    record = R.serialize_example({"image/encoded": [b"x"], "image/class/label": [1]})
+    record = example.serialize_example({"image/encoded": [b"x"], "image/class/label": [1]})
     with pytest.raises(DataFormatError, match="image/format"):
-        R.decode_example(record)
+        example.decode_example(record)
     with pytest.raises(DataFormatError):
-        R.parse_example_features(b"\x0a\x50abc")  # length runs past the end
+        example.parse_example_features(b"\x0a\x50abc")  # length runs past the end
 
 
 # ---------------------------------------------------------------- crc + framing
 
 def test_crc32c_known_values_and_python_fallback():
-    assert R.crc32c(b"123456789") == 0xE3069283
+    assert tfrecord.crc32c(b"123456789") == 0xE3069283
     data = os.urandom(1000)
-    assert R.crc32c_py(data) == R.crc32c(data)
-    assert R.crc32c_py(b"123456789") == 0xE3069283
+    assert tfrecord.crc32c_py(data) == tfrecord.crc32c(data)
+    assert tfrecord.crc32c_py(b"123456789") == 0xE3069283
 
 
 def test_tfrecord_framing_is_byte_identical_to_tf_writer(tmp_path):
@@ -99,19 +102,19 @@ def test_tfrecord_framing_is_byte_identical_to_tf_writer(tmp_path):
     with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as w:
         for r in recs:
             w.write(r)
-    with R.TFRecordWriter(tmp_path / "py.tfrecord") as w:
+    with tfrecord.TFRecordWriter(tmp_path / "py.tfrecord") as w:
         for r in recs:
             w.write(r)
     assert (tmp_path / "tf.tfrecord").read_bytes() == (tmp_path / "py.tfrecord").read_bytes()
-    assert list(R.read_records(tmp_path / "tf.tfrecord")) == recs
+    assert list(tfrecord.read_records(tmp_path / "tf.tfrecord")) == recs
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "py.tfrecord"))] == recs
     assert w.records == 3 and w.bytes == (tmp_path / "py.tfrecord").stat().st_size
-    assert w.sha256() == R.sha256_file(tmp_path / "py.tfrecord")
+    assert w.sha256() == sha256_file(tmp_path / "py.tfrecord")
 
 
 def _write_three(path):
     recs = [b"a" * 10, b"b" * 20, b"c" * 30]
-    with R.TFRecordWriter(path) as w:
+    with tfrecord.TFRecordWriter(path) as w:
         for r in recs:
             w.write(r)
     return recs
@@ -126,7 +129,7 @@ def test_corrupt_record_is_detected_with_file_and_offset(tmp_path, where):
     raw = bytearray(path.read_bytes())
     raw[pos] ^= 0x01
     path.write_bytes(bytes(raw))
-    it = R.read_records(path)
+    it = tfrecord.read_records(path)
     assert next(it) == b"a" * 10
     with pytest.raises(CorruptDataError) as e:
         next(it)
@@ -140,10 +143,10 @@ def test_truncated_file_is_detected(tmp_path):
     _write_three(path)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(CorruptDataError, match=r"shard\.tfrecord: truncated record at byte offset 62"):
-        list(R.read_records(path))
+        list(tfrecord.read_records(path))
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(CorruptDataError, match="truncated record header at byte offset 26"):
-        list(R.read_records(path))
+        list(tfrecord.read_records(path))
 
 
 # ---------------------------------------------------------------- images
@@ -152,15 +155,15 @@ def test_truncated_file_is_detected(tmp_path):
 @pytest.mark.parametrize("encoding", ["png", "raw"])
 def test_image_lossless_round_trip(shape, encoding):
     x = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    assert np.array_equal(R.decode_image(R.encode_image(x, encoding), encoding, shape), x)
+    assert np.array_equal(example.decode_image(example.encode_image(x, encoding), encoding, shape), x)
 
 
 def test_jpeg_is_close_and_gray_2d_is_accepted():
     x = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
-    y = R.decode_image(R.encode_image(x, "jpeg", jpeg_quality=95), "jpeg", (32, 32, 1))
+    y = example.decode_image(example.encode_image(x, "jpeg", jpeg_quality=95), "jpeg", (32, 32, 1))
     assert y.shape == (32, 32, 1) and np.abs(y[:, :, 0].astype(int) - x).mean() < 2
     with pytest.raises(ValueError):
-        R.encode_image(x.astype(np.float32), "png")
+        example.encode_image(x.astype(np.float32), "png")
 
 
 # ---------------------------------------------------------------- channel stats
@@ -184,19 +187,19 @@ def test_channel_stats_match_numpy_and_merge():
 # ---------------------------------------------------------------- dataset + manifest
 
 def test_shard_name():
-    assert R.shard_name("train", 3, 12) == "train-00003-of-00012.tfrecord"
+    assert manifest.shard_name("train", 3, 12) == "train-00003-of-00012.tfrecord"
     with pytest.raises(ValueError):
-        R.shard_name("train", 12, 12)
+        manifest.shard_name("train", 12, 12)
 
 
 @pytest.mark.parametrize("encoding", ["png", "raw"])
 def test_write_dataset_is_read_bit_exactly_by_tensorflow(tmp_path, encoding):
     splits = _splits()
     data_dir = tmp_path / "ds"
-    m = R.write_dataset(data_dir, splits, CLASSES, encoding=encoding, num_shards={"train": 3, "val": 1})
-    assert m == R.read_manifest(data_dir)
+    m = write_dataset(data_dir, splits, CLASSES, encoding=encoding, num_shards={"train": 3, "val": 1})
+    assert m == manifest.read_manifest(data_dir)
     assert sorted(os.listdir(data_dir)) == sorted(["manifest.json", "val-00000-of-00001.tfrecord"]
-                                                  + [R.shard_name("train", i, 3) for i in range(3)])
+                                                  + [manifest.shard_name("train", i, 3) for i in range(3)])
     assert [s["records"] for s in m["splits"]["train"]["shards"]] == [4, 4, 4]
     assert m["splits"]["train"]["per_class"] == [3, 3, 3, 3] and m["splits"]["val"]["count"] == 5
     assert m["image_shape"] == [6, 5, 3] and m["encoding"] == encoding and m["spark_version"] is None
@@ -216,31 +219,31 @@ def test_write_dataset_is_read_bit_exactly_by_tensorflow(tmp_path, encoding):
             assert f["image/format"].numpy().decode() == encoding
             assert (f["image/height"].numpy(), f["image/width"].numpy(), f["image/channels"].numpy()) == (6, 5, 3)
     # the pure-Python reader agrees
-    images, labels = R.read_split_arrays(data_dir, "val")
+    images, labels = manifest.read_split_arrays(data_dir, "val")
     assert np.array_equal(images, np.stack([e[0] for e in splits["val"]]))
     assert labels.tolist() == [e[1] for e in splits["val"]]
     # mean/std: training split only, [0, 1] scale
     ref = np.stack([e[0] for e in splits["train"]]).reshape(-1, 3) / 255.0
     np.testing.assert_allclose(m["mean"], ref.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m["std"], ref.std(0), rtol=1e-9)
-    assert R.verify_dataset(data_dir, check_records=True)["dataset_id"] == m["dataset_id"]
+    assert manifest.verify_dataset(data_dir, check_records=True)["dataset_id"] == m["dataset_id"]
 
 
 def test_write_dataset_atomic_fingerprint_and_overwrite(tmp_path):
     splits = _splits()
-    m1 = R.write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2)
-    m2 = R.write_dataset(tmp_path / "two", splits, CLASSES, num_shards=2)
+    m1 = write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2)
+    m2 = write_dataset(tmp_path / "two", splits, CLASSES, num_shards=2)
     assert m1["fingerprint"] == m2["fingerprint"] and m1["dataset_id"] == m2["dataset_id"]
     assert len(m1["dataset_id"]) == 12
-    m3 = R.write_dataset(tmp_path / "three", splits, CLASSES, num_shards=3)  # other options
+    m3 = write_dataset(tmp_path / "three", splits, CLASSES, num_shards=3)  # other options
     assert m3["dataset_id"] != m1["dataset_id"]
     splits["train"][0][0][0, 0, 0] ^= 1  # other content
-    m4 = R.write_dataset(tmp_path / "four", splits, CLASSES, num_shards=2)
+    m4 = write_dataset(tmp_path / "four", splits, CLASSES, num_shards=2)
     assert m4["fingerprint"] != m1["fingerprint"]
     with pytest.raises(FileExistsError, match="one"):
-        R.write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2)
-    m5 = R.write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2, overwrite=True)
-    assert R.read_manifest(tmp_path / "one")["fingerprint"] == m5["fingerprint"] == m4["fingerprint"]
+        write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2)
+    m5 = write_dataset(tmp_path / "one", splits, CLASSES, num_shards=2, overwrite=True)
+    assert manifest.read_manifest(tmp_path / "one")["fingerprint"] == m5["fingerprint"] == m4["fingerprint"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["four", "one", "three", "two"]  # no tmp left
 
 
@@ -248,23 +251,23 @@ def test_write_dataset_failure_leaves_nothing(tmp_path):
     splits = _splits()
     splits["val"].append((np.zeros((6, 5, 3), np.uint8), 99, "bad"))
     with pytest.raises(ValueError, match="label 99"):
-        R.write_dataset(tmp_path / "ds", splits, CLASSES)
+        write_dataset(tmp_path / "ds", splits, CLASSES)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_verify_dataset_detects_tampered_shard(tmp_path):
-    m = R.write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=2)
+    m = write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=2)
     shard = tmp_path / "ds" / m["splits"]["train"]["shards"][1]["file"]
     raw = bytearray(shard.read_bytes())
     raw[40] ^= 0xFF
     shard.write_bytes(bytes(raw))
     with pytest.raises(CorruptDataError, match="train-00001-of-00002.tfrecord: sha256"):
-        R.verify_dataset(tmp_path / "ds")
+        manifest.verify_dataset(tmp_path / "ds")
     with pytest.raises(CorruptDataError, match="train-00001-of-00002.tfrecord: corrupt record at byte offset 0"):
-        list(R.iter_split(tmp_path / "ds", "train"))
+        list(manifest.iter_split(tmp_path / "ds", "train"))
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="train-00001-of-00002.tfrecord"):
-        R.verify_dataset(tmp_path / "ds")
+        manifest.verify_dataset(tmp_path / "ds")
 
 
 def _edit_manifest(data_dir, edit):
@@ -291,37 +294,38 @@ def _edit_manifest(data_dir, edit):
     ("spark_version", lambda m: m.update(spark_version=4)),
 ])
 def test_manifest_validation_names_file_and_field(tmp_path, field, edit):
-    R.write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=2)
+    write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=2)
     path = _edit_manifest(tmp_path / "ds", edit)
     with pytest.raises(DataFormatError) as e:
-        R.read_manifest(tmp_path / "ds")
+        manifest.read_manifest(tmp_path / "ds")
     assert e.value.field == field
     assert str(path) in str(e.value) and repr(field) in str(e.value)
 
 
 def test_manifest_missing_or_not_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest"):
-        R.read_manifest(tmp_path)
+        manifest.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DataFormatError, match="manifest.json: not valid JSON"):
-        R.read_manifest(tmp_path)
+        manifest.read_manifest(tmp_path)
 
 
 def test_write_manifest_is_atomic(tmp_path):
-    m = R.write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=1)
+    m = write_dataset(tmp_path / "ds", _splits(), CLASSES, num_shards=1)
     m["options"]["note"] = "rewritten"
-    R.write_manifest(tmp_path / "ds", m)
-    assert R.read_manifest(tmp_path / "ds")["options"]["note"] == "rewritten"
+    manifest.write_manifest(tmp_path / "ds", m)
+    assert manifest.read_manifest(tmp_path / "ds")["options"]["note"] == "rewritten"
     assert not [p for p in (tmp_path / "ds").iterdir() if p.name.startswith(".")]
 
 
-def test_records_and_fetch_do_not_import_tensorflow():
-    code = ("import sys; import lottery.data, lottery.data.records, lottery.data.fetch; "
+def test_record_format_and_fetch_do_not_import_tensorflow():
+    code = ("import sys; import lottery.data, lottery.data.tfrecord, lottery.data.example, "
+            "lottery.data.manifest, lottery.data.epochs, lottery.data.fetch, lottery.files; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
 
 
 def test_frame_layout():
-    frame = R.frame_record(b"xyz")
+    frame = tfrecord.frame_record(b"xyz")
     assert struct.unpack("<Q", frame[:8])[0] == 3 and frame[12:15] == b"xyz" and len(frame) == 19

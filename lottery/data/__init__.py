@@ -1,23 +1,19 @@
-"""Data: the record format (`records`, pure Python), the tf.data pipeline (`pipeline`), the numpy
-pipeline for TF-less machines (`arrays`, sharing its epoch plan with `pipeline` through `plan`),
-the backend runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
+"""Data: the record format in pure Python (`tfrecord`: TFRecord files; `example`: the Example and
+image codecs; `manifest`: the dataset directory and its manifest), the tf.data pipeline
+(`pipeline`), the numpy pipeline for TF-less machines (`arrays`, sharing its epoch plan with
+`pipeline` through `epochs`), the backend runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
 
-Importing `lottery.data` (or `lottery.data.records` / `plan` / `fetch`) never imports TensorFlow:
-Spark executors and TF-less (JAX) machines import this package; `arrays` and `runtime` import it
-only on Keras's TensorFlow backend (`arrays` imports Keras).  `ShardedDataset`, `ArrayDataset`
-and the runtime helpers are loaded lazily on first attribute access.
+Importing `lottery.data` (or `tfrecord` / `example` / `manifest` / `epochs` / `fetch`) never
+imports TensorFlow: Spark executors and TF-less (JAX) machines import this package; `arrays` and
+`runtime` import it only on Keras's TensorFlow backend (`arrays` imports Keras).  `ShardedDataset`,
+`ArrayDataset` and the runtime helpers are loaded lazily on first attribute access.
 """
 from __future__ import annotations
 
 import importlib
 
-from .records import (  # noqa: F401 - re-exported
-    ChannelStats,
-    CorruptDataError,
-    DataFormatError,
-    read_manifest,
-    write_dataset,
-)
+from .errors import CorruptDataError, DataFormatError  # noqa: F401 - re-exported
+from .manifest import ChannelStats, read_manifest  # noqa: F401 - re-exported
 
 _LAZY = {
     "ShardedDataset": "pipeline",
@@ -39,4 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ChannelStats", "CorruptDataError", "DataFormatError", "read_manifest", "write_dataset", *_LAZY]
+__all__ = ["ChannelStats", "CorruptDataError", "DataFormatError", "read_manifest", *_LAZY]

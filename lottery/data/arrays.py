@@ -1,10 +1,10 @@
 """The numpy input pipeline: `ShardedDataset`'s streams without TensorFlow (docs/data-format.md).
 
 `ArrayDataset(data_dir, split, cache=...)` has `ShardedDataset`'s interface and epoch plan
-(`lottery.data.plan`), so for the same `(seed, epoch)` it yields the same examples in the same
+(`lottery.data.epochs`), so for the same `(seed, epoch)` it yields the same examples in the same
 order with the same augmentation parameters:
 
-* `cache=True`: the split is decoded once (Pillow, `lottery.data.records`) into a uint8
+* `cache=True`: the split is decoded once (Pillow, `lottery.data.example`) into a uint8
   `[N, H, W, C]` array, shared with `ShardedDataset` through `<data_dir>/.decoded/` (png and raw
   decode to the same pixels in both; a jpeg split decoded by Pillow is kept under its own name,
   `<split>-<dataset_id>-pillow.npz`, since TensorFlow's jpeg decoder gives slightly different
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import keras
 import numpy as np
 
-from .plan import (
+from .epochs import (
     CROP_PAD,
     SplitReader,
     augment_params,
@@ -40,7 +40,10 @@ from .plan import (
     file_order,
     window_keys,
 )
-from .records import DataFormatError, MANIFEST_NAME, decode_example, decode_image, read_records
+from .errors import DataFormatError
+from .example import decode_example, decode_image
+from .manifest import MANIFEST_NAME
+from .tfrecord import read_records
 
 log = logging.getLogger("lottery.data")
 
@@ -105,7 +108,7 @@ class ArrayDataset(SplitReader):
 
     # ------------------------------------------------------------------ augmentation + normalisation
     def augment(self, images: np.ndarray, augmentation: str, params: np.ndarray | None) -> np.ndarray:
-        """uint8 `[B, H, W, C]` + per-element parameters (`plan.augment_params`) -> float32 pixels."""
+        """uint8 `[B, H, W, C]` + per-element parameters (`epochs.augment_params`) -> float32 pixels."""
         if augmentation == "none":
             return images.astype(np.float32)
         if augmentation == "crop_flip":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lottery.files import publish_dir
+
 log = logging.getLogger("lottery.data")
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
@@ -163,34 +165,8 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    from PIL import Image
-
     try:
-        counts: dict[str, int] = {}
-        per_class: dict[str, list[int]] = {}
-        for split in _FILES:
-            images, labels = load_fashion_mnist_arrays(split, limit, source_dir)
-            for folder in CLASS_FOLDERS:
-                (tmp / split / folder).mkdir(parents=True, exist_ok=True)
-            n = len(images)
-            step = max(1, n // 10)
-            log.info("exporting Fashion-MNIST %s: %d images -> %s", split, n, out_dir / split)
-            pc = [0] * len(CLASS_FOLDERS)
-            for i in range(n):
-                label = int(labels[i])
-                pc[label] += 1
-                Image.fromarray(images[i]).save(tmp / split / CLASS_FOLDERS[label] / f"{i:05d}.png",
-                                                format="PNG")
-                if progress and (i + 1) % step == 0:
-                    log.info("  %s: %d/%d (%.0f%%)", split, i + 1, n, 100.0 * (i + 1) / n)
-            counts[split] = n
-            per_class[split] = pc
-        marker = {"version": EXPORT_VERSION, "limit": limit, "counts": counts, "per_class": per_class,
-                  "classes": CLASS_FOLDERS, "class_names": FASHION_MNIST_CLASSES,
-                  "source_dir": str(source_dir)}
-        with open(tmp / MARKER, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=2)
-            f.write("\n")
+        marker = _write_export(tmp, out_dir, limit, source_dir, progress)
         _publish(tmp, out_dir, limit)
     finally:
         if tmp.exists():
@@ -201,22 +177,51 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
     return summary
 
 
+def _write_export(tmp: Path, out_dir: Path, limit: int | None, source_dir, progress: bool) -> dict:
+    """Both splits as PNG folders in `tmp`, then the marker; returns the marker."""
+    counts: dict[str, int] = {}
+    per_class: dict[str, list[int]] = {}
+    for split in _FILES:
+        images, labels = load_fashion_mnist_arrays(split, limit, source_dir)
+        log.info("exporting Fashion-MNIST %s: %d images -> %s", split, len(images), out_dir / split)
+        per_class[split] = _write_pngs(tmp / split, images, labels, split, progress)
+        counts[split] = len(images)
+    marker = {"version": EXPORT_VERSION, "limit": limit, "counts": counts, "per_class": per_class,
+              "classes": CLASS_FOLDERS, "class_names": FASHION_MNIST_CLASSES,
+              "source_dir": str(source_dir)}
+    with open(tmp / MARKER, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=2)
+        f.write("\n")
+    return marker
+
+
+def _write_pngs(split_dir: Path, images: np.ndarray, labels: np.ndarray, split: str, progress: bool) -> list[int]:
+    """`split_dir/<NN_class>/<index>.png` for every image; returns the count per class."""
+    from PIL import Image
+
+    for folder in CLASS_FOLDERS:
+        (split_dir / folder).mkdir(parents=True, exist_ok=True)
+    n = len(images)
+    step = max(1, n // 10)
+    per_class = [0] * len(CLASS_FOLDERS)
+    for i in range(n):
+        label = int(labels[i])
+        per_class[label] += 1
+        Image.fromarray(images[i]).save(split_dir / CLASS_FOLDERS[label] / f"{i:05d}.png", format="PNG")
+        if progress and (i + 1) % step == 0:
+            log.info("  %s: %d/%d (%.0f%%)", split, i + 1, n, 100.0 * (i + 1) / n)
+    return per_class
+
+
 def _publish(tmp: Path, out_dir: Path, limit: int | None) -> None:
-    if out_dir.exists():
-        if _is_complete(out_dir, limit):  # a concurrent export finished first: keep it
-            return
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)  # only an empty dir or an export with another limit gets here
-        try:
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not _is_complete(out_dir, limit):  # lost a race to a different export
-                raise
+    """Swap the finished export in (only an empty dir or an export with another limit is replaced)."""
+    if _is_complete(out_dir, limit):  # a concurrent export finished first: keep it
+        return
+    try:
+        publish_dir(tmp, out_dir)
+    except OSError:
+        if not _is_complete(out_dir, limit):  # lost a race to a different export
+            raise
 
 
 def _summary(out_dir: Path, marker: dict, *, already: bool, duration: float) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import runtime
-from .plan import (  # noqa: F401 - the constants are re-exported (the epoch plan lives in plan.py)
+from .epochs import (  # noqa: F401 - the constants are re-exported (the epoch plan lives in epochs.py)
     AUGMENTATIONS,
     CROP_PAD,
     MIN_STD,
@@ -28,7 +28,8 @@ from .plan import (  # noqa: F401 - the constants are re-exported (the epoch pla
     file_order,
     window_keys,
 )
-from .records import DataFormatError, MANIFEST_NAME
+from .errors import DataFormatError
+from .manifest import MANIFEST_NAME
 
 log = logging.getLogger("lottery.data")
 
@@ -38,7 +39,7 @@ class ShardedDataset(SplitReader):
 
     Attributes: `manifest`, `split`, `num_examples`, `image_shape` (H, W, C), `num_classes`,
     `classes`, `encoding`, `mean`, `std`, `files`.  The manifest handling, the epoch plan and the
-    decoded-split disk cache are `lottery.data.plan.SplitReader`'s (shared with the numpy
+    decoded-split disk cache are `lottery.data.epochs.SplitReader`'s (shared with the numpy
     `ArrayDataset`).
     """
 
@@ -154,25 +155,46 @@ class ShardedDataset(SplitReader):
         shuffled/augmented as a pure function of `(seed, epoch)`, normalised, drop_remainder,
         the first `skip_batches` batches skipped."""
         batch_size, skip_batches = check_batch_args(batch_size, augmentation, skip_batches)
-        n_batches = self.num_examples // batch_size
-        skip = min(skip_batches, n_batches)
+        skip = min(skip_batches, self.num_examples // batch_size)
         params = self._augment_params(augmentation, seed, epoch)
         augment = self._augment_fn(augmentation)
-        normalise = self._normalise
-        scale, offset = self._scale, self._offset
-
         if self.cache:
-            images, labels = self._cached_arrays()
-            order, params = cached_epoch(self.num_examples, batch_size, seed, epoch, skip, params)
-            ds = tf.data.Dataset.from_tensor_slices((order, params))
+            return self._cached_batches(batch_size, seed, epoch, skip, params, augment)
 
-            def gather(idx, p):
-                x = augment(tf.gather(images, idx), p)
-                return x * scale + offset, tf.gather(labels, idx)
+        ds = self._shuffled_records(seed, epoch)
+        decode = self._decode_batch_fn()
+        normalise = self._normalise
+        if params is not None:  # position i of the epoch gets params[i]
+            ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(params)))
 
-            ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
+            def decode_augment(records, p):
+                x, y = decode(records)
+                return normalise(augment(x, p)), y
+        else:
+            def decode_augment(records):
+                x, y = decode(records)
+                return normalise(x), y
+        ds = ds.skip(skip * batch_size).batch(batch_size, drop_remainder=True)
+        ds = ds.map(decode_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
 
+    def _cached_batches(self, batch_size: int, seed: int, epoch: int, skip: int, params, augment) -> tf.data.Dataset:
+        """`batches` of a cached split: the epoch's permutation of the decoded arrays."""
+        images, labels = self._cached_arrays()
+        scale, offset = self._scale, self._offset
+        order, params = cached_epoch(self.num_examples, batch_size, seed, epoch, skip, params)
+        ds = tf.data.Dataset.from_tensor_slices((order, params))
+
+        def gather(idx, p):
+            x = augment(tf.gather(images, idx), p)
+            return x * scale + offset, tf.gather(labels, idx)
+
+        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
+
+    def _shuffled_records(self, seed: int, epoch: int) -> tf.data.Dataset:
+        """The serialised records of one streamed epoch: the epoch's file order, a deterministic
+        interleave, then each `shuffle_window` records permuted by the stable argsort of its keys."""
         files = [str(self.files[i]) for i in file_order(seed, epoch, len(self.files))]
         fds = tf.data.Dataset.from_tensor_slices(files)
         if len(files) > 1:
@@ -194,21 +216,7 @@ class ShardedDataset(SplitReader):
             perm = tf.argsort(k, stable=True)
             return tf.gather(records, perm)
 
-        ds = ds.batch(window).enumerate().map(shuffle_window).unbatch()
-        decode = self._decode_batch_fn()
-        if params is not None:  # position i of the epoch gets params[i]
-            ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(params)))
-
-            def decode_augment(records, p):
-                x, y = decode(records)
-                return normalise(augment(x, p)), y
-        else:
-            def decode_augment(records):
-                x, y = decode(records)
-                return normalise(x), y
-        ds = ds.skip(skip * batch_size).batch(batch_size, drop_remainder=True)
-        ds = ds.map(decode_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
+        return ds.batch(window).enumerate().map(shuffle_window).unbatch()
 
     def eval_batches(self, batch_size: int) -> tf.data.Dataset:
         """File order, no augmentation, normalised, the last partial batch kept."""

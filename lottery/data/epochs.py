@@ -1,4 +1,4 @@
-"""The TensorFlow-free half of a split reader, shared by both input pipelines.
+"""The epoch plan: the TensorFlow-free half of a split reader, shared by both input pipelines.
 
 `lottery.data.pipeline.ShardedDataset` (tf.data) and `lottery.data.arrays.ArrayDataset` (numpy,
 for the JAX backend on machines without TensorFlow) both derive from `SplitReader`, so they read
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import DataFormatError, MANIFEST_NAME, read_manifest, shard_paths, verify_dataset
+from .errors import DataFormatError
+from .manifest import MANIFEST_NAME, read_manifest, shard_paths, verify_dataset
 
 log = logging.getLogger("lottery.data")
 
