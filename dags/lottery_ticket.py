@@ -65,6 +65,72 @@ data set size, `train_dense`) at once, without retries, with a message naming th
 """
 
 
+@task(multiple_outputs=True)
+def validate_config() -> dict[str, Any]:
+    """Check the run's params (fail fast, no retries); derive the run plan, the data paths, the Spark args."""
+    return tasks.validate_config()
+
+
+@task
+def fetch_dataset(dataset: str, source: str, limit: int | None) -> dict[str, Any]:
+    """Export the bundled Fashion-MNIST to an image folder (cached); skipped for an image folder."""
+    return tasks.fetch_dataset(dataset, source, limit)
+
+
+@task
+def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
+    """``<artifact_root>/<experiment id>``: created, or checked to hold this very experiment."""
+    return tasks.prepare_workdir(plan, data_dir, artifact_root)
+
+
+@task(**TRAINING)
+def train_dense(plan: dict, data_dir: str, workdir: str) -> dict[str, Any]:
+    """Train the dense network once, with a checkpoint at every rewind point (resumes)."""
+    return tasks.train_dense(plan, data_dir, workdir)
+
+
+@task
+def make_masks(workdir: str) -> list[dict[str, Any]]:
+    """One magnitude mask per sparsity level; returns one small descriptor per mask."""
+    return tasks.make_masks(workdir)
+
+
+@task
+def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+    """Every (mask, rewind point) pair: the kwargs of the mapped late_reset instances."""
+    return tasks.plan_tickets(masks, plan)
+
+
+@task(**TRAINING, map_index_template=TICKET_LABEL)
+def late_reset(workdir: str, mask: dict, rewind: str) -> dict[str, Any]:
+    """Rewind to ``rewind``, apply ``mask``, retrain to the end with the mask fixed."""
+    return tasks.retrain(workdir, mask, rewind)
+
+
+@task
+def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+    """(control kind, mask, rewind point) triples; empty when the controls are off."""
+    return tasks.plan_controls(masks, plan)
+
+
+@task(**TRAINING, map_index_template=CONTROL_LABEL)
+def controls(workdir: str, mask: dict, rewind: str, control: str) -> dict[str, Any]:
+    """A control (random_reinit / random_prune) for one mask and rewind point."""
+    return tasks.retrain(workdir, mask, rewind, control)
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def report(workdir: str | None, plan: dict) -> dict[str, Any]:
+    """Collect every result (failed and missing ones listed, never fatal): csv, plot, report.md."""
+    return tasks.report(workdir, plan)
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def check_results(summary: dict | None) -> dict[str, Any]:
+    """Fail the run (after the report is written) when any combination failed or is missing."""
+    return tasks.check_results(summary)
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=None,
@@ -78,62 +144,8 @@ data set size, `train_dense`) at once, without retries, with a message naming th
     render_template_as_native_obj=False,
 )
 def lottery_ticket():
-    @task(multiple_outputs=True)
-    def validate_config() -> dict[str, Any]:
-        """Check the run's params (fail fast, no retries) and derive every path of the run."""
-        return tasks.validate_config()
-
-    @task
-    def fetch_dataset(dataset: str, source: str, limit: int | None) -> dict[str, Any]:
-        """Export the bundled Fashion-MNIST to an image folder (cached); skipped for an image folder."""
-        return tasks.fetch_dataset(dataset, source, limit)
-
-    @task
-    def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
-        """``<artifact_root>/<experiment id>``: created, or checked to hold this very experiment."""
-        return tasks.prepare_workdir(plan, data_dir, artifact_root)
-
-    @task(**TRAINING)
-    def train_dense(plan: dict, data_dir: str, workdir: str) -> dict[str, Any]:
-        """Train the dense network once, with a checkpoint at every rewind point (resumes)."""
-        return tasks.train_dense(plan, data_dir, workdir)
-
-    @task
-    def make_masks(workdir: str) -> list[dict[str, Any]]:
-        """One magnitude mask per sparsity level; returns one small descriptor per mask."""
-        return tasks.make_masks(workdir)
-
-    @task
-    def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
-        """Every (mask, rewind point) pair: the kwargs of the mapped late_reset instances."""
-        return tasks.plan_tickets(masks, plan)
-
-    @task(**TRAINING, map_index_template=TICKET_LABEL)
-    def late_reset(workdir: str, mask: dict, rewind: str) -> dict[str, Any]:
-        """Rewind to ``rewind``, apply ``mask``, retrain to the end with the mask fixed."""
-        return tasks.retrain(workdir, mask, rewind)
-
-    @task
-    def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
-        """(control kind, mask, rewind point) triples; empty when the controls are off."""
-        return tasks.plan_controls(masks, plan)
-
-    @task(**TRAINING, map_index_template=CONTROL_LABEL)
-    def controls(workdir: str, mask: dict, rewind: str, control: str) -> dict[str, Any]:
-        """A control (random_reinit / random_prune) for one mask and rewind point."""
-        return tasks.retrain(workdir, mask, rewind, control)
-
-    @task(trigger_rule=TriggerRule.ALL_DONE)
-    def report(workdir: str | None, plan: dict) -> dict[str, Any]:
-        """Collect every result (failed and missing ones listed, never fatal): csv, plot, report.md."""
-        return tasks.report(workdir, plan)
-
-    @task(trigger_rule=TriggerRule.ALL_DONE)
-    def check_results(summary: dict | None) -> dict[str, Any]:
-        """Fail the run (after the report is written) when any combination failed or is missing."""
-        return tasks.check_results(summary)
-
     checked = validate_config()
+    plan = checked["plan"]
     fetched = fetch_dataset(checked["dataset"], checked["source_dir"], checked["dataset_limit"])
     preprocess = SparkSubmitOperator(
         task_id="preprocess",
@@ -149,7 +161,6 @@ def lottery_ticket():
         doc_md="Spark job: image folder -> TFRecord shards + manifest.json (a no-op when the output exists).",
     )
     fetched >> preprocess
-    plan = checked["plan"]
     prepared = prepare_workdir(plan, checked["data_dir"], checked["artifact_root"])
     preprocess >> prepared
     workdir = prepared["workdir"]

@@ -7,17 +7,15 @@ scheduler-based run is tests/test_make_run.py). About a minute for the first run
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import airflow_local  # noqa: E402
+from lottery.deploy import airflow_home  # noqa: E402  (before airflow is imported)
 
-HOME = airflow_local.use_test_home()
+HOME = airflow_home.use_test_home()
 os.environ["AIRFLOW_CONN_SPARK_DEFAULT"] = json.dumps({"conn_type": "spark", "host": "local[2]"})
 os.environ["LOTTERY_RETRY_DELAY_S"] = "1"  # read when the DAG file is parsed
 
@@ -40,7 +38,7 @@ TINY = {
 def dag():
     from airflow.dag_processing.dagbag import DagBag
 
-    airflow_local.init_db_here()
+    airflow_home.init_db_here()
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
     return bag.dags["lottery_ticket"]
@@ -140,12 +138,12 @@ def test_failing_late_reset_does_not_stop_the_others_or_the_report(first, dag, r
     once (no retry: a corrupt artifact is not transient); the rest, the report and the listing go on."""
     import shutil
 
-    from lottery import experiment
+    from lottery import masks
 
     _, _, w = first
     for name in ("sp50.000__0it", "sp50.000__2it"):
         shutil.rmtree(w / "tickets" / name)
-    real_make_masks = experiment.make_masks
+    real_make_masks = masks.make_masks
 
     def make_masks_then_damage(workdir):
         out = real_make_masks(workdir)
@@ -153,7 +151,7 @@ def test_failing_late_reset_does_not_stop_the_others_or_the_report(first, dag, r
         path.write_bytes(path.read_bytes()[:-40] + b"\0" * 40)
         return out
 
-    monkeypatch.setattr(experiment, "make_masks", make_masks_then_damage)
+    monkeypatch.setattr(masks, "make_masks", make_masks_then_damage)
     run, tis = run_dag(dag, {**TINY, "artifact_root": str(root)})
     assert str(run.state) in ("failed", "DagRunState.FAILED")
     failed = {v["name"]: v for (t, _), v in tis.items() if t == "late_reset" and v["state"] == "failed"}

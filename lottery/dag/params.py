@@ -25,22 +25,17 @@ log = logging.getLogger("lottery.dag")
 
 FASHION_MNIST = "fashion_mnist"
 STEP_PATTERN = r"^\s*(\d+\s*ep\s*(\d+\s*it)?|\d+\s*it)\s*$"
+STEP_ITEM = {"type": "string", "pattern": STEP_PATTERN}
+FRACTION_ITEM = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
 _DEFAULTS = ExperimentConfig()
 # The params that are ExperimentConfig fields; the others say where the data comes from and where it goes.
 CONFIG_FIELDS = tuple(_DEFAULTS.to_dict())
 
 
-def _step_list(description: str, default: list[str], *, min_items: int, title: str, section: str) -> Param:
-    return Param(
-        default,
-        type="array",
-        items={"type": "string", "pattern": STEP_PATTERN},
-        minItems=min_items,
-        uniqueItems=True,
-        title=title,
-        description=description,
-        section=section,
-    )
+def _list_param(default: list, items: dict, *, title: str, description: str, section: str, min_items: int | None = None) -> Param:
+    """An array param of distinct items (the form shows one per line)."""
+    bounds = {} if min_items is None else {"minItems": min_items}
+    return Param(default, type="array", items=items, **bounds, uniqueItems=True, title=title, description=description, section=section)
 
 
 PARAMS: dict[str, Param] = {
@@ -91,9 +86,9 @@ PARAMS: dict[str, Param] = {
         _DEFAULTS.warmup_steps, type="string", pattern=STEP_PATTERN, title="Linear warm-up",
         description="A step string; `0it` = no warm-up.", section="Model and training",
     ),
-    "lr_milestones": _step_list(
-        "Steps at which the learning rate is multiplied by lr_gamma (one per line).",
-        list(_DEFAULTS.lr_milestones), min_items=0, title="LR milestones", section="Model and training",
+    "lr_milestones": _list_param(
+        list(_DEFAULTS.lr_milestones), STEP_ITEM, min_items=0, title="LR milestones",
+        description="Steps at which the learning rate is multiplied by lr_gamma (one per line).", section="Model and training",
     ),
     "lr_gamma": Param(_DEFAULTS.lr_gamma, type="number", exclusiveMinimum=0, maximum=1, title="LR decay factor", section="Model and training"),
     "augmentation": Param(
@@ -103,17 +98,14 @@ PARAMS: dict[str, Param] = {
     "jit_compile": Param(_DEFAULTS.jit_compile, type="boolean", title="XLA jit_compile", section="Model and training"),
     "seed": Param(_DEFAULTS.seed, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Model and training"),
     # ---- pruning and late resetting ----
-    "rewind_points": _step_list(
-        "Where the pruned network is reset to (late resetting), one step string per line; `0it` is the original "
+    "rewind_points": _list_param(
+        list(_DEFAULTS.rewind_points), STEP_ITEM, min_items=1, title="Rewind points",
+        description="Where the pruned network is reset to (late resetting), one step string per line; `0it` is the original "
         "lottery ticket. Must be before the end of training.",
-        list(_DEFAULTS.rewind_points), min_items=1, title="Rewind points", section="Pruning",
+        section="Pruning",
     ),
-    "sparsities": Param(
-        list(_DEFAULTS.sparsities),
-        type="array",
-        items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-        uniqueItems=True,
-        title="Sparsities (explicit)",
+    "sparsities": _list_param(
+        list(_DEFAULTS.sparsities), FRACTION_ITEM, title="Sparsities (explicit)",
         description="Fractions of prunable weights removed, e.g. [0.5, 0.9, 0.99]. Empty (the default): "
         "num_levels levels from prune_rate. When given, num_levels and prune_rate are ignored.",
         section="Pruning",
@@ -135,17 +127,13 @@ PARAMS: dict[str, Param] = {
     ),
     # ---- controls ----
     "controls": Param(_DEFAULTS.controls, type="boolean", title="Run the random baselines", section="Controls"),
-    "control_kinds": Param(
-        list(_DEFAULTS.control_kinds), type="array", items={"type": "string", "enum": list(CONTROLS)}, minItems=1, uniqueItems=True,
+    "control_kinds": _list_param(
+        list(_DEFAULTS.control_kinds), {"type": "string", "enum": list(CONTROLS)}, min_items=1,
         title="Control kinds", description="random_reinit: the ticket's mask, fresh random weights; "
         "random_prune: the rewound weights, a random mask with the same layer-wise sparsity.", section="Controls",
     ),
-    "control_sparsities": Param(
-        list(_DEFAULTS.control_sparsities),
-        type="array",
-        items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-        uniqueItems=True,
-        title="Control sparsities",
+    "control_sparsities": _list_param(
+        list(_DEFAULTS.control_sparsities), FRACTION_ITEM, title="Control sparsities",
         description="The levels the controls run at (each matched to the nearest sparsity level within 0.005); "
         "empty: every level. Every rewind point is run.",
         section="Controls",
