@@ -34,7 +34,7 @@ test: install
 clean:
 	rm -rf .pytest_cache build
 
-# ---- make run / make ui (owner: DAG; see docs/dag.md) ------------------------------------------
+# ---- make run / make ui (lottery/deploy/run.py, ui.py; see docs/dag.md) ------------------------
 # make run [CONF='{"model": "conv4"}']: one DAG run on a project-local Airflow (scheduler +
 #   LocalExecutor on SQLite in $(LOTTERY_AIRFLOW_HOME)), progress, accuracy table, report path;
 #   exit status 0 only when the run succeeded.
@@ -47,14 +47,14 @@ LOTTERY_AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
 run: export LOTTERY_CONF = $(CONF)
 run: install
-	$(BIN)/python scripts/run_experiment.py --home "$(LOTTERY_AIRFLOW_HOME)" --conf "$$LOTTERY_CONF" $(if $(PARALLELISM),--parallelism $(PARALLELISM))
+	$(BIN)/python -m lottery.deploy.run --home "$(LOTTERY_AIRFLOW_HOME)" --conf "$$LOTTERY_CONF" $(if $(PARALLELISM),--parallelism $(PARALLELISM))
 
 ui: install
-	$(BIN)/python scripts/ui.py --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
+	$(BIN)/python -m lottery.deploy.ui --home "$(LOTTERY_AIRFLOW_HOME)" --port $(UI_PORT) $(if $(PARALLELISM),--parallelism $(PARALLELISM))
 
-# ---- the cluster topology as local processes on loopback (see docs/cluster.md) -----------------
+# ---- the cluster topology as local processes on loopback (lottery/deploy/cluster.py; docs/cluster.md)
 cluster-up: install
-	$(BIN)/python scripts/cluster_local.py up
+	$(BIN)/python -m lottery.deploy.cluster up
 
 cluster-down:
-	$(BIN)/python scripts/cluster_local.py down
+	$(BIN)/python -m lottery.deploy.cluster down

@@ -15,15 +15,16 @@ checked again here because this runs inside the scheduler.
 
 from __future__ import annotations
 
-import os
 import re
+
+# The names are lottery.deploy.constants' (a cheap, pure-Python import: the package is installed
+# in every Airflow component's environment, the venv or the image).
+from lottery.deploy.constants import GPU_QUEUE, QUEUE_DAGS, QUEUE_PATTERN
 
 # Airflow copies every public name of this module into airflow.settings: export the hook only.
 __all__ = ["task_instance_mutation_hook"]
 
-GPU_QUEUE = os.environ.get("LOTTERY_GPU_QUEUE", "gpu")
-QUEUE_DAGS = frozenset(filter(None, os.environ.get("LOTTERY_QUEUE_DAGS", "lottery_ticket").split(",")))
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")
+_QUEUE_RE = re.compile(QUEUE_PATTERN)
 
 
 def run_queue(dag_run) -> str | None:

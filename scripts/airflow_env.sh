@@ -2,5 +2,5 @@
 #     source scripts/airflow_env.sh && airflow dags list
 # (writes .airflow/airflow.cfg first if it does not exist; LOTTERY_AIRFLOW_HOME picks another home)
 _lottery_repo="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"
-eval "$("$_lottery_repo/.venv/bin/python" "$_lottery_repo/scripts/airflow_local.py" env ${LOTTERY_AIRFLOW_HOME:+--home "$LOTTERY_AIRFLOW_HOME"})"
+eval "$("$_lottery_repo/.venv/bin/python" -m lottery.deploy.airflow_home env ${LOTTERY_AIRFLOW_HOME:+--home "$LOTTERY_AIRFLOW_HOME"})"
 unset _lottery_repo

@@ -1,6 +1,6 @@
 """The compose topology on loopback: one DAG run through CeleryExecutor, Redis, Postgres and Spark.
 
-scripts/cluster_local.py starts, as local processes: a Spark standalone master and worker,
+lottery.deploy.cluster (make cluster-up) starts, as local processes: a Spark standalone master and worker,
 docker/airflow-init.sh (db migrate, pool, spark_default -> that master), the API server, the
 scheduler (CeleryExecutor), the dag-processor, a Celery worker on `default` and one on `gpu`
 (concurrency 1, standing in for a GPU worker). The metadata database and the Celery result backend
@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import airflow_local as af  # noqa: E402
-import cluster_local as cl  # noqa: E402
-import run_experiment as rx  # noqa: E402
+from lottery.deploy import cluster as cl
+from lottery.deploy.api import Api
+from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL
+from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
+from lottery.deploy.supervisor import alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +44,11 @@ RUN_TIMEOUT = 900
 
 def _require_services() -> None:
     try:
-        cl._pg_connect(PG_URL).close()
+        pg_connect(PG_URL).close()
     except Exception as exc:
         pytest.fail(f"the cluster test needs PostgreSQL at {PG_URL} (trust auth): {exc}")
     try:
-        r = cl._redis(REDIS_URL, 0)
+        r = redis_client(REDIS_URL, 0)
         r.ping()
         r.close()
     except Exception as exc:
@@ -57,7 +56,7 @@ def _require_services() -> None:
 
 
 def _databases() -> set[str]:
-    conn = cl._pg_connect(PG_URL)
+    conn = pg_connect(PG_URL)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT datname FROM pg_database")
@@ -67,7 +66,7 @@ def _databases() -> set[str]:
 
 
 def _celery_results(database: str) -> int:
-    conn = cl._pg_connect(PG_URL, database)
+    conn = pg_connect(PG_URL, database)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'")
@@ -76,15 +75,14 @@ def _celery_results(database: str) -> int:
         conn.close()
 
 
-def _diagnose(cluster: cl.Cluster, api: af.Api | None, run_id: str | None) -> str:
+def _diagnose(cluster: cl.Cluster, api: Api | None, run_id: str | None) -> str:
     lines = []
     if api is not None and run_id:
-        for t in rx.task_instances(api, run_id):
+        for t in api.task_instances(run_id):
             lines.append(f"  {t['task_id']}[{t.get('map_index')}]: {t.get('state')} queue={t.get('queue')} host={t.get('hostname')}")
             if t.get("state") == "failed":
-                lines.append(f"    {rx.task_error(api, run_id, t)}")
-    for name in cluster.procs:
-        lines.append(f"--- {name} ---\n{cluster.tail(name, 12)}")
+                lines.append(f"    {api.task_error(run_id, t)}")
+    lines.append(cluster.supervisor.tails(12))
     return "\n".join(lines)
 
 
@@ -108,43 +106,43 @@ def test_dag_run_on_celery_workers_with_a_gpu_queue(tmp_path):
 
         # ---- trigger through the public REST API with a JWT from /auth/token ----
         api = cluster.api()
-        status, run = api.post(f"/api/v2/dags/{af.DAG_ID}/dagRuns", {"logical_date": None, "conf": TINY})
+        status, run = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": TINY})
         assert status in (200, 201), run
         run_id = run["dag_run_id"]
         deadline = time.monotonic() + RUN_TIMEOUT
         while True:
-            status, run = api.get(f"/api/v2/dags/{af.DAG_ID}/dagRuns/{run_id}")
+            status, run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
             assert status == 200, run
             if run["state"] in ("success", "failed"):
                 break
-            assert not cluster.dead(), f"a component died: {cluster.dead()}\n{_diagnose(cluster, api, run_id)}"
+            assert not cluster.supervisor.dead(), f"a component died: {cluster.supervisor.dead()}\n{_diagnose(cluster, api, run_id)}"
             assert time.monotonic() < deadline, f"run not done after {RUN_TIMEOUT}s\n{_diagnose(cluster, api, run_id)}"
             time.sleep(5)
         run_s = time.monotonic() - started - up_s
         assert run["state"] == "success", _diagnose(cluster, api, run_id)
 
         # ---- who ran what, on which queue ----
-        tis = rx.task_instances(api, run_id)
+        tis = api.task_instances(run_id)
         ran = [t for t in tis if t["state"] == "success"]
         tickets = [t for t in ran if t["task_id"] == "late_reset"]
         assert len(tickets) == len(TINY["sparsities"]) * len(TINY["rewind_points"]) == 4
         for t in ran:
             where = (t["queue"], t["hostname"])
             if t["task_id"] in TRAINING:
-                assert where == ("gpu", "gpu-worker-1"), t
-                assert t["pool"] == "lottery_workers", t
+                assert where == (GPU_QUEUE, "gpu-worker-1"), t
+                assert t["pool"] == POOL, t
             else:
                 assert where == ("default", "airflow-worker"), t
         assert {t["task_id"] for t in ran} >= {"validate_config", "preprocess", "train_dense", "make_masks",
                                                "late_reset", "report", "check_results"}
         # every executed task went through the Celery result backend on the same Postgres database
         # (a Celery task ends, and stores its result, just after its task instance does)
-        af.wait_until(lambda: _celery_results(state.database) >= len(ran), 60,
+        wait_until(lambda: _celery_results(state.database) >= len(ran), 60,
                       what=f"{len(ran)} successful Celery results in celery_taskmeta")
 
         # ---- what the run produced ----
-        prepared = rx.xcom(api, run_id, "prepare_workdir")
-        summary = rx.xcom(api, run_id, "report")
+        prepared = api.xcom(run_id, "prepare_workdir")
+        summary = api.xcom(run_id, "report")
         workdir = Path(prepared["workdir"])
         assert workdir.parent == tmp_path / "artifacts"
         rows = list(csv.DictReader(open(workdir / "results.csv")))
@@ -163,10 +161,10 @@ def test_dag_run_on_celery_workers_with_a_gpu_queue(tmp_path):
     # ---- the finalizer left nothing behind ----
     if state is not None:
         assert state.database not in _databases()
-        r = cl._redis(REDIS_URL, state.redis_db)
+        r = redis_client(REDIS_URL, state.redis_db)
         try:
-            assert r.get(cl.REDIS_OWNER_KEY) is None
+            assert r.get(REDIS_OWNER_KEY) is None
         finally:
             r.close()
-        assert not [n for n, pid in state.pids.items() if cl._alive(pid, state.started.get(n, 0))]
+        assert not [n for n, pid in state.pids.items() if alive(pid, state.started.get(n, 0))]
         assert not (tmp_path / "home" / cl.STATE_FILE).exists()

@@ -10,14 +10,15 @@ run, not how the YAML happens to be written. PyYAML reads the file as written (a
 shared environment block).
 
 Also here: docker/entrypoint.sh's GPU claim with a stand-in nvidia-smi, docker/init-env.sh, the
-Dockerfile's GPU variant against requirements.txt, and the loopback cluster's environment
-(scripts/cluster_local.py) against the compose file's.
+Dockerfile's GPU variant against requirements.txt, the loopback cluster's environment
+(lottery.deploy.cluster) against the compose file's, and the names the compose file shares with
+the DAG (pool, slots, queues) against their one definition, lottery.deploy.constants.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -29,12 +30,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lottery.deploy import airflow_init, cluster, constants
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "docker"))
 
 # what docker/init-env.sh writes to .env (values only need to be non-empty here)
 SECRETS = {
@@ -111,19 +112,6 @@ def model(compose_cli) -> dict:
 @pytest.fixture(scope="module")
 def raw() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
-def dag_constant(name: str) -> str:
-    """A module-level constant of dags/lottery_ticket.py (`X = "v"` or `X = os.environ.get(.., "v")`),
-    read without importing Airflow."""
-    tree = ast.parse((ROOT / "dags" / "lottery_ticket.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            value = node.value
-            if isinstance(value, ast.Call):
-                value = value.args[1]
-            return ast.literal_eval(value)
-    raise KeyError(name)
 
 
 def command_option(command: list[str], option: str) -> str:
@@ -235,7 +223,7 @@ def test_one_image_and_code_path_for_all_services(model):
 
 # ---- queues, workers, GPUs ----------------------------------------------------------------------
 def test_gpu_worker_consumes_the_dags_training_queue_one_task_at_a_time(model):
-    gpu_queue = dag_constant("GPU_QUEUE")
+    gpu_queue = constants.GPU_QUEUE
     assert gpu_queue == "gpu"
     w = model["services"]["gpu-worker"]
     assert w["command"][:3] == ["airflow", "celery", "worker"]
@@ -259,19 +247,19 @@ def test_gpu_workers_scale_from_the_environment(compose_cli):
 def test_default_worker_serves_every_other_task(model):
     w = model["services"]["airflow-worker"]
     queue = w["environment"]["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]
-    assert command_option(w["command"], "--queues") == queue == "default"
+    assert command_option(w["command"], "--queues") == queue == constants.DEFAULT_QUEUE == "default"
     assert command_option(w["command"], "--concurrency") == w["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
     assert "deploy" not in w or not w["deploy"].get("resources")
 
 
 def test_init_creates_the_dags_pool_and_points_spark_default_at_the_master(model):
-    import airflow_init
-
-    assert airflow_init.POOL == dag_constant("POOL") == "lottery_workers"
+    assert airflow_init.POOL is constants.POOL == "lottery_workers"
+    assert airflow_init.SPARK_CONN_ID is constants.SPARK_CONN_ID
     init = model["services"]["airflow-init"]
     assert init["command"] == ["bash", "/opt/lottery/docker/airflow-init.sh"]
-    assert "airflow db migrate" in (ROOT / "docker" / "airflow-init.sh").read_text()
-    assert init["environment"]["LOTTERY_POOL_SLOTS"] == "20" == str(dag_constant("POOL_SLOTS"))
+    script = (ROOT / "docker" / "airflow-init.sh").read_text()
+    assert "airflow db migrate" in script and "python -m lottery.deploy.airflow_init" in script
+    assert init["environment"]["LOTTERY_POOL_SLOTS"] == "20" == str(constants.POOL_SLOTS)
     master_url = init["environment"]["SPARK_MASTER_URL"]
     assert master_url == "spark://spark-master:7077"
     # stored as the SparkSubmitHook reads it back: conn_type://host:port
@@ -346,6 +334,9 @@ def test_dockerfile_gpu_variant_swaps_only_the_tensorflow_wheel():
     assert {".venv", ".git", "artifacts", ".env"} <= set(ignore)
     assert os.access(ENTRYPOINT, os.X_OK) and os.access(ROOT / "docker" / "airflow-init.sh", os.X_OK)
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/opt/lottery/docker/entrypoint.sh"]' in text
+    # the project is installed (the plugin and airflow-init import lottery.deploy), after it is copied
+    assert text.index("COPY --chown=${AIRFLOW_UID}:0 . /opt/lottery") < text.index("pip install --no-deps -e /opt/lottery")
+    assert text.index("pip install --no-deps -e /opt/lottery") < text.index("USER ${AIRFLOW_UID}")
 
 
 # ---- docker/entrypoint.sh -----------------------------------------------------------------------
@@ -394,9 +385,7 @@ def test_entrypoint_leaves_a_single_gpu_and_cpu_containers_alone(tmp_path):
 
 # ---- the loopback cluster mirrors the compose file ----------------------------------------------
 def test_loopback_cluster_sets_the_same_airflow_settings(raw, tmp_path):
-    import cluster_local
-
-    env = cluster_local.cluster_env(
+    env = cluster.cluster_env(
         tmp_path, port=18080, sql_alchemy_conn="postgresql+psycopg2://postgres@127.0.0.1:5432/x",
         result_backend="db+postgresql+psycopg2://postgres@127.0.0.1:5432/x", broker_url="redis://127.0.0.1:6379/5",
         artifact_root=tmp_path / "art",
@@ -404,7 +393,7 @@ def test_loopback_cluster_sets_the_same_airflow_settings(raw, tmp_path):
     common = raw["x-airflow-env"]
     secrets = {"AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"}
     missing = sorted(k for k in common if k not in env and k not in secrets)
-    assert not missing, f"scripts/cluster_local.py does not set {missing}"
+    assert not missing, f"lottery.deploy.cluster does not set {missing}"
     # addresses, paths and secrets differ; everything else must be identical
     local_only = {"AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER",
                   "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
@@ -429,6 +418,7 @@ def test_extra_queue_example_adds_workers_for_another_queue(compose_cli):
     services = json.loads(out.stdout)["services"]
     w, gpu = services["a100-worker"], services["gpu-worker"]
     assert command_option(w["command"], "--queues") == "a100" and command_option(w["command"], "--concurrency") == "1"
+    assert re.match(constants.QUEUE_PATTERN, "a100")  # a name a run's `queue` param accepts
     assert w["deploy"]["replicas"] == 3
     assert w["deploy"]["resources"] == gpu["deploy"]["resources"]
     assert (w["image"], w["environment"]) == (gpu["image"], gpu["environment"])

@@ -1,4 +1,4 @@
-"""What ``make run`` runs (scripts/run_experiment.py): the real scheduler + LocalExecutor + API server
+"""What ``make run`` runs (``python -m lottery.deploy.run``): the real scheduler + LocalExecutor + API server
 on a throwaway Airflow home, a tiny config, tasks really running in parallel. About 2-3 minutes."""
 
 import json
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "run_experiment.py"
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,7 @@ TINY = {
 def run_script(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
+        [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
 

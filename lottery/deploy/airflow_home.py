@@ -1,0 +1,280 @@
+"""A project-local Airflow: home, ``airflow.cfg``, database, pool, connection, and its components.
+
+Used by ``make run`` (``lottery.deploy.run``), ``make ui`` (``lottery.deploy.ui``), the loopback
+cluster (``lottery.deploy.cluster``, for the secrets) and the tests.
+
+    python -m lottery.deploy.airflow_home init [--home DIR]   # config + database + pool + connection
+    python -m lottery.deploy.airflow_home env  [--home DIR]   # `eval` it to use the airflow CLI on that home
+    source scripts/airflow_env.sh                             # the same, for a shell
+
+The home (default ``.airflow/``, gitignored) holds ``airflow.cfg`` (written by ``write_config``:
+LocalExecutor, SQLite, parallelism = the machine's cores, this repo's dags/ and plugins/), the
+SQLite database, logs and the simple auth manager's password file. Secrets (JWT, Fernet, API secret
+key) are generated once and kept when the config is rewritten.
+
+Airflow 3.3 runs the LocalExecutor on SQLite (``airflow standalone`` does the same); task processes
+talk to the API server's execution API, never to the database, so SQLite's single writer is only
+shared by the scheduler, dag-processor, API server and triggerer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import secrets
+import shlex
+import subprocess
+import sys
+from base64 import urlsafe_b64encode
+from pathlib import Path
+from typing import Callable
+
+from lottery.deploy.api import Api
+from lottery.deploy.constants import POOL, POOL_SLOTS, REPO, SPARK_CONN_ID
+from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
+
+DEFAULT_HOME = Path(os.environ.get("LOTTERY_AIRFLOW_HOME", REPO / ".airflow"))
+USER = "admin"
+DEFAULT_UI_PORT = int(os.environ.get("LOTTERY_UI_PORT", "8080"))
+COMPONENTS_FILE = "components.json"  # pids and port of the components of a `make ui` / `make run`
+
+
+def default_parallelism() -> int:
+    """Task slots of the LocalExecutor: one training task per core (and at least two, so that a
+    light task never waits behind a training task on a one-core machine)."""
+    return max(2, cores())
+
+
+# ---- configuration ----------------------------------------------------------------------------
+def _sections(home: Path, parallelism: int, port: int, keep: Callable[[str, str, Callable[[], str]], str]) -> dict:
+    return {
+        "core": {
+            "dags_folder": str(REPO / "dags"),
+            "plugins_folder": str(REPO / "plugins"),
+            "executor": "LocalExecutor",
+            "parallelism": str(parallelism),
+            "max_active_tasks_per_dag": str(max(32, parallelism)),
+            "load_examples": "False",
+            "dags_are_paused_at_creation": "False",
+            "auth_manager": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "simple_auth_manager_users": f"{USER}:admin",
+            "simple_auth_manager_passwords_file": str(home / "passwords.json"),
+            "execution_api_server_url": f"http://127.0.0.1:{port}/execution/",
+            "fernet_key": keep("core", "fernet_key", lambda: urlsafe_b64encode(os.urandom(32)).decode()),
+        },
+        "database": {"sql_alchemy_conn": f"sqlite:///{home / 'airflow.db'}"},
+        "api": {
+            "host": "127.0.0.1",
+            "port": str(port),
+            "base_url": f"http://127.0.0.1:{port}",
+            "workers": "1",
+            "secret_key": keep("api", "secret_key", lambda: secrets.token_urlsafe(32)),
+        },
+        "api_auth": {"jwt_secret": keep("api_auth", "jwt_secret", lambda: secrets.token_urlsafe(32))},
+        "logging": {"base_log_folder": str(home / "logs")},
+        "scheduler": {"task_queued_timeout": "3600"},
+        "dag_processor": {"refresh_interval": "30"},
+    }
+
+
+def write_config(home: Path, *, parallelism: int | None = None, port: int = DEFAULT_UI_PORT) -> Path:
+    """Write ``home/airflow.cfg`` (keeping the secrets of an existing one) and the password file."""
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "airflow.cfg"
+    old = configparser.ConfigParser(interpolation=None)
+    if path.exists():
+        old.read(path)
+
+    def keep(section: str, key: str, make: Callable[[], str]) -> str:
+        return old.get(section, key, fallback=None) or make()
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read_dict(_sections(home, parallelism or default_parallelism(), port, keep))
+    with open(path, "w") as f:
+        f.write("# Written by lottery.deploy.airflow_home (make run / make ui); edits are overwritten.\n")
+        cfg.write(f)
+    os.chmod(path, 0o600)
+    passwords = home / "passwords.json"
+    if not passwords.exists() or USER not in read_json(passwords):
+        passwords.write_text(json.dumps({USER: secrets.token_urlsafe(12)}) + "\n")
+        os.chmod(passwords, 0o600)
+    return path
+
+
+def password(home: Path) -> str:
+    return read_json(Path(home) / "passwords.json")[USER]
+
+
+def environ(home: Path, *, port: int | None = None, parallelism: int | None = None) -> dict[str, str]:
+    """Environment of the Airflow processes on ``home``. ``port`` / ``parallelism`` override the
+    config for these processes only (``make run`` uses a free port next to a running ``make ui``)."""
+    home = Path(home).resolve()
+    env = dict(os.environ)
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW_CONFIG=str(home / "airflow.cfg"),
+        PATH=f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}",
+        KERAS_BACKEND=env.get("KERAS_BACKEND", "tensorflow"),
+        TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        PYTHONUNBUFFERED="1",
+    )
+    if port is not None:
+        env.update(
+            AIRFLOW__API__PORT=str(port),
+            AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
+            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
+            # the LocalExecutor's log server (default 8793) must not collide with another Airflow
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+        )
+    if parallelism is not None:
+        env["AIRFLOW__CORE__PARALLELISM"] = str(parallelism)
+    return env
+
+
+def init(home: Path, *, parallelism: int | None = None, port: int = DEFAULT_UI_PORT, quiet: bool = False) -> dict[str, str]:
+    """Config, database (migrated), pool and connection; returns the environment to run Airflow in."""
+    write_config(home, parallelism=parallelism, port=port)
+    env = environ(home)
+    out = subprocess.run([sys.executable, "-m", "lottery.deploy.airflow_home", "_init_db"], env=env, capture_output=True, text=True,
+                         cwd=REPO)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout + out.stderr)
+        raise RuntimeError(f"initialising the Airflow database in {home} failed (exit {out.returncode})")
+    if not quiet:
+        print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else f"Airflow home {home} ready")
+    return env
+
+
+def _init_db_inprocess() -> None:
+    """Runs in a child whose environment points at the home: migrate, pool, connection."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    from airflow.utils import db
+    from airflow.utils.session import create_session
+
+    from lottery.deploy.airflow_init import ensure_pool, point_spark_default
+
+    db.initdb()
+    with create_session() as session:
+        ensure_pool(session)
+        master = point_spark_default(
+            session, "local[*]", keep_existing=True,
+            description="Spark in this process tree (make run); point it at a cluster for production",
+        )
+    master = master if master.endswith("(kept)") else f"{master} (created)"
+    print(f"Airflow home {os.environ['AIRFLOW_HOME']}: database ready, pool {POOL} = {POOL_SLOTS} slots, "
+          f"{SPARK_CONN_ID} = {master}")
+
+
+# ---- components -------------------------------------------------------------------------------
+class LocalAirflow:
+    """The Airflow components of ``make run`` / ``make ui`` on a home, under one supervisor; their
+    pids and port in ``home/components.json`` while they run (``make run`` finds a ``make ui``)."""
+
+    def __init__(self, home: Path, port: int, *, parallelism: int | None = None):
+        self.home = Path(home).resolve()
+        self.port = port
+        self.env = environ(self.home, port=port, parallelism=parallelism)
+        self.supervisor = Supervisor(self.home / "logs", on_change=self._record)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *names: str) -> None:
+        for name in names:
+            self.supervisor.start(name, [str(venv_bin() / "airflow"), name], self.env)
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+        (self.home / COMPONENTS_FILE).unlink(missing_ok=True)
+
+    def api(self) -> Api:
+        return Api(self.url, USER, password(self.home))
+
+    def _record(self) -> None:
+        (self.home / COMPONENTS_FILE).write_text(json.dumps({
+            "pids": self.supervisor.pids, "started": self.supervisor.started, "port": self.port}))
+
+
+def running_ui(home: Path) -> int | None:
+    """The API port of the components (a `make ui`) running on this home, if any."""
+    info = read_json(Path(home) / COMPONENTS_FILE)
+    pids, started = info.get("pids", {}), info.get("started", {})
+    if not pids or not info.get("port"):
+        return None
+    if not all(alive(pid, started.get(name, 0.0)) for name, pid in pids.items()):
+        return None
+    return int(info["port"])
+
+
+# ---- tests ------------------------------------------------------------------------------------
+def use_test_home(prefix: str = "lottery-airflow-test-") -> Path:
+    """Tests: point this process's Airflow at a throwaway home (SQLite, this repo's DAG and plugins).
+
+    Call before anything imports ``airflow``; a second call in the same process returns the same
+    home. The database is not created here (``init_db_here``)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_HOME"):
+        return Path(os.environ["LOTTERY_TEST_AIRFLOW_HOME"])
+    if "airflow" in sys.modules:
+        raise RuntimeError("airflow was imported before use_test_home(): its configuration is already loaded")
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    write_config(home, parallelism=2, port=free_port())
+    env = environ(home)
+    os.environ.update({k: env[k] for k in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "PATH")})
+    os.environ["LOTTERY_TEST_AIRFLOW_HOME"] = str(home)
+    return home
+
+
+def init_db_here() -> None:
+    """Create (migrate) the database of this process's Airflow home, once per process."""
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_DB") == os.environ.get("AIRFLOW_HOME"):
+        return
+    import logging
+
+    from airflow.utils import db
+
+    level = logging.root.level
+    db.initdb()
+    logging.root.setLevel(level)
+    os.environ["LOTTERY_TEST_AIRFLOW_DB"] = os.environ.get("AIRFLOW_HOME", "")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lottery.deploy.airflow_home", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["init", "env", "_init_db"])
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    parser.add_argument("--parallelism", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "_init_db":
+        _init_db_inprocess()
+    elif args.command == "init":
+        init(args.home, parallelism=args.parallelism)
+    else:
+        if not (Path(args.home) / "airflow.cfg").exists():
+            write_config(args.home, parallelism=args.parallelism)
+        env = environ(args.home)
+        for key in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "PATH"):
+            print(f"export {key}={shlex.quote(env[key])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
