@@ -99,16 +99,14 @@ PARAMS: dict[str, Param] = {
     "seed": Param(_DEFAULTS.seed, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Model and training"),
     # ---- pruning and late resetting ----
     "rewind_points": _list_param(
-        list(_DEFAULTS.rewind_points), STEP_ITEM, min_items=1, title="Rewind points",
+        list(_DEFAULTS.rewind_points), STEP_ITEM, min_items=1, title="Rewind points", section="Pruning",
         description="Where the pruned network is reset to (late resetting), one step string per line; `0it` is the original "
         "lottery ticket. Must be before the end of training.",
-        section="Pruning",
     ),
     "sparsities": _list_param(
-        list(_DEFAULTS.sparsities), FRACTION_ITEM, title="Sparsities (explicit)",
+        list(_DEFAULTS.sparsities), FRACTION_ITEM, title="Sparsities (explicit)", section="Pruning",
         description="Fractions of prunable weights removed, e.g. [0.5, 0.9, 0.99]. Empty (the default): "
         "num_levels levels from prune_rate. When given, num_levels and prune_rate are ignored.",
-        section="Pruning",
     ),
     "num_levels": Param(
         _DEFAULTS.num_levels, type="integer", minimum=1, maximum=100, title="Number of sparsity levels",
@@ -133,10 +131,9 @@ PARAMS: dict[str, Param] = {
         "random_prune: the rewound weights, a random mask with the same layer-wise sparsity.", section="Controls",
     ),
     "control_sparsities": _list_param(
-        list(_DEFAULTS.control_sparsities), FRACTION_ITEM, title="Control sparsities",
+        list(_DEFAULTS.control_sparsities), FRACTION_ITEM, title="Control sparsities", section="Controls",
         description="The levels the controls run at (each matched to the nearest sparsity level within 0.005); "
         "empty: every level. Every rewind point is run.",
-        section="Controls",
     ),
     # ---- execution ----
     "artifact_root": Param(
