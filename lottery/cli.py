@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from lottery.config import CONTROLS, ConfigError
+from lottery.config import CONTROLS, ConfigError, ExperimentConfig
 from lottery.errors import LotteryError
 
 log = logging.getLogger("lottery")
@@ -55,43 +55,48 @@ def cmd_fetch(args) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
-def cmd_id(args) -> None:
-    from lottery import experiment
+def _config(args) -> ExperimentConfig:
+    return ExperimentConfig.from_dict(_load_config(args.config, args.set))
 
-    cfg = experiment.resolve_config(_load_config(args.config, args.set))
-    print(experiment.workdir_for(cfg, args.data, args.root).name)
+
+def cmd_id(args) -> None:
+    from lottery.paths import Workdir
+
+    print(Workdir.for_experiment(args.root, _config(args), args.data).name)
 
 
 def cmd_dense(args) -> None:
-    from lottery import experiment
+    from lottery.dense import run_dense
+    from lottery.paths import Workdir
 
-    cfg = experiment.resolve_config(_load_config(args.config, args.set))
-    workdir = args.workdir or experiment.workdir_for(cfg, args.data, args.root)
-    result = experiment.run_dense(cfg, args.data, workdir, threads=_threads(args), progress=sys.stdout.isatty())
+    cfg = _config(args)
+    workdir = args.workdir or Workdir.for_experiment(args.root, cfg, args.data)
+    result = run_dense(cfg, args.data, workdir, threads=_threads(args), progress=sys.stdout.isatty())
     print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_masks(args) -> None:
-    from lottery import experiment
+    from lottery.masks import make_masks
 
-    for d in experiment.make_masks(args.workdir):
+    for d in make_masks(args.workdir):
         print(f"{d['index']:3d}  {d['mask_id']}  sparsity {100 * d['sparsity']:6.2f}%  left {100 * d['remaining']:6.2f}%")
 
 
 def cmd_retrain(args) -> None:
-    from lottery import experiment
+    from lottery.late_reset import retrain
 
-    result = experiment.retrain(args.workdir, args.mask, args.rewind, control=args.control, threads=_threads(args),
-                                data_dir=args.data, progress=sys.stdout.isatty())
+    result = retrain(args.workdir, args.mask, args.rewind, control=args.control, threads=_threads(args),
+                     data_dir=args.data, progress=sys.stdout.isatty())
     print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_summarize(args) -> None:
-    from lottery import experiment
+    from lottery.paths import Workdir
+    from lottery.report import format_table, summarize
 
-    rows = experiment.summarize(args.workdir)
-    print(experiment.format_table(args.workdir, rows))
-    print(f"\nwrote {Path(args.workdir) / 'results.csv'}")
+    rows = summarize(args.workdir)
+    print(format_table(args.workdir, rows))
+    print(f"\nwrote {Workdir(args.workdir).results_csv}")
 
 
 def cmd_report(args) -> None:
@@ -133,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, required=True)
     p.set_defaults(func=cmd_masks)
 
-    p = sub.add_parser("retrain", help="late-reset retraining of one (mask, rewind point)")
+    p = sub.add_parser("retrain", help="late reset: retrain one (mask, rewind point) ticket or control")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--mask", required=True, help="mask index (0-based) or id such as sp20.000")
     p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
-    p.add_argument("--control", choices=CONTROLS, help="run a baseline instead of the ticket")
+    p.add_argument("--control", choices=CONTROLS, help="run a random control instead of the ticket")
     p.add_argument("--data", help="data directory (default: the one the dense run used)")
     p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
     p.set_defaults(func=cmd_retrain)

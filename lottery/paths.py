@@ -40,36 +40,23 @@ def dataset_id(data_dir: str | os.PathLike) -> str:
     return read_manifest(data_dir)["dataset_id"]
 
 
+def _under(attribute: str, *parts: str, doc: str = "") -> property:
+    """A path ``parts`` below the directory in ``self.<attribute>``: the layout reads as a table."""
+    return property(lambda self: Path(getattr(self, attribute), *parts), doc=doc)
+
+
 @dataclass(frozen=True)
 class TicketPaths:
     """The files of one ticket (or control) directory."""
 
     dir: Path
 
-    @property
-    def result(self) -> Path:
-        return self.dir / RESULT_JSON
-
-    @property
-    def error(self) -> Path:
-        return self.dir / "error.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.dir / "checkpoint.npz"
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.csv"
-
-    @property
-    def model(self) -> Path:
-        return self.dir / "model.keras"
-
-    @property
-    def mask(self) -> Path:
-        """The random mask of a ``random_prune`` control."""
-        return self.dir / "mask.npz"
+    result = _under("dir", RESULT_JSON)
+    error = _under("dir", "error.json", doc="the exception of a failed attempt (removed when it succeeds)")
+    checkpoint = _under("dir", "checkpoint.npz")
+    metrics = _under("dir", "metrics.csv")
+    model = _under("dir", "model.keras")
+    mask = _under("dir", "mask.npz", doc="the random mask of a random_prune control")
 
 
 @dataclass
@@ -120,59 +107,27 @@ class Workdir:
         """The experiment id (the directory's name)."""
         return self.path.name
 
-    # ---- the experiment -------------------------------------------------------------------------
-    @property
-    def config_json(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def run_json(self) -> Path:
-        return self.path / "run.json"
-
-    @property
-    def results_csv(self) -> Path:
-        return self.path / RESULTS_CSV
-
-    # ---- dense training -------------------------------------------------------------------------
-    @property
-    def dense_dir(self) -> Path:
-        return self.path / "dense"
-
-    @property
-    def dense_result(self) -> Path:
-        return self.dense_dir / RESULT_JSON
-
-    @property
-    def dense_checkpoint(self) -> Path:
-        return self.dense_dir / "checkpoint.npz"
-
-    @property
-    def dense_metrics(self) -> Path:
-        return self.dense_dir / "metrics.csv"
-
-    @property
-    def final_model(self) -> Path:
-        return self.dense_dir / "final.keras"
+    # ---- the layout ---------------------------------------------------------------------------
+    config_json = _under("path", "config.json")
+    run_json = _under("path", "run.json")
+    results_csv = _under("path", RESULTS_CSV)
+    dense_dir = _under("path", "dense")
+    dense_result = _under("path", "dense", RESULT_JSON)
+    dense_checkpoint = _under("path", "dense", "checkpoint.npz", doc="resume point (deleted when done)")
+    dense_metrics = _under("path", "dense", "metrics.csv")
+    final_model = _under("path", "dense", "final.keras")
+    masks_dir = _under("path", "masks")
+    mask_index = _under("path", "masks", "index.json")
+    tickets_dir = _under("path", TICKETS)
+    report_dir = _under("path", "report")
+    report_md = _under("path", "report", REPORT_NAME)
+    plot_png = _under("path", "report", PLOT_NAME)
 
     def rewind_checkpoint(self, label: str) -> Path:
         return self.dense_dir / "rewind" / f"{label}.npz"
 
-    # ---- masks ----------------------------------------------------------------------------------
-    @property
-    def masks_dir(self) -> Path:
-        return self.path / "masks"
-
     def mask_file(self, mask_id: str) -> Path:
         return self.masks_dir / f"{mask_id}.npz"
-
-    @property
-    def mask_index(self) -> Path:
-        return self.masks_dir / "index.json"
-
-    # ---- tickets and controls -------------------------------------------------------------------
-    @property
-    def tickets_dir(self) -> Path:
-        return self.path / TICKETS
 
     def ticket(self, spec: TicketSpec) -> TicketPaths:
         return TicketPaths(self.tickets_dir / spec.name)
@@ -183,19 +138,6 @@ class Workdir:
             return []
         parts = (p.name.split("__") for p in sorted(self.tickets_dir.iterdir()) if p.is_dir())
         return [TicketSpec(*p) for p in parts if len(p) == 3]
-
-    # ---- report ---------------------------------------------------------------------------------
-    @property
-    def report_dir(self) -> Path:
-        return self.path / "report"
-
-    @property
-    def report_md(self) -> Path:
-        return self.report_dir / REPORT_NAME
-
-    @property
-    def plot_png(self) -> Path:
-        return self.report_dir / PLOT_NAME
 
     # ---- I/O ------------------------------------------------------------------------------------
     def prepare(self, cfg: ExperimentConfig, data_dir: str | os.PathLike) -> Workdir:

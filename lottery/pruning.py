@@ -83,6 +83,23 @@ def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
     """
     sparsity = float(sparsity)
     output_factor = float(output_factor)
+    _check_arguments(weights, sparsity, scope, output_path, output_factor)
+    magnitudes = _magnitudes(weights, prior_mask)
+    paths = list(weights)
+    masks = {}
+    for group_paths, rate in _ranking_groups(paths, sparsity, scope, output_path, output_factor):
+        if group_paths:
+            masks.update(_prune_group(magnitudes, rate, group_paths))
+    if prior_mask is not None:
+        revived = [p for p in paths if np.any(masks[p] & ~np.asarray(prior_mask[p], dtype=bool))]
+        if revived:
+            raise ValueError(
+                f"sparsity {sparsity} is below the prior mask's in {revived}: weights would come back"
+            )
+    return {p: masks[p] for p in paths}
+
+
+def _check_arguments(weights, sparsity, scope, output_path, output_factor):
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1]; got {sparsity}")
     if scope not in SCOPES:
@@ -94,6 +111,9 @@ def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
     if output_path is not None and output_path not in weights:
         raise ValueError(f"output_path {output_path!r} is not among the weights: {list(weights)}")
 
+
+def _magnitudes(weights, prior_mask):
+    """|w| per path (float); a prior mask's removed weights rank below every surviving one (-1)."""
     magnitudes = {}
     for p, w in weights.items():
         magnitude = np.abs(_numpy(w))
@@ -111,32 +131,18 @@ def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
             if prior.shape != magnitudes[p].shape:
                 raise ValueError(f"prior_mask[{p!r}] has shape {prior.shape}, the weight {magnitudes[p].shape}")
             magnitudes[p] = np.where(prior, magnitudes[p], magnitudes[p].dtype.type(-1))
+    return magnitudes
 
-    paths = list(weights)
+
+def _ranking_groups(paths, sparsity, scope, output_path, output_factor):
+    """(paths ranked together, rate) pairs: one global group (the output layer apart when its
+    factor is not 1), or one group per layer."""
     output_rate = min(1.0, output_factor * sparsity)
-    separate_output = output_path is not None and output_factor != 1.0
-    if scope == "global":
-        groups = []
-        if separate_output:
-            groups.append(([p for p in paths if p != output_path], sparsity))
-            groups.append(([output_path], output_rate))
-        else:
-            groups.append((paths, sparsity))
-    else:
-        groups = [([p], output_rate if p == output_path else sparsity) for p in paths]
-
-    masks = {}
-    for group_paths, rate in groups:
-        if group_paths:
-            masks.update(_prune_group(magnitudes, rate, group_paths))
-
-    if prior_mask is not None:
-        revived = [p for p in paths if np.any(masks[p] & ~np.asarray(prior_mask[p], dtype=bool))]
-        if revived:
-            raise ValueError(
-                f"sparsity {sparsity} is below the prior mask's in {revived}: weights would come back"
-            )
-    return {p: masks[p] for p in paths}
+    if scope != "global":
+        return [([p], output_rate if p == output_path else sparsity) for p in paths]
+    if output_path is not None and output_factor != 1.0:
+        return [([p for p in paths if p != output_path], sparsity), ([output_path], output_rate)]
+    return [(paths, sparsity)]
 
 
 def random_prune_like(mask, seed):

@@ -1,10 +1,13 @@
-"""The experiment's report: results table, accuracy-vs-sparsity plot and ``report.md``.
+"""The experiment's report: the results table, the accuracy-vs-sparsity plot and ``report.md``.
 
-    write_report(W) -> {"results_csv", "plot", "report", ...}
+    summarize(W[, plan]) -> rows        one row per expected ticket; writes W/results.csv
+    format_table(W[, rows]) -> text     the accuracy table for logs and the terminal
+    write_report(W[, plan=...]) -> {"results_csv", "plot", "report", "problems", ...}
 
-writes ``W/results.csv`` (via ``lottery.experiment.summarize``), ``W/report/accuracy_vs_sparsity.png``
-and ``W/report/report.md``. It never fails because results are missing: failed and missing
-(mask, rewind point[, control]) combinations are listed in the report and returned as ``problems``.
+``write_report`` writes ``results.csv``, ``report/accuracy_vs_sparsity.png`` and
+``report/report.md`` (paths: lottery/paths.py). It never fails because results are missing:
+failed and missing (mask, rewind point[, control]) tickets are listed in the report and returned as
+``problems``. The ``plan`` says which tickets and controls are expected.
 
 The plot follows the lottery-ticket papers: x = % of prunable weights remaining on a log axis,
 reversed so that sparser networks are to the right; one line per rewind point; the dense network's
@@ -16,53 +19,133 @@ No TensorFlow, Keras or NumPy import.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from lottery.config import CONTROLS
+from lottery.paths import PLOT_NAME, RESULT_JSON, RESULTS_CSV, TICKETS, Workdir
+from lottery.plan import RunPlan, TicketSpec
+
 log = logging.getLogger("lottery")
 
 # A ticket "matches" the dense network when its final val accuracy is at most this far below it.
 MATCH_TOLERANCE = 0.01
-PLOT_NAME = "accuracy_vs_sparsity.png"
-REPORT_NAME = "report.md"
+RESULT_COLUMNS = ("mask_id", "sparsity", "remaining", "rewind", "rewind_step", "control", "status",
+                  "val_accuracy", "best_val_accuracy", "error")
 _CONTROL_STYLE = {"random_reinit": ("--", "x"), "random_prune": ((0, (5, 2, 1, 2)), "^")}
 
 
+# ---- the results table --------------------------------------------------------------------------
+def expected_tickets(workdir: Workdir, plan: RunPlan, *, planned_controls: bool = True) -> list[TicketSpec]:
+    """The plan's tickets, then its controls and any control found on disk, kind by kind (in
+    ``CONTROLS`` order), mask by mask, rewind by rewind. ``planned_controls=False``: only the
+    controls that were started (the CLI runs controls on request only)."""
+    wanted = set(workdir.started_controls()) | set(plan.controls if planned_controls else ())
+    controls = [
+        spec for kind in CONTROLS for m in plan.masks for r in plan.rewinds
+        if (spec := TicketSpec(m.mask_id, r, kind)) in wanted
+    ]
+    return list(plan.tickets) + controls
+
+
+def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
+    """One row per expected ticket with its status; writes ``results.csv``.
+
+    ``plan``: which tickets and controls are expected (the DAG passes its run's). Default: the plan
+    of the work directory's ``config.json``, with the controls that were started."""
+    workdir = Workdir(workdir)
+    started_only = plan is None
+    plan = plan or RunPlan.from_config(workdir.load()[0])
+    specs = expected_tickets(workdir, plan, planned_controls=not started_only)
+    sparsity_of = {m.mask_id: m.sparsity for m in plan.masks}
+    rows = [_result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    from lottery.files import write_text
+
+    write_text(workdir.results_csv, buffer.getvalue())
+    return rows
+
+
+def _result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str, Any]:
+    from lottery.files import read_json
+
+    paths = workdir.ticket(spec)
+    row = {"mask_id": spec.mask_id, "sparsity": sparsity, "remaining": None, "rewind": spec.rewind, "rewind_step": None,
+           "control": spec.control or "", "status": "missing", "val_accuracy": None, "best_val_accuracy": None, "error": ""}
+    if paths.result.exists():
+        result = read_json(paths.result)
+        row.update({k: result[k] for k in ("remaining", "rewind_step", "val_accuracy", "best_val_accuracy")}, status="ok")
+    elif paths.error.exists():
+        row.update(status="failed", error=read_json(paths.error)["error"].splitlines()[0][:300])
+    return row
+
+
+def format_table(workdir: str | os.PathLike, rows: list[dict[str, Any]] | None = None) -> str:
+    """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top."""
+    workdir = Workdir(workdir)
+    cfg, _ = workdir.load()
+    rows = summarize(workdir) if rows is None else rows
+    labels = cfg.rewind_labels()
+    lines = []
+    dense = _dense_result(workdir)
+    if dense:
+        lines.append(f"dense network: val accuracy {100 * dense['val_accuracy']:.2f}%")
+    for control in sorted({r["control"] for r in rows}, key=lambda c: (c != "", c)):
+        subset = [r for r in rows if r["control"] == control]
+        lines.append("")
+        lines.append(f"{'tickets' if not control else 'control ' + control}: val accuracy (%) by weights remaining and rewind point")
+        lines.append(f"{'sparsity':>9} {'left':>7} " + " ".join(f"{label:>9}" for label in labels))
+        lines.extend(_text_row(subset, mid, labels) for mid in dict.fromkeys(r["mask_id"] for r in subset))
+    return "\n".join(lines)
+
+
+def _text_row(subset: list[dict], mid: str, labels: list[str]) -> str:
+    cells = {r["rewind"]: r for r in subset if r["mask_id"] == mid}
+    first = next(iter(cells.values()))
+    left = next((r["remaining"] for r in cells.values() if r["remaining"] is not None), 1 - first["sparsity"])
+    values = []
+    for label in labels:
+        r = cells.get(label)
+        values.append(f"{'':>9}" if r is None else f"{100 * r['val_accuracy']:9.2f}" if r["status"] == "ok" else f"{r['status']:>9}")
+    return f"{100 * first['sparsity']:8.2f}% {100 * left:6.2f}% " + " ".join(values)
+
+
+def _dense_result(workdir: Workdir) -> dict | None:
+    from lottery.files import read_json
+
+    return read_json(workdir.dense_result) if workdir.dense_result.exists() else None
+
+
+# ---- the report ---------------------------------------------------------------------------------
 def write_report(
     workdir: str | os.PathLike,
     *,
-    expected_controls: list[dict[str, str]] | None = None,
+    plan: RunPlan | None = None,
     tolerance: float = MATCH_TOLERANCE,
 ) -> dict[str, Any]:
     """Write results.csv, the plot and report.md for work directory ``workdir``.
 
-    ``expected_controls``: the control runs that were planned (``{"mask_id", "rewind", "control"}``);
-    those without a result are reported as missing (the engine only knows the ones it started).
-    Returns the paths (``results_csv``, ``plot``, ``report``) and a summary: ``expected`` (number
-    of planned combinations), ``done``, ``problems`` (one line per failed or missing combination),
-    ``matching`` (per rewind point, the sparsest matching level) and ``dense_val_accuracy``.
+    ``plan``: the tickets and controls that were planned (default: see ``summarize``); those
+    without a result are reported as missing. Returns the paths (``results_csv``, ``plot``,
+    ``report``) and a summary: ``expected`` (number of planned tickets), ``done``, ``problems``
+    (one line per failed or missing ticket), ``matching`` (per rewind point, the sparsest
+    matching level) and ``dense_val_accuracy``.
     """
-    from lottery import experiment
-
-    workdir = Path(workdir)
-    cfg, run_info = experiment.load_workdir(workdir)
-    rows = experiment.summarize(workdir)
-    rows = _add_expected_controls(rows, expected_controls or [], cfg)
-    try:
-        dense = experiment.dense_result(workdir)
-    except Exception:  # not trained (yet): the report says so
-        dense = None
+    workdir = Workdir(workdir)
+    cfg, run_info = workdir.load()
+    rows = summarize(workdir, plan)
+    dense = _dense_result(workdir)  # None when not trained (yet): the report says so
     dense_acc = dense["val_accuracy"] if dense else None
     labels = cfg.rewind_labels()
-
-    out_dir = workdir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_path = out_dir / PLOT_NAME
-    plot(rows, labels, dense_acc, plot_path, title=f"{cfg.model}  ({workdir.name})")
-
+    plot(rows, labels, dense_acc, workdir.plot_png, title=f"{cfg.model}  ({workdir.name})")
     problems = [_problem_line(r) for r in rows if r["status"] != "ok"]
     matching = matching_levels(rows, labels, dense_acc, tolerance)
     text = render_markdown(
@@ -71,15 +154,14 @@ def write_report(
     )
     from lottery.files import write_text
 
-    report_path = out_dir / REPORT_NAME
-    write_text(report_path, text)
+    write_text(workdir.report_md, text)
     done = sum(r["status"] == "ok" for r in rows)
-    log.info("report: %d of %d combinations done, %d failed or missing -> %s", done, len(rows), len(problems), report_path)
+    log.info("report: %d of %d combinations done, %d failed or missing -> %s", done, len(rows), len(problems), workdir.report_md)
     return {
         "workdir": str(workdir),
-        "results_csv": str(workdir / "results.csv"),
-        "plot": str(plot_path),
-        "report": str(report_path),
+        "results_csv": str(workdir.results_csv),
+        "plot": str(workdir.plot_png),
+        "report": str(workdir.report_md),
         "expected": len(rows),
         "done": done,
         "problems": problems,
@@ -89,30 +171,6 @@ def write_report(
 
 
 # ---- pieces (public for tests and notebooks) ---------------------------------------------------
-def _add_expected_controls(rows: list[dict], expected: list[dict], cfg) -> list[dict]:
-    from lottery.config import Step
-
-    have = {(r["mask_id"], r["rewind"], r["control"]) for r in rows}
-    sparsity_of = {}
-    from lottery.experiment import mask_id
-
-    for s in cfg.levels():
-        sparsity_of[mask_id(s)] = s
-    out = list(rows)
-    for e in expected:
-        rewind = str(Step.parse(e["rewind"]))
-        key = (e["mask_id"], rewind, e["control"])
-        if key in have:
-            continue
-        have.add(key)
-        out.append({
-            "mask_id": e["mask_id"], "sparsity": sparsity_of.get(e["mask_id"], float("nan")), "remaining": None,
-            "rewind": rewind, "rewind_step": None, "control": e["control"], "status": "missing",
-            "val_accuracy": None, "best_val_accuracy": None, "error": "",
-        })
-    return out
-
-
 def _problem_line(row: dict) -> str:
     what = f"{row['mask_id']} ({_left(row)} left), rewind {row['rewind']}"
     if row.get("control"):
@@ -245,12 +303,27 @@ def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", de
 def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], labels: list[str], dense: dict | None,
                     tolerance: float, matching: dict, problems: list[str]) -> str:
     dense_acc = dense["val_accuracy"] if dense else None
-    tickets = [r for r in rows if not r["control"]]
-    controls = sorted({r["control"] for r in rows if r["control"]})
-    out = [f"# Lottery-ticket experiment `{workdir.name}`", ""]
-    out.append(f"Model `{cfg.model}`, {cfg.training_steps} of training, batch {cfg.batch_size}, {cfg.optimizer} "
-               f"lr {cfg.lr:g}; {len(cfg.levels())} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
-               f"{len(labels)} rewind points ({', '.join(labels)}).")
+    out = [f"# Lottery-ticket experiment `{Workdir(workdir).name}`", ""]
+    out += _settings_section(cfg, run_info, labels)
+    out += _tickets_section(rows, labels, dense, tolerance)
+    if dense:
+        out += _matching_section(labels, matching)
+    for control in sorted({r["control"] for r in rows if r["control"]}):
+        subset = [r for r in rows if r["control"] == control]
+        out.append(f"## Control `{control}` ({sum(r['status'] == 'ok' for r in subset)} of {len(subset)} done)")
+        out.append("")
+        out.append(accuracy_table(rows, labels, control=control, dense_acc=dense_acc, tolerance=tolerance))
+        out.append("")
+    out += _problems_section(problems)
+    out.append(f"Files: `{RESULTS_CSV}` (one row per combination), `{TICKETS}/<mask>__<rewind>[__<control>]/{RESULT_JSON}`.")
+    out.append("")
+    return "\n".join(out)
+
+
+def _settings_section(cfg, run_info: dict, labels: list[str]) -> list[str]:
+    out = [f"Model `{cfg.model}`, {cfg.training_steps} of training, batch {cfg.batch_size}, {cfg.optimizer} "
+           f"lr {cfg.lr:g}; {len(cfg.levels())} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
+           f"{len(labels)} rewind points ({', '.join(labels)})."]
     changed = cfg.id_fields()
     out.append("")
     out.append("Non-default settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(changed.items()) if k != "sparsities")
@@ -258,43 +331,44 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
     if run_info.get("data_dir"):
         out.append(f"Data: `{run_info['data_dir']}` (data set id `{run_info.get('dataset_id', '?')}`).")
     out.append("")
+    return out
+
+
+def _tickets_section(rows: list[dict], labels: list[str], dense: dict | None, tolerance: float) -> list[str]:
+    dense_acc = dense["val_accuracy"] if dense else None
     if dense:
-        out.append(f"**Dense network**: val accuracy {100 * dense_acc:.2f}% "
-                   f"(best {100 * dense.get('best_val_accuracy', dense_acc):.2f}%, {dense.get('epochs', '?')} epochs).")
+        out = [f"**Dense network**: val accuracy {100 * dense_acc:.2f}% "
+               f"(best {100 * dense.get('best_val_accuracy', dense_acc):.2f}%, {dense.get('epochs', '?')} epochs)."]
     else:
-        out.append("**Dense network**: not trained (missing) - no ticket can be judged.")
-    out.append("")
+        out = ["**Dense network**: not trained (missing) - no ticket can be judged."]
+    tickets = [r for r in rows if not r["control"]]
     done = sum(r["status"] == "ok" for r in tickets)
-    out.append(f"## Tickets ({done} of {len(tickets)} done)")
+    return out + [
+        "", f"## Tickets ({done} of {len(tickets)} done)", "",
+        f"Val accuracy (%) after late-reset retraining. **Bold**: matches the dense network "
+        f"(at most {100 * tolerance:g} percentage points below it).", "",
+        accuracy_table(rows, labels, dense_acc=dense_acc, tolerance=tolerance), "",
+        f"![accuracy vs sparsity]({PLOT_NAME})", "",
+    ]
+
+
+def _matching_section(labels: list[str], matching: dict) -> list[str]:
+    out = ["### Which tickets match the dense network", ""]
+    for label in labels:
+        m = matching.get(label, {})
+        if not m.get("done"):
+            out.append(f"- rewind {label}: no results")
+        elif m["matching"]:
+            out.append(f"- rewind {label}: {m['matching']} of {m['done']} levels match; the sparsest matching ticket "
+                       f"keeps {_pct(m['sparsest_remaining'])} of the weights (`{m['sparsest_mask_id']}`)")
+        else:
+            out.append(f"- rewind {label}: none of {m['done']} levels match")
     out.append("")
-    out.append(f"Val accuracy (%) after late-reset retraining. **Bold**: matches the dense network "
-               f"(at most {100 * tolerance:g} percentage points below it).")
-    out.append("")
-    out.append(accuracy_table(rows, labels, dense_acc=dense_acc, tolerance=tolerance))
-    out.append("")
-    out.append(f"![accuracy vs sparsity]({PLOT_NAME})")
-    out.append("")
-    if dense:
-        out.append("### Which tickets match the dense network")
-        out.append("")
-        for label in labels:
-            m = matching.get(label, {})
-            if not m.get("done"):
-                out.append(f"- rewind {label}: no results")
-            elif m["matching"]:
-                out.append(f"- rewind {label}: {m['matching']} of {m['done']} levels match; the sparsest matching ticket "
-                           f"keeps {_pct(m['sparsest_remaining'])} of the weights (`{m['sparsest_mask_id']}`)")
-            else:
-                out.append(f"- rewind {label}: none of {m['done']} levels match")
-        out.append("")
-    for control in controls:
-        subset = [r for r in rows if r["control"] == control]
-        out.append(f"## Control `{control}` ({sum(r['status'] == 'ok' for r in subset)} of {len(subset)} done)")
-        out.append("")
-        out.append(accuracy_table(rows, labels, control=control, dense_acc=dense_acc, tolerance=tolerance))
-        out.append("")
-    out.append(f"## Failed or missing ({len(problems)})")
-    out.append("")
+    return out
+
+
+def _problems_section(problems: list[str]) -> list[str]:
+    out = [f"## Failed or missing ({len(problems)})", ""]
     if problems:
         out.extend(f"- {p}" for p in problems)
         out.append("")
@@ -303,9 +377,7 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
     else:
         out.append("None: every combination finished.")
     out.append("")
-    out.append("Files: `results.csv` (one row per combination), `tickets/<mask>__<rewind>[__<control>]/result.json`.")
-    out.append("")
-    return "\n".join(out)
+    return out
 
 
 def _isnan(value: Any) -> bool:

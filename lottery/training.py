@@ -14,6 +14,8 @@ position (epoch, batch within the epoch) follows.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import time
@@ -26,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from lottery.config import ExperimentConfig, Step
-from lottery.files import load_arrays, save_arrays
+from lottery.files import load_arrays, save_arrays, write_text
 
 log = logging.getLogger("lottery")
 
@@ -147,6 +149,33 @@ def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = Tru
             raise ValueError(f"checkpoint {path}: {key} has shape {value.shape}, the model expects {tuple(variable.shape)}")
         variable.assign(value)
     return meta
+
+
+def resume_point(checkpoint: Path, model: keras.Model) -> tuple[int, list[dict]] | None:
+    """(step, history) of an interrupted run's checkpoint, restored into ``model``; None if there is none."""
+    if not checkpoint.exists():
+        return None
+    meta = load_checkpoint(checkpoint, model)
+    return meta["step"], meta["history"]
+
+
+def epoch_saver(model: keras.Model, checkpoint: Path, metrics: Path, steps_per_epoch: int) -> Callable[[int, list[dict]], None]:
+    """The ``on_epoch_end`` of a resumable run: the metrics so far and a checkpoint to resume from."""
+
+    def save_epoch(step: int, rows: list[dict]) -> None:
+        write_metrics(metrics, rows)
+        save_checkpoint(checkpoint, model, step=step, steps_per_epoch=steps_per_epoch, extra={"history": rows})
+
+    return save_epoch
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """One CSV row per finished epoch (``METRIC_COLUMNS``)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
 
 
 def _current_lr(optimizer) -> float:

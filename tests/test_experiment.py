@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lottery import experiment
+from lottery.dense import dense_result, run_dense
+from lottery.late_reset import retrain
+from lottery.masks import make_masks
+from lottery.paths import Workdir
+from lottery.report import summarize
 from lottery.config import ExperimentConfig
 from lottery.errors import CorruptArtifactError, WorkdirMismatchError
 from tests.datasets import make_synthetic_shards
@@ -46,7 +50,7 @@ def data_dir(tmp_path_factory):
 def dense_workdir(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("exp") / "w"
     cfg = ExperimentConfig.from_dict(TINY)
-    result = experiment.run_dense(cfg, data_dir, workdir, threads=1)
+    result = run_dense(cfg, data_dir, workdir, threads=1)
     assert result["skipped"] is False
     return workdir
 
@@ -62,7 +66,7 @@ def _compiled_model(workdir, data_dir):
     from lottery.models import build_model
     from lottery.training import compile_model
 
-    cfg, _ = experiment.load_workdir(workdir)
+    cfg, _ = Workdir(workdir).load()
     train = ShardedDataset(data_dir, "train")
     model = build_model(cfg.model, tuple(train.image_shape), train.num_classes, seed=cfg.seed)
     compile_model(model, cfg, train.steps_per_epoch(cfg.batch_size))
@@ -86,7 +90,7 @@ def test_dense_writes_every_artifact(dense_workdir):
 def test_rerunning_a_finished_dense_run_is_a_noop(dense_workdir, data_dir, caplog):
     before = (dense_workdir / "dense" / "final.keras").stat().st_mtime_ns
     with caplog.at_level("INFO", logger="lottery"):
-        result = experiment.run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir)
+        result = run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir)
     assert result["skipped"] is True
     assert "already done" in caplog.text
     assert (dense_workdir / "dense" / "final.keras").stat().st_mtime_ns == before
@@ -94,14 +98,20 @@ def test_rerunning_a_finished_dense_run_is_a_noop(dense_workdir, data_dir, caplo
 
 def test_a_workdir_is_never_shared_by_two_configs(dense_workdir, data_dir):
     with pytest.raises(WorkdirMismatchError, match="different config"):
-        experiment.run_dense(ExperimentConfig.from_dict({**TINY, "seed": 1}), data_dir, dense_workdir)
+        run_dense(ExperimentConfig.from_dict({**TINY, "seed": 1}), data_dir, dense_workdir)
+
+
+def test_a_workdir_matches_a_config_by_experiment_id(dense_workdir, data_dir):
+    """The controls and the spelling of the levels are not the experiment: the workdir is reused."""
+    same = ExperimentConfig.from_dict({**TINY, "controls": False, "control_sparsities": []})
+    assert run_dense(same, data_dir, dense_workdir)["skipped"] is True
 
 
 def test_rewind_checkpoint_restores_weights_slots_and_learning_rate(dense_workdir, data_dir):
     from lottery.files import load_arrays
     from lottery.training import load_checkpoint, make_schedule, training_state
 
-    cfg, _ = experiment.load_workdir(dense_workdir)
+    cfg, _ = Workdir(dense_workdir).load()
     saved, meta = load_arrays(dense_workdir / "dense" / "rewind" / "1ep4it.npz")
     model = _compiled_model(dense_workdir, data_dir)
     load_checkpoint(dense_workdir / "dense" / "rewind" / "1ep4it.npz", model)
@@ -124,7 +134,7 @@ def test_masks_come_from_the_final_weights(dense_workdir):
     from lottery.models import output_kernel_path, prunable_weights
     from lottery.pruning import load_mask, magnitude_masks
 
-    descriptors = experiment.make_masks(dense_workdir)
+    descriptors = make_masks(dense_workdir)
     assert [d["mask_id"] for d in descriptors] == ["sp50.000", "sp90.000"]
     model = _load_model(dense_workdir / "dense" / "final.keras")
     final = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
@@ -147,8 +157,8 @@ def test_retrained_ticket_keeps_pruned_weights_at_exactly_zero(dense_workdir):
     from lottery.models import prunable_weights
     from lottery.pruning import load_mask
 
-    experiment.make_masks(dense_workdir)
-    result = experiment.retrain(dense_workdir, "sp90.000", "3it", threads=1)
+    make_masks(dense_workdir)
+    result = retrain(dense_workdir, "sp90.000", "3it", threads=1)
     ticket = Path(result["ticket"])
     assert ticket.name == "sp90.000__3it"
     saved = json.loads((ticket / "result.json").read_text())
@@ -166,10 +176,10 @@ def test_retrained_ticket_keeps_pruned_weights_at_exactly_zero(dense_workdir):
 
 
 def test_rerunning_a_finished_ticket_is_a_noop(dense_workdir, caplog):
-    experiment.make_masks(dense_workdir)
-    experiment.retrain(dense_workdir, 1, 2, threads=1)
+    make_masks(dense_workdir)
+    retrain(dense_workdir, 1, 2, threads=1)
     with caplog.at_level("INFO", logger="lottery"):
-        again = experiment.retrain(dense_workdir, 1, 2, threads=1)
+        again = retrain(dense_workdir, 1, 2, threads=1)
     assert again["skipped"] is True and "already done" in caplog.text
 
 
@@ -178,15 +188,15 @@ def test_all_ones_mask_from_rewind_zero_reproduces_the_dense_run(tmp_path, data_
 
     workdir = tmp_path / "w"
     cfg = ExperimentConfig.from_dict({**TINY, "sparsities": [0.5]})
-    experiment.run_dense(cfg, data_dir, workdir, threads=1)
-    experiment.make_masks(workdir)
+    run_dense(cfg, data_dir, workdir, threads=1)
+    make_masks(workdir)
     final = _load_model(workdir / "dense" / "final.keras")
     from lottery.models import prunable_weights
 
     ones = {p: np.ones(v.shape, bool) for p, v in prunable_weights(final).items()}
     save_mask(workdir / "masks" / "sp50.000.npz", ones, {"mask_id": "sp50.000", "report": {"kept": 1, "total": 1}})
-    result = experiment.retrain(workdir, 0, "0it", threads=1)
-    dense = experiment.dense_result(workdir)["curve"]
+    result = retrain(workdir, 0, "0it", threads=1)
+    dense = dense_result(workdir)["curve"]
     ticket = json.loads((Path(result["ticket"]) / "result.json").read_text())["curve"]
     assert [r["step"] for r in ticket] == [r["step"] for r in dense]
     for mine, theirs in zip(ticket, dense):
@@ -201,17 +211,17 @@ def test_all_ones_mask_from_rewind_zero_reproduces_the_dense_run(tmp_path, data_
 def test_controls(dense_workdir):
     from lottery.pruning import load_mask, mask_report
 
-    experiment.make_masks(dense_workdir)
-    pruned = experiment.retrain(dense_workdir, "sp50.000", "1ep", control="random_prune", threads=1)
+    make_masks(dense_workdir)
+    pruned = retrain(dense_workdir, "sp50.000", "1ep", control="random_prune", threads=1)
     ticket = Path(pruned["ticket"])
     assert ticket.name == "sp50.000__1ep__random_prune"
     original, _ = load_mask(dense_workdir / "masks" / "sp50.000.npz")
     random_mask, _ = load_mask(ticket / "mask.npz")
     assert mask_report(random_mask)["layers"] == mask_report(original)["layers"]
     assert any(np.any(random_mask[p] != original[p]) for p in original)
-    reinit = experiment.retrain(dense_workdir, "sp50.000", "1ep", control="random_reinit", threads=1)
+    reinit = retrain(dense_workdir, "sp50.000", "1ep", control="random_reinit", threads=1)
     assert Path(reinit["ticket"]).name == "sp50.000__1ep__random_reinit"
-    rows = experiment.summarize(dense_workdir)
+    rows = summarize(dense_workdir)
     statuses = {(r["mask_id"], r["rewind"], r["control"]): r["status"] for r in rows}
     assert statuses[("sp50.000", "1ep", "random_prune")] == "ok"
     assert statuses[("sp50.000", "1ep", "random_reinit")] == "ok"
@@ -224,12 +234,12 @@ def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workd
     workdir = tmp_path / "copy"
     shutil.copytree(dense_workdir, workdir)
     shutil.rmtree(workdir / "tickets", ignore_errors=True)
-    experiment.make_masks(workdir)
+    make_masks(workdir)
     path = workdir / "dense" / "rewind" / "1ep.npz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptArtifactError, match="1ep.npz"):
-        experiment.retrain(workdir, 0, "1ep", threads=1)
-    rows = experiment.summarize(workdir)
+        retrain(workdir, 0, "1ep", threads=1)
+    rows = summarize(workdir)
     failed = [r for r in rows if r["status"] == "failed"]
     assert [(r["mask_id"], r["rewind"]) for r in failed] == [("sp50.000", "1ep")]
     assert "1ep.npz" in failed[0]["error"]
@@ -304,14 +314,14 @@ def test_a_damaged_mask_is_recomputed_not_used(tmp_path, dense_workdir, caplog):
 
     workdir = tmp_path / "copy"
     shutil.copytree(dense_workdir, workdir)
-    experiment.make_masks(workdir)
+    make_masks(workdir)
     good, _ = load_mask(workdir / "masks" / "sp90.000.npz")
     path = workdir / "masks" / "sp90.000.npz"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with caplog.at_level("WARNING", logger="lottery"):
-        experiment.make_masks(workdir)
+        make_masks(workdir)
     assert "sp90.000.npz" in caplog.text and "recomputing" in caplog.text
     again, _ = load_mask(path)
     assert all(np.array_equal(again[p], good[p]) for p in good)

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from lottery.config import ExperimentConfig
-from lottery.experiment import mask_id, ticket_name
+from lottery.plan import RunPlan, TicketSpec, mask_id
 from lottery.report import accuracy_table, matching_levels, write_report
+
+
+def ticket_name(mid, rewind, control=None):
+    return TicketSpec(mid, rewind, control).name
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSITIES = [0.5, 0.8, 0.95]
@@ -72,9 +76,9 @@ def test_write_report_all_done(tmp_path):
 def test_failed_and_missing_are_listed_not_fatal(tmp_path):
     w = make_workdir(tmp_path, fail={(0.8, "1ep", None)}, skip={(0.95, "0it", None)}, controls=["random_prune"],
                      )
-    expected = [{"mask_id": mask_id(s), "rewind": r, "control": c}
-                for c in ("random_prune", "random_reinit") for s in (0.8,) for r in REWINDS]
-    out = write_report(w, expected_controls=expected)
+    cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": [], "rewind_points": REWINDS,
+                                      "sparsities": SPARSITIES, "control_sparsities": [0.8]})
+    out = write_report(w, plan=RunPlan.from_config(cfg))
     problems = out["problems"]
     assert any(p.startswith(f"{mask_id(0.8)} (20.0% left), rewind 1ep: failed: CorruptArtifactError") for p in problems), problems
     assert any(p.startswith(f"{mask_id(0.95)} (5.0% left), rewind 0it: missing") for p in problems), problems
@@ -86,6 +90,20 @@ def test_failed_and_missing_are_listed_not_fatal(tmp_path):
     assert "## Control `random_prune` (6 of 6 done)" in md
     assert "## Control `random_reinit` (0 of 2 done)" in md
     assert Path(out["plot"]).is_file()
+    with open(out["results_csv"]) as f:  # the planned controls are rows too; found ones are kept
+        rows = [(r["mask_id"], r["rewind"], r["control"], r["status"]) for r in csv.DictReader(f)]
+    assert len(rows) == 6 + 6 + 2 and rows[6][2] == "random_reinit" and rows[8][2] == "random_prune"
+    assert out["expected"] == 14
+
+
+def test_without_a_plan_only_started_controls_are_expected(tmp_path):
+    """The CLI runs controls on request only: a config's default controls are not reported missing."""
+    w = make_workdir(tmp_path)
+    assert ExperimentConfig.from_dict(json.loads((w / "config.json").read_text())).controls
+    out = write_report(w)
+    assert out["expected"] == 6 and out["problems"] == []
+    out = write_report(w, plan=RunPlan.from_config(ExperimentConfig.from_dict(json.loads((w / "config.json").read_text()))))
+    assert out["expected"] == 6 + 2 * 2 * 2  # default control levels follow the run's: 0.5 and 0.95
 
 
 def test_report_without_dense_result(tmp_path):

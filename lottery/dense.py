@@ -1,0 +1,117 @@
+"""Dense training: train the full network once, saving a checkpoint at every rewind point.
+
+    run_dense(cfg, data_dir, workdir) -> small result dict (what XCom may carry)
+
+Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`` and
+``dense/metrics.csv`` (paths: lottery/paths.py); resumes from ``dense/checkpoint.npz`` when an
+earlier attempt was interrupted, and does nothing when the result exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from lottery.config import ExperimentConfig, Step
+from lottery.errors import MissingArtifactError
+from lottery.files import atomic_path, read_json, write_json
+from lottery.paths import Workdir
+from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
+
+log = logging.getLogger("lottery")
+
+
+def run_dense(
+    cfg: ExperimentConfig, data_dir: str | os.PathLike, workdir: str | os.PathLike, *, threads: int | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Train the dense network once; save a checkpoint at every rewind point and the final weights."""
+    workdir = Workdir(workdir).prepare(cfg, data_dir)
+    if workdir.dense_result.exists():
+        result = read_json(workdir.dense_result)
+        log.info("dense: already done (val_acc %.2f%%), nothing to do: %s", 100 * result["val_accuracy"], workdir.dense_dir)
+        return {**small(result), "skipped": True}
+    started = time.perf_counter()
+    with session(cfg, threads) as replicas:
+        train, val, spe = open_data(cfg, data_dir)
+        history, total, rewinds = _train(cfg, workdir, train, val, spe, threads, replicas, data_dir, progress)
+    result = {
+        "experiment_id": read_json(workdir.run_json)["experiment_id"],
+        **final_accuracy(history),
+        "epochs": len(history),
+        "steps": total,
+        "steps_per_epoch": spe,
+        "rewind_steps": {label: step for step, label in rewinds.items()},
+        "images_per_s": mean_images_per_s(history),
+        "wall_s": time.perf_counter() - started,
+        "replicas": replicas,
+        "curve": history,
+        "workdir": str(workdir),
+    }
+    write_json(workdir.dense_result, result)
+    workdir.dense_checkpoint.unlink(missing_ok=True)  # the final weights and rewind checkpoints supersede it
+    log.info(
+        "dense: done in %.1fs  val_acc %.2f%% (best %.2f%% at epoch %d)  %.0f img/s  -> %s",
+        result["wall_s"], 100 * result["val_accuracy"], 100 * result["best_val_accuracy"], result["best_epoch"],
+        result["images_per_s"], workdir.final_model,
+    )
+    return {**small(result), "skipped": False}
+
+
+def dense_result(workdir: str | os.PathLike) -> dict[str, Any]:
+    path = Workdir(workdir).dense_result
+    if not path.exists():
+        raise MissingArtifactError(f"{path} does not exist: the dense network has not been trained")
+    return read_json(path)
+
+
+def _train(cfg, workdir: Workdir, train, val, spe: int, threads, replicas: int, data_dir, progress: bool):
+    """Build (or resume) the model, train it to the end, save the final weights."""
+    from lottery.training import TrainingRun, compile_model, epoch_saver, resume_point
+
+    total = cfg.total_iterations(spe)
+    rewinds = {Step.parse(r).iterations(spe): str(Step.parse(r)) for r in cfg.rewind_points}
+    model = build_model(cfg, train)
+    compile_model(model, cfg, spe)
+    start, history = resume_point(workdir.dense_checkpoint, model) or (0, [])
+    if start:
+        log.info("dense: resuming from the checkpoint at step %d (epoch %d)", start, start // spe)
+    _log_start(cfg, model, train, val, spe, total, rewinds, threads, replicas, data_dir, workdir)
+    run = TrainingRun(
+        model, cfg, train, val, spe, total, label="dense", stop_points=tuple(sorted(rewinds)),
+        on_stop=_rewind_saver(model, workdir, rewinds, spe),
+        on_epoch_end=epoch_saver(model, workdir.dense_checkpoint, workdir.dense_metrics, spe),
+        progress=progress, history=list(history),
+    )
+    history = run.run(start)
+    with atomic_path(workdir.final_model) as tmp:
+        model.save(tmp)
+    return history, total, rewinds
+
+
+def _rewind_saver(model, workdir: Workdir, rewinds: dict[int, str], spe: int):
+    """The ``on_stop`` of the dense run: weights and optimizer state at each rewind point."""
+    from lottery.training import save_checkpoint
+
+    def save_rewind(step: int) -> None:
+        path = workdir.rewind_checkpoint(rewinds[step])
+        if not path.exists():
+            save_checkpoint(path, model, step=step, steps_per_epoch=spe, extra={"rewind": rewinds[step]})
+            log.info("dense: saved rewind checkpoint %s (step %d)", rewinds[step], step)
+
+    return save_rewind
+
+
+def _log_start(cfg, model, train, val, spe, total, rewinds, threads, replicas, data_dir, workdir) -> None:
+    from lottery.models import prunable_weights
+    from lottery.training import count_params
+
+    log.info(
+        "dense: start  model %s (%s params, %s prunable)  data %s (%d train / %d val, %s, %d classes)  "
+        "%d it/epoch, %s = %d it, batch %d, %s lr %g  rewind points %s  threads %s  replicas %d  workdir %s",
+        cfg.model, f"{count_params(model.weights):,}", f"{count_params(prunable_weights(model).values()):,}", data_dir,
+        train.num_examples, val.num_examples, "x".join(map(str, train.image_shape)), train.num_classes, spe,
+        cfg.training_steps, total, cfg.batch_size, cfg.optimizer, cfg.lr, ", ".join(rewinds.values()),
+        threads or "default", replicas, workdir,
+    )

@@ -1,0 +1,87 @@
+"""Masks: one magnitude mask per sparsity level, from the final dense weights.
+
+    make_masks(workdir) -> [{"index", "mask_id", "sparsity", "remaining"}, ...]
+
+Writes ``masks/<mask id>.npz`` (checksummed) and ``masks/index.json``; a mask that exists and
+verifies is kept, a damaged one is recomputed (a mask is cheap).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lottery.errors import CorruptArtifactError, MissingArtifactError
+from lottery.files import write_json
+from lottery.paths import Workdir
+from lottery.plan import MaskSpec, RunPlan
+
+log = logging.getLogger("lottery")
+
+
+def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One magnitude mask per sparsity level, from the final dense weights."""
+    workdir = Workdir(workdir)
+    cfg, _ = workdir.load()
+    if not workdir.dense_result.exists():
+        raise MissingArtifactError(f"{workdir.final_model} does not exist yet: train the dense network first (lottery dense)")
+    plan = RunPlan.from_config(cfg)
+    descriptors, todo = _existing_masks(workdir, plan)
+    if todo:
+        descriptors += _compute_masks(workdir, cfg, todo)
+        log.info("masks: wrote %d of %d masks from %s", len(todo), len(plan.masks), workdir.final_model)
+    else:
+        log.info("masks: all %d masks already exist, nothing to do", len(plan.masks))
+    descriptors.sort(key=lambda d: d["index"])
+    write_json(workdir.mask_index, descriptors)
+    for d in descriptors:
+        log.info("masks: %s  %.2f%% of prunable weights left", d["mask_id"], 100 * d["remaining"])
+    return descriptors
+
+
+def _existing_masks(workdir: Workdir, plan: RunPlan) -> tuple[list[dict[str, Any]], list[MaskSpec]]:
+    """Descriptors of the masks already on disk (checksum verified), and the masks still to make."""
+    from lottery.pruning import load_mask
+
+    descriptors, todo = [], []
+    for spec in plan.masks:
+        path = workdir.mask_file(spec.mask_id)
+        if path.exists():
+            try:
+                _, meta = load_mask(path)  # verifies the checksum
+            except CorruptArtifactError as exc:  # a mask is cheap to recompute: never use a damaged one
+                log.warning("masks: %s; recomputing it", exc)
+            else:
+                descriptors.append(_descriptor(spec, meta))
+                continue
+        todo.append(spec)
+    return descriptors, todo
+
+
+def _compute_masks(workdir: Workdir, cfg, todo: list[MaskSpec]) -> list[dict[str, Any]]:
+    import keras
+
+    from lottery.files import sha256_file
+    from lottery.models import output_kernel_path, prunable_weights
+    from lottery.pruning import magnitude_masks, mask_report, save_mask
+
+    model = keras.models.load_model(workdir.final_model, compile=False)
+    weights = {path: keras.ops.convert_to_numpy(v) for path, v in prunable_weights(model).items()}
+    source = {"source": str(workdir.final_model.relative_to(workdir.path)), "source_sha256": sha256_file(workdir.final_model)}
+    descriptors = []
+    for spec in todo:
+        mask = magnitude_masks(
+            weights, spec.sparsity, scope=cfg.pruning_scope, output_path=output_kernel_path(model),
+            output_factor=cfg.output_layer_prune_factor,
+        )
+        meta = {"mask_id": spec.mask_id, "index": spec.index, "sparsity": spec.sparsity, "scope": cfg.pruning_scope,
+                "output_layer_prune_factor": cfg.output_layer_prune_factor, **source, "report": mask_report(mask)}
+        save_mask(workdir.mask_file(spec.mask_id), mask, meta)
+        descriptors.append(_descriptor(spec, meta))
+    return descriptors
+
+
+def _descriptor(spec: MaskSpec, meta: dict) -> dict[str, Any]:
+    report = meta["report"]
+    return {"index": spec.index, "mask_id": spec.mask_id, "sparsity": spec.sparsity, "remaining": report["kept"] / report["total"]}
