@@ -4,7 +4,7 @@ Reads the run's task instances from the Airflow metadata database of the local h
 uses `.airflow/airflow.db`) and the engine's result files in the run's work directory, so the share
 spent outside training (task start-up, imports, scheduling, Spark) is visible.
 
-    .venv/bin/python bench/run_breakdown.py [--home .airflow] [--run-id RUN] [--write-docs]
+    .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--write-docs]
 """
 
 from __future__ import annotations
@@ -40,14 +40,7 @@ def breakdown(home: Path, run_id: str | None) -> dict:
             if row:
                 value = json.loads(row[0]) if isinstance(row[0], str) else row[0]
                 workdir = Path(value["workdir"] if isinstance(value, dict) else value)
-    engine = training = 0.0
-    tickets = 0
-    if workdir and workdir.exists():
-        for result in [workdir / "dense" / "result.json", *workdir.glob("tickets/*/result.json")]:
-            data = json.loads(result.read_text())
-            engine += data["wall_s"]
-            training += sum(row["wall_s"] for row in data["curve"])
-            tickets += result.parent.name != "dense"
+    engine, training, tickets = _engine_time(workdir) if workdir and workdir.exists() else (0.0, 0.0, 0)
     return {
         "run_id": run_id,
         "state": state,
@@ -59,6 +52,23 @@ def breakdown(home: Path, run_id: str | None) -> dict:
         "tickets": tickets,
         "workdir": str(workdir),
     }
+
+
+def _engine_time(path: Path) -> tuple[float, float, int]:
+    """(seconds inside the runners, seconds in training epochs, retrainings done), from the result
+    files of the dense run and of the planned tickets and controls that are done."""
+    from lottery.paths import Workdir
+    from lottery.plan import RunPlan
+
+    workdir = Workdir(path)
+    status = workdir.status(RunPlan.from_config(workdir.load()[0]))
+    results = [workdir.dense_result] * status.dense_done + [workdir.ticket(spec).result for spec in status.done]
+    engine = training = 0.0
+    for result in results:
+        data = json.loads(result.read_text())
+        engine += data["wall_s"]
+        training += sum(row["wall_s"] for row in data["curve"])
+    return engine, training, len(status.done)
 
 
 def to_markdown(b: dict, cores: int) -> str:

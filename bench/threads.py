@@ -5,7 +5,7 @@ processes that each ask for every core oversubscribe it. This benchmark trains L
 Fashion-MNIST (the engine's own data pipeline, model and compile) in P processes with T threads
 each, all in one run, and reports total images/s relative to one process using every core.
 
-    .venv/bin/python bench/threads.py [--steps 600] [--write-docs]
+    .venv/bin/python -m bench.threads [--steps 600] [--write-docs]
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WORKER = r"""
 import json, os, sys, time
-sys.path.insert(0, {root!r})
 from lottery.data import runtime
 runtime.configure_threads({threads})
 import keras
@@ -49,7 +46,7 @@ print(json.dumps({{"images": {steps} * cfg.batch_size, "seconds": elapsed}}))
 def run(data: Path, processes: int, threads: int, steps: int) -> float:
     """Total images/s of ``processes`` concurrent trainers with ``threads`` threads each."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    code = WORKER.format(root=str(ROOT), threads=threads, data=str(data), steps=steps)
+    code = WORKER.format(threads=threads, data=str(data), steps=steps)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(processes)]
     for p in procs:
