@@ -12,7 +12,7 @@
    start-up (spark-submit launch -> first Spark job) and the work after start-up.
 3. Runs the same work as a plain `multiprocessing.Pool(N)` loop: read, verify + load, convert,
    resize, encode with the same functions and encoders, write the same TFRecord shards
-   (`records.write_shard`) with the same shard assignment; the shards must come out
+   (`lottery.data.tfrecord.write_shard`) with the same shard assignment; the shards must come out
    byte-identical to Spark's (checked).
 Reports images/s of both, Spark's start-up time and the ratio Spark-after-start-up / plain.
 """
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from lottery.data.manifest import read_manifest, shard_name
+from lottery.data.tfrecord import write_shard
+from spark_jobs.preprocess import images
+from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, assign, shard_key
 
-from lottery.data import records  # noqa: E402
-from spark_jobs import preprocess_images as job  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GENERATOR_VERSION = 2
 NUM_CLASSES = 10
@@ -190,7 +190,7 @@ def run_spark(root: Path, out: Path, cores: int, args) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
         raise SystemExit(f"spark job failed with exit status {proc.returncode}")
-    manifest = records.read_manifest(out)
+    manifest = read_manifest(out)
     t = manifest["timings"]
     n = manifest["input_fingerprint"]["files"]
     return {"manifest": manifest, "files": n, "wall_s": ended - launched, "cpu_s": cpu_s,
@@ -206,33 +206,33 @@ def run_spark(root: Path, out: Path, cores: int, args) -> dict:
 # the plain multiprocessing loop: the same work with the same functions
 # ---------------------------------------------------------------------------------------------
 
-_T: job.Transform | None = None
+_T: images.Transform | None = None
 _ROOT: str = ""
 
 
-def _init(t: job.Transform, root: str) -> None:
+def _init(t: images.Transform, root: str) -> None:
     global _T, _ROOT
     _T, _ROOT = t, root
 
 
 def _plain_chunk(items: list[tuple[str, int, str, int, str]]):
     out, skipped = [], []
-    stats = job.HistogramStats(_T.channels)
+    stats = images.HistogramStats(_T.channels)
     for rel, p, key, label, split in items:
         with open(os.path.join(_ROOT, rel), "rb") as f:
             data = f.read()
         try:
-            pixels = job.transform_image(data, _T)
-        except job.BadImage as e:
+            pixels = images.transform_image(data, _T)
+        except images.BadImage as e:
             skipped.append({"path": rel, "reason": e.reason})
             continue
         if split == "train":
             stats.update(pixels)
-        out.append(((p, key, rel), job.encode_record(pixels, label, rel, _T)))
+        out.append(((p, key, rel), images.encode_record(pixels, label, rel, _T)))
     return out, skipped, stats.hist
 
 
-def run_plain(root: Path, out: Path, cores: int, t: job.Transform, plan: job.ShardPlan, classes: list[str]) -> dict:
+def run_plain(root: Path, out: Path, cores: int, t: images.Transform, plan: ShardPlan, classes: list[str]) -> dict:
     t0 = time.time()
     cpu0 = _own_cpu()
     index = {c: i for i, c in enumerate(classes)}
@@ -241,8 +241,8 @@ def run_plain(root: Path, out: Path, cores: int, t: job.Transform, plan: job.Sha
         for dirpath, _, files in os.walk(root / split):
             for name in files:
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
-                s, cls = job.assign(rel, derived_val=False, val_fraction=0.1, seed=0)
-                key = job.shard_key(rel)
+                s, cls = assign(rel, derived_val=False, val_fraction=0.1, seed=0)
+                key = shard_key(rel)
                 items.append((rel, plan.partition(s, key), key, index[cls], s))
     chunks = [items[i:i + 32] for i in range(0, len(items), 32)]
     per_shard: dict[int, list] = {p: [] for p in range(plan.total)}
@@ -259,7 +259,7 @@ def run_plain(root: Path, out: Path, cores: int, t: job.Transform, plan: job.Sha
     for p, rows in per_shard.items():
         rows.sort(key=lambda kv: kv[0])
         split, i, n = plan.shard_of(p)
-        entries[(split, i)] = records.write_shard(out / records.shard_name(split, i, n), (r for _, r in rows))
+        entries[(split, i)] = write_shard(out / shard_name(split, i, n), (r for _, r in rows))
     return {"files": len(items), "wall_s": time.time() - t0, "cpu_s": _own_cpu() - cpu0, "entries": entries,
             "steady_ips": steady_rate(timeline, len(items))}
 
@@ -372,15 +372,15 @@ def main(argv=None) -> int:
                 for line in spark["log"]:
                     print("  " + line.split(" INFO ", 1)[-1][:200], file=sys.stderr)
             h, w, c = m["image_shape"]
-            t = job.Transform(channels=c, size=args.image_size, resize="shorter-side-crop", encoding="jpeg",
+            t = images.Transform(channels=c, size=args.image_size, resize="shorter-side-crop", encoding="jpeg",
                               jpeg_quality=args.jpeg_quality)
-            counts = tuple(len(m["splits"][s]["shards"]) for s in job.SPLITS)
-            plan = job.ShardPlan(job.SPLITS, counts, (0, counts[0]))
+            counts = tuple(len(m["splits"][s]["shards"]) for s in SPLITS)
+            plan = ShardPlan(SPLITS, counts, (0, counts[0]))
             print(f"[{r + 1}/{args.repeat}] plain multiprocessing loop ({args.cores} processes) ...",
                   file=sys.stderr, flush=True)
             plain = run_plain(root, tmp / f"plain{r}", args.cores, t, plan, m["classes"])
             identical &= all(plain["entries"][(s, i)]["sha256"] == sh["sha256"]
-                             for s in job.SPLITS for i, sh in enumerate(m["splits"][s]["shards"]))
+                             for s in SPLITS for i, sh in enumerate(m["splits"][s]["shards"]))
             print(f"  spark: {spark['wall_s']:.1f} s total, {spark['work_s']:.1f} s after start-up, "
                   f"{spark['cpu_s']:.1f} CPU s; plain: {plain['wall_s']:.1f} s, {plain['cpu_s']:.1f} CPU s",
                   file=sys.stderr, flush=True)

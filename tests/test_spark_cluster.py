@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from lottery.data import records
+from lottery.data import read_manifest
 from tests.test_spark_preprocess import (FAST_JVM, check, check_fashion_mnist_output, fashion_mnist_root,
                                          leftovers, spark_env, spark_submit)
-from spark_jobs.preprocess_images import build_py_files
+from spark_jobs.preprocess.spark import build_py_files
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def test_job_runs_unchanged_on_a_standalone_cluster(cluster, tmp_path):
     url, d = cluster
     root = fashion_mnist_root(tmp_path, limit=60)
 
-    # 1. the job ships `lottery` itself (a zip built on the driver, sc.addPyFile)
+    # 1. the job ships `lottery` and `spark_jobs` itself (a zip built on the driver, sc.addPyFile)
     out = tmp_path / "cluster_data"
     proc = check(spark_submit("--input", root, "--output", out, "--num-shards", 2, master=url, extra=CLUSTER_CONF))
     assert f"master {url}" in proc.output and "shipped lottery.zip" in proc.output
@@ -120,11 +120,11 @@ def test_job_runs_unchanged_on_a_standalone_cluster(cluster, tmp_path):
     proc = check(spark_submit("--input", root, "--output", out2, "--num-shards", 2, master=url,
                               extra=(*CLUSTER_CONF, "--py-files", str(zpath))))
     assert "given with --py-files" in proc.output
-    again = records.read_manifest(out2)
+    again = read_manifest(out2)
 
     # 3. the same bytes as local mode: shard assignment and order do not depend on the cluster
     out3 = tmp_path / "local_data"
     check(spark_submit("--input", root, "--output", out3, "--num-shards", 2))
-    local = records.read_manifest(out3)
+    local = read_manifest(out3)
     assert again["splits"] == manifest["splits"] == local["splits"]
     assert again["dataset_id"] == manifest["dataset_id"] == local["dataset_id"]

@@ -1,4 +1,5 @@
-"""spark_jobs/preprocess_images.py: real spark-submit runs (local[2]) on real data.
+"""spark_jobs/preprocess_images.py: real spark-submit runs (local[2]) on real data, and the job's
+pure functions (spark_jobs.preprocess.images / sharding / args, imported without Spark).
 
 Module-scoped fixtures share the expensive runs (each spark-submit costs several seconds of JVM
 and Python start-up):
@@ -12,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -28,8 +28,11 @@ JOB = ROOT / "spark_jobs" / "preprocess_images.py"
 FM_LIMIT = 100
 FAST_JVM = "-XX:TieredStopAtLevel=1"
 
-from lottery.data import records  # noqa: E402
-from spark_jobs import preprocess_images as job  # noqa: E402
+from lottery.data import ChannelStats, example, tfrecord  # noqa: E402
+from lottery.data.manifest import MANIFEST_NAME, dataset_id, read_manifest, shard_paths, verify_dataset  # noqa: E402
+from spark_jobs.preprocess import args as job_args  # noqa: E402
+from spark_jobs.preprocess import images, sharding  # noqa: E402
+from spark_jobs.preprocess.errors import InputError  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,17 +82,17 @@ def leftovers(output: Path) -> list[str]:
 
 def read_all(data_dir: Path) -> dict[str, dict]:
     """{image_id: {"label", "pixels", "split"}} read with the pure-Python reader (CRCs checked)."""
-    manifest = records.read_manifest(data_dir)
+    manifest = read_manifest(data_dir)
     shape = manifest["image_shape"]
     out = {}
     for split in manifest["splits"]:
-        for path in records.shard_paths(data_dir, manifest, split):
-            for rec in records.read_records(path):
-                ex = records.decode_example(rec)
+        for path in shard_paths(data_dir, manifest, split):
+            for rec in tfrecord.read_records(path):
+                ex = example.decode_example(rec)
                 assert ex["image_id"] not in out
                 assert [ex["height"], ex["width"], ex["channels"]] == shape
                 out[ex["image_id"]] = {"label": ex["label"], "split": split,
-                                       "pixels": records.decode_image(ex["encoded"], ex["encoding"], shape)}
+                                       "pixels": example.decode_image(ex["encoded"], ex["encoding"], shape)}
     return out
 
 
@@ -105,7 +108,7 @@ def check_fashion_mnist_output(data_dir: Path, limit: int = FM_LIMIT) -> dict:
     """Every record is exactly its source image and label; returns the manifest."""
     from lottery.data.fetch import CLASS_FOLDERS, load_fashion_mnist_arrays
 
-    manifest = records.verify_dataset(data_dir, check_records=True)
+    manifest = verify_dataset(data_dir, check_records=True)
     assert manifest["classes"] == CLASS_FOLDERS
     assert manifest["image_shape"] == [28, 28, 1]
     got = read_all(data_dir)
@@ -299,24 +302,24 @@ def test_fashion_mnist_pixels_and_labels_tensorflow_reader(fm_run):
     from lottery.data.fetch import CLASS_FOLDERS, load_fashion_mnist_arrays
 
     out, _ = fm_run
-    manifest = records.read_manifest(out)
-    spec = {records.KEY_ENCODED: tf.io.FixedLenFeature([], tf.string),
-            records.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64),
-            records.KEY_ID: tf.io.FixedLenFeature([], tf.string),
-            records.KEY_FORMAT: tf.io.FixedLenFeature([], tf.string)}
+    manifest = read_manifest(out)
+    spec = {example.KEY_ENCODED: tf.io.FixedLenFeature([], tf.string),
+            example.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64),
+            example.KEY_ID: tf.io.FixedLenFeature([], tf.string),
+            example.KEY_FORMAT: tf.io.FixedLenFeature([], tf.string)}
     for split in ("train", "val"):
         images, labels = load_fashion_mnist_arrays(split, limit=FM_LIMIT)
-        files = [str(p) for p in records.shard_paths(out, manifest, split)]
+        files = [str(p) for p in shard_paths(out, manifest, split)]
         seen = 0
         for raw in tf.data.TFRecordDataset(files):
             ex = tf.io.parse_single_example(raw, spec)
-            assert ex[records.KEY_FORMAT].numpy() == b"png"
-            pixels = tf.io.decode_png(ex[records.KEY_ENCODED], channels=1).numpy()
-            image_id = ex[records.KEY_ID].numpy().decode()
+            assert ex[example.KEY_FORMAT].numpy() == b"png"
+            pixels = tf.io.decode_png(ex[example.KEY_ENCODED], channels=1).numpy()
+            image_id = ex[example.KEY_ID].numpy().decode()
             s, folder, name = image_id.split("/")
             i = int(name.split(".")[0])
             assert s == split and folder == CLASS_FOLDERS[labels[i]]
-            assert int(ex[records.KEY_LABEL]) == labels[i]
+            assert int(ex[example.KEY_LABEL]) == labels[i]
             np.testing.assert_array_equal(pixels[:, :, 0], images[i])
             seen += 1
         assert seen == FM_LIMIT
@@ -326,7 +329,7 @@ def test_fashion_mnist_manifest(fm_run, fm_root):
     from lottery.data.fetch import load_fashion_mnist_arrays
 
     out, _ = fm_run
-    manifest = records.read_manifest(out)
+    manifest = read_manifest(out)
     for split in ("train", "val"):
         for shard in manifest["splits"][split]["shards"]:
             p = out / shard["file"]
@@ -344,9 +347,9 @@ def test_fashion_mnist_manifest(fm_run, fm_root):
         sum(p.stat().st_size for p in (fm_root / "val").rglob("*.png"))
     assert manifest["options"]["channels"] == "auto" and manifest["options"]["split"] == "folders"
     assert manifest["spark_version"] and manifest["duration_s"] > 0
-    assert manifest["dataset_id"] == records.dataset_id(manifest["fingerprint"], manifest["options"])
+    assert manifest["dataset_id"] == dataset_id(manifest["fingerprint"], manifest["options"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [records.MANIFEST_NAME] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]])
+        [MANIFEST_NAME] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]])
     assert leftovers(out) == []
 
 
@@ -375,7 +378,7 @@ def test_second_run_is_a_noop(fm_run, fm_root):
 @pytest.mark.slow
 def test_option_change_replaces_output_and_killed_run_is_not_data(fm_run, fm_root):
     out, _ = fm_run
-    first = records.read_manifest(out)
+    first = read_manifest(out)
 
     # another encoding: a new output replaces the old one (same pixels, new dataset_id)
     proc = check(spark_submit("--input", fm_root, "--output", out, "--encoding", "raw", "--num-shards", 2))
@@ -390,7 +393,7 @@ def test_option_change_replaces_output_and_killed_run_is_not_data(fm_run, fm_roo
     staging.mkdir()
     (staging / "train-00000-of-00001.tfrecord").write_bytes(b"\x00" * 100)
     with pytest.raises(FileNotFoundError, match="no dataset manifest"):
-        records.read_manifest(staging)
+        read_manifest(staging)
     if _has_pipeline():
         from lottery.data.pipeline import ShardedDataset
 
@@ -422,7 +425,7 @@ def _has_pipeline() -> bool:
 def test_bad_files_are_listed_with_their_reason(bad_run, mixed_root):
     out, proc, expected = bad_run
     root, _ = mixed_root
-    manifest = records.verify_dataset(out, check_records=True)
+    manifest = verify_dataset(out, check_records=True)
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == set(BAD_FILES)
     for path, code in BAD_FILES.items():
@@ -436,7 +439,7 @@ def test_bad_files_are_listed_with_their_reason(bad_run, mixed_root):
 
 def test_every_mode_is_converted_to_the_majority_channels(bad_run):
     out, proc, expected = bad_run
-    manifest = records.read_manifest(out)
+    manifest = read_manifest(out)
     assert manifest["image_shape"] == [S, S, 3]            # 11 color vs 7 grayscale files
     assert "channels: 3 (majority" in proc.stdout
     assert manifest["classes"] == ["a_color", "b_gray"]
@@ -448,7 +451,7 @@ def test_every_mode_is_converted_to_the_majority_channels(bad_run):
     # derived split: both splits present, deterministic by path hash
     assert manifest["options"]["split"] == {"val_fraction": 0.25, "seed": 1}
     for image_id, rec in got.items():
-        split, _ = job.assign(image_id, derived_val=True, val_fraction=0.25, seed=1)
+        split, _ = sharding.assign(image_id, derived_val=True, val_fraction=0.25, seed=1)
         assert rec["split"] == split
     # mean/std of the training split, from the stored pixels
     train = np.stack([r["pixels"] for r in got.values() if r["split"] == "train"]).astype(np.float64) / 255
@@ -512,8 +515,8 @@ def test_input_errors_write_nothing(tmp_path, case):
         out.write_text("precious")
     before = sorted(p.name for p in tmp_path.iterdir())
     # in-process (fast) and through spark-submit (the real thing) for one case
-    with pytest.raises(job.InputError, match=message):
-        job.validate(job.parse_args(["--input", str(root), "--output", str(out)]))
+    with pytest.raises(InputError, match=message):
+        job_args.validate(job_args.parse_args(["--input", str(root), "--output", str(out)]))
     if case in ("missing-root", "output-is-file"):
         proc = check(spark_submit("--input", root, "--output", out), rc=2)
         assert message in proc.output
@@ -532,12 +535,12 @@ def test_validation_refuses_dangerous_outputs(tmp_path):
              str(tmp_path): "inside the output",
              str(foreign): "without manifest.json"}
     for out, message in cases.items():
-        with pytest.raises(job.InputError, match=message):
-            job.validate(job.parse_args(["--input", str(root), "--output", out]))
+        with pytest.raises(InputError, match=message):
+            job_args.validate(job_args.parse_args(["--input", str(root), "--output", out]))
     for bad in (["--val-fraction", "0"], ["--jpeg-quality", "0"], ["--image-size", "0"], ["--num-shards", "0"],
                 ["--max-bad-fraction", "2"]):
-        with pytest.raises(job.InputError):
-            job.validate(job.parse_args(["--input", str(root), "--output", str(tmp_path / "o"), *bad]))
+        with pytest.raises(InputError):
+            job_args.validate(job_args.parse_args(["--input", str(root), "--output", str(tmp_path / "o"), *bad]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,21 +550,21 @@ def test_validation_refuses_dangerous_outputs(tmp_path):
 def test_split_is_stable_when_files_are_added():
     names = [f"train/c{i % 3}/{i:05d}.jpg" for i in range(2000)]
     kw = dict(derived_val=True, val_fraction=0.2, seed=5)
-    splits = {n: job.assign(n, **kw)[0] for n in names}
+    splits = {n: sharding.assign(n, **kw)[0] for n in names}
     more = names + [f"train/c{i % 3}/new_{i}.jpg" for i in range(500)]
-    assert all(job.assign(n, **kw)[0] == splits[n] for n in more[:2000])
+    assert all(sharding.assign(n, **kw)[0] == splits[n] for n in more[:2000])
     assert 0.15 < sum(s == "val" for s in splits.values()) / len(names) < 0.25
-    other_seed = {n: job.assign(n, derived_val=True, val_fraction=0.2, seed=6)[0] for n in names}
+    other_seed = {n: sharding.assign(n, derived_val=True, val_fraction=0.2, seed=6)[0] for n in names}
     assert other_seed != splits
-    assert job.assign("val/c1/x.jpg", derived_val=False, val_fraction=0.2, seed=5) == ("val", "c1")
-    assert job.assign("train/x.jpg", derived_val=False, val_fraction=0.2, seed=5) == ("train", None)
+    assert sharding.assign("val/c1/x.jpg", derived_val=False, val_fraction=0.2, seed=5) == ("val", "c1")
+    assert sharding.assign("train/x.jpg", derived_val=False, val_fraction=0.2, seed=5) == ("train", None)
 
 
 def test_shard_plan_covers_every_partition():
-    plan = job.ShardPlan(("train", "val"), (5, 2), (0, 5))
+    plan = sharding.ShardPlan(("train", "val"), (5, 2), (0, 5))
     seen = set()
     for i in range(3000):
-        key = job.shard_key(f"train/c/{i}.jpg")
+        key = sharding.shard_key(f"train/c/{i}.jpg")
         p = plan.partition("train", key)
         assert 0 <= p < 5
         seen.add(p)
@@ -573,27 +576,27 @@ def test_shard_plan_covers_every_partition():
 def test_transform_resize_methods():
     x = np.arange(20 * 40 * 3, dtype=np.uint32).reshape(20, 40, 3).astype(np.uint8)
     data = _save(Image.fromarray(x), "PNG")
-    crop = job.transform_image(data, job.Transform(channels=3, size=20))
+    crop = images.transform_image(data, images.Transform(channels=3, size=20))
     np.testing.assert_array_equal(crop, x[:, 10:30])                      # shorter side == S: pure crop
-    small = job.transform_image(data, job.Transform(channels=1, size=10))
+    small = images.transform_image(data, images.Transform(channels=1, size=10))
     assert small.shape == (10, 10, 1)
-    exact = job.transform_image(data, job.Transform(channels=3, size=8, resize="exact"))
+    exact = images.transform_image(data, images.Transform(channels=3, size=8, resize="exact"))
     assert exact.shape == (8, 8, 3)
-    native = job.transform_image(data, job.Transform(channels=3, size=None, native=(40, 20)))
+    native = images.transform_image(data, images.Transform(channels=3, size=None, native=(40, 20)))
     np.testing.assert_array_equal(native, x)
-    with pytest.raises(job.BadImage, match="size-mismatch"):
-        job.transform_image(data, job.Transform(channels=3, size=None, native=(28, 28)))
+    with pytest.raises(images.BadImage, match="size-mismatch"):
+        images.transform_image(data, images.Transform(channels=3, size=None, native=(28, 28)))
     # a large JPEG takes the DCT-scaled (draft) decode and still gives the right size
     big = _save(Image.fromarray(np.full((600, 800, 3), 128, np.uint8)), "JPEG")
-    out = job.transform_image(big, job.Transform(channels=3, size=64))
+    out = images.transform_image(big, images.Transform(channels=3, size=64))
     assert out.shape == (64, 64, 3) and abs(int(out.mean()) - 128) <= 2
 
 
 def test_histogram_stats_match_channel_stats():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
-    h = job.HistogramStats(3)
-    ref = records.ChannelStats(3)
+    h = images.HistogramStats(3)
+    ref = ChannelStats(3)
     for im in imgs:
         h.update(im)
         ref.update(im)

@@ -1,0 +1,17 @@
+"""The Spark preprocessing job (an ImageNet-layout image folder -> TFRecord shards + manifest.json),
+run as `spark-submit spark_jobs/preprocess_images.py ...` (docs/spark-preprocessing.md).
+
+Modules, in the order a run uses them:
+
+* `args`: the command line, the checks that need no Spark, the options that define the output;
+* `errors`: `InputError` (exit 2) and `DataError` (exit 1);
+* `publish`: one job per output (a lock), the staging directory, "already up to date";
+* `spark`: the session, shipping `lottery` + `spark_jobs` to the executors, raw file contents,
+  the progress thread;
+* `listing` (stage 1), `stages` (stage 2 probes and the shard plan, stage 3 decode and write);
+* `images` and `sharding`: the pure functions the executors run (decode, resize, encode; the
+  split and shard of a file), which the tests and bench/spark_preprocess.py import without Spark;
+* `job`: the orchestration, the data checks, the manifest, `main`.
+
+Importing this package imports nothing; pyspark is imported only when a session is created.
+"""

@@ -1,0 +1,58 @@
+"""Which split and which shard each input file goes to: pure functions of its relative path.
+
+Used on the driver, on the executors, by the tests and by bench/spark_preprocess.py (no Spark).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+SPLITS = ("train", "val")
+
+
+def unit_hash(text: str) -> float:
+    """A stable hash of `text` mapped to [0, 1)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def shard_key(rel: str) -> str:
+    """Sort key of a file inside its split: 16 hex digits of a hash of its relative path."""
+    return hashlib.sha256(("shard:" + rel).encode("utf-8")).hexdigest()[:16]
+
+
+def assign(rel: str, *, derived_val: bool, val_fraction: float, seed: int) -> tuple[str, str | None]:
+    """(split, class folder or None) of a path relative to the input root ("train/cls/x.jpg").
+
+    With `derived_val`, a file of train/ goes to "val" when the hash of its path relative to
+    train/ (salted with the seed) falls below `val_fraction`: a file's split never depends on
+    the other files, so adding files does not reshuffle the rest.
+    """
+    parts = rel.split("/")
+    top = parts[0]
+    cls = parts[1] if len(parts) >= 3 else None
+    split = top
+    if derived_val and top == "train":
+        if unit_hash(f"val-split:{seed}:{'/'.join(parts[1:])}") < val_fraction:
+            split = "val"
+    return split, cls
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    splits: tuple[str, ...]
+    counts: tuple[int, ...]     # shards per split
+    offsets: tuple[int, ...]    # first partition of each split
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def partition(self, split: str, key: str) -> int:
+        i = self.splits.index(split)
+        u = int(key, 16) / 16.0 ** len(key)
+        return self.offsets[i] + min(int(u * self.counts[i]), self.counts[i] - 1)
+
+    def shard_of(self, p: int) -> tuple[str, int, int]:
+        for split, off, n in zip(self.splits, self.offsets, self.counts):
+            if off <= p < off + n:
+                return split, p - off, n
+        raise IndexError(p)
