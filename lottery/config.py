@@ -2,7 +2,9 @@
 
 Style follows OpenLTH's hyperparameter dataclasses: every field has a default, steps are strings
 such as ``4ep``, ``500it`` or ``2ep100it``, and the experiment id hashes only the fields that differ
-from their defaults, so adding a new field with a default never changes an existing id.
+from their defaults, so adding a new field with a default never changes an existing id. The
+sparsity levels enter the id resolved (``levels()``); the controls, which add runs but never change a
+ticket's result, do not enter it (``NOT_IN_ID``). ``lottery.plan.RunPlan`` derives the rest.
 
 This module is imported by the DAG file at parse time: keep it free of TensorFlow, Keras and NumPy.
 """
@@ -107,8 +109,8 @@ def default_rewind_points() -> list[str]:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that determines an experiment's results. Execution settings (threads, caching,
-    paths) are not here: they do not change results and must not change the experiment id.
+    """Everything that defines an experiment: what determines its results, and which random
+    controls it runs beside its tickets. Execution settings (threads, caching, paths) are not here: they do not change results and must not change the experiment id.
 
     The defaults are tuned for the bundled data set (LeNet-300-100 on Fashion-MNIST: Adam at
     1.2e-3 as in Frankle & Carbin, 6 epochs with a 10x decay after 4, about 89% val accuracy).
