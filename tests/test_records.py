@@ -329,3 +329,31 @@ def test_record_format_and_fetch_do_not_import_tensorflow():
 def test_frame_layout():
     frame = tfrecord.frame_record(b"xyz")
     assert struct.unpack("<Q", frame[:8])[0] == 3 and frame[12:15] == b"xyz" and len(frame) == 19
+
+
+def test_publish_dir_swaps_and_puts_the_old_copy_back_on_failure(tmp_path, monkeypatch):
+    from lottery.files import publish_dir
+
+    target, staging = tmp_path / "ds", tmp_path / "ds.staging"
+    for d, text in ((target, "old"), (staging, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    publish_dir(staging, target)
+    assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+    staging.mkdir()
+    (staging / "f").write_text("newer")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        publish_dir(staging, target)
+    monkeypatch.undo()
+    assert (target / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.staging"]
