@@ -119,9 +119,13 @@ def _text_row(subset: list[dict], mid: str, labels: list[str]) -> str:
 
 
 def _dense_result(workdir: Workdir) -> dict | None:
+    """The dense run's result, or None when it is not trained (or its result cannot be read)."""
     from lottery.files import read_json
 
-    return read_json(workdir.dense_result) if workdir.dense_result.exists() else None
+    try:
+        return read_json(workdir.dense_result)
+    except Exception:  # missing or unreadable: the report says "not trained"
+        return None
 
 
 # ---- the report ---------------------------------------------------------------------------------
