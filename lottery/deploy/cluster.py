@@ -411,8 +411,10 @@ def print_urls(state: State) -> None:
     print(f"  Artifacts:         {state.artifact_root}")
     print(f"  Trigger:           the UI, or POST {state.api_url}/api/v2/dags/{DAG_ID}/dagRuns")
     print(f"  CLI:               source {home / 'env.sh'} && airflow dags list")
-    where = "" if home == DEFAULT_HOME.resolve() else f" --home {home}"
-    print(f"  Stop:              python -m lottery.deploy.cluster down{where} [--drop]   (or make cluster-down)")
+    if home == DEFAULT_HOME.resolve():
+        print("  Stop:              make cluster-down  (or python -m lottery.deploy.cluster down --drop: the database too)")
+    else:
+        print(f"  Stop:              python -m lottery.deploy.cluster down --home {home} [--drop]")
 
 
 if __name__ == "__main__":
