@@ -1,4 +1,4 @@
-"""Deployment constants: one definition for the DAG, the cluster policy plugin, docker/ and lottery.deploy.
+"""Deployment constants, defined once: the DAG, the plugin, docker/ and lottery.deploy import them.
 
 Pure Python (the DAG file imports it at parse time, the plugin in every Airflow component).
 Values a deployment may change come from the environment of the scheduler, dag-processor and workers.
