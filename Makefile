@@ -15,7 +15,7 @@ install: venv system-deps
 venv: $(STAMP)
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip wheel
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	@# The Spark provider pulls in pyspark-client 4.2.0, which overwrites pyspark 4.3.0's Python files
 	@# (no 4.3.0 client exists): put pyspark's own files back so both sides are 4.3.0.
