@@ -34,6 +34,10 @@ MODEL_NAMES = (
 OPTIMIZERS = ("sgd", "adam")
 PRUNING_SCOPES = ("global", "layerwise")
 AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop")
+# mixed_precision: false, "float16" (= true, loss scaling) or "bfloat16" (Ampere/Hopper GPUs, TPUs).
+PRECISIONS = ("bfloat16", "float16")
+PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
+                      "bfloat16": "mixed_bfloat16"}
 CONTROLS = ("random_reinit", "random_prune")
 
 
@@ -135,7 +139,8 @@ class ExperimentConfig:
     pruning_scope: str = "global"
     output_layer_prune_factor: float = 0.5
     augmentation: str = "none"
-    mixed_precision: bool = False
+    # false, "bfloat16" or "float16" (loss scaling); true = "float16" (ids of true/false unchanged)
+    mixed_precision: bool | str = False
     jit_compile: bool = False
     seed: int = 0
     # The random controls: they add runs, never change a ticket's result (not in the id).
@@ -154,7 +159,9 @@ class ExperimentConfig:
             raise ConfigError(unknown[0], raw[unknown[0]], f"unknown field; known fields: {', '.join(sorted(known))}")
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name in raw:
+            if f.name == "mixed_precision" and isinstance(raw.get(f.name), str):
+                values[f.name] = raw[f.name]  # checked in validate()
+            elif f.name in raw:
                 values[f.name] = _coerce(f.name, raw[f.name], _default_of(f))
         cfg = cls(**values)
         cfg.validate()
@@ -176,6 +183,8 @@ class ExperimentConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("pruning_scope", self.pruning_scope, PRUNING_SCOPES)
         _one_of("augmentation", self.augmentation, AUGMENTATIONS)
+        if not isinstance(self.mixed_precision, bool):
+            _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
         total = _step("training_steps", self.training_steps)
         if total == Step(0, 0):
             raise ConfigError("training_steps", self.training_steps, "must be longer than zero")
@@ -255,6 +264,10 @@ class ExperimentConfig:
     # ---- derived values -----------------------------------------------------------------------
     def total_iterations(self, steps_per_epoch: int) -> int:
         return Step.parse(self.training_steps).iterations(steps_per_epoch)
+
+    def precision_policy(self) -> str:
+        """The Keras dtype policy: "mixed_bfloat16", "mixed_float16" (true or "float16") or "float32"."""
+        return PRECISION_POLICIES[self.mixed_precision]
 
     def rewind_labels(self) -> list[str]:
         """Canonical names of the rewind points (``2ep``, ``500it``), as used in directory names."""
@@ -378,6 +391,8 @@ def _id_shape(cfg: ExperimentConfig) -> dict[str, Any]:
     for key in NOT_IN_ID:
         del out[key]
     out["sparsities"] = list(cfg.levels())
+    if out["mixed_precision"] == "float16":  # the same experiment as `true`: same id
+        out["mixed_precision"] = True
     return _canonical(out)
 
 

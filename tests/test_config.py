@@ -83,6 +83,7 @@ INVALID = [
     ({"output_layer_prune_factor": 0}, "output_layer_prune_factor"),
     ({"augmentation": "mixup"}, "augmentation"),
     ({"mixed_precision": 1}, "mixed_precision"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"jit_compile": "true"}, "jit_compile"),
     ({"seed": -1}, "seed"),
 ]
@@ -150,7 +151,18 @@ PINNED_IDS = [
     # an old config.json: the 20 default levels spelled out; the controls never change the id
     ({"sparsities": default_sparsities()}, "lenet_300_100-c30a9b1461f8"),
     ({"controls": False, "control_kinds": ["random_prune"], "control_sparsities": []}, "lenet_300_100-c30a9b1461f8"),
+    # mixed_precision: true (pinned before "bfloat16" existed) and "float16" are one experiment
+    ({"mixed_precision": True}, "lenet_300_100-570092597f34"),
+    ({"mixed_precision": "float16"}, "lenet_300_100-570092597f34"),
+    ({"mixed_precision": False}, "lenet_300_100-c30a9b1461f8"),
+    ({"mixed_precision": "bfloat16"}, "lenet_300_100-642a4048d5f2"),
 ]
+
+
+@pytest.mark.parametrize("value, policy", [(False, "float32"), (True, "mixed_float16"),
+                                           ("float16", "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
+def test_precision_policy(value, policy):
+    assert ExperimentConfig.from_dict({"mixed_precision": value}).precision_policy() == policy
 
 
 @pytest.mark.parametrize("conf, wanted", PINNED_IDS)
