@@ -1,7 +1,7 @@
 """One lottery-ticket experiment (Frankle & Carbin; late resetting) per DAG run.
 
 validate_config -> fetch_dataset -> preprocess (Spark) -> prepare_workdir -> train_dense -> make_masks
-    -> late_reset[mask x rewind point]  (+ plan_controls -> controls[control x mask x rewind point])
+    -> late_reset[mask x rewind point, or groups of tickets_per_task masks]  (+ plan_controls -> controls[...])
     -> report (all_done) -> check_results
 
 This file only wires the tasks: each task body calls one function of ``lottery.dag.tasks``, which
@@ -57,7 +57,10 @@ never collides.
   `pruning_scope`, `output_layer_prune_factor`.
 * *Controls*: `controls` (on by default: both kinds at three levels), `control_kinds`, `control_sparsities` (matched to the
   nearest level; empty = all levels); run at every rewind point.
-* *Execution*: `artifact_root`, `queue` (the Celery queue of the training tasks).
+* *Execution*: `artifact_root`, `queue` (the Celery queue of the training tasks), `tickets_per_task`
+  (1: one `late_reset` / `controls` instance per ticket; K > 1: groups of K consecutive masks of one
+  rewind point, trained in one process, named `rewind 1ep: masks 1-10 (80.0%…10.7% left)`; no result
+  and not the experiment id changes).
 
 Cross-field errors the form cannot express (a rewind point after the end of training, an unknown
 conf key, a control sparsity that is not a level) fail `validate_config` (or, when they depend on the
@@ -96,27 +99,29 @@ def make_masks(workdir: str) -> list[dict[str, Any]]:
 
 
 @task
-def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
-    """Every (mask, rewind point) pair: the kwargs of the mapped late_reset instances."""
-    return tasks.plan_tickets(masks, plan)
+def plan_tickets(masks: list[dict], plan: dict, per_task: int) -> list[dict[str, Any]]:
+    """Every (mask, rewind point) pair, one per instance or in groups: the kwargs of the mapped late_reset."""
+    return tasks.plan_tickets(masks, plan, per_task)
 
 
 @task(**TRAINING, map_index_template=TICKET_LABEL)
-def late_reset(workdir: str, mask: dict, rewind: str) -> dict[str, Any]:
-    """Rewind to ``rewind``, apply ``mask``, retrain to the end with the mask fixed."""
-    return tasks.retrain(workdir, mask, rewind)
+def late_reset(workdir: str, rewind: str, mask: dict | None = None, masks: list[dict] | None = None,
+               group: str | None = None) -> dict[str, Any]:
+    """Rewind to ``rewind``, apply ``mask`` (or each of the group's ``masks``), retrain to the end with the mask fixed."""
+    return tasks.run_tickets(workdir, rewind, mask, masks, group)
 
 
 @task
-def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
-    """(control kind, mask, rewind point) triples; empty when the controls are off."""
-    return tasks.plan_controls(masks, plan)
+def plan_controls(masks: list[dict], plan: dict, per_task: int) -> list[dict[str, Any]]:
+    """(control kind, mask, rewind point) triples, one per instance or in groups; empty when the controls are off."""
+    return tasks.plan_controls(masks, plan, per_task)
 
 
 @task(**TRAINING, map_index_template=CONTROL_LABEL)
-def controls(workdir: str, mask: dict, rewind: str, control: str) -> dict[str, Any]:
-    """A control (random_reinit / random_prune) for one mask and rewind point."""
-    return tasks.retrain(workdir, mask, rewind, control)
+def controls(workdir: str, rewind: str, control: str, mask: dict | None = None, masks: list[dict] | None = None,
+             group: str | None = None) -> dict[str, Any]:
+    """A control (random_reinit / random_prune) for one mask (or a group's ``masks``) and rewind point."""
+    return tasks.run_tickets(workdir, rewind, mask, masks, group, control)
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)
@@ -167,8 +172,9 @@ def lottery_ticket():
     dense = train_dense(plan, checked["data_dir"], workdir)
     masks = make_masks(workdir)
     dense >> masks
-    tickets = late_reset.partial(workdir=workdir).expand_kwargs(plan_tickets(masks, plan))
-    control_runs = controls.partial(workdir=workdir).expand_kwargs(plan_controls(masks, plan))
+    per_task = checked["tickets_per_task"]
+    tickets = late_reset.partial(workdir=workdir).expand_kwargs(plan_tickets(masks, plan, per_task))
+    control_runs = controls.partial(workdir=workdir).expand_kwargs(plan_controls(masks, plan, per_task))
     summary = report(workdir, plan)
     [tickets, control_runs] >> summary
     check_results(summary)

@@ -147,9 +147,13 @@ def test_pool_queue_retries_trigger_rules(dag):
 def test_mapped_tasks_and_their_names(dag):
     from jinja2 import Environment
 
+    group = "rewind 1ep: masks 1-10 (80.0%…10.7% left)"
     for task_id, kwargs, label in [
         ("late_reset", {"mask": {"label": "5.0% left"}, "rewind": "2ep"}, "5.0% left, rewind 2ep"),
         ("controls", {"mask": {"label": "5.0% left"}, "rewind": "2ep", "control": "random_prune"}, "random_prune: 5.0% left, rewind 2ep"),
+        ("late_reset", {"masks": [], "rewind": "1ep", "group": group}, group),
+        ("controls", {"masks": [], "rewind": "1ep", "control": "random_prune", "group": "random_prune, " + group},
+         "random_prune, " + group),
     ]:
         task = dag.get_task(task_id)
         assert type(task).__name__.endswith("MappedOperator"), task_id
@@ -244,6 +248,10 @@ INVALID = [
     ("artifact_root", "artifacts"),
     ("queue", "bad queue"),
     ("queue", ""),
+    ("tickets_per_task", 0),
+    ("tickets_per_task", -3),
+    ("tickets_per_task", 2.5),
+    ("tickets_per_task", "10"),
 ]
 
 
@@ -298,7 +306,8 @@ def test_check_params_derives_paths_and_plan(sdag, form, tmp_path):
     conf = {"artifact_root": str(tmp_path), "image_size": 32, "dataset_limit": 300, "controls": True,
             "control_sparsities": [0.79, 0.488], "rewind_points": ["0it", "1ep"]}
     out = form.check_params(_params(sdag, **conf), conf)
-    assert set(out) == {"plan", "dataset", "dataset_limit", "source_dir", "data_dir", "artifact_root", "spark_args"}
+    assert set(out) == {"plan", "dataset", "dataset_limit", "source_dir", "data_dir", "artifact_root", "spark_args", "tickets_per_task"}
+    assert out["tickets_per_task"] == 1
     assert out["data_dir"] == str(tmp_path / "data" / "fashion_mnist-32px-c1-png-n300")
     assert out["source_dir"] == str(tmp_path / "sources" / "fashion_mnist-n300")
     assert out["spark_args"][:4] == ["--input", out["source_dir"], "--output", out["data_dir"]]
@@ -448,3 +457,110 @@ def test_mapped_kwargs_follow_the_plan(sdag, form, tasks):
     assert tasks.plan_controls(masks, form.check_params(_params(sdag, controls=False))["plan"]) == []
     assert tasks.ticket_label(masks[1], "1ep", "random_prune") == "random_prune: 10.0% left, rewind 1ep"
     json.dumps([tickets, controls])  # XCom-able
+
+
+# ---- tickets_per_task: groups of tickets per task instance --------------------------------------
+def _masks(form, sparsities):
+    return [{"index": i, "mask_id": f"sp{100 * s:06.3f}", "sparsity": s, "remaining": 1 - s, "label": form.remaining_label(1 - s)}
+            for i, s in enumerate(sparsities)]
+
+
+def test_tickets_per_task_is_an_execution_setting(sdag, form):
+    """Default 1; not an ExperimentConfig field: it never changes the experiment id."""
+    param = sdag.params.get_param("tickets_per_task")
+    assert param.value == 1 and param.schema["section"] == "Execution" and param.schema["minimum"] == 1
+    assert "tickets_per_task" not in form.CONFIG_FIELDS
+    one, ten = (form.experiment_config(resolve(sdag, {"tickets_per_task": k})) for k in (1, 10))
+    assert one == ten and experiment_id(one, "d") == experiment_id(ten, "d")
+    assert form.check_params(resolve(sdag, {"tickets_per_task": 10}))["tickets_per_task"] == 10
+
+
+def test_one_ticket_per_task_is_todays_kwargs_and_names(sdag, form, tasks):
+    """tickets_per_task 1 (the default) maps exactly as before groups existed: one instance per ticket."""
+    plan = form.check_params(_params(sdag))["plan"]
+    masks = _masks(form, default_sparsities())
+    tickets = tasks.plan_tickets(masks, plan, 1)
+    assert tickets == tasks.plan_tickets(masks, plan)
+    run = RunPlan.from_dict(plan)
+    by_id = {m["mask_id"]: m for m in masks}
+    assert tickets == [{"mask": by_id[t.mask_id], "rewind": t.rewind} for t in run.tickets]
+    controls = tasks.plan_controls(masks, plan, 1)
+    assert controls == [{"mask": by_id[c.mask_id], "rewind": c.rewind, "control": c.control} for c in run.controls]
+    assert len(tickets) == 100 and len(controls) == 30
+    assert tasks.ticket_label(tickets[0]["mask"], tickets[0]["rewind"]) == "80.0% left, rewind 0it"
+
+
+def test_groups_of_three_over_five_masks(sdag, form, tasks):
+    """K=3 over 5 masks: 2 groups per rewind point (masks 1-3, 4-5), rewind-major, named readably."""
+    conf = {"sparsities": [0.2, 0.36, 0.488, 0.5904, 0.67232], "rewind_points": ["0it", "1ep"], "control_sparsities": [0.36, 0.5904]}
+    plan = form.check_params(_params(sdag, **conf))["plan"]
+    masks = _masks(form, conf["sparsities"])
+    groups = tasks.plan_tickets(masks, plan, 3)
+    assert [g["group"] for g in groups] == [
+        "rewind 0it: masks 1-3 (80.0%…51.2% left)", "rewind 0it: masks 4-5 (41.0%…32.8% left)",
+        "rewind 1ep: masks 1-3 (80.0%…51.2% left)", "rewind 1ep: masks 4-5 (41.0%…32.8% left)",
+    ]
+    assert [[m["mask_id"] for m in g["masks"]] for g in groups[:2]] == [["sp20.000", "sp36.000", "sp48.800"], ["sp59.040", "sp67.232"]]
+    assert all(set(g) == {"masks", "rewind", "group"} for g in groups)
+    covered = sorted((m["mask_id"], g["rewind"]) for g in groups for m in g["masks"])
+    assert covered == sorted((t.mask_id, t.rewind) for t in RunPlan.from_dict(plan).tickets)
+    controls = tasks.plan_controls(masks, plan, 3)
+    assert [c["group"] for c in controls] == [
+        f"{kind}, rewind {r}: masks 2, 4 (64.0%…41.0% left)" for kind in CONTROLS for r in ("0it", "1ep")]
+    assert [c["control"] for c in controls] == [kind for kind in CONTROLS for _ in range(2)]
+    json.dumps([groups, controls])  # XCom-able
+
+
+def test_default_experiment_in_groups_of_ten(sdag, form, tasks):
+    """The default experiment at K=10: 2 groups per rewind point, the controls 10 groups of 3 (kind x rewind)."""
+    plan = form.check_params(_params(sdag))["plan"]
+    masks = _masks(form, default_sparsities())
+    groups = tasks.plan_tickets(masks, plan, 10)
+    assert len(groups) == 10
+    assert groups[2]["group"] == "rewind 100it: masks 1-10 (80.0%…10.7% left)"
+    assert groups[3]["group"] == "rewind 100it: masks 11-20 (8.6%…1.2% left)"
+    controls = tasks.plan_controls(masks, plan, 10)
+    assert len(controls) == 10 and all(len(c["masks"]) == 3 for c in controls)
+    assert controls[0]["group"] == "random_reinit, rewind 0it: masks 3, 10, 17 (51.2%…2.3% left)"
+    assert len(json.dumps(groups + controls)) < 20_000  # XCom stays small
+    assert tasks.group_label(masks[19:], "2ep", "random_prune") == "random_prune, rewind 2ep: mask 20 (1.2% left)"
+
+
+def test_group_task_calls_retrain_many_once(tasks, form, monkeypatch, caplog):
+    """A group's task: one engine call for all its tickets; skipped ones logged as already done; small XCom."""
+    import logging
+
+    from lottery import late_reset
+
+    calls = []
+
+    def fake_retrain_many(workdir, masks, rewind, *, control=None, threads=None, **_):
+        calls.append((workdir, list(masks), rewind, control, threads))
+        return [{"mask_id": m, "rewind": rewind, "control": control, "val_accuracy": 0.8, "best_val_accuracy": 0.81,
+                 "wall_s": 3.0, "skipped": i == 0, "ticket": f"/w/tickets/{m}__{rewind}", "curve": [1] * 100}
+                for i, m in enumerate(masks)]
+
+    monkeypatch.setattr(late_reset, "retrain_many", fake_retrain_many, raising=False)
+    monkeypatch.setattr(late_reset, "retrain", lambda *a, **k: pytest.fail("the group path called retrain"))
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.setenv("LOTTERY_THREADS", "1")
+    masks = _masks(form, [0.2, 0.36])
+    caplog.set_level(logging.INFO)
+    out = tasks.run_tickets("/w", "1ep", None, masks, "rewind 1ep: masks 1-2 (80.0%…64.0% left)", "random_prune")
+    assert calls == [("/w", ["sp20.000", "sp36.000"], "1ep", "random_prune", 1)]
+    assert [t["mask_id"] for t in out["tickets"]] == ["sp20.000", "sp36.000"] and "curve" not in out["tickets"][0]
+    assert "random_prune: 80.0% left, rewind 1ep: already done" in caplog.text
+    assert "random_prune: 64.0% left, rewind 1ep: done in 3.0s" in caplog.text
+    assert "rewind 1ep: masks 1-2 (80.0%…64.0% left): done in" in caplog.text and "1 trained, 1 already done" in caplog.text
+
+
+def test_one_ticket_task_calls_retrain_as_before(tasks, form, monkeypatch):
+    from lottery import late_reset
+
+    calls = []
+    monkeypatch.setattr(late_reset, "retrain", lambda *a, **k: calls.append((a, k)) or {"val_accuracy": 0.8, "best_val_accuracy": 0.8})
+    monkeypatch.setattr(late_reset, "retrain_many", lambda *a, **k: pytest.fail("one ticket called retrain_many"), raising=False)
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.setenv("LOTTERY_THREADS", "1")
+    tasks.run_tickets("/w", "1ep", _masks(form, [0.2])[0], None, None, "random_reinit")
+    assert calls == [(("/w", "sp20.000", "1ep"), {"control": "random_reinit", "threads": 1})]

@@ -146,6 +146,14 @@ PARAMS: dict[str, Param] = {
         description="Celery queue of the training tasks (train_dense, late_reset, controls). The LocalExecutor ignores it.",
         section="Execution",
     ),
+    "tickets_per_task": Param(
+        1, type="integer", minimum=1, title="Tickets per training task",
+        description="How many tickets one late_reset / controls task instance trains, in one process that opens the data "
+        "and compiles the model once. 1: one task instance per ticket. K > 1: consecutive masks of one rewind point (and "
+        "one control kind) in groups of K, named like `rewind 1ep: masks 1-10 (80.0%…10.7% left)`. Changes no result "
+        "and not the experiment id; only how the work is split into tasks.",
+        section="Execution",
+    ),
 }
 
 
@@ -187,7 +195,7 @@ def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> 
         log.info("explicit sparsities given: num_levels and prune_rate are ignored")
     data = data_paths(params)
     _log_experiment(plan, data)
-    return {"plan": plan.to_dict(), **data}
+    return {"plan": plan.to_dict(), **data, "tickets_per_task": int(params.get("tickets_per_task") or 1)}
 
 
 def data_paths(params: dict[str, Any]) -> dict[str, Any]:

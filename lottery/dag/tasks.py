@@ -25,9 +25,18 @@ from lottery.plan import RunPlan
 
 log = logging.getLogger("lottery.dag")
 
-# Mapped instances are named from their kwargs (rendered before the task runs): "5.0% left, rewind 2ep".
-TICKET_LABEL = "{{ task.op_kwargs['mask']['label'] }}, rewind {{ task.op_kwargs['rewind'] }}"
-CONTROL_LABEL = "{{ task.op_kwargs['control'] }}: " + TICKET_LABEL
+
+
+def _label_template(prefix: str) -> str:
+    """A mapped instance's name from its kwargs: a group's ``group``, or one ticket's mask label and rewind."""
+    one = prefix + "{{ task.op_kwargs['mask']['label'] }}, rewind {{ task.op_kwargs['rewind'] }}"
+    return "{% if 'group' in task.op_kwargs %}{{ task.op_kwargs['group'] }}{% else %}" + one + "{% endif %}"
+
+
+# Mapped instances are named from their kwargs (rendered before the task runs): "5.0% left, rewind 2ep",
+# "random_prune: 5.0% left, rewind 2ep"; a group of tickets: "rewind 1ep: masks 1-10 (80.0%…10.7% left)".
+TICKET_LABEL = _label_template("")
+CONTROL_LABEL = _label_template("{{ task.op_kwargs['control'] }}: ")
 # What a retraining result may carry through XCom.
 TICKET_KEYS = ("mask_id", "sparsity", "remaining", "rewind", "control", "val_accuracy", "best_val_accuracy", "skipped", "ticket")
 DENSE_KEYS = ("val_accuracy", "best_val_accuracy", "epochs", "steps", "skipped")
@@ -77,6 +86,23 @@ def ticket_label(mask: dict, rewind: str, control: str | None = None) -> str:
     """The mapped instance's name, as TICKET_LABEL / CONTROL_LABEL render it."""
     label = f"{mask.get('label') or remaining_label(mask['remaining'])}, rewind {rewind}"
     return f"{control}: {label}" if control else label
+
+
+def group_label(masks: list[dict], rewind: str, control: str | None = None) -> str:
+    """A group's name: ``rewind 1ep: masks 1-10 (80.0%…10.7% left)``, ``random_prune, rewind 1ep: masks 3, 10, 17
+    (51.2%…2.3% left)``. Mask k is the k-th sparsity level (1 = the least pruned), as in ``sparsity_k``."""
+    numbers = [m["index"] + 1 for m in masks]
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    names = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    left = [(m.get("label") or remaining_label(m["remaining"])).removesuffix(" left") for m in masks]
+    span = left[0] if len(left) == 1 else f"{left[0]}…{left[-1]}"
+    head = f"{control}, rewind {rewind}" if control else f"rewind {rewind}"
+    return f"{head}: mask{'s' if len(masks) > 1 else ''} {names} ({span} left)"
 
 
 def _pick(result: dict | None, keys) -> dict[str, Any]:
@@ -140,29 +166,41 @@ def make_masks(workdir: str) -> list[dict[str, Any]]:
     return out
 
 
-def plan_tickets(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+def plan_tickets(masks: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
     run = RunPlan.from_dict(plan)
-    kwargs = _mapped_kwargs(masks, run.tickets)
-    log.info("late_reset: %d masks x %d rewind points = %d tickets", len(run.masks), len(run.rewinds), len(kwargs))
+    kwargs = mapped_kwargs(masks, run.tickets, per_task)
+    log.info("late_reset: %d masks x %d rewind points = %d tickets in %d tasks (%d per task at most)",
+             len(run.masks), len(run.rewinds), len(run.tickets), len(kwargs), per_task)
     return kwargs
 
 
-def plan_controls(masks: list[dict], plan: dict) -> list[dict[str, Any]]:
+def plan_controls(masks: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
     run = RunPlan.from_dict(plan)
     if not run.controls:
         log.info("controls are off")
         return []
-    kwargs = _mapped_kwargs(masks, run.controls)
+    kwargs = mapped_kwargs(masks, run.controls, per_task)
     kinds = dict.fromkeys(c.control for c in run.controls)
-    labels = dict.fromkeys(k["mask"]["label"] for k in kwargs)
-    log.info("controls: %s at %s x %d rewind points = %d runs", ", ".join(kinds), ", ".join(labels), len(run.rewinds), len(kwargs))
+    labels = dict.fromkeys(m["label"] for m in masks if m["mask_id"] in {c.mask_id for c in run.controls})
+    log.info("controls: %s at %s x %d rewind points = %d runs in %d tasks", ", ".join(kinds), ", ".join(labels),
+             len(run.rewinds), len(run.controls), len(kwargs))
     return kwargs
 
 
-def _mapped_kwargs(masks: list[dict], specs) -> list[dict[str, Any]]:
-    """The kwargs of one mapped late_reset / controls instance per ticket of the plan."""
+def mapped_kwargs(masks: list[dict], specs, per_task: int = 1) -> list[dict[str, Any]]:
+    """The kwargs of the mapped late_reset / controls instances: one per ticket of the plan (``per_task``
+    1), or one per group of up to ``per_task`` consecutive masks of one rewind point and control kind."""
     by_id = {m["mask_id"]: m for m in masks}
-    return [{"mask": by_id[s.mask_id], "rewind": s.rewind, **({"control": s.control} if s.control else {})} for s in specs]
+    if per_task <= 1:
+        return [{"mask": by_id[s.mask_id], "rewind": s.rewind, **({"control": s.control} if s.control else {})} for s in specs]
+    runs: dict[tuple, list[dict]] = {}  # (control, rewind) -> its masks, in the plan's order
+    for s in specs:
+        runs.setdefault((s.control, s.rewind), []).append(by_id[s.mask_id])
+    return [
+        {"masks": chunk, "rewind": rewind, **({"control": control} if control else {}), "group": group_label(chunk, rewind, control)}
+        for (control, rewind), group in runs.items()
+        for chunk in (group[i:i + per_task] for i in range(0, len(group), per_task))
+    ]
 
 
 def retrain(workdir: str, mask: dict, rewind: str, control: str | None = None) -> dict[str, Any]:
@@ -174,14 +212,42 @@ def retrain(workdir: str, mask: dict, rewind: str, control: str | None = None) -
     log.info("%s: start  mask %s  rewind %s  threads %d  %s  workdir %s", label, mask["mask_id"], rewind, threads, queue_note(), workdir)
     started = time.perf_counter()
     result = engine_call(late_reset.retrain, workdir, mask["mask_id"], rewind, control=control, threads=threads)
+    _log_result(label, result, time.perf_counter() - started)
+    return _pick(result, TICKET_KEYS)
+
+
+def retrain_group(workdir: str, masks: list[dict], rewind: str, group: str, control: str | None = None) -> dict[str, Any]:
+    """A group of tickets (or controls) of one rewind point in one process: ``late_reset.retrain_many``,
+    which skips the tickets already done, so a cleared group trains only its unfinished tickets."""
+    from lottery import late_reset
+
+    ids, threads = [m["mask_id"] for m in masks], training_threads("ticket")
+    log.info("%s: start  %d tickets (%s)  threads %d  %s  workdir %s", group, len(ids), ", ".join(ids), threads, queue_note(), workdir)
+    started = time.perf_counter()
+    results = engine_call(late_reset.retrain_many, workdir, ids, rewind, control=control, threads=threads)
+    by_id = {r.get("mask_id") or i: r for i, r in zip(ids, results)}
+    for mask in masks:
+        _log_result(ticket_label(mask, rewind, control), by_id[mask["mask_id"]], by_id[mask["mask_id"]].get("wall_s"))
+    skipped = sum(bool(r.get("skipped")) for r in results)
+    log.info("%s: done in %.1fs  %d trained, %d already done", group, time.perf_counter() - started, len(results) - skipped, skipped)
+    return {"group": group, "tickets": [_pick(by_id[i], TICKET_KEYS) for i in ids]}
+
+
+def run_tickets(workdir: str, rewind: str, mask: dict | None, masks: list[dict] | None, group: str | None,
+                control: str | None = None) -> dict[str, Any]:
+    """The late_reset / controls task: one ticket (``mask``) or a group of them (``masks``, named ``group``)."""
+    if masks is None:
+        return retrain(workdir, mask, rewind, control)
+    return retrain_group(workdir, masks, rewind, group, control)
+
+
+def _log_result(label: str, result: dict, seconds: float | None) -> None:
+    """One ticket's end line: its accuracy, or "already done"."""
     if result.get("skipped"):
         log.info("%s: already done (val_accuracy %.4f), nothing to do: %s", label, result["val_accuracy"], result.get("ticket"))
     else:
-        log.info(
-            "%s: done in %.1fs  val_accuracy %.4f (best %.4f)", label, time.perf_counter() - started,
-            result["val_accuracy"], result["best_val_accuracy"],
-        )
-    return _pick(result, TICKET_KEYS)
+        log.info("%s: done in %.1fs  val_accuracy %.4f (best %.4f)", label, seconds or 0.0,
+                 result["val_accuracy"], result["best_val_accuracy"])
 
 
 def report(workdir: str | None, plan: dict) -> dict[str, Any]:
