@@ -4,6 +4,7 @@
     python -m lottery dense --config cfg.json --data DATA_DIR --workdir W
     python -m lottery masks --workdir W
     python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
+    python -m lottery retrain --workdir W --mask 0,3,7 --rewind 1ep [--pack N]   (or --mask all)
     python -m lottery summarize --workdir W
 """
 
@@ -83,11 +84,14 @@ def cmd_masks(args) -> None:
 
 
 def cmd_retrain(args) -> None:
-    from lottery.late_reset import retrain
+    from lottery.late_reset import retrain_many
 
-    result = retrain(args.workdir, args.mask, args.rewind, control=args.control, threads=_threads(args),
-                     data_dir=args.data, progress=sys.stdout.isatty())
-    print(json.dumps(result, indent=2, default=str))
+    group = args.mask == "all" or "," in args.mask
+    masks = "all" if args.mask == "all" else [m.strip() for m in args.mask.split(",")]
+    controls = [c.strip() for c in args.control.split(",")] if args.control else None
+    results = retrain_many(args.workdir, masks, args.rewind, control=controls, threads=_threads(args),
+                           data_dir=args.data, progress=sys.stdout.isatty(), pack=args.pack)
+    print(json.dumps(results if group else results[0], indent=2, default=str))
 
 
 def cmd_summarize(args) -> None:
@@ -138,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, required=True)
     p.set_defaults(func=cmd_masks)
 
-    p = sub.add_parser("retrain", help="late reset: retrain one (mask, rewind point) ticket or control")
+    p = sub.add_parser("retrain", help="late reset: retrain (mask, rewind point) tickets or controls, in one process")
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--mask", required=True, help="mask index (0-based) or id such as sp20.000")
+    p.add_argument("--mask", required=True,
+                   help="mask index (0-based) or id such as sp20.000; several, comma-separated (0,3,7), or 'all'")
     p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
-    p.add_argument("--control", choices=CONTROLS, help="run a random control instead of the ticket")
+    p.add_argument("--control", help=f"run a random control instead of the tickets: {', '.join(CONTROLS)}")
+    p.add_argument("--pack", type=int, help="tickets trained side by side (JAX backend; default: env LOTTERY_PACK, "
+                                             "else from the accelerator's memory, 1 on CPU)")
     p.add_argument("--data", help="data directory (default: the one the dense run used)")
     p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
     p.set_defaults(func=cmd_retrain)

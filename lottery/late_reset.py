@@ -2,6 +2,7 @@
 mask fixed. One ticket per (mask, rewind point); the random controls are tickets too.
 
     retrain(workdir, mask, rewind[, control=...]) -> small result dict (what XCom may carry)
+    retrain_many(workdir, [mask, ...] | "all", rewind[, control=..., pack=...]) -> one per ticket
 
 Controls: ``random_reinit`` keeps the mask but starts from freshly drawn weights (and a fresh
 optimizer state) at the rewind step; ``random_prune`` keeps the rewound weights and optimizer
@@ -9,6 +10,13 @@ state but a random mask with the same number of surviving weights in every layer
 
 Writes ``tickets/<ticket name>/`` (result.json, model.keras, metrics.csv; error.json when it fails;
 paths: lottery/paths.py), resumes from the ticket's checkpoint, does nothing when the result exists.
+
+A group (`retrain_many`) opens the data, builds and compiles the model once, then trains its
+tickets one after another in that model: each ticket restores every variable from its rewind
+checkpoint (or its own checkpoint), reseeds, and assigns its mask to the mask variables of the
+compiled step (`lottery.pruning.MaskConstraint`), so the step is traced once and each ticket's
+result is bit for bit the one it gets alone. Each ticket stays resumable and idempotent on its own.
+On the JAX backend with a pack size above 1, tickets train side by side instead (lottery/packed.py).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lottery.config import CONTROLS, Step
 from lottery.errors import MissingArtifactError
@@ -29,6 +37,15 @@ from lottery.plan import MaskSpec, RunPlan, TicketSpec
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
 
 log = logging.getLogger("lottery")
+
+# What result.json's "timings" holds, in seconds. Shared by the group, carried by the first ticket
+# that finishes in the process (0 on the others): imports_s (Keras, the backend, the engine; 0 when
+# the process had them), data_open_s, build_compile_s (the train step's trace happens in the first
+# fit: inside that ticket's epochs_s). Per ticket: start_s (rewind or resume, mask), epochs_s
+# (model.fit), eval_s (model.evaluate at each epoch end), write_s (metrics.csv, the epoch
+# checkpoints, model.keras; result.json itself is not counted). They add up; wall_s is their sum
+# without imports_s.
+TIMING_KEYS = ("imports_s", "data_open_s", "build_compile_s", "start_s", "epochs_s", "eval_s", "write_s")
 
 
 def retrain(
@@ -43,24 +60,136 @@ def retrain(
 ) -> dict[str, Any]:
     """Reset to rewind point ``rewind``, apply mask ``mask``, train to the end with the mask fixed
     (``mask`` and ``rewind``: an index or an id / step; ``control``: one of ``CONTROLS``)."""
+    return retrain_many(workdir, [mask], rewind, control=control, threads=threads, data_dir=data_dir,
+                        progress=progress, pack=1)[0]
+
+
+def retrain_many(
+    workdir: str | os.PathLike,
+    masks: Sequence[int | str] | str,
+    rewind: int | str,
+    *,
+    control: str | Sequence[str | None] | None = None,
+    threads: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    pack: int | None = None,
+) -> list[dict[str, Any]]:
+    """Retrain the tickets of ``masks`` (indices or ids, or ``"all"``) at one rewind point in this
+    process: one small result dict per ticket, in the order given (``"skipped": True`` for those
+    already done). ``control``: one kind for the whole group (a list must name one kind only).
+    ``pack``: tickets trained side by side (JAX backend; None: ``LOTTERY_PACK`` or from the
+    device's memory, 1 on CPU). A bad group is refused before any training, naming the value.
+    When a ticket fails, the others still train; the first failure is raised at the end."""
+    imports_s = _import_engine()
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
-    if control is not None and control not in CONTROLS:
-        raise ValueError(f"unknown control {control!r}: choose one of {', '.join(CONTROLS)}")
     plan = RunPlan.from_config(cfg)
-    ticket = LateReset(workdir, cfg, run_info, plan.mask(mask), plan.rewind(rewind), control)
-    if ticket.paths.result.exists():
-        result = read_json(ticket.paths.result)
-        log.info("retrain %s: already done (val_acc %.2f%%), nothing to do: %s",
-                 ticket.name, 100 * result["val_accuracy"], ticket.paths.dir)
-        return {**small(result), "skipped": True}
-    ticket.check_inputs()
-    try:
-        return {**small(ticket.run(threads, Path(data_dir or run_info["data_dir"]), progress)), "skipped": False}
-    except BaseException as exc:
-        # Leave a note for the report; keep the checkpoint so that a rerun resumes.
-        write_json(ticket.paths.error, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-        raise
+    kind = _group_control(control)
+    tickets = [LateReset(workdir, cfg, run_info, m, plan.rewind(rewind), kind) for m in _group_masks(plan, masks)]
+    results = {t.name: t.skipped() for t in tickets if t.paths.result.exists()}
+    todo = [t for t in tickets if t.name not in results]
+    for ticket in todo:
+        ticket.check_inputs()
+    if todo:
+        shared = {"imports_s": imports_s}
+        data = Path(data_dir or run_info["data_dir"])
+        results.update(_train_group(cfg, todo, threads, data, progress, pack, shared))
+    return [results[t.name] for t in tickets]
+
+
+def _import_engine() -> float:
+    """Import Keras, its backend and the engine's training modules; the seconds it took (0 when
+    this process had them already)."""
+    started = time.perf_counter()
+    import keras
+
+    from lottery import pruning, training  # noqa: F401
+
+    if keras.backend.backend() == "tensorflow":
+        from lottery.data import pipeline  # noqa: F401  (TensorFlow itself)
+    else:
+        from lottery.data import arrays  # noqa: F401
+    return time.perf_counter() - started
+
+
+def _group_masks(plan: RunPlan, masks: Sequence[int | str] | str) -> list[MaskSpec]:
+    """The group's masks: every one for ``"all"``; a mask named twice or unknown is refused."""
+    if isinstance(masks, str) and masks == "all":
+        return list(plan.masks)
+    if isinstance(masks, (str, int)):
+        masks = [masks]
+    if not masks:
+        raise ValueError("the group names no mask: give mask indices or ids, or 'all'")
+    specs, named = [], {}
+    for ref in masks:
+        spec = plan.mask(ref)
+        if spec.mask_id in named:
+            raise ValueError(f"mask {spec.mask_id} is named twice in the group (as {named[spec.mask_id]!r} and {ref!r})")
+        named[spec.mask_id] = ref
+        specs.append(spec)
+    return specs
+
+
+def _group_control(control: str | Sequence[str | None] | None) -> str | None:
+    """The group's one control kind (or None): a list naming two kinds, or a ticket and a control, is refused."""
+    kinds = [control] if control is None or isinstance(control, str) else list(control)
+    for kind in kinds:
+        if kind is not None and kind not in CONTROLS:
+            raise ValueError(f"unknown control {kind!r}: choose one of {', '.join(CONTROLS)}")
+    if len(set(kinds)) > 1:
+        named = ", ".join(sorted(k or "none (ticket)" for k in set(kinds)))
+        raise ValueError(f"a group mixes controls ({named}): one group trains one control kind, or tickets only")
+    return kinds[0] if kinds else None
+
+
+def _train_group(cfg, todo: list[LateReset], threads, data_dir: Path, progress: bool, pack, shared) -> dict[str, dict]:
+    """Train the tickets not done yet: packed on JAX when the pack size is above 1, else one
+    after another in one compiled model."""
+    from lottery.packed import pack_size
+
+    size = pack_size(cfg, pack, len(todo))
+    if size > 1:
+        from lottery.packed import train_packed
+
+        return train_packed(cfg, todo, threads, data_dir, size, shared)
+    return _train_sequentially(cfg, todo, threads, data_dir, progress, shared)
+
+
+def _train_sequentially(cfg, todo: list[LateReset], threads, data_dir: Path, progress: bool, shared) -> dict[str, dict]:
+    """Open the data, build and compile once, then each ticket in turn. A ticket that fails leaves
+    its error.json; the others still train; the first failure is raised at the end."""
+    from lottery.training import compile_model
+
+    results, failures = {}, []
+    with session(cfg, threads):
+        shared["data_open_s"], (train, val, spe) = _timed(open_data, cfg, data_dir)
+        started = time.perf_counter()
+        model = build_model(cfg, train)
+        compile_model(model, cfg, spe)
+        shared["build_compile_s"] = time.perf_counter() - started
+        for ticket in todo:
+            try:
+                results[ticket.name] = ticket.run(model, train, val, spe, progress, shared)
+            except Exception as exc:
+                ticket.record_failure()
+                failures.append(exc)
+                continue
+            except BaseException:
+                ticket.record_failure()
+                raise
+            shared = {}  # the shared costs go to the first ticket that finished
+    if failures:
+        if len(failures) > 1:
+            log.error("retrain: %d of %d tickets failed; raising the first", len(failures), len(todo))
+        raise failures[0]
+    return results
+
+
+def _timed(function, *args) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = function(*args)
+    return time.perf_counter() - started, value
 
 
 class LateReset:
@@ -80,28 +209,46 @@ class LateReset:
             if not needed.exists():
                 raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery {step_name} --workdir {self.workdir}` first")
 
-    def run(self, threads: int | None, data_dir: Path, progress: bool) -> dict[str, Any]:
-        """Build the model at its start point, mask it, train it to the end, record the result."""
-        from lottery.training import compile_model
+    def skipped(self) -> dict[str, Any]:
+        """The small result of a ticket already done (and its "already done" log line)."""
+        result = read_json(self.paths.result)
+        log.info("retrain %s: already done (val_acc %.2f%%), nothing to do: %s",
+                 self.name, 100 * result["val_accuracy"], self.paths.dir)
+        return {**small(result), "skipped": True}
+
+    def record_failure(self) -> None:
+        """Leave a note for the report; keep the checkpoint so that a rerun resumes."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        write_json(self.paths.error, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+    def run(self, model, train, val, spe: int, progress: bool, shared: dict[str, float]) -> dict[str, Any]:
+        """Bring the compiled ``model`` (shared by the group) to this ticket's start point, mask
+        it, train it to the end, record the result. ``shared``: the group's shared costs to carry."""
+        import keras
 
         started = time.perf_counter()
-        with session(self.cfg, threads):
-            train, val, spe = open_data(self.cfg, data_dir)
-            total = self.cfg.total_iterations(spe)
-            model = build_model(self.cfg, train)
-            compile_model(model, self.cfg, spe)
-            mask = self._mask()
-            start, history = self._start_point(model, train)
-            report = self._apply_mask(model, mask)
-            self._log_start(report, spe, start, total)
-            history = self._train(model, mask, train, val, spe, total, start, history, progress)
-        result = self._result(report, spe, history, time.perf_counter() - started)
+        keras.utils.set_random_seed(self.cfg.seed)  # as a fresh process: training draws no other randomness
+        total = self.cfg.total_iterations(spe)
+        mask = self._mask()
+        start, history = self._start_point(model, train)
+        report = self._apply_mask(model, mask)
+        self._log_start(report, spe, start, total)
+        start_s = time.perf_counter() - started
+        history, timings = self._train(model, mask, train, val, spe, total, start, history, progress)
+        timings = {**dict.fromkeys(TIMING_KEYS, 0.0), **shared, "start_s": start_s, **timings}
+        wall_s = time.perf_counter() - started + timings["data_open_s"] + timings["build_compile_s"]
+        return self.finish(self._result(report, spe, history, timings, wall_s))
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Write result.json, drop the checkpoint and any old error, log the end line."""
         write_json(self.paths.result, result)
         self.paths.checkpoint.unlink(missing_ok=True)
         self.paths.error.unlink(missing_ok=True)
         log.info("retrain %s: done in %.1fs  val_acc %.2f%% (best %.2f%%)  %.0f img/s  -> %s", self.name, result["wall_s"],
                  100 * result["val_accuracy"], 100 * result["best_val_accuracy"], result["images_per_s"], self.paths.dir)
-        return result
+        return {**small(result), "skipped": False}
 
     def _mask(self) -> dict:
         """The ticket's mask; for ``random_prune``, a random one with the same count in every layer."""
@@ -163,22 +310,30 @@ class LateReset:
             start, total, -(-(total - start) // spe),
         )
 
-    def _train(self, model, mask, train, val, spe, total, start, history, progress) -> list[dict]:
-        """Train with the mask fixed to the end; save the model with its zeros explicit."""
-        from lottery.pruning import apply_mask, remove_mask
+    def _train(self, model, mask, train, val, spe, total, start, history, progress) -> tuple[list[dict], dict]:
+        """Train with the mask fixed to the end; save the model with its zeros explicit. Returns the
+        history and the run's timings (epochs_s, eval_s, write_s)."""
         from lottery.training import TrainingRun, epoch_saver
 
         run = TrainingRun(model, self.cfg, train, val, spe, total, label=f"retrain {self.name}",
                           on_epoch_end=epoch_saver(model, self.paths.checkpoint, self.paths.metrics, spe),
                           progress=progress, history=list(history))
         history = run.run(start)
+        started = time.perf_counter()
+        self.save_model(model, mask)
+        run.timings["write_s"] += time.perf_counter() - started
+        return history, run.timings
+
+    def save_model(self, model, mask: dict) -> None:
+        """model.keras, with the mask's zeros explicit and no constraint attached (not serialisable)."""
+        from lottery.pruning import apply_mask, remove_mask
+
         apply_mask(model, mask)  # idempotent; keeps the saved model's zeros explicit
         remove_mask(model)
         with atomic_path(self.paths.model) as tmp:
             model.save(tmp)
-        return history
 
-    def _result(self, report: dict, spe: int, history: list[dict], wall_s: float) -> dict[str, Any]:
+    def _result(self, report: dict, spe: int, history: list[dict], timings: dict, wall_s: float) -> dict[str, Any]:
         return {
             "experiment_id": self.run_info["experiment_id"],
             "ticket": str(self.paths.dir),
@@ -192,6 +347,7 @@ class LateReset:
             "curve": history,
             "images_per_s": mean_images_per_s(history),
             "wall_s": wall_s,
+            "timings": timings,
         }
 
 

@@ -279,25 +279,68 @@ class MaskConstraint(keras.constraints.Constraint):
     weight decay, Adam moments). Set on the variable itself, never in a
     layer's config: it is not serialised with the model and must be
     re-attached (`apply_mask`) after loading.
+
+    The mask is *state* of the compiled step, not a constant: a boolean
+    `keras.Variable` (`self.keep`) that `set` assigns. Once a model is
+    compiled, `apply_mask` creates it as an optimizer variable (the optimizer
+    applies the constraint, and on JAX only the variables it holds are inputs
+    of the compiled step), so the tickets of a group switch masks without
+    retracing. `is_mask_state` tells checkpoints to leave it out.
     """
 
-    def __init__(self, mask, inner=None):
-        self.mask = np.asarray(mask, dtype=bool)
+    def __init__(self, mask, inner=None, keep=None):
         self.inner = inner  # a constraint the variable had before; applied first
-        self._mask_tensor = keras.ops.convert_to_tensor(self.mask)
+        self.mask = np.asarray(mask, dtype=bool)
+        self.keep = keep if keep is not None else keras.Variable(self.mask, trainable=False, dtype="bool", name="keep")
+        self.keep._lottery_mask_state = True
+        self.set(self.mask)
+
+    def set(self, mask):
+        """Switch to another mask of the same shape (an assignment: nothing retraces)."""
+        self.mask = np.asarray(mask, dtype=bool)
+        self.keep.assign(self.mask)
 
     def __call__(self, w):
         if self.inner is not None:
             w = self.inner(w)
         w = keras.ops.convert_to_tensor(w)  # optimizers pass the Variable itself
-        return keras.ops.where(self._mask_tensor, w, keras.ops.zeros_like(w))
+        return keras.ops.where(self.keep, w, keras.ops.zeros_like(w))
 
     def get_config(self):
         raise NotImplementedError("MaskConstraint is attached at run time and not serialised")
 
 
+def is_mask_state(variable):
+    """True for the mask variables of `MaskConstraint` (not part of a checkpoint's training state)."""
+    return getattr(variable, "_lottery_mask_state", False)
+
+
+def _mask_constraint(model, variable, layer):
+    """The variable's mask constraint, set to `layer`: the one it had before (even if `remove_mask`
+    detached it) or a new one, whose mask variable belongs to the built optimizer when there is one."""
+    inner = variable.constraint
+    if isinstance(inner, MaskConstraint):
+        inner = inner.inner
+    constraint = getattr(variable, "_lottery_mask", None)
+    if constraint is None:
+        optimizer = getattr(model, "optimizer", None)
+        keep = None
+        if optimizer is not None and optimizer.built:
+            keep = optimizer.add_variable(layer.shape, initializer="ones", dtype="bool",
+                                          name=variable.path.replace("/", "_") + "_keep")
+        constraint = MaskConstraint(layer, inner=inner, keep=keep)
+        variable._lottery_mask = constraint
+    else:
+        constraint.inner = inner
+        constraint.set(layer)
+    return constraint
+
+
 def apply_mask(model, mask):
-    """Zeroes the pruned weights of `model` and keeps them at 0.0 during training."""
+    """Zeroes the pruned weights of `model` and keeps them at 0.0 during training.
+
+    Applying another mask to the same model later assigns the same mask
+    variables: a compiled train step keeps working, with the new mask."""
     variables = prunable_weights(model)
     unknown = sorted(set(mask) - set(variables))
     if unknown:
@@ -307,10 +350,7 @@ def apply_mask(model, mask):
         layer = np.asarray(layer, dtype=bool)
         if tuple(layer.shape) != tuple(variable.shape):
             raise ValueError(f"mask for {path!r} has shape {layer.shape}, the weight {tuple(variable.shape)}")
-        inner = variable.constraint
-        if isinstance(inner, MaskConstraint):
-            inner = inner.inner
-        constraint = MaskConstraint(layer, inner=inner)
+        constraint = _mask_constraint(model, variable, layer)
         variable.assign(constraint(variable.value))
         variable.constraint = constraint
 

@@ -109,8 +109,16 @@ def compile_model(model: keras.Model, cfg: ExperimentConfig, steps_per_epoch: in
 def training_state(model: keras.Model) -> dict[str, np.ndarray]:
     """Every model and optimizer variable, keyed ``model:<path>`` / ``optimizer:<path>``."""
     state = {f"model:{v.path}": ops.convert_to_numpy(v) for v in model.weights}
-    state.update({_optimizer_key(v): ops.convert_to_numpy(v) for v in model.optimizer.variables})
+    state.update({_optimizer_key(v): ops.convert_to_numpy(v) for v in optimizer_state(model.optimizer)})
     return state
+
+
+def optimizer_state(optimizer) -> list:
+    """The optimizer's variables that define the training state: not the masks it holds
+    (`lottery.pruning.MaskConstraint`), which belong to the ticket, not to the checkpoint."""
+    from lottery.pruning import is_mask_state
+
+    return [v for v in optimizer.variables if not is_mask_state(v)]
 
 
 def _optimizer_key(variable) -> str:
@@ -139,7 +147,7 @@ def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = Tru
     if weights:
         targets += [(f"model:{v.path}", v) for v in model.weights]
     if optimizer:
-        targets += [(_optimizer_key(v), v) for v in model.optimizer.variables]
+        targets += [(_optimizer_key(v), v) for v in optimizer_state(model.optimizer)]
     missing = [key for key, _ in targets if key not in arrays]
     if missing:
         raise ValueError(f"checkpoint {path} does not match this model: no values for {missing[:3]} ({len(missing)} in all)")
@@ -187,7 +195,10 @@ def _current_lr(optimizer) -> float:
 # ---- the loop ---------------------------------------------------------------------------------
 @dataclass
 class TrainingRun:
-    """What to train and where to stop. ``history`` holds the metric rows of finished epochs."""
+    """What to train and where to stop. ``history`` holds the metric rows of finished epochs;
+    ``timings`` where the seconds of `run` went: ``epochs_s`` (``model.fit``: the training steps,
+    the first trace of the train step included), ``eval_s`` (``model.evaluate`` at each epoch end)
+    and ``write_s`` (``on_epoch_end``: metrics and checkpoints); they add up to `run`'s time."""
 
     model: keras.Model
     cfg: ExperimentConfig
@@ -201,62 +212,83 @@ class TrainingRun:
     on_epoch_end: Callable[[int, list[dict]], None] | None = None
     progress: bool = False
     history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {"epochs_s": 0.0, "eval_s": 0.0, "write_s": 0.0})
 
     def run(self, start_step: int) -> list[dict]:
-        step = start_step
-        spe, total = self.steps_per_epoch, self.total_steps
-        num_epochs = math.ceil(total / spe)
+        step, spe, total = start_step, self.steps_per_epoch, self.total_steps
         val_stream = self.val_data.eval_batches(self.cfg.batch_size)
         if step in self.stop_points and self.on_stop:
             self.on_stop(step)
-        epoch_loss = epoch_correct = 0.0
-        epoch_seen = 0
-        epoch_train_time = 0.0
-        epoch_wall_start = time.perf_counter()
+        epoch = _EpochTally()
         while step < total:
-            epoch, position = divmod(step, spe)
-            epoch_end = min((epoch + 1) * spe, total)
+            index, position = divmod(step, spe)
+            epoch_end = min((index + 1) * spe, total)
             next_stops = [s for s in self.stop_points if step < s < epoch_end]
             segment_end = min(next_stops) if next_stops else epoch_end
-            n = segment_end - step
-            stream = self.train_data.batches(
-                self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
-            ).take(n)
-            started = time.perf_counter()
-            fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, shuffle=False, verbose=1 if self.progress else 0)
-            epoch_train_time += time.perf_counter() - started
-            epoch_loss += fit.history["loss"][-1] * n
-            epoch_correct += fit.history["accuracy"][-1] * n
-            epoch_seen += n
+            self._fit(index, position, segment_end - step, epoch)
             step = segment_end
             if step in self.stop_points and self.on_stop:
                 self.on_stop(step)
             if step == epoch_end:
-                val = self.model.evaluate(val_stream, verbose=0, return_dict=True)
-                row = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "lr": _current_lr(self.model.optimizer),
-                    "train_loss": epoch_loss / epoch_seen,
-                    "train_accuracy": epoch_correct / epoch_seen,
-                    "val_loss": float(val["loss"]),
-                    "val_accuracy": float(val["accuracy"]),
-                    "images_per_s": epoch_seen * self.cfg.batch_size / max(epoch_train_time, 1e-9),
-                    "wall_s": time.perf_counter() - epoch_wall_start,
-                }
-                self.history.append(row)
-                log.info(
-                    "%s epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%  %.0f img/s  %.1fs",
-                    self.label, epoch + 1, num_epochs, step, total, row["train_loss"], 100 * row["train_accuracy"],
-                    row["val_loss"], 100 * row["val_accuracy"], row["images_per_s"], row["wall_s"],
-                )
-                if self.on_epoch_end:
-                    self.on_epoch_end(step, self.history)
-                epoch_loss = epoch_correct = 0.0
-                epoch_seen = 0
-                epoch_train_time = 0.0
-                epoch_wall_start = time.perf_counter()
+                self._end_epoch(index, step, val_stream, epoch)
+                epoch = _EpochTally()
         return self.history
+
+    def _fit(self, epoch: int, position: int, n: int, tally: "_EpochTally") -> None:
+        """``n`` steps of epoch ``epoch`` from batch ``position``: one ``model.fit`` call."""
+        stream = self.train_data.batches(
+            self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
+        ).take(n)
+        started = time.perf_counter()
+        fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, shuffle=False, verbose=1 if self.progress else 0)
+        tally.train_time += time.perf_counter() - started
+        self.timings["epochs_s"] += time.perf_counter() - started
+        tally.loss += fit.history["loss"][-1] * n
+        tally.correct += fit.history["accuracy"][-1] * n
+        tally.seen += n
+
+    def _end_epoch(self, epoch: int, step: int, val_stream, tally: "_EpochTally") -> None:
+        """Evaluate, log the epoch's line, record its row, call ``on_epoch_end``."""
+        started = time.perf_counter()
+        val = self.model.evaluate(val_stream, verbose=0, return_dict=True)
+        self.timings["eval_s"] += time.perf_counter() - started
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": _current_lr(self.model.optimizer),
+            "train_loss": tally.loss / tally.seen,
+            "train_accuracy": tally.correct / tally.seen,
+            "val_loss": float(val["loss"]),
+            "val_accuracy": float(val["accuracy"]),
+            "images_per_s": tally.seen * self.cfg.batch_size / max(tally.train_time, 1e-9),
+            "wall_s": time.perf_counter() - tally.wall_start,
+        }
+        self.history.append(row)
+        log_epoch(self.label, row, math.ceil(self.total_steps / self.steps_per_epoch), self.total_steps)
+        if self.on_epoch_end:
+            started = time.perf_counter()
+            self.on_epoch_end(step, self.history)
+            self.timings["write_s"] += time.perf_counter() - started
+
+
+@dataclass
+class _EpochTally:
+    """The running sums of one epoch (an epoch can take several ``fit`` segments)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    train_time: float = 0.0
+    wall_start: float = field(default_factory=time.perf_counter)
+
+
+def log_epoch(label: str, row: dict, num_epochs: int, total: int) -> None:
+    """The one log line of a finished epoch."""
+    log.info(
+        "%s epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%  %.0f img/s  %.1fs",
+        label, row["epoch"], num_epochs, row["step"], total, row["train_loss"], 100 * row["train_accuracy"],
+        row["val_loss"], 100 * row["val_accuracy"], row["images_per_s"], row["wall_s"],
+    )
 
 
 def count_params(variables) -> int:

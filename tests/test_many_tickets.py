@@ -1,0 +1,251 @@
+"""Several tickets in one process (`retrain_many`): the same results as one process per ticket,
+resumable and idempotent ticket by ticket, bad groups refused before any training.
+
+Real TensorFlow and Keras on the CPU, a tiny learnable data set, short schedules.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lottery.config import ExperimentConfig
+from lottery.dense import run_dense
+from lottery.late_reset import TIMING_KEYS, retrain, retrain_many
+from lottery.masks import make_masks
+from tests.datasets import make_synthetic_shards
+from tests.test_experiment import data_dir  # noqa: F401  (the fixture: 256 + 96 images, 8x8x1, 3 classes)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 256 images / batch 32 = 8 iterations per epoch; 3 epochs; tickets rewind to 1ep: 2 epochs each.
+TINY = {
+    "training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+    "weight_decay": 5e-4, "warmup_steps": "4it", "lr_milestones": ["2ep"], "rewind_points": ["0it", "1ep"],
+    "sparsities": [0.5, 0.8, 0.9],
+}
+# What differs between two identical trainings: the clock.
+CLOCK = ("images_per_s", "wall_s")
+
+
+@pytest.fixture(scope="module")
+def masked_workdir(tmp_path_factory, data_dir):
+    """A dense run and its masks, no ticket: copy it before training tickets in it."""
+    workdir = tmp_path_factory.mktemp("exp") / "w"
+    run_dense(ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
+    make_masks(workdir)
+    return workdir
+
+
+@pytest.fixture
+def fresh(tmp_path, masked_workdir):
+    """A private copy of the masked work directory."""
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(masked_workdir, target)
+        return target
+    return copy
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    return [np.asarray(v) for v in model.weights]
+
+
+def assert_same_ticket(a: Path, b: Path) -> None:
+    """Two ticket directories hold the same training: curves, accuracies, weights bit for bit."""
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+    for key in ("val_accuracy", "best_val_accuracy", "best_epoch", "remaining", "rewind_step", "control"):
+        assert ra[key] == rb[key], (a.name, key)
+    assert len(ra["curve"]) == len(rb["curve"]) > 0
+    for x, y in zip(ra["curve"], rb["curve"]):
+        assert {k: v for k, v in x.items() if k not in CLOCK} == {k: v for k, v in y.items() if k not in CLOCK}, a.name
+    for x, y in zip(_weights(a / "model.keras"), _weights(b / "model.keras")):
+        np.testing.assert_array_equal(x, y, err_msg=a.name)
+    assert not (a / "checkpoint.npz").exists() and not (b / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("control", [None, "random_prune", "random_reinit"])
+def test_a_group_trains_each_ticket_as_it_trains_alone(fresh, control):
+    """One process, one compiled model, three tickets in turn == each ticket in its own model."""
+    group, alone = fresh("group"), fresh("alone")
+    results = retrain_many(group, "all", "1ep", control=control, threads=1)
+    assert [r["mask_id"] for r in results] == ["sp50.000", "sp80.000", "sp90.000"]
+    assert not any(r["skipped"] for r in results)
+    for index in (2, 0, 1):  # another order, each in a fresh model
+        retrain(alone, index, "1ep", control=control, threads=1)
+    for r in results:
+        name = Path(r["ticket"]).name
+        assert_same_ticket(group / "tickets" / name, alone / "tickets" / name)
+    if control == "random_prune":
+        for r in results:
+            name = Path(r["ticket"]).name
+            assert (group / "tickets" / name / "mask.npz").read_bytes() == (alone / "tickets" / name / "mask.npz").read_bytes()
+
+
+def test_timings_are_recorded_and_the_shared_costs_go_to_the_first_ticket(fresh):
+    workdir = fresh("w")
+    results = retrain_many(workdir, [1, 2], "1ep", threads=1)
+    timings = [json.loads((Path(r["ticket"]) / "result.json").read_text())["timings"] for r in results]
+    assert [r["timings"] for r in results] == timings, "the small result carries them too"
+    for t in timings:
+        assert set(t) == set(TIMING_KEYS)
+        assert t["epochs_s"] > 0 and t["eval_s"] > 0 and t["write_s"] > 0 and t["start_s"] > 0
+    assert timings[0]["data_open_s"] > 0 and timings[0]["build_compile_s"] > 0
+    assert timings[1]["data_open_s"] == timings[1]["build_compile_s"] == timings[1]["imports_s"] == 0
+
+
+def test_switching_tickets_does_not_retrace(fresh, monkeypatch):
+    """The mask is state of the compiled step: every ticket of a group runs the same train function,
+    traced once (the Python train step runs only while the step is traced)."""
+    import keras
+
+    from lottery import training
+
+    traces, seen = [], []
+    original_step, original_run = keras.Model.train_step, training.TrainingRun.run
+
+    def train_step(self, data):
+        traces.append(len(seen))  # how many tickets had finished when this trace happened
+        return original_step(self, data)
+
+    def run(self, start_step):
+        history = original_run(self, start_step)
+        seen.append((id(self.model), self.model.train_function))
+        return history
+
+    monkeypatch.setattr(keras.Model, "train_step", train_step)
+    monkeypatch.setattr(training.TrainingRun, "run", run)
+    workdir = fresh("w")
+    retrain_many(workdir, "all", "1ep", threads=1)
+    assert len(seen) == 3
+    assert len({model for model, _ in seen}) == 1, "one model for the group"
+    assert all(fn is seen[0][1] for _, fn in seen), "one train function for the group"
+    assert traces and set(traces) == {0}, f"traced during the first ticket only: {traces}"
+    # ... and each ticket trained with its own mask: its pruned weights are zero, its kept ones are not
+    from lottery.models import prunable_weights
+    from lottery.pruning import load_mask
+
+    import keras
+
+    for mask_id in ("sp50.000", "sp90.000"):
+        mask, _ = load_mask(workdir / "masks" / f"{mask_id}.npz")
+        model = keras.models.load_model(workdir / "tickets" / f"{mask_id}__1ep" / "model.keras", compile=False)
+        weights = {p: np.asarray(v) for p, v in prunable_weights(model).items()}
+        assert all(np.all(weights[p][~keep] == 0.0) for p, keep in mask.items())
+        assert sum(np.count_nonzero(weights[p][keep]) for p, keep in mask.items()) > 0.9 * sum(k.sum() for k in mask.values())
+
+
+def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
+    workdir = fresh("w")
+    first = retrain(workdir, "sp80.000", "1ep", threads=1)
+    done = Path(first["ticket"])
+    mtimes = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    with caplog.at_level("INFO", logger="lottery"):
+        results = retrain_many(workdir, "all", "1ep", threads=1)
+    assert [r["skipped"] for r in results] == [False, True, False]
+    assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == mtimes, "the done ticket is untouched"
+    assert "retrain sp80.000__1ep: already done" in caplog.text
+    assert "retrain sp80.000__1ep: start" not in caplog.text
+    starts = [line for line in caplog.text.splitlines() if ": start  mask" in line]
+    ends = [line for line in caplog.text.splitlines() if ": done in" in line]
+    epochs = [line for line in caplog.text.splitlines() if " epoch " in line]
+    assert len(starts) == len(ends) == 2 and len(epochs) == 4, "a start and an end line per ticket, one per epoch"
+    again = retrain_many(workdir, "all", "1ep", threads=1)
+    assert all(r["skipped"] for r in again)
+
+
+@pytest.mark.parametrize("masks,control,message", [
+    ([0, "sp50.000"], None, r"mask sp50.000 is named twice in the group \(as 0 and 'sp50.000'\)"),
+    (["1", 1], None, "mask sp80.000 is named twice"),
+    ([0, "sp12.000"], None, r"unknown mask 'sp12.000'"),
+    ([0, 7], None, "mask index 7 is out of range"),
+    ([], None, "names no mask"),
+    ([0, 1], ["random_prune", None], r"a group mixes controls \(none \(ticket\), random_prune\)"),
+    ([0, 1], ["random_prune", "random_reinit"], r"mixes controls \(random_prune, random_reinit\)"),
+    ([0, 1], "random_shuffle", "unknown control 'random_shuffle'"),
+])
+def test_bad_groups_are_refused_before_any_training(fresh, masks, control, message):
+    workdir = fresh("w")
+    with pytest.raises(ValueError, match=message):
+        retrain_many(workdir, masks, "1ep", control=control, threads=1)
+    assert not (workdir / "tickets").exists(), "nothing trained, nothing written"
+
+
+def test_the_cli_refuses_a_bad_group_naming_the_value(fresh, capsys):
+    from lottery.cli import main
+
+    workdir = fresh("w")
+    assert main(["retrain", "--workdir", str(workdir), "--mask", "0,2,0", "--rewind", "1ep"]) == 2
+    assert "mask sp50.000 is named twice" in capsys.readouterr().err
+    assert main(["retrain", "--workdir", str(workdir), "--mask", "0,1", "--rewind", "1ep",
+                 "--control", "random_prune,random_reinit"]) == 2
+    assert "mixes controls" in capsys.readouterr().err
+    assert not (workdir / "tickets").exists()
+
+
+def _cli(workdir: Path, *args: str) -> tuple[list[str], dict]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": "tensorflow"}
+    return [sys.executable, "-m", "lottery", "retrain", "--workdir", str(workdir), "--threads", "1", *args], env
+
+
+@pytest.mark.slow
+def test_one_process_per_ticket_and_one_group_process_agree_bit_for_bit(fresh):
+    """The acceptance test: `retrain --mask 0,1,2` == three `retrain --mask i` processes."""
+    group, alone = fresh("group"), fresh("alone")
+    cmd, env = _cli(group, "--mask", "0,1,2", "--rewind", "1ep")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["mask_id"] for r in json.loads(run.stdout)] == ["sp50.000", "sp80.000", "sp90.000"]
+    for index in ("2", "0", "1"):
+        cmd, env = _cli(alone, "--mask", index, "--rewind", "1ep")
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads(run.stdout)["skipped"] is False
+    for name in ("sp50.000__1ep", "sp80.000__1ep", "sp90.000__1ep"):
+        assert_same_ticket(group / "tickets" / name, alone / "tickets" / name)
+
+
+@pytest.mark.slow
+def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
+    """SIGKILL once the first ticket is done and the second has an epoch checkpoint; the rerun
+    leaves the first untouched, resumes the second, trains the third: all as an unbroken group."""
+    data = make_synthetic_shards(tmp_path, 4096, 96, shape=(8, 8, 1), num_classes=3)
+    cfg = ExperimentConfig.from_dict({**TINY, "batch_size": 16, "training_steps": "4ep", "lr": 0.01, "lr_milestones": []})
+    killed = tmp_path / "killed"
+    run_dense(cfg, data, killed, threads=1)
+    make_masks(killed)
+    whole = tmp_path / "whole"
+    shutil.copytree(killed, whole)
+    cmd, env = _cli(killed, "--mask", "all", "--rewind", "1ep")
+    tickets = killed / "tickets"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (tickets / "sp50.000__1ep" / "result.json").exists() and (tickets / "sp80.000__1ep" / "checkpoint.npz").exists():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tickets / "sp80.000__1ep" / "checkpoint.npz").exists(), "not killed mid-way: make the epochs longer"
+    assert not (tickets / "sp80.000__1ep" / "result.json").exists() and not (tickets / "sp90.000__1ep").exists()
+    done = tickets / "sp50.000__1ep"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [r["skipped"] for r in json.loads(rerun.stdout)] == [True, False, False]
+    assert "retrain sp80.000__1ep: resuming from the checkpoint" in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == mtimes, "the finished ticket is untouched"
+    cmd, env = _cli(whole, "--mask", "all", "--rewind", "1ep")
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    for name in ("sp50.000__1ep", "sp80.000__1ep", "sp90.000__1ep"):
+        assert_same_ticket(tickets / name, whole / "tickets" / name)
