@@ -1,10 +1,21 @@
-"""Where the time of one `lottery_ticket` DAG run goes: wall time, task run time, engine time, training.
+"""Where the time of one `lottery_ticket` DAG run goes: wall time, task run time, and for each
+training task where each of its seconds went.
 
-Reads the run's task instances from the Airflow metadata database of the local home (`make run`
-uses `.airflow/airflow.db`) and the engine's result files in the run's work directory, so the share
-spent outside training (task start-up, imports, scheduling, Spark) is visible.
+Reads the run's task instances and XComs from the Airflow metadata database of the local home
+(`make run` uses `.airflow/airflow.db`) and the engine's result files in the run's work directory.
+Per training task (`train_dense`, `late_reset`, `controls`), summed over its instances:
 
-    .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--write-docs]
+* Airflow's task start: the task instance's duration minus the engine's wall time (process start,
+  Airflow's imports, the task runner, the DAG file parse, the XCom pushes);
+* from each ticket's `result.json` `timings` (written by the engine): imports, data open, build and
+  compile, ticket start (rewind or resume, mask), epochs, evaluation, writing artifacts.
+
+Only the tickets an instance trained count for it (their result.json was written while it ran);
+tickets it found already done cost it almost nothing. Results written before `timings` existed
+(older runs) show what they can: the engine's wall time and the epochs (fit and evaluation together,
+from the training curve); the other columns read `-`.
+
+    .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--note TEXT] [--write-docs]
 """
 
 from __future__ import annotations
@@ -14,43 +25,65 @@ import json
 import os
 import sqlite3
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAINING_TASKS = ("train_dense", "late_reset", "controls")
+# The engine's timings (lottery.late_reset.TIMING_KEYS) and their column names, in the order they happen.
+PARTS = {
+    "imports_s": "imports", "data_open_s": "data open", "build_compile_s": "build + compile",
+    "start_s": "ticket start", "epochs_s": "epochs", "eval_s": "evaluation", "write_s": "writing",
+}
+SLACK_S = 2.0  # result.json mtimes vs the task instance's start and end (database clock vs file clock)
 
 
 def _time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text) if text else None
+    if not text:
+        return None
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _json(raw):
+    """An XCom or conf value as Python (the JSON column may hold a JSON string of JSON)."""
+    while isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            break
+    return raw
 
 
 def breakdown(home: Path, run_id: str | None) -> dict:
     db = sqlite3.connect(home / "airflow.db")
     if run_id is None:
         run_id = db.execute("select run_id from dag_run where dag_id='lottery_ticket' order by start_date desc limit 1").fetchone()[0]
-    start, end, state = db.execute("select start_date, end_date, state from dag_run where run_id=?", (run_id,)).fetchone()
-    tasks = db.execute("select task_id, map_index, duration, state from task_instance where run_id=?", (run_id,)).fetchall()
+    start, end, state, conf = db.execute("select start_date, end_date, state, conf from dag_run where run_id=?", (run_id,)).fetchone()
+    rows = db.execute(
+        "select task_id, map_index, duration, state, start_date, end_date from task_instance where run_id=?", (run_id,)
+    ).fetchall()
+    xcoms = {(t, i): _json(v) for t, i, v in db.execute(
+        "select task_id, map_index, value from xcom where run_id=? and key='return_value'", (run_id,))}
     per_task: dict[str, list[float]] = defaultdict(list)
-    for task_id, _, duration, _ in tasks:
+    for task_id, _, duration, *_ in rows:
         per_task[task_id].append(duration or 0.0)
-    workdir = None
-    for task_id, map_index, _, _ in tasks:
-        if task_id == "prepare_workdir":
-            row = db.execute("select value from xcom where run_id=? and task_id='prepare_workdir' and key='return_value'", (run_id,)).fetchone()
-            if row:
-                value = json.loads(row[0]) if isinstance(row[0], str) else row[0]
-                workdir = Path(value["workdir"] if isinstance(value, dict) else value)
-    engine, training, tickets = _engine_time(workdir) if workdir and workdir.exists() else (0.0, 0.0, 0)
+    prepared = xcoms.get(("prepare_workdir", -1))
+    workdir = Path(prepared["workdir"] if isinstance(prepared, dict) else prepared) if prepared else None
+    found = workdir is not None and workdir.exists()
+    engine, training, tickets = _engine_time(workdir) if found else (0.0, 0.0, 0)
     return {
         "run_id": run_id,
         "state": state,
-        "wall_s": ((_time(end) or datetime.now(_time(start).tzinfo)) - _time(start)).total_seconds(),
+        "tickets_per_task": conf.get("tickets_per_task", 1) if isinstance(conf := _json(conf), dict) else 1,
+        "wall_s": ((_time(end) or datetime.now(timezone.utc)) - _time(start)).total_seconds(),
         "task_s": {k: sum(v) for k, v in per_task.items()},
         "task_counts": {k: len(v) for k, v in per_task.items()},
         "engine_s": engine,
         "training_s": training,
         "tickets": tickets,
         "workdir": str(workdir),
+        "seconds": task_seconds(workdir, rows, xcoms) if found else {},
     }
 
 
@@ -66,24 +99,110 @@ def _engine_time(path: Path) -> tuple[float, float, int]:
     engine = training = 0.0
     for result in results:
         data = json.loads(result.read_text())
-        engine += data["wall_s"]
+        engine += data["wall_s"] + data.get("timings", {}).get("imports_s", 0.0)
         training += sum(row["wall_s"] for row in data["curve"])
     return engine, training, len(status.done)
+
+
+def instance_results(workdir, task_id: str, map_index: int, xcoms: dict) -> list[Path]:
+    """The result files one training task instance is responsible for (from the planning XComs)."""
+    from lottery.paths import Workdir
+    from lottery.plan import TicketSpec
+
+    workdir = Workdir(workdir)
+    if task_id == "train_dense":
+        return [workdir.dense_result]
+    planned = xcoms.get(("plan_tickets" if task_id == "late_reset" else "plan_controls", -1)) or []
+    if not 0 <= map_index < len(planned):
+        return []
+    kwargs = planned[map_index]
+    masks = kwargs.get("masks") or [kwargs["mask"]]
+    return [workdir.ticket(TicketSpec(m["mask_id"], kwargs["rewind"], kwargs.get("control"))).result for m in masks]
+
+
+def task_seconds(workdir, rows, xcoms: dict) -> dict[str, dict]:
+    """Per training task: instances, tickets trained, task seconds, Airflow's start, the engine's parts."""
+    out: dict[str, dict] = {}
+    for task_id, map_index, duration, _, start, end in rows:
+        if task_id not in TRAINING_TASKS or duration is None:
+            continue
+        row = out.setdefault(task_id, {"instances": 0, "trained": 0, "task_s": 0.0, "engine_s": 0.0, "old": 0,
+                                       **dict.fromkeys(PARTS, 0.0)})
+        row["instances"] += 1
+        row["task_s"] += duration
+        window = (_time(start).timestamp() - SLACK_S, _time(end).timestamp() + SLACK_S)
+        for path in instance_results(workdir, task_id, map_index, xcoms):
+            if path.is_file() and window[0] <= path.stat().st_mtime <= window[1]:
+                _add_result(row, json.loads(path.read_text()))
+    for row in out.values():
+        row["airflow_s"] = row["task_s"] - row["engine_s"]
+    return out
+
+
+def _add_result(row: dict, result: dict) -> None:
+    """Add one trained ticket's (or the dense run's) seconds to its task's row. Without ``timings``
+    (older results), the training curve's seconds (fit and evaluation) count as epochs."""
+    timings = result.get("timings")
+    row["trained"] += 1
+    row["engine_s"] += result["wall_s"] + (timings or {}).get("imports_s", 0.0)
+    if timings is None:
+        row["old"] += 1
+        row["epochs_s"] += sum(r.get("wall_s", 0.0) for r in result.get("curve", []))
+        return
+    for key in PARTS:
+        row[key] += timings.get(key, 0.0)
+
+
+def seconds_table(seconds: dict[str, dict]) -> list[str]:
+    """The per-task table: where each second of the training tasks went (sums over instances, then
+    per ticket trained); ``-``: no result of that task has the figure."""
+    head = ["task", "instances", "trained", "task time", "Airflow's task start", *PARTS.values(), "other (engine)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task_id in TRAINING_TASKS:
+        row = seconds.get(task_id)
+        if not row:
+            continue
+        timed = row["trained"] > row["old"]
+        parts = [row[k] if timed or k == "epochs_s" else None for k in PARTS]
+        cells = [row["task_s"], row["airflow_s"], *parts, row["engine_s"] - sum(p or 0.0 for p in parts)]
+        lines.append(f"| {task_id} | {row['instances']} | {row['trained']} | " + " | ".join(_cell(c, row["task_s"]) for c in cells) + " |")
+        if row["trained"]:
+            per = ["-" if c is None else f"{c / row['trained']:.2f}" for c in cells]
+            lines.append("| per trained ticket | | | " + " | ".join(per) + " |")
+    old = sum(row["old"] for row in seconds.values())
+    if old:
+        lines += ["", f"{old} results without `timings` (written before the engine recorded them): their epochs include "
+                  "the evaluation; their imports, data open, build and writing are in 'other (engine)'."]
+    return lines
+
+
+def _cell(seconds: float | None, total: float) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:,.1f} ({100 * seconds / max(total, 1e-9):.0f}%)"
 
 
 def to_markdown(b: dict, cores: int) -> str:
     total = sum(b["task_s"].values())
     lines = [
-        f"Run `{b['run_id']}` ({b['state']}), {cores} cores, LocalExecutor parallelism {cores}.",
+        f"Run `{b['run_id']}` ({b['state']}), {cores} cores, LocalExecutor parallelism {cores}, "
+        f"tickets_per_task {b.get('tickets_per_task', 1)}.",
         "",
         f"- wall time of the DAG run: **{b['wall_s'] / 60:.1f} min**",
         f"- sum of task run times: {total / 60:.1f} min ({total / max(b['wall_s'], 1e-9):.2f} tasks running on average)",
-        f"- of which inside the engine's runners (dense + {b['tickets']} retrainings, from their result.json): {b['engine_s'] / 60:.1f} min",
+        f"- of which inside the engine (dense + {b['tickets']} retrainings, from their result.json): {b['engine_s'] / 60:.1f} min",
         f"- of which in training epochs (fit + evaluation): {b['training_s'] / 60:.1f} min = {100 * b['training_s'] / max(total, 1e-9):.0f}% of task time",
         "",
-        "| task | instances | run time (s) | mean (s) |",
-        "|---|---|---|---|",
     ]
+    if b.get("seconds"):
+        lines += [
+            "Where the seconds of the training tasks went (seconds, share of the task time; sums over the instances, "
+            "then per ticket trained). Airflow's task start = task instance duration - engine wall time.",
+            "",
+            *seconds_table(b["seconds"]),
+            "",
+        ]
+    lines += ["| task | instances | run time (s) | mean (s) |", "|---|---|---|---|"]
     for task, seconds in sorted(b["task_s"].items(), key=lambda kv: -kv[1]):
         n = b["task_counts"][task]
         lines.append(f"| {task} | {n} | {seconds:,.0f} | {seconds / max(n, 1):.1f} |")

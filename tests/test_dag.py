@@ -6,6 +6,7 @@ No training here (see test_dag_e2e.py). Airflow runs on a throwaway home (SQLite
 
 import json
 import os
+from datetime import datetime, timezone
 import subprocess
 import sys
 import textwrap
@@ -564,3 +565,75 @@ def test_one_ticket_task_calls_retrain_as_before(tasks, form, monkeypatch):
     monkeypatch.setenv("LOTTERY_THREADS", "1")
     tasks.run_tickets("/w", "1ep", _masks(form, [0.2])[0], None, None, "random_reinit")
     assert calls == [(("/w", "sp20.000", "1ep"), {"control": "random_reinit", "threads": 1})]
+
+
+# ---- bench/run_breakdown.py: where each second of a training task goes ---------------------------
+def _fake_run(tmp_path, per_task: int):
+    """A work directory with hand-written results and an Airflow-like database of one run."""
+    import sqlite3
+    import time as clock
+
+    from bench import run_breakdown  # noqa: F401
+    from lottery.dag import tasks
+    from lottery.files import write_json
+    from lottery.paths import Workdir
+
+    cfg = ExperimentConfig(sparsities=(0.5, 0.9), rewind_points=("0it", "1ep"), controls=False)
+    w = Workdir(tmp_path / "w")
+    write_json(w.config_json, cfg.to_dict())
+    write_json(w.run_json, {"experiment_id": "x"})
+    masks = [{"index": i, "mask_id": m, "sparsity": s, "remaining": 1 - s, "label": f"{100 * (1 - s):.1f}% left"}
+             for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
+    kwargs = tasks.mapped_kwargs(masks, RunPlan.from_config(cfg).tickets, per_task)
+    now = clock.time()
+    timings = {"imports_s": 3.0, "data_open_s": 1.0, "build_compile_s": 0.5, "start_s": 0.2, "epochs_s": 10.0, "eval_s": 1.0, "write_s": 0.3}
+    for spec in RunPlan.from_config(cfg).tickets:
+        result = {"wall_s": 13.0, "curve": [{"wall_s": 11.0}], "val_accuracy": 0.8}
+        if spec.rewind == "1ep":
+            result["timings"] = timings
+        write_json(w.ticket(spec).result, result)
+    write_json(w.dense_result, {"wall_s": 20.0, "curve": [{"wall_s": 18.0}]})
+    db = sqlite3.connect(tmp_path / "airflow.db")
+    db.execute("create table dag_run (run_id, dag_id, start_date, end_date, state, conf)")
+    db.execute("create table task_instance (run_id, task_id, map_index, duration, state, start_date, end_date)")
+    db.execute("create table xcom (run_id, task_id, map_index, key, value)")
+    stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")  # noqa: E731
+    db.execute("insert into dag_run values ('r', 'lottery_ticket', ?, ?, 'success', ?)",
+               (stamp(now - 100), stamp(now + 10), json.dumps({"tickets_per_task": per_task})))
+    tis = [("train_dense", -1, 25.0)] + [("late_reset", i, 20.0 * (len(k.get("masks", [])) or 1)) for i, k in enumerate(kwargs)]
+    for task_id, index, duration in tis:
+        db.execute("insert into task_instance values ('r', ?, ?, ?, 'success', ?, ?)", (task_id, index, duration, stamp(now - 60), stamp(now + 1)))
+    for task_id, value in [("prepare_workdir", {"workdir": str(w)}), ("plan_tickets", kwargs)]:
+        db.execute("insert into xcom values ('r', ?, -1, 'return_value', ?)", (task_id, json.dumps(json.dumps(value))))
+    db.commit()
+    return tmp_path
+
+
+@pytest.mark.parametrize("per_task", [1, 2])
+def test_run_breakdown_splits_task_seconds(tmp_path, per_task):
+    from bench import run_breakdown
+
+    b = run_breakdown.breakdown(_fake_run(tmp_path, per_task), None)
+    assert b["tickets_per_task"] == per_task and b["tickets"] == 4
+    late = b["seconds"]["late_reset"]
+    assert late["instances"] == 4 // per_task and late["trained"] == 4 and late["old"] == 2
+    assert late["task_s"] == 80.0 and late["engine_s"] == 4 * 13.0 + 2 * 3.0 and late["airflow_s"] == 80.0 - 58.0
+    assert late["epochs_s"] == 20.0 + 2 * 11.0 and late["imports_s"] == 6.0  # the curve's seconds for the old results
+    text = run_breakdown.to_markdown(b, 2)
+    assert f"tickets_per_task {per_task}" in text and "| late_reset | " in text and "| train_dense | 1 | 1 |" in text
+    print(text)
+
+
+def test_run_breakdown_reads_results_without_timings(tmp_path):
+    """Older runs: no timings anywhere; epochs from the curve, the other parts '-'."""
+    from bench import run_breakdown
+
+    home = _fake_run(tmp_path, 1)
+    for path in (tmp_path / "w" / "tickets").glob("*/result.json"):
+        data = json.loads(path.read_text())
+        data.pop("timings", None)
+        path.write_text(json.dumps(data))
+    lines = run_breakdown.seconds_table(run_breakdown.breakdown(home, "r")["seconds"])
+    row = next(line for line in lines if line.startswith("| late_reset"))
+    assert row == "| late_reset | 4 | 4 | 80.0 (100%) | 28.0 (35%) | - | - | - | - | 44.0 (55%) | - | - | 8.0 (10%) |", row
+    assert "5 results without `timings`" in lines[-1]
