@@ -21,7 +21,8 @@ import pytest
 import tensorflow as tf
 
 from lottery import data as R  # the record format's errors and read_manifest
-from lottery.data.arrays import ArrayDataset, crop_and_resize, interleave
+from lottery.data.arrays import ArrayDataset
+from lottery.data.epochs import interleave_positions
 from lottery.data.pipeline import ShardedDataset
 from tests.datasets import make_synthetic_shards
 
@@ -90,25 +91,16 @@ def test_array_batches_are_the_sharded_batches(data_dir, no_disk_cache, cache, c
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_random_resized_crop_matches(data_dir, no_disk_cache, cache):
-    """Same boxes, same bilinear algorithm (TF's crop_and_resize, in float32): equal within rounding."""
+def test_random_resized_crop_same_examples(data_dir, no_disk_cache, cache):
+    """The same examples in the same order; the pixels come from Pillow's resize of the same boxes
+    (their distribution is tested in tests/test_input_pipeline.py), so they are close, not equal."""
     tfds, npds = ShardedDataset(data_dir, "train", cache=cache), ArrayDataset(data_dir, "train", cache=cache)
     expected = _tf_epoch(tfds, seed=2, epoch=1, augmentation="random_resized_crop", skip_batches=2)
     got = _np_epoch(npds, seed=2, epoch=1, augmentation="random_resized_crop", skip_batches=2)
     assert len(got) == len(expected) == 10
     for (x0, y0), (x1, y1) in zip(expected, got):
-        assert np.array_equal(y0, y1)
-        np.testing.assert_allclose(x1, x0, rtol=0, atol=1e-5)
-
-
-def test_crop_and_resize_is_tf_crop_and_resize():
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, size=(6, 9, 7, 2)).astype(np.float32)
-    boxes = np.array([[0, 0, 1, 1], [0, 1, 1, 0], [0.1, 0.2, 0.7, 0.9], [0.5, 0.5, 0.5, 0.5],
-                      [-0.2, 0.3, 0.6, 1.3], [0.33, 0.71, 0.91, 0.05]], np.float32)
-    for size in ((9, 7), (4, 11), (1, 1)):
-        want = tf.image.crop_and_resize(images, boxes, tf.range(6), size, method="bilinear").numpy()
-        np.testing.assert_allclose(crop_and_resize(images, boxes, size), want, rtol=0, atol=1e-4)
+        assert np.array_equal(y0, y1) and x1.shape == x0.shape and x1.dtype == np.float32
+        assert np.isfinite(x1).all()
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -131,7 +123,8 @@ def test_interleave_is_tf_data_interleave():
             lambda i: tf.data.Dataset.range(tf.gather(tf.constant(lens, tf.int64), i)).map(lambda k: i * 100 + k),
             cycle_length=cycle, block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         want = [int(v) for v in ds.as_numpy_iterator()]
-        got = list(interleave([lambda i=i: (i * 100 + k for k in range(lens[i])) for i in range(len(lens))], cycle))
+        files, records = interleave_positions(lens, cycle)
+        got = (files * 100 + records).tolist()
         assert got == want, (lens.tolist(), cycle)
 
 
@@ -194,7 +187,7 @@ def test_bad_arguments_and_short_shards(tmp_path, data_dir):
 
 TF_FREE = ["lottery/data/tfrecord.py", "lottery/data/example.py", "lottery/data/manifest.py", "lottery/data/errors.py",
            "lottery/files.py", "lottery/data/epochs.py", "lottery/data/arrays.py", "lottery/data/runtime.py",
-           "lottery/data/fetch.py", "lottery/data/__init__.py", "lottery/models.py", "lottery/pruning.py",
+           "lottery/data/fetch.py", "lottery/data/__init__.py", "lottery/data/workers.py", "lottery/data/hostaug.py", "lottery/models.py", "lottery/pruning.py",
            "lottery/training.py", "lottery/session.py", "lottery/dense.py", "lottery/masks.py", "lottery/late_reset.py",
            "lottery/plan.py", "lottery/paths.py", "lottery/cli.py", "lottery/config.py"]
 

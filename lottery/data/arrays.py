@@ -9,12 +9,14 @@ order with the same augmentation parameters:
   decode to the same pixels in both; a jpeg split decoded by Pillow is kept under its own name,
   `<split>-<dataset_id>-pillow.npz`, since TensorFlow's jpeg decoder gives slightly different
   pixels); an epoch is the same permutation, cut into the same batches;
-* `cache=False`: the shards are read in the epoch's file order by the same deterministic
-  interleave (`interleave_cycle` shards round-robin) and the same windowed shuffle
-  (`shuffle_window`, stable argsort of the epoch's keys) as tf.data does, then decoded per batch;
+* `cache=False`: the epoch is the same positions in the same order as tf.data reads them (file
+  order, deterministic interleave over `interleave_cycle` shards, windowed shuffle:
+  `epochs.streamed_epoch`); each batch is read, decoded, augmented and normalised by one of
+  `workers` processes (`lottery.data.workers`, default `LOTTERY_DATA_WORKERS` or the task's cores;
+  0: in this process), `prefetch` batches per worker in flight, yielded in order;
 * augmentations: `none` and `crop_flip` give bit-identical batches to `ShardedDataset`;
-  `random_resized_crop` is the same bilinear `crop_and_resize` (TensorFlow's algorithm, float32)
-  on the same boxes, equal to TensorFlow's within float rounding (see the tests).
+  `random_resized_crop` cuts the same boxes (scale, aspect ratio, position, flip: the epoch plan's)
+  with Pillow's C resize (`lottery.data.hostaug`): the same distribution, not the same pixels.
 
 The streams are `keras.utils.PyDataset`s (what `model.fit` / `model.evaluate` take on every
 Keras backend), re-iterable, with a `take(n)` like `tf.data.Dataset.take`.  Batches are
@@ -31,19 +33,13 @@ from collections.abc import Callable, Iterator
 import keras
 import numpy as np
 
-from .epochs import (
-    CROP_PAD,
-    SplitReader,
-    augment_params,
-    cached_epoch,
-    check_batch_args,
-    file_order,
-    window_keys,
-)
+from .epochs import CROP_PAD, SplitReader, augment_params, cached_epoch, check_batch_args, streamed_epoch
 from .errors import DataFormatError
 from .example import decode_example, decode_image
+from .hostaug import augment_array_into
 from .manifest import MANIFEST_NAME
 from .tfrecord import read_records
+from .workers import WorkerPool, _Worker, default_workers
 
 log = logging.getLogger("lottery.data")
 
@@ -55,8 +51,12 @@ class ArrayDataset(SplitReader):
     `num_classes`, `classes`, `encoding`, `mean`, `std`, `files`.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, *, cache: bool = False):
+    prefetch = 2  # batches in flight per worker
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, *, cache: bool = False, workers: int | None = None):
         super().__init__(data_dir, split, cache=cache)
+        self.workers = default_workers() if workers is None else int(workers)
+        self._pool: WorkerPool | None = None
         if self.encoding == "jpeg":
             self.decoded_suffix = "-pillow"
         self._scale, self._offset = self.normalisation()
@@ -108,17 +108,22 @@ class ArrayDataset(SplitReader):
 
     # ------------------------------------------------------------------ augmentation + normalisation
     def augment(self, images: np.ndarray, augmentation: str, params: np.ndarray | None) -> np.ndarray:
-        """uint8 `[B, H, W, C]` + per-element parameters (`epochs.augment_params`) -> float32 pixels."""
+        """uint8 `[B, H, W, C]` + per-element parameters (`epochs.augment_params`) -> normalised
+        float32 (`hostaug`: Pillow's resize on the crop box for `random_resized_crop`)."""
         if augmentation == "none":
-            return images.astype(np.float32)
+            return self.normalise(images)
         if augmentation == "crop_flip":
-            return crop_flip(images, params)
-        if augmentation == "random_resized_crop":
-            return crop_and_resize(images, params, self.image_shape[:2])
-        raise ValueError(f"unknown augmentation {augmentation!r}")
+            return self.normalise(crop_flip(images, params))
+        if augmentation != "random_resized_crop":
+            raise ValueError(f"unknown augmentation {augmentation!r}")
+        out = np.empty(images.shape, np.float32)
+        for i in range(len(images)):
+            augment_array_into(images[i], out[i], augmentation=augmentation, param=params[i],
+                               scale=self._scale, offset=self._offset)
+        return out
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 pixels -> `pixel * scale + offset` (float32, as `ShardedDataset` computes it)."""
+        """pixels -> `pixel * scale + offset` (float32, as `ShardedDataset` computes it)."""
         out = np.multiply(pixels, self._scale, dtype=np.float32)
         out += self._offset
         return out
@@ -128,7 +133,8 @@ class ArrayDataset(SplitReader):
                 skip_batches: int = 0) -> "Batches":
         """The training stream of one epoch: `(float32 [B, H, W, C], int32 [B])` batches,
         shuffled/augmented as a pure function of `(seed, epoch)`, normalised, drop_remainder,
-        the first `skip_batches` batches skipped.  Same batches as `ShardedDataset.batches`."""
+        the first `skip_batches` batches skipped.  The same examples in the same order as
+        `ShardedDataset.batches`; decoded and augmented by the worker processes (cache=False)."""
         batch_size, skip_batches = check_batch_args(batch_size, augmentation, skip_batches)
         n_batches = self.num_examples // batch_size
         skip = min(skip_batches, n_batches)
@@ -141,41 +147,50 @@ class ArrayDataset(SplitReader):
 
             def batch(i: int):
                 idx = order[i]
-                return self.normalise(self.augment(images[idx], augmentation, params[i])), labels[idx]
+                return self.augment(images[idx], augmentation, params[i]), labels[idx]
 
             return IndexedBatches(batch, len(order))
 
-        def stream(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            first = (skip + start) * batch_size  # position in the epoch of the first element
-            records = itertools.islice(self._epoch_records(seed, epoch), first, None)
-            for pos in itertools.count(first, batch_size):
-                chunk = list(itertools.islice(records, batch_size))
-                if len(chunk) < batch_size:
-                    return
-                x, y = self._decode_records(chunk)
-                p = None if params is None else params[pos:pos + batch_size]
-                yield self.normalise(self.augment(x, augmentation, p)), y
+        shards, records = streamed_epoch(seed, epoch, self._counts(), self.interleave_cycle, int(self.shuffle_window))
 
-        return StreamedBatches(stream, n_batches - skip)
+        def task(b: int):
+            at = slice(b * batch_size, (b + 1) * batch_size)
+            return shards[at], records[at], augmentation, None if params is None else params[at]
 
-    def _epoch_records(self, seed: int, epoch: int) -> Iterator[bytes]:
-        """The serialised records of one streamed epoch in ShardedDataset's (cache=False) order:
-        shards in the epoch's file order, interleaved one record at a time over
-        `interleave_cycle` open shards (tf.data `interleave` semantics), then each window of
-        `shuffle_window` records permuted by the stable argsort of its keys."""
-        files = [self.files[i] for i in file_order(seed, epoch, len(self.files))]
-        records = interleave([lambda f=f: read_records(f) for f in files], min(len(files), self.interleave_cycle))
-        keys = window_keys(seed, epoch, self.num_examples)
-        window = int(self.shuffle_window)
-        start = 0
-        for chunk in _chunks(records, window):
-            k = keys[start:start + len(chunk)]
-            if len(k) != len(chunk):
-                raise DataFormatError(f"{self.data_dir / MANIFEST_NAME}: split {self.split!r} has more records "
-                                      f"than its manifest count {self.num_examples}", field=f"splits.{self.split}.count")
-            for j in np.argsort(k, kind="stable"):
-                yield chunk[j]
-            start += len(chunk)
+        return StreamedBatches(lambda start: self._run(map(task, range(skip + start, n_batches)), batch_size),
+                               n_batches - skip)
+
+    def _counts(self) -> list[int]:
+        """Records per shard (the manifest's shard entries), checked against the split's count."""
+        counts = [int(s["records"]) for s in self.manifest["splits"][self.split]["shards"]]
+        if sum(counts) != self.num_examples:
+            fewer = "fewer" if sum(counts) < self.num_examples else "more"
+            raise DataFormatError(f"{self.data_dir / MANIFEST_NAME}: the shards of split {self.split!r} hold "
+                                  f"{sum(counts)} records, {fewer} records than the manifest says ({self.num_examples})",
+                                  field=f"splits.{self.split}.count")
+        return counts
+
+    def _run(self, tasks, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The batches of `tasks` (`workers.WorkerPool.run`'s), by the worker pool, or in this
+        process when `workers` is 0 (the same values either way)."""
+        if self.workers > 0:
+            if self._pool is None:
+                self._pool = WorkerPool(self.files, encoding=self.encoding, shape=self.image_shape, scale=self._scale,
+                                        offset=self._offset, workers=self.workers, depth=self.prefetch)
+            yield from self._pool.run(tasks, (batch_size, *self.image_shape))
+            return
+        local = _Worker({"files": [str(f) for f in self.files], "encoding": self.encoding, "shape": self.image_shape,
+                         "scale": self._scale, "offset": self._offset})
+        local.slots = np.empty((1, batch_size, *self.image_shape), np.float32)
+        for shards, records, augmentation, params in tasks:
+            labels = local.task(0, augmentation, shards, records, params)
+            yield local.slots[0][:len(labels)].copy(), labels
+
+    def close(self) -> None:
+        """Stop the worker processes (also done at exit)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def eval_batches(self, batch_size: int) -> "Batches":
         """File order, no augmentation, normalised, the last partial batch kept.
@@ -202,15 +217,16 @@ class ArrayDataset(SplitReader):
 
             return IndexedBatches(batch, len(sizes))
 
-        def stream(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            records = itertools.chain.from_iterable(read_records(f) for f in self.files)
-            records = itertools.islice(records, int(starts[start]), None)
-            for size in sizes[start:]:
-                chunk = list(itertools.islice(records, size))
-                if len(chunk) < size:
-                    raise self._count_error(f"fewer than {n}")
-                x, y = self._decode_records(chunk)
-                yield self.normalise(x.astype(np.float32)), y
+        counts = self._counts()
+        shards = np.repeat(np.arange(len(counts)), counts)
+        records = np.concatenate([np.arange(c) for c in counts] or [np.zeros(0, np.int64)])
+
+        def task(i: int):
+            at = slice(starts[i], starts[i + 1])
+            return shards[at], records[at], "none", None
+
+        def stream(start: int):
+            return self._run(map(task, range(start, len(sizes))), batch_size)
 
         return StreamedBatches(stream, len(sizes))
 
@@ -308,81 +324,6 @@ def crop_flip(images: np.ndarray, params: np.ndarray, pad: int = CROP_PAD) -> np
     rows = params[:, 0:1] + np.arange(h)[None, :]
     cols = params[:, 1:2] + np.where(params[:, 2:3] > 0, (w - 1) - cols, cols)
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32)
-
-
-def crop_and_resize(images: np.ndarray, boxes: np.ndarray, size) -> np.ndarray:
-    """`tf.image.crop_and_resize(images, boxes, range(B), size, method="bilinear")` in numpy:
-    images `[B, H, W, C]` (uint8 or float32; computed in float32), boxes `[B, 4]` = normalised `[y1, x1, y2, x2]` (x1 > x2 mirrors),
-    extrapolation value 0.  TensorFlow's CPU algorithm, step by step in float32."""
-    b, h, w, _ = images.shape
-    ch, cw = int(size[0]), int(size[1])
-    f32 = np.float32
-    boxes = np.asarray(boxes, f32)
-    y1, x1, y2, x2 = (boxes[:, i:i + 1] for i in range(4))
-    in_y = _sample_grid(y1, y2, h, ch)  # [B, ch]
-    in_x = _sample_grid(x1, x2, w, cw)  # [B, cw]
-    valid_y = (in_y >= 0) & (in_y <= f32(h - 1))
-    valid_x = (in_x >= 0) & (in_x <= f32(w - 1))
-    top = np.clip(np.floor(in_y), 0, h - 1).astype(np.int64)
-    bottom = np.clip(np.ceil(in_y), 0, h - 1).astype(np.int64)
-    left = np.clip(np.floor(in_x), 0, w - 1).astype(np.int64)
-    right = np.clip(np.ceil(in_x), 0, w - 1).astype(np.int64)
-    y_lerp = (in_y - np.floor(in_y)).astype(f32)[:, :, None, None]
-    x_lerp = (in_x - np.floor(in_x)).astype(f32)[:, None, :, None]
-    bi = np.arange(b)[:, None, None]
-
-    def pick(rows, cols):  # gather first (uint8 is 4x less to move), then convert: exact either way
-        return images[bi, rows[:, :, None], cols[:, None, :]].astype(f32)  # [B, ch, cw, C]
-
-    top_left, top_right = pick(top, left), pick(top, right)
-    bottom_left, bottom_right = pick(bottom, left), pick(bottom, right)
-    upper = top_left + (top_right - top_left) * x_lerp
-    lower = bottom_left + (bottom_right - bottom_left) * x_lerp
-    out = upper + (lower - upper) * y_lerp
-    return np.where(valid_y[:, :, None, None] & valid_x[:, None, :, None], out, f32(0)).astype(f32, copy=False)
-
-
-def _sample_grid(lo: np.ndarray, hi: np.ndarray, extent: int, n: int) -> np.ndarray:
-    f32 = np.float32
-    if n > 1:
-        step = (hi - lo) * f32(extent - 1) / f32(n - 1)
-        return lo * f32(extent - 1) + np.arange(n, dtype=f32)[None, :] * step
-    centre = 0.5 * (lo + hi).astype(np.float64) * (extent - 1)  # TF: float sum, then double
-    return np.repeat(centre.astype(f32), n, axis=1)
-
-
-# ---------------------------------------------------------------------- helpers
-def interleave(openers: list[Callable[[], Iterator]], cycle_length: int) -> Iterator:
-    """tf.data `interleave(cycle_length=c, block_length=1)` (deterministic) over lazily opened
-    iterators: one element from each of `c` open iterators in turn; an exhausted iterator frees
-    its slot, which the next input opens when the cycle comes back to it."""
-    cycle_length = max(1, int(cycle_length))
-    slots: list[Iterator | None] = [None] * cycle_length
-    pending = iter(openers)
-    end_of_input = False
-    num_open = 0
-    index = 0
-    while not end_of_input or num_open > 0:
-        current = slots[index]
-        if current is not None:
-            try:
-                item = next(current)
-            except StopIteration:
-                slots[index] = None
-                num_open -= 1
-                index = (index + 1) % cycle_length
-                continue
-            yield item
-            index = (index + 1) % cycle_length
-        elif not end_of_input:
-            opener = next(pending, None)
-            if opener is None:
-                end_of_input = True
-            else:
-                slots[index] = iter(opener())
-                num_open += 1
-        else:
-            index = (index + 1) % cycle_length
 
 
 def _chunks(iterable, size: int) -> Iterator[list]:

@@ -141,6 +141,51 @@ def window_keys(seed: int, epoch: int, n: int) -> np.ndarray:
     return epoch_rng(seed, epoch, STREAM_WINDOW).random(max(int(n), 1))
 
 
+def interleave_positions(counts, cycle_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """tf.data's deterministic `interleave(cycle_length=c, block_length=1)` over files of
+    `counts[i]` records, as positions: `(file i, record k)` of every element in stream order.
+    (An exhausted file frees its slot; the next file opens there when the cycle comes back.)"""
+    cycle_length = max(1, int(cycle_length))
+    counts = [int(c) for c in counts]
+    slots: list[list[int] | None] = [None] * cycle_length  # [file, next record]
+    files, records = [], []
+    pending, end_of_input, num_open, index = 0, False, 0, 0
+    while not end_of_input or num_open > 0:
+        slot = slots[index]
+        if slot is not None:
+            if slot[1] < counts[slot[0]]:
+                files.append(slot[0])
+                records.append(slot[1])
+                slot[1] += 1
+            else:
+                slots[index] = None
+                num_open -= 1
+            index = (index + 1) % cycle_length
+        elif not end_of_input:
+            if pending == len(counts):
+                end_of_input = True
+            else:
+                slots[index] = [pending, 0]
+                pending += 1
+                num_open += 1
+        else:
+            index = (index + 1) % cycle_length
+    return np.asarray(files, np.int64), np.asarray(records, np.int64)
+
+
+def streamed_epoch(seed: int, epoch: int, counts, cycle_length: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """A streamed (`cache=False`) epoch as positions: `(shard index, record index)` per element, in
+    the order tf.data reads them (the epoch's file order, the interleave, the windowed shuffle by
+    the stable argsort of `window_keys`)."""
+    order = file_order(seed, epoch, len(counts))
+    files, records = interleave_positions([counts[i] for i in order], min(len(counts), cycle_length))
+    files = order[files]
+    keys = window_keys(seed, epoch, len(files))
+    perm = np.concatenate([start + np.argsort(keys[start:start + window], kind="stable")
+                           for start in range(0, len(files), window)] or [np.zeros(0, np.int64)])
+    return files[perm], records[perm]
+
+
 class SplitReader:
     """The TF-free part of one split of a dataset directory: manifest, checks, epoch plan and
     the decoded-split disk cache.

@@ -141,6 +141,51 @@ def read_records(path: str | os.PathLike, *, verify: bool = True) -> Iterator[by
             offset += 16 + length
 
 
+def record_offsets(path: str | os.PathLike) -> list[int]:
+    """The byte offset of every record of one TFRecord file (a scan of the headers: each length's
+    CRC is checked, the data are not read).  `CorruptDataError` names the file and the offset."""
+    path = str(path)
+    offsets = []
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset < size:
+            header = f.read(12)
+            if len(header) < 12:
+                raise CorruptDataError(f"{path}: truncated record header at byte offset {offset}",
+                                       path=path, offset=offset)
+            (length,) = struct.unpack("<Q", header[:8])
+            if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+                raise CorruptDataError(f"{path}: corrupt record at byte offset {offset}: length crc mismatch",
+                                       path=path, offset=offset)
+            if offset + 16 + length > size:
+                raise CorruptDataError(
+                    f"{path}: truncated record at byte offset {offset} (expected {length} data bytes)",
+                    path=path, offset=offset)
+            offsets.append(offset)
+            offset += 16 + length
+            f.seek(offset)
+    return offsets
+
+
+def read_record_at(f: BinaryIO, path: str, offset: int) -> bytes:
+    """The record whose frame starts at `offset` of the open file `f` (both CRCs checked)."""
+    f.seek(offset)
+    header = f.read(12)
+    (length,) = struct.unpack("<Q", header[:8]) if len(header) == 12 else (-1,)
+    if length < 0 or masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        raise CorruptDataError(f"{path}: corrupt record at byte offset {offset}: bad header",
+                               path=path, offset=offset)
+    data = f.read(length + 4)
+    if len(data) < length + 4:
+        raise CorruptDataError(f"{path}: truncated record at byte offset {offset} (expected {length} data bytes)",
+                               path=path, offset=offset)
+    if masked_crc32c(data[:length]) != struct.unpack("<I", data[length:])[0]:
+        raise CorruptDataError(f"{path}: corrupt record at byte offset {offset}: data crc mismatch",
+                               path=path, offset=offset)
+    return data[:length]
+
+
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> dict:
     """Write serialised Examples to one TFRecord file atomically (tmp name + rename).
 
