@@ -226,20 +226,26 @@ class LateReset:
     def run(self, model, train, val, spe: int, progress: bool, shared: dict[str, float]) -> dict[str, Any]:
         """Bring the compiled ``model`` (shared by the group) to this ticket's start point, mask
         it, train it to the end, record the result. ``shared``: the group's shared costs to carry."""
-        import keras
-
         started = time.perf_counter()
-        keras.utils.set_random_seed(self.cfg.seed)  # as a fresh process: training draws no other randomness
         total = self.cfg.total_iterations(spe)
-        mask = self._mask()
-        start, history = self._start_point(model, train)
-        report = self._apply_mask(model, mask)
-        self._log_start(report, spe, start, total)
+        mask, start, history, report = self.prepare(model, train, spe)
         start_s = time.perf_counter() - started
         history, timings = self._train(model, mask, train, val, spe, total, start, history, progress)
         timings = {**dict.fromkeys(TIMING_KEYS, 0.0), **shared, "start_s": start_s, **timings}
         wall_s = time.perf_counter() - started + timings["data_open_s"] + timings["build_compile_s"]
-        return self.finish(self._result(report, spe, history, timings, wall_s))
+        return self.finish(self.result(report, spe, history, timings, wall_s))
+
+    def prepare(self, model, train, spe: int) -> tuple[dict, int, list[dict], dict]:
+        """Bring ``model`` to this ticket's start point (every variable restored, RNG reseeded), mask
+        it, log the start line: (mask, start step, history so far, mask report)."""
+        import keras
+
+        keras.utils.set_random_seed(self.cfg.seed)  # as a fresh process: training draws no other randomness
+        mask = self.load_ticket_mask()
+        start, history = self.start_point(model, train)
+        report = self.apply_ticket_mask(model, mask)
+        self.log_start(report, spe, start, self.cfg.total_iterations(spe))
+        return mask, start, history, report
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
         """Write result.json, drop the checkpoint and any old error, log the end line."""
@@ -250,7 +256,7 @@ class LateReset:
                  100 * result["val_accuracy"], 100 * result["best_val_accuracy"], result["images_per_s"], self.paths.dir)
         return {**small(result), "skipped": False}
 
-    def _mask(self) -> dict:
+    def load_ticket_mask(self) -> dict:
         """The ticket's mask; for ``random_prune``, a random one with the same count in every layer."""
         from lottery.pruning import load_mask, random_prune_like
 
@@ -259,7 +265,7 @@ class LateReset:
             mask = random_prune_like(mask, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, "random_prune"))
         return mask
 
-    def _start_point(self, model, train) -> tuple[int, list[dict]]:
+    def start_point(self, model, train) -> tuple[int, list[dict]]:
         """Resume from the ticket's checkpoint, or rewind (``random_reinit``: then draw fresh weights)."""
         from lottery.training import load_checkpoint, resume_point
 
@@ -284,7 +290,7 @@ class LateReset:
             if variable.path.endswith(("_momentum", "_velocity")):
                 variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
 
-    def _apply_mask(self, model, mask: dict) -> dict:
+    def apply_ticket_mask(self, model, mask: dict) -> dict:
         """Zero the pruned weights (and check that they are: the invariant the experiment rests on)."""
         import keras
         import numpy as np
@@ -302,7 +308,7 @@ class LateReset:
             save_mask(self.paths.mask, mask, {"control": self.control, "like": self.mask.mask_id, "report": report})
         return report
 
-    def _log_start(self, report: dict, spe: int, start: int, total: int) -> None:
+    def log_start(self, report: dict, spe: int, start: int, total: int) -> None:
         log.info(
             "retrain %s: start  mask %s (%.2f%% of prunable weights left)  rewind %s = step %d  %s  %d -> %d it (%d epochs)",
             self.name, self.mask.mask_id, 100 * report["kept"] / report["total"], self.rewind,
@@ -333,7 +339,7 @@ class LateReset:
         with atomic_path(self.paths.model) as tmp:
             model.save(tmp)
 
-    def _result(self, report: dict, spe: int, history: list[dict], timings: dict, wall_s: float) -> dict[str, Any]:
+    def result(self, report: dict, spe: int, history: list[dict], timings: dict, wall_s: float) -> dict[str, Any]:
         return {
             "experiment_id": self.run_info["experiment_id"],
             "ticket": str(self.paths.dir),

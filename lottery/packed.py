@@ -1,28 +1,287 @@
 """Packed training: the tickets of one rewind point trained side by side in one compiled step.
 
-(Filled in below the pack size; see docs/packing.md.)
+Tickets that share a rewind point share their start weights, optimizer state and data order: only
+the mask differs (and, for ``random_reinit``, the start weights). On the JAX backend a *pack* of
+tickets trains as one program: every variable (weights, BatchNorm statistics, optimizer iterations
+and slots, and the masks, which the optimizer holds: `lottery.pruning.MaskConstraint`) is stacked
+with a leading ticket axis, and one ``jax.jit(jax.vmap(step))`` trains them all on the shared batch:
+``model.stateless_call`` and ``optimizer.stateless_apply`` under ``vmap``. A LeNet step at batch 128
+is bound by dispatch on a GPU, not arithmetic: a pack of 20 costs about one step.
+
+Each ticket's artifacts are written exactly as when it trains alone: at every epoch end its slice of
+the stacked state goes into the host model and through the same `epoch_saver` (metrics.csv, the
+epoch checkpoint, so a killed pack resumes ticket by ticket); at the end its model.keras and
+result.json. A ticket trained packed matches its unpacked training within floating-point
+reassociation (docs/packing.md says how close).
+
+Pack size (`pack_size`): ``pack`` / ``--pack N`` / ``LOTTERY_PACK``, else from the accelerator's
+free memory and an estimate of one ticket's bytes; 1 (sequential) on CPU and on other backends.
+A pack that does not fit (XLA ``RESOURCE_EXHAUSTED``) is halved and retried, with a log line.
+
+No TensorFlow here; jax is imported only on the JAX backend (inside the functions).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("lottery")
+
+# Of the accelerator's free memory, the share packs may plan to use (XLA needs working space too).
+MEMORY_SHARE = 0.5
+# No more tickets in one pack than this by default: beyond it a GPU step stops being dispatch-bound.
+MAX_AUTO_PACK = 32
 
 
 def pack_size(cfg, pack: int | None, tickets: int) -> int:
     """How many tickets train side by side: ``pack`` (or ``LOTTERY_PACK``) when given, else from
-    the accelerator's free memory; 1 on CPU and on any backend but JAX."""
+    the accelerator's free memory; 1 on CPU and on any backend but JAX, and under mixed precision
+    or data parallelism (packing is for one device, float32)."""
     import keras
+
+    from lottery.data import runtime
 
     if pack is None and os.environ.get("LOTTERY_PACK"):
         pack = int(os.environ["LOTTERY_PACK"])
     if pack is not None and pack < 1:
         raise ValueError(f"pack must be >= 1, got {pack}")
+    reason = None
     if keras.backend.backend() != "jax":
+        reason = f"packing needs the JAX backend (this is {keras.backend.backend()})"
+    elif cfg.mixed_precision:
+        reason = "packing trains in float32 only (the config asks for mixed precision)"
+    elif runtime.num_replicas() > 1:
+        reason = f"packing runs on one device (this process has {runtime.num_replicas()} replicas)"
+    if reason:
         if pack and pack > 1:
-            log.info("retrain: packing needs the JAX backend (this is %s): the tickets train one after another",
-                     keras.backend.backend())
+            log.info("retrain: %s: the tickets train one after another", reason)
         return 1
-    return min(tickets, pack or 1)
+    if pack is None:
+        pack = _auto_pack(cfg)
+    return max(1, min(tickets, pack))
+
+
+def _auto_pack(cfg) -> int:
+    """Free accelerator memory / one ticket's estimated bytes (1 on CPU, where packing gains little)."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return 1
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    per_ticket = estimate_ticket_bytes(cfg)
+    pack = max(1, min(MAX_AUTO_PACK, int(MEMORY_SHARE * free // per_ticket)))
+    log.info("retrain: pack size %d from %.1f GiB free on %s at about %.1f MiB per ticket", pack, free / 2**30,
+             device.device_kind, per_ticket / 2**20)
+    return pack
+
+
+def estimate_ticket_bytes(cfg, image_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> int:
+    """One packed ticket's device bytes: float32 parameters x (weights, gradients, mask, optimizer
+    slots), plus the activations of a training step at the config's batch size (forward and
+    backward)."""
+    from lottery import models
+
+    model = models.build_model(cfg.model, image_shape, num_classes, seed=0)
+    params = sum(math.prod(v.shape) for v in model.weights)
+    slots = 2 if cfg.optimizer == "adam" else 1
+    activations = sum(math.prod(layer.output.shape[1:]) for layer in model.layers if layer.output is not None)
+    return 4 * params * (3 + slots) + 4 * 3 * cfg.batch_size * activations
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def train_packed(cfg, todo: list, threads, data_dir, size: int, shared: dict) -> dict[str, dict]:
+    """Train ``todo`` (LateReset tickets of one rewind point and control kind) in packs of ``size``;
+    the same artifacts and result dicts as `lottery.late_reset` trains them one by one."""
+    from lottery.session import build_model, open_data, session
+    from lottery.training import compile_model
+
+    results = {}
+    with session(cfg, threads):
+        started = time.perf_counter()
+        train, val, spe = open_data(cfg, data_dir)
+        shared["data_open_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        model = build_model(cfg, train)
+        compile_model(model, cfg, spe)
+        shared["build_compile_s"] = time.perf_counter() - started
+        steps = PackedSteps(model)
+        queue = [todo[i:i + size] for i in range(0, len(todo), size)]
+        while queue:
+            tickets = queue.pop(0)
+            try:
+                done = Pack(steps, cfg, tickets, train, val, spe).train(shared)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(tickets) == 1:
+                    raise
+                half = len(tickets) // 2
+                log.warning("retrain: a pack of %d tickets does not fit (%s): packs of %d and %d instead",
+                            len(tickets), str(exc).splitlines()[0][:200], half, len(tickets) - half)
+                queue[:0] = [tickets[:half], tickets[half:]]
+                continue
+            results.update(done)
+            shared = {}  # the shared costs go to the first pack's tickets
+    return results
+
+
+class PackedSteps:
+    """The compiled, vectorised train and evaluation steps of one host model (traced once per pack
+    size: the masks and every other variable are inputs, never constants)."""
+
+    def __init__(self, model):
+        import jax
+        import jax.numpy as jnp
+        import keras
+
+        self.model = model
+        optimizer, loss_fn = model.optimizer, model.loss
+
+        def loss_and_updates(tv, ntv, x, y):
+            y_pred, ntv = model.stateless_call(tv, ntv, x, training=True)
+            return loss_fn(y, y_pred), (y_pred, ntv)
+
+        def train_one(tv, ntv, ov, x, y):
+            (loss, (y_pred, ntv)), grads = jax.value_and_grad(loss_and_updates, has_aux=True)(tv, ntv, x, y)
+            tv, ov = optimizer.stateless_apply(ov, grads, tv)
+            return tv, ntv, ov, loss, jnp.sum(jnp.argmax(y_pred, axis=-1) == y)
+
+        def evaluate_one(tv, ntv, x, y):
+            y_pred, _ = model.stateless_call(tv, ntv, x, training=False)
+            losses = keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True)
+            return jnp.sum(losses), jnp.sum(jnp.argmax(y_pred, axis=-1) == y)
+
+        self.train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1, 2))
+        self.evaluate = jax.jit(jax.vmap(evaluate_one, in_axes=(0, 0, None, None)))
+
+    def variables(self) -> tuple[list, list, list]:
+        model = self.model
+        return model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
+
+    def snapshot(self) -> tuple[list, list, list]:
+        """The host model's current state (one ticket's), as numpy arrays."""
+        return tuple([np.asarray(v.value) for v in group] for group in self.variables())
+
+    def restore(self, state, index: int) -> None:
+        """Ticket ``index``'s slice of the stacked ``state`` into the host model."""
+        for group, values in zip(self.variables(), state):
+            for variable, value in zip(group, values):
+                variable.assign(np.asarray(value[index]))
+
+
+class Pack:
+    """Tickets of one start step training side by side; writes each one's artifacts."""
+
+    def __init__(self, steps: PackedSteps, cfg, tickets: list, train, val, spe: int):
+        self.steps, self.cfg, self.tickets = steps, cfg, tickets
+        self.train_data, self.val_data, self.spe = train, val, spe
+        self.total = cfg.total_iterations(spe)
+        self.timings = [dict(epochs_s=0.0, eval_s=0.0, write_s=0.0) for _ in tickets]
+
+    def train(self, shared: dict) -> dict[str, dict]:
+        """Bring each ticket to its start point, stack, train to the end, write every artifact."""
+        from lottery.late_reset import TIMING_KEYS
+
+        started = time.perf_counter()
+        start, state, masks, reports, histories = self._start()
+        start_s = (time.perf_counter() - started) / len(self.tickets)
+        log.info("retrain: a pack of %d tickets from step %d: %s", len(self.tickets), start,
+                 ", ".join(t.name for t in self.tickets))
+        step = start
+        while step < self.total:
+            step, state = self._epoch(step, state, histories)
+        results = {}
+        for i, ticket in enumerate(self.tickets):
+            own = time.perf_counter()
+            self.steps.restore(state, i)
+            ticket.save_model(self.steps.model, masks[i])
+            self.timings[i]["write_s"] += time.perf_counter() - own
+            timings = {**dict.fromkeys(TIMING_KEYS, 0.0), **(shared if i == 0 else {}), "start_s": start_s,
+                       **self.timings[i]}
+            wall_s = sum(v for k, v in timings.items() if k != "imports_s")
+            result = ticket.result(reports[i], self.spe, histories[i], timings, wall_s)
+            results[ticket.name] = ticket.finish({**result, "pack": len(self.tickets)})
+        return results
+
+    def _start(self):
+        """Each ticket's start state (rewind or its checkpoint, mask applied) from the host model,
+        stacked on a leading ticket axis. Resumed tickets must share one start step."""
+        import jax.numpy as jnp
+
+        states, masks, reports, histories, starts = [], [], [], [], set()
+        for ticket in self.tickets:
+            mask, start, history, report = ticket.prepare(self.steps.model, self.train_data, self.spe)
+            states.append(self.steps.snapshot())
+            masks.append(mask)
+            reports.append(report)
+            histories.append(list(history))
+            starts.add(start)
+        if len(starts) != 1:
+            raise ValueError(f"a pack needs one start step; these tickets start at {sorted(starts)}")
+        stacked = tuple([jnp.stack([s[g][k] for s in states]) for k in range(len(states[0][g]))] for g in range(3))
+        return starts.pop(), stacked, masks, reports, histories
+
+    def _epoch(self, step: int, state, histories: list[list[dict]]):
+        """Train to the end of the epoch (from ``step``), evaluate, and end the epoch of every ticket."""
+        import jax.numpy as jnp
+
+        epoch, position = divmod(step, self.spe)
+        end = min((epoch + 1) * self.spe, self.total)
+        wall_start = started = time.perf_counter()
+        tv, ntv, ov = state
+        losses, correct = [], []
+        stream = self.train_data.batches(self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                         augmentation=self.cfg.augmentation, skip_batches=position).take(end - step)
+        for x, y in stream:
+            tv, ntv, ov, loss, hits = self.steps.train(tv, ntv, ov, jnp.asarray(x), jnp.asarray(y))
+            losses.append(loss)
+            correct.append(hits)
+        loss_sum, hits_sum = (np.asarray(jnp.stack(a)).astype(np.float64).sum(axis=0) for a in (losses, correct))
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        val = self._evaluate(tv, ntv)
+        eval_s = time.perf_counter() - started
+        state, n = (tv, ntv, ov), end - step
+        for i, ticket in enumerate(self.tickets):
+            self.timings[i]["epochs_s"] += train_s / len(self.tickets)
+            self.timings[i]["eval_s"] += eval_s / len(self.tickets)
+            train_metrics = (loss_sum[i] / n, hits_sum[i] / (n * self.cfg.batch_size), n * self.cfg.batch_size / train_s)
+            self._end_epoch(i, ticket, state, end, train_metrics, val[i], histories[i], wall_start)
+        return end, state
+
+    def _evaluate(self, tv, ntv) -> list[tuple[float, float]]:
+        """(val loss, val accuracy) per ticket over the whole validation split."""
+        import jax.numpy as jnp
+
+        loss, hits, seen = 0.0, 0, 0
+        for x, y in self.val_data.eval_batches(self.cfg.batch_size):
+            batch_loss, batch_hits = self.steps.evaluate(tv, ntv, jnp.asarray(x), jnp.asarray(y))
+            loss, hits, seen = loss + np.asarray(batch_loss, np.float64), hits + np.asarray(batch_hits), seen + len(y)
+        return [(float(loss[i] / seen), float(hits[i] / seen)) for i in range(len(self.tickets))]
+
+    def _end_epoch(self, i: int, ticket, state, step: int, train_metrics, val, history: list, wall_start: float) -> None:
+        """Ticket ``i``'s epoch row, its log line, and its metrics.csv and checkpoint (via the host model)."""
+        from lottery.training import current_lr, epoch_saver, log_epoch
+
+        started = time.perf_counter()
+        model = self.steps.model
+        self.steps.restore(state, i)
+        train_loss, train_accuracy, images_per_s = train_metrics
+        history.append({
+            "epoch": step // self.spe + (1 if step % self.spe else 0), "step": step, "lr": current_lr(model.optimizer),
+            "train_loss": float(train_loss), "train_accuracy": float(train_accuracy), "val_loss": val[0],
+            "val_accuracy": val[1], "images_per_s": images_per_s, "wall_s": time.perf_counter() - wall_start,
+        })
+        log_epoch(f"retrain {ticket.name}", history[-1], math.ceil(self.total / self.spe), self.total)
+        epoch_saver(model, ticket.paths.checkpoint, ticket.paths.metrics, self.spe)(step, history)
+        self.timings[i]["write_s"] += time.perf_counter() - started

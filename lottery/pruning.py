@@ -304,7 +304,7 @@ class MaskConstraint(keras.constraints.Constraint):
         if self.inner is not None:
             w = self.inner(w)
         w = keras.ops.convert_to_tensor(w)  # optimizers pass the Variable itself
-        return keras.ops.where(self.keep, w, keras.ops.zeros_like(w))
+        return keras.ops.where(self.keep.value, w, keras.ops.zeros_like(w))
 
     def get_config(self):
         raise NotImplementedError("MaskConstraint is attached at run time and not serialised")

@@ -134,7 +134,7 @@ def save_checkpoint(path: str | Path, model: keras.Model, *, step: int, steps_pe
         "batch_in_epoch": step % steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
         "optimizer_iterations": int(ops.convert_to_numpy(model.optimizer.iterations)),
-        "lr": float(_current_lr(model.optimizer)),
+        "lr": float(current_lr(model.optimizer)),
         **(extra or {}),
     }
     save_arrays(path, training_state(model), meta)
@@ -186,7 +186,7 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _current_lr(optimizer) -> float:
+def current_lr(optimizer) -> float:
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer under mixed precision
     lr = inner.learning_rate  # Keras evaluates a schedule at the current iteration here
     return float(ops.convert_to_numpy(lr))
@@ -255,7 +255,7 @@ class TrainingRun:
         row = {
             "epoch": epoch + 1,
             "step": step,
-            "lr": _current_lr(self.model.optimizer),
+            "lr": current_lr(self.model.optimizer),
             "train_loss": tally.loss / tally.seen,
             "train_accuracy": tally.correct / tally.seen,
             "val_loss": float(val["loss"]),
