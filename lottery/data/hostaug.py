@@ -91,9 +91,15 @@ def decode_augment_into(record: bytes, out: np.ndarray, *, encoding: str, shape,
             pixels = crop_flip_one(pixels, param)
         elif augmentation != "none":
             raise ValueError(f"unknown augmentation {augmentation!r}")
-    np.multiply(pixels, scale, out=out, dtype=np.float32)
-    out += offset
+    normalise_into(pixels, out, scale, offset)
     return int(example["label"])
+
+
+def normalise_into(pixels: np.ndarray, out: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> None:
+    """`out = float32(pixels) * scale + offset` (two float32 roundings, as tf.data computes it)."""
+    np.copyto(out, pixels, casting="unsafe")
+    out *= scale
+    out += offset
 
 
 def augment_array_into(pixels: np.ndarray, out: np.ndarray, *, augmentation: str, param,
@@ -106,5 +112,4 @@ def augment_array_into(pixels: np.ndarray, out: np.ndarray, *, augmentation: str
         pixels = np.asarray(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img).reshape(h, w, c)
     elif augmentation == "crop_flip":
         pixels = crop_flip_one(pixels, param)
-    np.multiply(pixels, scale, out=out, dtype=np.float32)
-    out += offset
+    normalise_into(pixels, out, scale, offset)
