@@ -117,7 +117,7 @@ def train_packed(cfg, todo: list, threads, data_dir, size: int, shared: dict) ->
         compile_model(model, cfg, spe)
         shared["build_compile_s"] = time.perf_counter() - started
         steps = PackedSteps(model)
-        queue = [todo[i:i + size] for i in range(0, len(todo), size)]
+        queue = [chunk[i:i + size] for chunk in _by_start_step(todo, spe) for i in range(0, len(chunk), size)]
         while queue:
             tickets = queue.pop(0)
             try:
@@ -133,6 +133,20 @@ def train_packed(cfg, todo: list, threads, data_dir, size: int, shared: dict) ->
             results.update(done)
             shared = {}  # the shared costs go to the first pack's tickets
     return results
+
+
+def _by_start_step(todo: list, spe: int) -> list[list]:
+    """The tickets grouped by the step they start from: the rewind step, or the step of their own
+    checkpoint (a killed pack's tickets resume together; one killed while writing may be an epoch behind)."""
+    from lottery.config import Step
+    from lottery.files import load_arrays
+
+    groups: dict[int, list] = {}
+    for ticket in todo:
+        path = ticket.paths.checkpoint
+        start = load_arrays(path)[1]["step"] if path.exists() else Step.parse(ticket.rewind).iterations(spe)
+        groups.setdefault(start, []).append(ticket)
+    return [groups[start] for start in sorted(groups)]
 
 
 class PackedSteps:
