@@ -185,7 +185,8 @@ def test_every_airflow_service_shares_the_common_environment(model, raw):
     for name in AIRFLOW_SERVICES:
         env = model["services"][name]["environment"]
         missing = [k for k in common if k not in env]
-        differ = [k for k in common if k in env and env[k] != ref[k]]
+        # the one intended difference: the GPU workers run Keras on JAX (test_gpu_worker_runs_keras_on_jax_with_cuda)
+        differ = [k for k in common if k in env and env[k] != ref[k] and (name, k) != ("gpu-worker", "KERAS_BACKEND")]
         assert not missing and not differ, f"{name}: missing {missing}, different {differ}"
     assert ref["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert ref["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:pg-secret@postgres:5432/")
@@ -209,11 +210,11 @@ def test_one_image_and_code_path_for_all_services(model):
     assert len(builds) == 1
     build = services["airflow-scheduler"]["build"]
     assert Path(build["context"]) == ROOT and build["dockerfile"] == "docker/Dockerfile" and not build.get("args")
-    # the GPU image: the same Dockerfile and context, only the TensorFlow wheel differs
+    # the GPU image: the same Dockerfile and context; Keras on JAX with CUDA (what bench/gpu.py measures)
     gpu = services["gpu-worker"]
     assert gpu["image"] == "lottery-tickets-gpu:latest"
     assert {k: v for k, v in gpu["build"].items() if k != "args"} == build
-    assert gpu["build"]["args"] == {"TF_PACKAGE": "tensorflow[and-cuda]"}
+    assert gpu["build"]["args"] == {"JAX_PACKAGE": "jax[cuda12]", "KERAS_BACKEND": "jax"}
     # the repository is baked in at /opt/lottery: the DAG, plugins and Spark job resolve there
     env = services["airflow-scheduler"]["environment"]
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/lottery/dags"
@@ -313,12 +314,31 @@ def test_nothing_is_published_beyond_loopback_by_default(model):
 
 
 # ---- the Dockerfile -----------------------------------------------------------------------------
+def test_gpu_worker_runs_keras_on_jax_with_cuda(model):
+    """The GPU image and worker run the backend the GPU benchmark measures; the others TensorFlow."""
+    text = DOCKERFILE.read_text()
+    assert "ARG JAX_PACKAGE=jax" in text and "ARG KERAS_BACKEND=tensorflow" in text
+    assert "KERAS_BACKEND=${KERAS_BACKEND}" in text
+    assert '-e "s/^jax==/${JAX_PACKAGE}==/"' in text
+    services = model["services"]
+    gpu = services["gpu-worker"]
+    assert gpu["environment"]["KERAS_BACKEND"] == "jax"
+    assert gpu["build"]["args"]["JAX_PACKAGE"] == "jax[cuda12]" and "TF_PACKAGE" not in gpu["build"]["args"]
+    for name in AIRFLOW_SERVICES - {"gpu-worker"}:
+        assert services[name]["environment"]["KERAS_BACKEND"] == "tensorflow", name
+    # what the sed does to the real requirements.txt: jax[cuda12] at the pinned jax version
+    req = (ROOT / "requirements.txt").read_text().splitlines()
+    jax = [line for line in req if line.startswith("jax==")]
+    assert len(jax) == 1, "requirements.txt must pin jax== on one line (the Dockerfile swaps it)"
+    assert any(line.startswith("tensorflow-cpu==") for line in req)  # tf.data and the CPU default stay
+
+
 def test_dockerfile_gpu_variant_swaps_only_the_tensorflow_wheel():
     text = DOCKERFILE.read_text()
     assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in text
     for pkg in ("openjdk-17-jre-headless", "dataset-fashion-mnist", "tini"):
         assert pkg in text
-    assert 'sed "s/^tensorflow-cpu==/${TF_PACKAGE}==/"' in text
+    assert 'sed -e "s/^tensorflow-cpu==/${TF_PACKAGE}==/"' in text
     assert "-c /tmp/pip/constraints.txt" in text
     # what the sed does, on the real requirements.txt
     req = (ROOT / "requirements.txt").read_text().splitlines()
