@@ -144,41 +144,39 @@ def _group_control(control: str | Sequence[str | None] | None) -> str | None:
 
 
 def _train_group(cfg, todo: list[LateReset], threads, data_dir: Path, progress: bool, pack, shared) -> dict[str, dict]:
-    """Train the tickets not done yet: packed on JAX when the pack size is above 1, else one
-    after another in one compiled model."""
-    from lottery.packed import pack_size
-
-    size = pack_size(cfg, pack, len(todo))
-    if size > 1:
-        from lottery.packed import train_packed
-
-        return train_packed(cfg, todo, threads, data_dir, size, shared)
-    return _train_sequentially(cfg, todo, threads, data_dir, progress, shared)
-
-
-def _train_sequentially(cfg, todo: list[LateReset], threads, data_dir: Path, progress: bool, shared) -> dict[str, dict]:
-    """Open the data, build and compile once, then each ticket in turn. A ticket that fails leaves
-    its error.json; the others still train; the first failure is raised at the end."""
+    """Open the data, build and compile once; then the tickets not done yet: packed on JAX when the
+    pack size is above 1 (decided inside the session: JAX must not start before it), else one after
+    another in the compiled model."""
+    from lottery.packed import pack_size, train_packed
     from lottery.training import compile_model
 
-    results, failures = {}, []
     with session(cfg, threads):
         shared["data_open_s"], (train, val, spe) = _timed(open_data, cfg, data_dir)
         started = time.perf_counter()
         model = build_model(cfg, train)
         compile_model(model, cfg, spe)
         shared["build_compile_s"] = time.perf_counter() - started
-        for ticket in todo:
-            try:
-                results[ticket.name] = ticket.run(model, train, val, spe, progress, shared)
-            except Exception as exc:
-                ticket.record_failure()
-                failures.append(exc)
-                continue
-            except BaseException:
-                ticket.record_failure()
-                raise
-            shared = {}  # the shared costs go to the first ticket that finished
+        size = pack_size(cfg, pack, len(todo), model)
+        if size > 1:
+            return train_packed(cfg, todo, model, (train, val, spe), size, shared)
+        return _train_sequentially(todo, model, (train, val, spe), progress, shared)
+
+
+def _train_sequentially(todo: list[LateReset], model, data: tuple, progress: bool, shared) -> dict[str, dict]:
+    """Each ticket in turn in the compiled ``model``. A ticket that fails leaves its error.json;
+    the others still train; the first failure is raised at the end."""
+    results, failures = {}, []
+    for ticket in todo:
+        try:
+            results[ticket.name] = ticket.run(model, *data, progress, shared)
+        except Exception as exc:
+            ticket.record_failure()
+            failures.append(exc)
+            continue
+        except BaseException:
+            ticket.record_failure()
+            raise
+        shared = {}  # the shared costs go to the first ticket that finished
     if failures:
         if len(failures) > 1:
             log.error("retrain: %d of %d tickets failed; raising the first", len(failures), len(todo))

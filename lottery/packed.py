@@ -39,10 +39,11 @@ MEMORY_SHARE = 0.5
 MAX_AUTO_PACK = 32
 
 
-def pack_size(cfg, pack: int | None, tickets: int) -> int:
+def pack_size(cfg, pack: int | None, tickets: int, model=None) -> int:
     """How many tickets train side by side: ``pack`` (or ``LOTTERY_PACK``) when given, else from
-    the accelerator's free memory; 1 on CPU and on any backend but JAX, and under mixed precision
-    or data parallelism (packing is for one device, float32)."""
+    the accelerator's free memory (``model``: the compiled host model, to size a ticket); 1 on CPU
+    and on any backend but JAX, and under mixed precision or data parallelism (packing is for one
+    device, float32). Call it inside `lottery.session.session` (it may start JAX)."""
     import keras
 
     from lottery.data import runtime
@@ -63,11 +64,11 @@ def pack_size(cfg, pack: int | None, tickets: int) -> int:
             log.info("retrain: %s: the tickets train one after another", reason)
         return 1
     if pack is None:
-        pack = _auto_pack(cfg)
+        pack = _auto_pack(cfg, model) if model is not None else 1
     return max(1, min(tickets, pack))
 
 
-def _auto_pack(cfg) -> int:
+def _auto_pack(cfg, model) -> int:
     """Free accelerator memory / one ticket's estimated bytes (1 on CPU, where packing gains little)."""
     import jax
 
@@ -76,20 +77,17 @@ def _auto_pack(cfg) -> int:
     if not stats or "bytes_limit" not in stats:
         return 1
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    per_ticket = estimate_ticket_bytes(cfg)
+    per_ticket = estimate_ticket_bytes(cfg, model)
     pack = max(1, min(MAX_AUTO_PACK, int(MEMORY_SHARE * free // per_ticket)))
     log.info("retrain: pack size %d from %.1f GiB free on %s at about %.1f MiB per ticket", pack, free / 2**30,
              device.device_kind, per_ticket / 2**20)
     return pack
 
 
-def estimate_ticket_bytes(cfg, image_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> int:
+def estimate_ticket_bytes(cfg, model) -> int:
     """One packed ticket's device bytes: float32 parameters x (weights, gradients, mask, optimizer
     slots), plus the activations of a training step at the config's batch size (forward and
-    backward)."""
-    from lottery import models
-
-    model = models.build_model(cfg.model, image_shape, num_classes, seed=0)
+    backward, with a factor 3 for XLA's temporaries)."""
     params = sum(math.prod(v.shape) for v in model.weights)
     slots = 2 if cfg.optimizer == "adam" else 1
     activations = sum(math.prod(layer.output.shape[1:]) for layer in model.layers if layer.output is not None)
@@ -101,37 +99,30 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def train_packed(cfg, todo: list, threads, data_dir, size: int, shared: dict) -> dict[str, dict]:
-    """Train ``todo`` (LateReset tickets of one rewind point and control kind) in packs of ``size``;
-    the same artifacts and result dicts as `lottery.late_reset` trains them one by one."""
-    from lottery.session import build_model, open_data, session
-    from lottery.training import compile_model
-
-    results = {}
-    with session(cfg, threads):
-        started = time.perf_counter()
-        train, val, spe = open_data(cfg, data_dir)
-        shared["data_open_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        model = build_model(cfg, train)
-        compile_model(model, cfg, spe)
-        shared["build_compile_s"] = time.perf_counter() - started
-        steps = PackedSteps(model)
-        queue = [chunk[i:i + size] for chunk in _by_start_step(todo, spe) for i in range(0, len(chunk), size)]
-        while queue:
-            tickets = queue.pop(0)
-            try:
-                done = Pack(steps, cfg, tickets, train, val, spe).train(shared)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or len(tickets) == 1:
-                    raise
-                half = len(tickets) // 2
-                log.warning("retrain: a pack of %d tickets does not fit (%s): packs of %d and %d instead",
-                            len(tickets), str(exc).splitlines()[0][:200], half, len(tickets) - half)
-                queue[:0] = [tickets[:half], tickets[half:]]
-                continue
-            results.update(done)
-            shared = {}  # the shared costs go to the first pack's tickets
+def train_packed(cfg, todo: list, model, data: tuple, size: int, shared: dict) -> dict[str, dict]:
+    """Train ``todo`` (LateReset tickets of one rewind point and control kind) in packs of ``size``
+    with the compiled host ``model`` and ``data`` = (train, val, steps per epoch): the same
+    artifacts and result dicts as `lottery.late_reset` trains them one by one. A pack that fails
+    leaves an error.json in each of its tickets and raises."""
+    train, val, spe = data
+    steps, results = PackedSteps(model), {}
+    queue = [chunk[i:i + size] for chunk in _by_start_step(todo, spe) for i in range(0, len(chunk), size)]
+    while queue:
+        tickets = queue.pop(0)
+        try:
+            results.update(Pack(steps, cfg, tickets, train, val, spe).train(shared))
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(tickets) == 1:
+                for ticket in tickets:
+                    if not ticket.paths.result.exists():
+                        ticket.record_failure()
+                raise
+            half = len(tickets) // 2
+            log.warning("retrain: a pack of %d tickets does not fit (%s): packs of %d and %d instead",
+                        len(tickets), str(exc).splitlines()[0][:200], half, len(tickets) - half)
+            queue[:0] = [tickets[:half], tickets[half:]]
+            continue
+        shared = {}  # the shared costs go to the first pack's first ticket
     return results
 
 
