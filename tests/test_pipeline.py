@@ -341,3 +341,18 @@ def test_decoded_split_is_kept_on_disk_and_reused(tmp_path, caplog):
     assert "ignoring damaged decoded cache" in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(expected, fresh))
     assert ShardedDataset(data_dir, "train", cache=True)._load_decoded() is not None, "the damaged copy was replaced"
+
+
+# ---- the tf.data path feeds a device: parallel map, prefetch, no Python in the hot loop (issue 8)
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("augmentation", ["none", "random_resized_crop"])
+def test_training_stream_is_parallel_prefetched_and_python_free(tmp_path, cache, augmentation):
+    d = make_synthetic_shards(tmp_path, 24, 4, shape=(16, 16, 3), encoding="jpeg", num_shards={"train": 3, "val": 1})
+    ds = ShardedDataset(d, "train", cache=cache).batches(4, seed=0, epoch=0, augmentation=augmentation)
+    graph = ds._as_serialized_graph().numpy()
+    assert b"ParallelMapDataset" in graph, "decoding/augmentation must be a parallel map"
+    assert b"PrefetchDataset" in graph
+    for python_op in (b"PyFunc", b"EagerPyFunc", b"GeneratorDataset"):
+        assert python_op not in graph, python_op
+    if not cache:
+        assert b"ParallelInterleaveDataset" in graph  # the shards are read in parallel
