@@ -1,7 +1,7 @@
 """The whole DAG with ``dag.test()`` on a tiny config: real Spark job, real training, real report.
 
 300 Fashion-MNIST images per split, LeNet-300-100 for one epoch, 2 masks x 2 rewind points, both
-controls at one level. ``dag.test()`` runs the tasks one after the other in this process (the
+controls at one level; once with one ticket per task instance, once with ``tickets_per_task`` 2. ``dag.test()`` runs the tasks one after the other in this process (the
 scheduler-based run is tests/test_make_run.py). About a minute for the first run on 2 cores.
 """
 
@@ -31,6 +31,9 @@ TINY = {
     "controls": True,
     "control_sparsities": [0.8],
     "queue": "gpu_e2e",
+    # Explicit: dag.test() runs the tasks in this process, where Airflow's process_params writes a
+    # run's conf into the DAG object's Param values, so a key left out inherits the previous run's.
+    "tickets_per_task": 1,
 }
 
 
@@ -84,10 +87,15 @@ def first(dag, root):
 
 def test_first_run_produces_every_artifact(first, root):
     run, tis, w = first
-    assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
-    assert all(v["state"] == "success" for v in tis.values()), {k: v for k, v in tis.items() if v["state"] != "success"}
     assert len([k for k in tis if k[0] == "late_reset"]) == 4
     assert len([k for k in tis if k[0] == "controls"]) == 4  # 2 kinds x 1 level x 2 rewind points
+    assert_every_artifact(run, tis, w, root)
+
+
+def assert_every_artifact(run, tis, w, root):
+    """What a successful run of the TINY experiment leaves behind, whatever its tickets_per_task."""
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
+    assert all(v["state"] == "success" for v in tis.values()), {k: v for k, v in tis.items() if v["state"] != "success"}
     data = root / "data" / "fashion_mnist-28px-c1-png-n300"
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 300
@@ -131,6 +139,54 @@ def test_rerun_reuses_finished_work(first, dag, root, caplog):
     assert log.count(": already done (val_accuracy") == 8, log[-5000:]  # 4 tickets + 4 controls
     assert "50.1% left, rewind 2it: already done" in log
     assert [p.name for p in root.iterdir() if p.name.startswith("lenet_300_100-")] == [w.name]
+
+
+GROUPS = {"rewind 0it: masks 1-2 (50.1%…20.2% left)", "rewind 2it: masks 1-2 (50.1%…20.2% left)"}
+
+
+def test_grouped_run_passes_the_same_end_to_end_test(first, dag, root):
+    """tickets_per_task 2, from scratch (the data set is reused): one late_reset instance per rewind
+    point, one controls instance per (kind, rewind point); the same experiment id, the same artifacts."""
+    import shutil
+
+    _, _, w = first
+    shutil.rmtree(w)
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root), "tickets_per_task": 2})
+    assert_every_artifact(run, tis, w, root)
+    assert {v["name"] for (t, _), v in tis.items() if t == "late_reset"} == GROUPS
+    assert {v["name"] for (t, _), v in tis.items() if t == "controls"} == {
+        f"{kind}, rewind {r}: mask 2 (20.2% left)" for kind in ("random_reinit", "random_prune") for r in ("0it", "2it")}
+    for (task_id, _), v in tis.items():
+        assert v["queue"] == ("gpu_e2e" if task_id in ("train_dense", "late_reset", "controls") else "default"), (task_id, v)
+    timings = json.loads((w / "tickets" / "sp80.000__0it" / "result.json").read_text()).get("timings", {})
+    assert timings.get("epochs_s", 0) > 0, timings
+    from bench import run_breakdown
+
+    seconds = run_breakdown.breakdown(HOME, run.run_id)["seconds"]
+    assert (seconds["late_reset"]["instances"], seconds["late_reset"]["trained"]) == (2, 4), seconds
+    assert seconds["controls"]["trained"] == 4 and seconds["late_reset"]["epochs_s"] > 0, seconds
+
+
+def test_clearing_a_group_trains_only_its_unfinished_tickets(first, dag, root, caplog):
+    """A group whose tickets are partly done (as after a clear, a kill or a failure): only the
+    missing ones train; every file of the done ones is untouched."""
+    import logging
+    import shutil
+
+    _, _, w = first
+    gone = ["sp80.000__0it", "sp80.000__2it__random_prune"]
+    for name in gone:
+        shutil.rmtree(w / "tickets" / name)
+    kept = {p: p.stat().st_mtime_ns for p in (w / "tickets").rglob("*") if p.is_file()}
+    caplog.set_level(logging.INFO)
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root), "tickets_per_task": 2})
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert all((w / "tickets" / name / "result.json").is_file() for name in gone)
+    log = caplog.text
+    assert "rewind 0it: masks 1-2 (50.1%…20.2% left): done in" in log and "1 trained, 1 already done" in log
+    assert "50.1% left, rewind 0it: already done" in log and "rewind 2it: masks 1-2 (50.1%…20.2% left): done in" in log
+    assert log.count(": already done (val_accuracy") == 6, log[-5000:]  # 8 tickets and controls, 2 trained
 
 
 def test_failing_late_reset_does_not_stop_the_others_or_the_report(first, dag, root, monkeypatch):
