@@ -151,12 +151,17 @@ def _train_group(cfg, todo: list[LateReset], threads, data_dir: Path, progress: 
     from lottery.training import compile_model
 
     with session(cfg, threads):
-        shared["data_open_s"], (train, val, spe) = _timed(open_data, cfg, data_dir)
-        started = time.perf_counter()
-        model = build_model(cfg, train)
-        compile_model(model, cfg, spe)
-        shared["build_compile_s"] = time.perf_counter() - started
-        size = pack_size(cfg, pack, len(todo), model)
+        try:
+            shared["data_open_s"], (train, val, spe) = _timed(open_data, cfg, data_dir)
+            started = time.perf_counter()
+            model = build_model(cfg, train)
+            compile_model(model, cfg, spe)
+            shared["build_compile_s"] = time.perf_counter() - started
+            size = pack_size(cfg, pack, len(todo), model)
+        except BaseException:
+            for ticket in todo:  # none of them can train: each one's report says why
+                ticket.record_failure()
+            raise
         if size > 1:
             return train_packed(cfg, todo, model, (train, val, spe), size, shared)
         return _train_sequentially(todo, model, (train, val, spe), progress, shared)

@@ -198,6 +198,16 @@ def _cli(workdir: Path, *args: str) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "lottery", "retrain", "--workdir", str(workdir), "--threads", "1", *args], env
 
 
+def kill_when(cmd: list[str], env: dict, *paths: Path, timeout: float = 600) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as every one of ``paths`` exists (or it ends, or time runs out)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not all(p.exists() for p in paths):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_one_process_per_ticket_and_one_group_process_agree_bit_for_bit(fresh):
     """The acceptance test: `retrain --mask 0,1,2` == three `retrain --mask i` processes."""
@@ -228,14 +238,7 @@ def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
     shutil.copytree(killed, whole)
     cmd, env = _cli(killed, "--mask", "all", "--rewind", "1ep")
     tickets = killed / "tickets"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if (tickets / "sp50.000__1ep" / "result.json").exists() and (tickets / "sp80.000__1ep" / "checkpoint.npz").exists():
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, env, tickets / "sp50.000__1ep" / "result.json", tickets / "sp80.000__1ep" / "checkpoint.npz")
     assert (tickets / "sp80.000__1ep" / "checkpoint.npz").exists(), "not killed mid-way: make the epochs longer"
     assert not (tickets / "sp80.000__1ep" / "result.json").exists() and not (tickets / "sp90.000__1ep").exists()
     done = tickets / "sp50.000__1ep"
@@ -249,3 +252,13 @@ def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     for name in ("sp50.000__1ep", "sp80.000__1ep", "sp90.000__1ep"):
         assert_same_ticket(tickets / name, whole / "tickets" / name)
+
+
+def test_a_group_that_cannot_open_its_data_reports_every_ticket(fresh, tmp_path):
+    workdir = fresh("w")
+    with pytest.raises(Exception, match="manifest"):
+        retrain_many(workdir, [0, 2], "1ep", threads=1, data_dir=tmp_path / "no-such-data")
+    for name in ("sp50.000__1ep", "sp90.000__1ep"):
+        error = json.loads((workdir / "tickets" / name / "error.json").read_text())
+        assert "no-such-data" in error["error"], error["error"]
+    assert not (workdir / "tickets" / "sp80.000__1ep").exists()

@@ -6,15 +6,13 @@ writes the same artifacts; a pack that does not fit is halved; a killed pack res
 
 import json
 import shutil
-import signal
-import subprocess
 import textwrap
-import time
 
 import pytest
 
 from tests.datasets import make_fashion_mnist_shards
-from tests.test_jax_backend import ROOT, _run, jax_env  # noqa: F401  (the fixture)
+from tests.test_jax_backend import _run, jax_env  # noqa: F401  (the fixture)
+from tests.test_many_tickets import kill_when
 
 # 512 Fashion-MNIST images / batch 32 = 16 iterations per epoch; tickets rewind to 1ep: 2 epochs.
 CONFIG = {"training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
@@ -147,14 +145,7 @@ def test_a_killed_pack_reruns_only_its_missing_tickets(jax_env, tmp_path):
     _run(python, env, "-m", "lottery", "masks", "--workdir", str(workdir))
     cmd = [python, "-m", "lottery", "retrain", "--workdir", str(workdir), "--mask", "all", "--rewind", "1ep", "--pack", "2"]
     tickets = workdir / "tickets"
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        if (tickets / "sp80.000__1ep" / "result.json").exists() and (tickets / "sp90.000__1ep" / "checkpoint.npz").exists():
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, env, tickets / "sp80.000__1ep" / "result.json", tickets / "sp90.000__1ep" / "checkpoint.npz")
     assert (tickets / "sp90.000__1ep" / "checkpoint.npz").exists() and not (tickets / "sp90.000__1ep" / "result.json").exists()
     mtimes = {p: p.stat().st_mtime_ns for name in ("sp50.000__1ep", "sp80.000__1ep") for p in (tickets / name).iterdir()}
     r = _run(python, env, *cmd[1:], timeout=600)
