@@ -81,7 +81,6 @@ def retrain_many(
     ``pack``: tickets trained side by side (JAX backend; None: ``LOTTERY_PACK`` or from the
     device's memory, 1 on CPU). A bad group is refused before any training, naming the value.
     When a ticket fails, the others still train; the first failure is raised at the end."""
-    imports_s = _import_engine()
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
     plan = RunPlan.from_config(cfg)
@@ -91,8 +90,8 @@ def retrain_many(
     todo = [t for t in tickets if t.name not in results]
     for ticket in todo:
         ticket.check_inputs()
-    if todo:
-        shared = {"imports_s": imports_s}
+    if todo:  # a group with nothing to do imports no Keras
+        shared = {"imports_s": _import_engine()}
         data = Path(data_dir or run_info["data_dir"])
         results.update(_train_group(cfg, todo, threads, data, progress, pack, shared))
     return [results[t.name] for t in tickets]

@@ -262,3 +262,14 @@ def test_a_group_that_cannot_open_its_data_reports_every_ticket(fresh, tmp_path)
         error = json.loads((workdir / "tickets" / name / "error.json").read_text())
         assert "no-such-data" in error["error"], error["error"]
     assert not (workdir / "tickets" / "sp80.000__1ep").exists()
+
+
+def test_a_group_with_nothing_to_do_imports_no_keras(fresh):
+    """The DAG reruns done groups: that costs no Keras import."""
+    workdir = fresh("w")
+    retrain_many(workdir, [1], "1ep", threads=1)
+    code = ("import sys; from lottery.late_reset import retrain_many; "
+            f"r = retrain_many({str(workdir)!r}, ['sp80.000'], '1ep'); "
+            "assert r[0]['skipped'] and 'keras' not in sys.modules, sorted(m for m in sys.modules if 'keras' in m)[:3]")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
