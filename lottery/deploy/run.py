@@ -84,9 +84,15 @@ def progress_line(tis: list[dict], elapsed: float) -> str:
     return line
 
 
+# On a CPU machine a ticket's task start-up (Airflow, imports, data, compile) is a large part of its
+# time: groups of 10 tickets per task pay it once per group and still keep both cores busy to the end
+# (docs/dag.md, docs/benchmarks.md). A CONF that sets tickets_per_task wins.
+LAPTOP_TICKETS_PER_TASK = 10
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    conf = load_conf(args.conf)
+    conf = {"tickets_per_task": LAPTOP_TICKETS_PER_TASK, **load_conf(args.conf)}
     home = args.home.resolve()
     started = time.monotonic()
     local: airflow_home.LocalAirflow | None = None
