@@ -183,7 +183,7 @@ class ArrayDataset(SplitReader):
                          "scale": self._scale, "offset": self._offset})
         local.slots = np.empty((1, batch_size, *self.image_shape), np.float32)
         for shards, records, augmentation, params in tasks:
-            labels = local.task(0, augmentation, shards, records, params)
+            labels = local.task(0, 0, augmentation, shards, records, params)
             yield local.slots[0][:len(labels)].copy(), labels
 
     def close(self) -> None:

@@ -1,12 +1,13 @@
 """Data worker processes for the numpy (JAX-path) input pipeline: decode + augment in parallel.
 
 `WorkerPool(files, ...)` starts `n` processes (`python -m lottery.data.workers`, importing only
-numpy, Pillow and the record format: no Keras, no TensorFlow) and feeds them *tasks*: one batch
-each, given as positions `(shard index, record index)` and the epoch plan's augmentation
+numpy, Pillow and the record format: no Keras, no TensorFlow) and feeds them *tasks*: a batch
+(or a chunk of one), given as positions `(shard index, record index)` and the epoch plan's augmentation
 parameters of those positions.  A worker reads the records itself (`tfrecord.read_record_at`,
 both CRCs checked), decodes and augments them (`lottery.data.hostaug`) and writes the normalised
 float32 batch into a slot of a shared memory block (a `memfd` the parent hands over with
-`SCM_RIGHTS`); the labels come back on its socket.  `run(tasks)` keeps up to `depth` batches per
+`SCM_RIGHTS`); the labels come back on its socket.  A batch is split into up to `n` chunks (one
+task each), so all workers help with every batch, the first one of a stream too.  `run(tasks)` keeps up to `depth` batches per
 worker in flight and yields the batches in task order, whatever the worker count: every value of
 a batch is a function of its positions and parameters only.
 
@@ -168,7 +169,8 @@ class WorkerPool:
         generation = self._generation
         free = list(range(len(slots)))
         tasks = enumerate(tasks)
-        pending: dict[int, tuple[int, int]] = {}  # task id -> (batch number, slot)
+        pending: dict[int, tuple[int, int, int]] = {}  # task id -> (batch number, slot, first row)
+        partial: dict[int, list] = {}  # batch number -> [chunks outstanding, labels]
         done: dict[int, tuple[int, int, np.ndarray]] = {}  # batch number -> (slot, size, labels)
         exhausted, wanted = False, 0
         while True:
@@ -179,7 +181,7 @@ class WorkerPool:
                 if item is None:
                     exhausted = True
                     break
-                self._submit(item, free.pop(), pending)
+                self._submit(item, free.pop(), pending, partial)
             if wanted in done:
                 slot, size, labels = done.pop(wanted)
                 batch = slots[slot][:size].copy()
@@ -189,23 +191,38 @@ class WorkerPool:
                 continue
             if not pending:
                 return
-            self._collect(self._wait(), pending, done)
+            self._collect(self._wait(), pending, partial, done)
 
-    def _submit(self, item, slot: int, pending: dict) -> None:
+    def _submit(self, item, slot: int, pending: dict, partial: dict) -> None:
+        """Send one batch as up to `workers` chunks (so that every worker helps with the first
+        batch of a stream), each to the worker with the fewest tasks in flight."""
         number, (shards, records, augmentation, params) = item
-        w = min(range(self.workers), key=lambda i: self._inflight[i])
-        task_id = self._next_task
-        self._next_task += 1
-        self._conns[w].send(("task", task_id, slot, augmentation, np.asarray(shards), np.asarray(records), params))
-        self._inflight[w] += 1
-        pending[task_id] = (number, slot)
+        shards, records = np.asarray(shards), np.asarray(records)
+        n = len(shards)
+        chunk = max(1, -(-n // self.workers))
+        partial[number] = [0, np.empty(n, np.int32)]
+        for start in range(0, n, chunk):
+            at = slice(start, start + chunk)
+            w = min(range(self.workers), key=lambda i: self._inflight[i])
+            task_id = self._next_task
+            self._next_task += 1
+            self._conns[w].send(("task", task_id, slot, start, augmentation, shards[at], records[at],
+                                 None if params is None else params[at]))
+            self._inflight[w] += 1
+            pending[task_id] = (number, slot, start)
+            partial[number][0] += 1
 
-    def _collect(self, w: int, pending: dict, done: dict) -> None:
+    def _collect(self, w: int, pending: dict, partial: dict, done: dict) -> None:
         kind, task_id, payload = self._receive(w)
-        number, slot = pending.pop(task_id)
+        number, slot, start = pending.pop(task_id)
         if kind == "error":
             raise _unpickle_error(payload)
-        done[number] = (slot, len(payload), payload)
+        entry = partial[number]
+        entry[1][start:start + len(payload)] = payload
+        entry[0] -= 1
+        if entry[0] == 0:
+            del partial[number]
+            done[number] = (slot, len(entry[1]), entry[1])
 
 
 def _unpickle_error(payload: tuple[bytes | None, str]) -> BaseException:
@@ -258,12 +275,12 @@ class _Worker:
             self.open[i] = (open(path, "rb"), path, record_offsets(path))
         return self.open[i]
 
-    def task(self, slot: int, augmentation: str, shards, records, params) -> np.ndarray:
+    def task(self, slot: int, start: int, augmentation: str, shards, records, params) -> np.ndarray:
         from .errors import DataFormatError
         from .hostaug import decode_augment_into
         from .tfrecord import read_record_at
 
-        out = self.slots[slot]
+        out = self.slots[slot][start:start + len(shards)]
         labels = np.empty(len(shards), np.int32)
         for j, (s, r) in enumerate(zip(shards.tolist(), records.tolist())):
             f, path, offsets = self.shard(s)
@@ -315,9 +332,9 @@ def worker_main(parent: int, fd: int) -> None:
             _, fds, _, _ = socket.recv_fds(sock, 1, 1)
             worker.map(fds[0], message[1], message[2])
         else:
-            _, task_id, slot, augmentation, shards, records, params = message
+            _, task_id, slot, start, augmentation, shards, records, params = message
             try:
-                conn.send(("ok", task_id, worker.task(slot, augmentation, shards, records, params)))
+                conn.send(("ok", task_id, worker.task(slot, start, augmentation, shards, records, params)))
             except Exception as exc:
                 conn.send(("error", task_id, _error_payload(exc)))
 
