@@ -142,6 +142,28 @@ def test_corrupt_shard_is_a_named_error_and_no_worker_hangs(tmp_path):
     assert not _wait_dead(pids)
 
 
+def test_truncated_shard_and_a_dead_worker_are_errors(tmp_path):
+    from lottery.data.workers import WorkerError
+
+    d = make_synthetic_shards(tmp_path, 40, 4, shape=SHAPE, encoding="jpeg", num_shards={"train": 2, "val": 1})
+    shard = sorted(d.glob("train-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    ds = ArrayDataset(d, "train", workers=2)
+    with pytest.raises(CorruptDataError, match=rf"{shard.name}: truncated record at byte offset \d+"):
+        list(ds.batches(4, seed=0, epoch=0))
+    ds.close()
+    ok = ArrayDataset(make_synthetic_shards(tmp_path, 64, 4, shape=SHAPE, encoding="jpeg", name="ok"), "train", workers=2)
+    stream = iter(ok.batches(4, seed=0, epoch=0))
+    next(stream)
+    os.kill(ok._pool.pids[0], signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"data worker pid \d+ died"):
+        list(stream)
+    assert time.monotonic() - started < 30
+    assert len(list(ok.batches(4, seed=0, epoch=0))) == 16  # the next stream starts fresh workers
+    ok.close()
+
+
 CHILD = textwrap.dedent("""
     import sys
     from lottery.data.arrays import ArrayDataset

@@ -83,6 +83,8 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ processes and memory
     def _start(self) -> None:
+        if not self._finalizer.alive:  # restarted after close(): stopped at exit again
+            self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._socks, self._conns)
         for _ in range(self.workers):
             parent_end, child_end = socket.socketpair()
             proc = subprocess.Popen([sys.executable, "-m", "lottery.data.workers", str(os.getpid()),
