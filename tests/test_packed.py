@@ -45,6 +45,10 @@ COMPARE = textwrap.dedent("""
             self.train = guarded
         packed.PackedSteps.__init__ = init
 
+    traces = []  # keras.Model.train_step runs once per trace of the (unpacked) train step
+    step = keras.Model.train_step
+    keras.Model.train_step = lambda self, *args: traces.append(1) or step(self, *args)
+
     def weights(ticket):
         model = keras.models.load_model(ticket / "model.keras", compile=False)
         return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}, model
@@ -55,7 +59,9 @@ COMPARE = textwrap.dedent("""
         for pack in (1, 3):
             copy = workdir.parent / f"{control}-{pack}"
             shutil.copytree(workdir, copy)
+            before = len(traces)
             runs[pack] = (copy, retrain_many(copy, "all", "1ep", control=control, pack=pack, threads=1))
+            out.setdefault("_traces", []).append(len(traces) - before)
         for alone, together in zip(runs[1][1], runs[3][1]):
             a, b = Path(alone["ticket"]), Path(together["ticket"])
             wa, model = weights(a)
@@ -102,6 +108,9 @@ def _compare(jax_env, jax_workdir, tmp_path, mode, *controls):
 
 
 def _assert_close(out: dict) -> None:
+    traces = out.pop("_traces")
+    assert traces[0::2] == [1] * (len(traces) // 2), f"three tickets one after another, one trace (JAX): {traces}"
+    assert traces[1::2] == [0] * (len(traces) // 2), "a pack does not use the unpacked step"
     for name, c in out.items():
         assert c["files"], f"{name}: the same artifacts as alone"
         assert c["pack"] == [None, 3], name
@@ -116,7 +125,7 @@ def _assert_close(out: dict) -> None:
 def test_a_packed_ticket_matches_its_training_alone(jax_env, jax_workdir, tmp_path):
     """Tickets and both controls, three to a pack, against the same tickets one by one."""
     out, stderr = _compare(jax_env, jax_workdir, tmp_path, "plain", "ticket", "random_prune", "random_reinit")
-    assert len(out) == 9
+    assert len(out) == 10
     _assert_close(out)
     assert stderr.count("retrain: a pack of 3 tickets from step 16") == 3
     print(json.dumps({k: (v["max_abs_weight_diff"], v["max_curve_loss_diff"], v["val_accuracy"]) for k, v in out.items()}))
@@ -125,8 +134,10 @@ def test_a_packed_ticket_matches_its_training_alone(jax_env, jax_workdir, tmp_pa
 def test_a_pack_that_does_not_fit_is_halved(jax_env, jax_workdir, tmp_path):
     out, stderr = _compare(jax_env, jax_workdir, tmp_path, "oom", "ticket")
     assert "a pack of 3 tickets does not fit (RESOURCE_EXHAUSTED" in stderr and "packs of 1 and 2 instead" in stderr
-    assert [c["pack"][1] for c in out.values()] == [1, 2, 2]
-    for c in out.values():
+    assert [c["pack"][1] for name, c in out.items() if name != "_traces"] == [1, 2, 2]
+    for name, c in out.items():
+        if name == "_traces":
+            continue
         c["pack"] = [None, 3]  # the rest of the check as for a full pack
     _assert_close(out)
 
