@@ -336,9 +336,13 @@ def worker_main(parent: int, fd: int) -> None:
         else:
             _, task_id, slot, start, augmentation, shards, records, params = message
             try:
-                conn.send(("ok", task_id, worker.task(slot, start, augmentation, shards, records, params)))
+                reply = ("ok", task_id, worker.task(slot, start, augmentation, shards, records, params))
             except Exception as exc:
-                conn.send(("error", task_id, _error_payload(exc)))
+                reply = ("error", task_id, _error_payload(exc))
+            try:
+                conn.send(reply)
+            except OSError:  # the parent closed the pool (or died) with this task in flight
+                return
 
 
 if __name__ == "__main__":
