@@ -95,11 +95,19 @@ def decode_augment_into(record: bytes, out: np.ndarray, *, encoding: str, shape,
     return int(example["label"])
 
 
+_LUTS: dict[bytes, np.ndarray] = {}
+
+
 def normalise_into(pixels: np.ndarray, out: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> None:
-    """`out = float32(pixels) * scale + offset` (two float32 roundings, as tf.data computes it)."""
-    np.copyto(out, pixels, casting="unsafe")
-    out *= scale
-    out += offset
+    """`out = float32(pixels) * scale + offset` per channel, with the two float32 roundings tf.data
+    makes, by table: one lookup per value (twice as fast as three passes over the image)."""
+    key = scale.tobytes() + offset.tobytes()
+    lut = _LUTS.get(key)
+    if lut is None:  # [C, 256]: the value of every uint8 pixel of every channel
+        values = np.arange(256, dtype=np.float32)[:, None] * np.asarray(scale, np.float32)
+        lut = _LUTS[key] = np.ascontiguousarray((values + np.asarray(offset, np.float32)).T, np.float32)
+    for c in range(out.shape[-1]):
+        np.take(lut[c], pixels[..., c], out=out[..., c], mode="clip")
 
 
 def augment_array_into(pixels: np.ndarray, out: np.ndarray, *, augmentation: str, param,
