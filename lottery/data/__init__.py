@@ -1,7 +1,8 @@
 """Data: the record format in pure Python (`tfrecord`: TFRecord files; `example`: the Example and
 image codecs; `manifest`: the dataset directory and its manifest), the tf.data pipeline
 (`pipeline`), the numpy pipeline for TF-less machines (`arrays`, sharing its epoch plan with
-`pipeline` through `epochs`), the backend runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
+`pipeline` through `epochs`; its decoding and augmentation run in the worker processes of
+`workers`, per image by `hostaug`), the backend runtime (`runtime`) and the Fashion-MNIST export (`fetch`).
 
 Importing `lottery.data` (or `tfrecord` / `example` / `manifest` / `epochs` / `fetch`) never
 imports TensorFlow: Spark executors and TF-less (JAX) machines import this package; `arrays` and
