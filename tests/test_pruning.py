@@ -296,3 +296,35 @@ def test_masked_model_saves_and_loads(tmp_path):
         assert np.all(v.numpy()[~mask[p]] == 0.0)
         assert v.constraint is None  # masks are re-applied explicitly, never serialised
     apply_mask(loaded, mask)
+
+
+def test_a_compiled_model_switches_masks_without_retracing():
+    """Once the optimizer is built, the mask lives in an optimizer variable: applying another mask
+    assigns it, the compiled step keeps running (no new trace) and keeps the new mask's zeros."""
+    from lottery.pruning import is_mask_state
+    from lottery.training import optimizer_state
+
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6, 6, 1)).astype(np.float32), rng.integers(0, 4, size=64)
+    first = random_mask(model, 0.5)
+    apply_mask(model, first)
+    constraints = {p: v.constraint for p, v in prunable_weights(model).items()}
+    assert sum(is_mask_state(v) for v in model.optimizer.variables) == len(first)
+    assert not any(is_mask_state(v) for v in optimizer_state(model.optimizer)), "checkpoints leave the masks out"
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    function = model.train_function
+    for p, v in prunable_weights(model).items():  # revive every weight, then switch to another mask
+        v.assign(v.numpy() + 0.01)
+    second = {p: ~keep for p, keep in first.items()}
+    apply_mask(model, second)
+    assert all(v.constraint is constraints[p] for p, v in prunable_weights(model).items()), "the same constraints"
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert model.train_function is function
+    for path, variable in prunable_weights(model).items():
+        w = variable.numpy()
+        assert np.all(w[~second[path]] == 0.0), f"{path}: the second mask holds in the compiled step"
+        assert np.count_nonzero(w[second[path]]) > 0.9 * second[path].sum(), path
