@@ -6,6 +6,7 @@
     python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
     python -m lottery retrain --workdir W --mask 0,3,7 --rewind 1ep [--pack N]   (or --mask all)
     python -m lottery summarize --workdir W
+    python -m lottery input-bench --data DATA_DIR [--augmentation random_resized_crop] [--model resnet50]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from lottery import input_bench
 from lottery.config import CONTROLS, ConfigError, ExperimentConfig
 from lottery.errors import LotteryError
 
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write results.csv, accuracy_vs_sparsity.png and report.md")
     p.add_argument("--workdir", type=Path, required=True)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("input-bench", help="measure the input stream's img/s (and a model's train-step rate with --model)")
+    input_bench.add_arguments(p).set_defaults(func=input_bench.run)
     return parser
 
 

@@ -29,7 +29,7 @@ def session(cfg: ExperimentConfig, threads: int | None) -> Iterator[int]:
         runtime.split_cpu(int(os.environ["LOTTERY_LOGICAL_CPUS"]))
     runtime.configure_threads(threads)
     runtime.enable_determinism()
-    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    keras.mixed_precision.set_global_policy(cfg.precision_policy())
     keras.utils.set_random_seed(cfg.seed)
     with runtime.distribution_scope():
         yield runtime.num_replicas()

@@ -271,3 +271,20 @@ def test_bfloat16_keeps_pruned_weights_at_zero_jax(jax_env):  # noqa: F811 - the
     out = _bf16_result(*jax_env)
     assert out["backend"] == "jax" and out["compute"] == "bfloat16"
     assert out["pruned_nonzero"] == 0 and out["kept_changed"] > 0
+
+
+@pytest.mark.parametrize("value, policy", [(False, "float32"), (True, "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
+def test_training_session_uses_the_configured_precision(value, policy):
+    """The engine's session (what dense training and late reset run in) sets the config's policy."""
+    code = (
+        "import json, keras\n"
+        "from lottery.config import ExperimentConfig\n"
+        "from lottery.session import session\n"
+        f"cfg = ExperimentConfig.from_dict({{'mixed_precision': {value!r}}})\n"
+        "with session(cfg, 1):\n"
+        "    print(keras.config.dtype_policy().name)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == policy

@@ -94,7 +94,11 @@ PARAMS: dict[str, Param] = {
     "augmentation": Param(
         _DEFAULTS.augmentation, type="string", enum=list(AUGMENTATIONS), title="Augmentation", section="Model and training",
     ),
-    "mixed_precision": Param(_DEFAULTS.mixed_precision, type="boolean", title="Mixed precision (float16)", section="Model and training"),
+    "mixed_precision": Param(
+        _DEFAULTS.mixed_precision, type=["boolean", "string"], enum=[False, True, "bfloat16", "float16"], title="Mixed precision",
+        description='false (float32), "bfloat16" (recommended on Ampere/Hopper GPUs and TPUs) or "float16" (with loss scaling); '
+        'true means "float16"', section="Model and training",
+    ),
     "jit_compile": Param(_DEFAULTS.jit_compile, type="boolean", title="XLA jit_compile", section="Model and training"),
     "seed": Param(_DEFAULTS.seed, type="integer", minimum=0, maximum=2**31 - 1, title="Seed", section="Model and training"),
     # ---- pruning and late resetting ----
