@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--workdir", type=Path, help="the experiment's work directory")
         group.add_argument("--root", type=Path, help="artifact root: the work directory is ROOT/<experiment id>")
 
+    def workdir_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--workdir", type=Path, required=True, help="the experiment's work directory")
+        p.set_defaults(func=func)
+        return p
+
     p = sub.add_parser("id", help="print the experiment id of a config and data set")
     experiment_args(p, workdir_required=False)
     p.set_defaults(func=cmd_id, root=Path("."))
@@ -140,12 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
     p.set_defaults(func=cmd_dense)
 
-    p = sub.add_parser("masks", help="magnitude-prune the final dense weights at every sparsity level")
-    p.add_argument("--workdir", type=Path, required=True)
-    p.set_defaults(func=cmd_masks)
+    workdir_command("masks", "magnitude-prune the final dense weights at every sparsity level", cmd_masks)
 
-    p = sub.add_parser("retrain", help="late reset: retrain (mask, rewind point) tickets or controls, in one process")
-    p.add_argument("--workdir", type=Path, required=True)
+    p = workdir_command("retrain", "late reset: retrain (mask, rewind point) tickets or controls, in one process", cmd_retrain)
     p.add_argument("--mask", required=True,
                    help="mask index (0-based) or id such as sp20.000; several, comma-separated (0,3,7), or 'all'")
     p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
@@ -154,15 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "else from the accelerator's memory, 1 on CPU)")
     p.add_argument("--data", help="data directory (default: the one the dense run used)")
     p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
-    p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("summarize", help="print the accuracy table and write results.csv")
-    p.add_argument("--workdir", type=Path, required=True)
-    p.set_defaults(func=cmd_summarize)
+    workdir_command("summarize", "print the accuracy table and write results.csv", cmd_summarize)
+    workdir_command("report", "write results.csv, accuracy_vs_sparsity.png and report.md", cmd_report)
 
-    p = sub.add_parser("report", help="write results.csv, accuracy_vs_sparsity.png and report.md")
-    p.add_argument("--workdir", type=Path, required=True)
-    p.set_defaults(func=cmd_report)
     p = sub.add_parser("input-bench", help="measure the input stream's img/s (and a model's train-step rate with --model)")
     input_bench.add_arguments(p).set_defaults(func=input_bench.run)
     return parser
