@@ -221,7 +221,8 @@ def test_input_bench_tensorflow(jpeg_dir, capsys):
 
 def test_input_bench_jax_without_tensorflow(jax_env, jpeg_dir):  # noqa: F811 - the fixture
     python, env = jax_env
-    r = subprocess.run([python, "-m", "lottery.input_bench", "--data", str(jpeg_dir), "--batch-size", "8", "--seconds",
+    # the user's command: the `input-bench` subcommand of `python -m lottery`, with TensorFlow blocked
+    r = subprocess.run([python, "-m", "lottery", "input-bench", "--data", str(jpeg_dir), "--batch-size", "8", "--seconds",
                         "0.5", "--model", "lenet_300_100", "--workers", "2", "--augmentation", "random_resized_crop"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
