@@ -48,7 +48,9 @@ def test_run_experiment_with_the_scheduler(tmp_path):
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert "SUCCESS" in out.stdout
-    assert "late_reset 4/4" in out.stdout and "tasks done" in out.stdout
+    # make run groups the tickets (tickets_per_task 10): one late_reset instance per rewind point here
+    assert '"tickets_per_task": 10' in out.stdout
+    assert "late_reset 2/2" in out.stdout and "tasks done" in out.stdout
     assert "tickets: val accuracy (%)" in out.stdout
     report = Path(out.stdout.split("Report: ", 1)[1].splitlines()[0].strip())
     assert report.is_file() and report.parent.parent.parent == art
@@ -57,7 +59,7 @@ def test_run_experiment_with_the_scheduler(tmp_path):
     assert len(list(w.glob("tickets/*/result.json"))) == 8
     # the components were stopped
     assert not (home / "components.json").exists()
-    # really parallel: two late_reset / controls instances ran at the same time
+    # really parallel: two late_reset / controls instances (groups) ran at the same time
     with sqlite3.connect(home / "airflow.db") as db:
         spans = [
             (datetime.fromisoformat(s), datetime.fromisoformat(e))
@@ -66,7 +68,7 @@ def test_run_experiment_with_the_scheduler(tmp_path):
             )
         ]
         queues = {q for (q,) in db.execute("select distinct queue from task_instance where task_id = 'late_reset'")}
-    assert len(spans) == 8
+    assert len(spans) == 6  # 2 ticket groups (one per rewind point) + 4 control groups (kind x rewind point)
     overlaps = sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
     assert overlaps >= 1, spans
     assert queues == {"gpu"}

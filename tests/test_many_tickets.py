@@ -150,6 +150,7 @@ def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
     first = retrain(workdir, "sp80.000", "1ep", threads=1)
     done = Path(first["ticket"])
     mtimes = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    caplog.clear()  # only the group's lines (an earlier test may have left the logger at INFO)
     with caplog.at_level("INFO", logger="lottery"):
         results = retrain_many(workdir, "all", "1ep", threads=1)
     assert [r["skipped"] for r in results] == [False, True, False]
