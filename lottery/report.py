@@ -53,8 +53,8 @@ def expected_tickets(workdir: Workdir, plan: RunPlan, *, planned_controls: bool 
     return list(plan.tickets) + controls
 
 
-def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
-    """One row per expected ticket with its status; writes ``results.csv``.
+def result_rows(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
+    """One row per expected ticket with its status (reads the results; writes nothing).
 
     ``plan``: which tickets and controls are expected (the DAG passes its run's). Default: the plan
     of the work directory's ``config.json``, with the controls that were started."""
@@ -63,14 +63,19 @@ def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[d
     plan = plan or RunPlan.from_config(workdir.load()[0])
     specs = expected_tickets(workdir, plan, planned_controls=not started_only)
     sparsity_of = {m.mask_id: m.sparsity for m in plan.masks}
-    rows = [_result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
+    return [_result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
+
+
+def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
+    """`result_rows`, also written to ``results.csv``."""
+    rows = result_rows(workdir, plan)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     from lottery.files import write_text
 
-    write_text(workdir.results_csv, buffer.getvalue())
+    write_text(Workdir(workdir).results_csv, buffer.getvalue())
     return rows
 
 
@@ -92,7 +97,7 @@ def format_table(workdir: str | os.PathLike, rows: list[dict[str, Any]] | None =
     """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top."""
     workdir = Workdir(workdir)
     cfg, _ = workdir.load()
-    rows = summarize(workdir) if rows is None else rows
+    rows = result_rows(workdir) if rows is None else rows  # printing a table never rewrites results.csv
     labels = cfg.rewind_labels()
     lines = []
     dense = _dense_result(workdir)

@@ -257,7 +257,7 @@ def report(workdir: str | None, plan: dict) -> dict[str, Any]:
 
     run = RunPlan.from_dict(plan)
     paths = engine_call(reporting.write_report, workdir, plan=run)
-    log.info("results:\n%s", reporting.format_table(workdir, reporting.summarize(workdir, plan=run)))
+    log.info("results:\n%s", reporting.format_table(workdir, reporting.result_rows(workdir, plan=run)))
     for problem in paths.get("problems", []):
         log.warning("not done: %s", problem)
     log.info("report: %s", paths["report"])
