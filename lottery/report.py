@@ -19,8 +19,6 @@ No TensorFlow, Keras or NumPy import.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -68,14 +66,10 @@ def result_rows(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list
 
 def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
     """`result_rows`, also written to ``results.csv``."""
-    rows = result_rows(workdir, plan)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    from lottery.files import write_text
+    from lottery.files import write_csv
 
-    write_text(Workdir(workdir).results_csv, buffer.getvalue())
+    rows = result_rows(workdir, plan)
+    write_csv(Workdir(workdir).results_csv, RESULT_COLUMNS, rows)
     return rows
 
 

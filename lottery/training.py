@@ -14,8 +14,6 @@ position (epoch, batch within the epoch) follows.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -28,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from lottery.config import ExperimentConfig, Step
-from lottery.files import load_arrays, save_arrays, write_text
+from lottery.files import load_arrays, save_arrays, write_csv
 
 log = logging.getLogger("lottery")
 
@@ -179,11 +177,7 @@ def epoch_saver(model: keras.Model, checkpoint: Path, metrics: Path, steps_per_e
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """One CSV row per finished epoch (``METRIC_COLUMNS``)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    write_csv(path, METRIC_COLUMNS, rows)
 
 
 def current_lr(optimizer) -> float:
