@@ -1,0 +1,279 @@
+"""What the report page shows, read from one run's work directory: no Airflow import here.
+
+``RunFacts`` is what the page's Airflow side (``lottery.ui.report_page``) found in the metadata
+database (the run's state, its plan and work directory from XCom, its task instances);
+``build_view`` adds what the files say. A damaged file never raises: it is named in
+``ReportView.corrupt`` and the rest of the page is still shown. ``plot_png`` draws the
+accuracy-vs-sparsity plot of a partial run (cached by the results it shows); ``ticket_file``
+resolves a download inside the work directory or returns None.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lottery import report
+from lottery.errors import LotteryError
+from lottery.paths import Workdir
+from lottery.plan import RunPlan, TicketSpec
+
+log = logging.getLogger("lottery.ui")
+
+# Run states after which nothing changes any more (the page stops refreshing itself).
+FINISHED_RUN_STATES = {"success", "failed"}
+# The ticket tasks whose mapped instances train the tickets (their task instance holds the log).
+TICKET_TASKS = ("late_reset", "controls")
+
+
+@dataclass
+class TaskInstanceFacts:
+    task_id: str
+    map_index: int
+    state: str | None
+    name: str | None  # rendered_map_index: "50.1% left, rewind 0it"
+    try_number: int
+
+
+@dataclass
+class RunFacts:
+    """One DAG run as the metadata database knows it."""
+
+    dag_id: str
+    run_id: str
+    state: str
+    conf: dict[str, Any]
+    plan: dict[str, Any] | None = None  # validate_config's "plan" XCom
+    workdir: str | None = None  # prepare_workdir's return value
+    mapped_kwargs: dict[str, list] = field(default_factory=dict)  # task id -> plan_tickets / plan_controls XCom
+    task_instances: list[TaskInstanceFacts] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_RUN_STATES
+
+    def ticket_instance(self, spec: TicketSpec) -> TaskInstanceFacts | None:
+        """The mapped instance that trains ``spec`` (one ticket or its group), if it was created."""
+        task_id = "controls" if spec.control else "late_reset"
+        for index, kwargs in enumerate(self.mapped_kwargs.get(task_id) or []):
+            masks = kwargs.get("masks") or [kwargs.get("mask") or {}]
+            if kwargs.get("rewind") == spec.rewind and kwargs.get("control") == spec.control and any(
+                    m.get("mask_id") == spec.mask_id for m in masks):
+                return next((ti for ti in self.task_instances if ti.task_id == task_id and ti.map_index == index), None)
+        return None
+
+
+@dataclass
+class Problem:
+    """A failed or missing ticket, or a failed task, with the task instance whose log says why."""
+
+    what: str
+    status: str
+    detail: str = ""
+    instance: TaskInstanceFacts | None = None
+
+
+@dataclass
+class ReportView:
+    facts: RunFacts
+    notice: str = ""  # why there is no report (yet), when there is none
+    experiment_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    changed: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dense: dict[str, Any] | None = None
+    corrupt: list[str] = field(default_factory=list)  # "<file>: <why>"
+    problems: list[Problem] = field(default_factory=list)
+    matching: dict[str, dict] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)  # ticket names with a model.keras to download
+
+    @property
+    def dense_accuracy(self) -> float | None:
+        return self.dense.get("val_accuracy") if self.dense else None
+
+    @property
+    def done(self) -> int:
+        return sum(r["status"] == "ok" for r in self.rows)
+
+
+# ---- the view ----------------------------------------------------------------------------------
+def build_view(facts: RunFacts) -> ReportView:
+    """Everything the page shows; the files are read here (a damaged one is named, never raised)."""
+    view = ReportView(facts)
+    view.problems = _failed_tasks(facts)
+    if not facts.workdir:
+        view.notice = ("The run has not created its work directory yet (prepare_workdir has not run)." if not facts.finished
+                       else "The run ended before prepare_workdir created a work directory: no results.")
+        return view
+    workdir = Workdir(facts.workdir)
+    view.experiment_id = workdir.name
+    if not workdir.path.is_dir():
+        view.notice = (f"The artifacts of this run are gone: {workdir} no longer exists (deleted, or not on this "
+                       "machine's disk). The run's tasks are listed below.")
+        return view
+    plan = _plan(facts, workdir, view)
+    if plan is None:
+        return view
+    view.config, view.changed, view.labels = plan.config.to_dict(), plan.config.id_fields(), list(plan.rewinds)
+    view.rows = _rows(workdir, plan, view)
+    view.dense = _read_json_or_note(workdir.dense_result, workdir, view)
+    view.matching = report.matching_levels(view.rows, view.labels, view.dense_accuracy, report.MATCH_TOLERANCE)
+    view.problems = _ticket_problems(facts, view.rows) + view.problems
+    done = [spec_name(r) for r in view.rows if r["status"] == "ok"]
+    view.models = [name for name in done if ticket_file(workdir.path, name, done) is not None]
+    return view
+
+
+def spec_name(row: dict) -> str:
+    return TicketSpec(row["mask_id"], row["rewind"], row["control"] or None).name
+
+
+def _plan(facts: RunFacts, workdir: Workdir, view: ReportView) -> RunPlan | None:
+    """The run's own plan (its XCom); else the plan of the work directory's config.json."""
+    try:
+        if facts.plan:
+            return RunPlan.from_dict(facts.plan)
+        return RunPlan.from_config(workdir.load()[0])
+    except FileNotFoundError:
+        view.notice = f"{workdir} has no config.json yet."
+    except (LotteryError, ValueError, KeyError, TypeError) as exc:
+        view.corrupt.append(f"{workdir.config_json.name}: {exc}")
+        view.notice = "The experiment's config cannot be read, so its tickets are unknown."
+    return None
+
+
+def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, Any]]:
+    """``report``'s rows, one ticket at a time so that a damaged result file only marks its own row."""
+    sparsity = {m.mask_id: m.sparsity for m in plan.masks}
+    rows = []
+    for spec in report.expected_tickets(workdir, plan):
+        try:
+            rows.append(report._result_row(workdir, spec, sparsity[spec.mask_id]))  # noqa: SLF001 (the report's own row)
+        except (LotteryError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {exc}")
+            rows.append({"mask_id": spec.mask_id, "sparsity": sparsity[spec.mask_id], "remaining": None,
+                         "rewind": spec.rewind, "rewind_step": None, "control": spec.control or "", "status": "corrupt",
+                         "val_accuracy": None, "best_val_accuracy": None, "error": str(exc)[:300]})
+    return rows
+
+
+def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict | None:
+    from lottery.files import read_json
+
+    try:
+        value = read_json(path)
+        if not isinstance(value, dict) or not isinstance(value.get("val_accuracy"), (int, float)):
+            raise ValueError("no val_accuracy in it")
+        return value
+    except FileNotFoundError:
+        return None
+    except (LotteryError, OSError, ValueError) as exc:
+        view.corrupt.append(f"{path.relative_to(workdir.path)}: {exc}")
+        return None
+
+
+def _ticket_problems(facts: RunFacts, rows: list[dict]) -> list[Problem]:
+    out = []
+    for row in rows:
+        if row["status"] == "ok":
+            continue
+        spec = TicketSpec(row["mask_id"], row["rewind"], row["control"] or None)
+        left = row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"]
+        what = f"{row['mask_id']} ({100 * left:.3g}% left), rewind {row['rewind']}"
+        what += f", control {row['control']}" if row["control"] else ""
+        out.append(Problem(what, row["status"], row.get("error") or "", facts.ticket_instance(spec)))
+    return out
+
+
+def _failed_tasks(facts: RunFacts) -> list[Problem]:
+    """Failed task instances other than the ticket tasks (those are listed ticket by ticket)."""
+    return [Problem(ti.task_id + (f" [{ti.name or ti.map_index}]" if ti.map_index >= 0 else ""), ti.state or "", "", ti)
+            for ti in facts.task_instances
+            if ti.state in ("failed", "upstream_failed") and ti.task_id not in TICKET_TASKS]
+
+
+# ---- downloads ---------------------------------------------------------------------------------
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as ``results.csv`` has them (written now: a partial run's file does not exist yet)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(report.RESULT_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def ticket_file(workdir: str | os.PathLike, ticket: str, allowed: list[str], filename: str = "model.keras") -> Path | None:
+    """``<workdir>/tickets/<ticket>/<filename>`` when ``ticket`` is one of ``allowed`` (this run's
+    tickets) and the file resolves to a regular file inside the work directory; else None."""
+    if ticket not in allowed or not _plain_name(ticket):
+        return None
+    return inside(workdir, Path(report.TICKETS, ticket, filename))
+
+
+def inside(workdir: str | os.PathLike, relative: Path) -> Path | None:
+    """``workdir / relative`` resolved, when it is a regular file inside the work directory (a
+    symlink pointing out of it, a missing file or a directory: None)."""
+    root = Path(workdir).resolve()
+    try:
+        path = (root / relative).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    return path if path.is_relative_to(root) and path.is_file() else None
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and not os.path.isabs(name)
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+_PLOTS: OrderedDict[str, bytes] = OrderedDict()
+_PLOTS_LOCK = threading.Lock()
+_PLOTS_KEPT = 16
+
+
+def plot_key(view: ReportView) -> str:
+    """A digest of what the plot shows: the same results, the same picture."""
+    points = [(r["mask_id"], r["rewind"], r["control"], r["status"], r["remaining"], r["val_accuracy"]) for r in view.rows]
+    text = json.dumps([view.experiment_id, view.labels, view.dense_accuracy, points], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plot_png(view: ReportView) -> bytes:
+    """The accuracy-vs-sparsity plot of the results so far, drawn by ``report.plot`` (cached by ``plot_key``)."""
+    key = plot_key(view)
+    with _PLOTS_LOCK:
+        if key in _PLOTS:
+            _PLOTS.move_to_end(key)
+            return _PLOTS[key]
+    with tempfile.TemporaryDirectory(prefix="lottery-plot-") as tmp:
+        title = f"{view.config.get('model', '')}  ({view.experiment_id})"
+        path = report.plot(view.rows, view.labels, view.dense_accuracy, Path(tmp) / "plot.png", title=title)
+        png = path.read_bytes()
+    with _PLOTS_LOCK:
+        _PLOTS[key] = png
+        while len(_PLOTS) > _PLOTS_KEPT:
+            _PLOTS.popitem(last=False)
+    return png
+
+
+def report_plot_file(view: ReportView) -> Path | None:
+    """The report task's PNG when no result changed after it was drawn (a finished run: no drawing)."""
+    workdir = Workdir(view.facts.workdir or "")
+    png = inside(workdir.path, workdir.plot_png.relative_to(workdir.path))
+    if png is None:
+        return None
+    results = [workdir.dense_result] + [workdir.tickets_dir / spec_name(r) / name for r in view.rows
+                                        for name in (report.RESULT_JSON, "error.json")]
+    newest = max((p.stat().st_mtime for p in results if p.exists()), default=0.0)
+    return png if newest <= png.stat().st_mtime else None
