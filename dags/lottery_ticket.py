@@ -104,7 +104,9 @@ def plan_tickets(masks: list[dict], plan: dict, per_task: int) -> list[dict[str,
     return tasks.plan_tickets(masks, plan, per_task)
 
 
-@task(**TRAINING, map_index_template=TICKET_LABEL)
+# Tickets before controls: the experiment's result comes first, and the controls' shorter
+# instances then fill the last free slots, so the run does not end with one long group alone.
+@task(**TRAINING, map_index_template=TICKET_LABEL, priority_weight=2)
 def late_reset(workdir: str, rewind: str, mask: dict | None = None, masks: list[dict] | None = None,
                group: str | None = None) -> dict[str, Any]:
     """Rewind to ``rewind``, apply ``mask`` (or each of the group's ``masks``), retrain to the end with the mask fixed."""

@@ -268,8 +268,10 @@ class Pack:
         """(val loss, val accuracy) per ticket over the whole validation split."""
         import jax.numpy as jnp
 
+        from lottery.training import eval_batch_size
+
         loss, hits, seen = 0.0, 0, 0
-        for x, y in self.val_data.eval_batches(self.cfg.batch_size):
+        for x, y in self.val_data.eval_batches(eval_batch_size(self.cfg.batch_size, self.val_data.image_shape)):
             batch_loss, batch_hits = self.steps.evaluate(tv, ntv, jnp.asarray(x), jnp.asarray(y))
             loss, hits, seen = loss + np.asarray(batch_loss, np.float64), hits + np.asarray(batch_hits), seen + len(y)
         return [(float(loss[i] / seen), float(hits[i] / seen)) for i in range(len(self.tickets))]

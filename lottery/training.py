@@ -187,6 +187,18 @@ def current_lr(optimizer) -> float:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+# Evaluation is forward-only, so it takes larger batches than training where images are small: on
+# 2 CPU cores, Fashion-MNIST's 10,000 validation images take 0.12-0.19 s at batch 1,024 against
+# 0.34 s at 128. Capped by input values per batch (1,024 images of 28 x 28), a whole multiple of
+# the training batch (so data parallelism still divides it); 224 x 224 x 3 keeps the training batch.
+EVAL_BATCH_VALUES = 1024 * 28 * 28
+
+
+def eval_batch_size(batch_size: int, image_shape) -> int:
+    """The validation batch: the largest multiple of ``batch_size`` within ``EVAL_BATCH_VALUES``."""
+    return batch_size * max(1, EVAL_BATCH_VALUES // (int(np.prod(image_shape)) * batch_size))
+
+
 @dataclass
 class TrainingRun:
     """What to train and where to stop. ``history`` holds the metric rows of finished epochs;
@@ -210,7 +222,7 @@ class TrainingRun:
 
     def run(self, start_step: int) -> list[dict]:
         step, spe, total = start_step, self.steps_per_epoch, self.total_steps
-        val_stream = self.val_data.eval_batches(self.cfg.batch_size)
+        val_stream = self.val_data.eval_batches(eval_batch_size(self.cfg.batch_size, self.val_data.image_shape))
         if step in self.stop_points and self.on_stop:
             self.on_stop(step)
         epoch = _EpochTally()

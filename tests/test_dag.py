@@ -145,6 +145,12 @@ def test_pool_queue_retries_trigger_rules(dag):
     assert rules["late_reset"] == "all_success"
 
 
+def test_tickets_are_scheduled_before_controls(dag):
+    # The scheduler orders queued instances by priority weight: the long ticket groups first, the
+    # controls' short ones last, so that no long group runs alone at the end of the run.
+    assert dag.get_task("late_reset").priority_weight_total > dag.get_task("controls").priority_weight_total
+
+
 def test_mapped_tasks_and_their_names(dag):
     from jinja2 import Environment
 

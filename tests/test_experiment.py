@@ -325,3 +325,13 @@ def test_a_damaged_mask_is_recomputed_not_used(tmp_path, dense_workdir, caplog):
     assert "sp90.000.npz" in caplog.text and "recomputing" in caplog.text
     again, _ = load_mask(path)
     assert all(np.array_equal(again[p], good[p]) for p in good)
+
+
+def test_eval_batch_is_a_multiple_of_the_training_batch_capped_by_image_size():
+    from lottery.training import eval_batch_size
+
+    assert eval_batch_size(128, (28, 28, 1)) == 1024
+    assert eval_batch_size(60, (28, 28, 1)) == 1020
+    assert eval_batch_size(128, (32, 32, 3)) == 256
+    assert eval_batch_size(128, (224, 224, 3)) == 128  # large images keep the training batch
+    assert eval_batch_size(2048, (28, 28, 1)) == 2048

@@ -356,3 +356,12 @@ def test_training_stream_is_parallel_prefetched_and_python_free(tmp_path, cache,
         assert python_op not in graph, python_op
     if not cache:
         assert b"ParallelInterleaveDataset" in graph  # the shards are read in parallel
+
+
+def test_cached_streams_run_without_the_autotuner(data_dir):
+    # In a one-thread training process tf.data's autotuner slowed a third of the epochs by a third
+    # (docs/benchmarks.md); the cached split's streams (one gather per batch) have nothing to tune.
+    cached, streamed = ShardedDataset(data_dir, "train", cache=True), ShardedDataset(data_dir, "train")
+    assert cached.batches(8, seed=0, epoch=0).options().autotune.enabled is False
+    assert cached.eval_batches(8).options().autotune.enabled is False
+    assert streamed.batches(8, seed=0, epoch=0).options().autotune.enabled is not False

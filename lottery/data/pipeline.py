@@ -52,12 +52,17 @@ class ShardedDataset(SplitReader):
         self._cached = None
 
     # ------------------------------------------------------------------ helpers
-    def _options(self) -> tf.data.Options:
+    def _options(self, autotune: bool = True) -> tf.data.Options:
+        """Deterministic, on the configured thread pool. ``autotune=False`` for the cached split,
+        whose map is one gather per batch: nothing to tune, and in a one-thread training process
+        the autotuner's own work made about a third of the epochs run at 2/3 speed (LeNet on 2
+        cores: 23k instead of 36k img/s; docs/benchmarks.md)."""
         options = tf.data.Options()
         options.deterministic = True
         threads = runtime.data_threads()
         if threads:
             options.threading.private_threadpool_size = threads
+        options.autotune.enabled = autotune
         return options
 
     def _decode_batch_fn(self):
@@ -190,7 +195,7 @@ class ShardedDataset(SplitReader):
             return x * scale + offset, tf.gather(labels, idx)
 
         ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options(autotune=False))
 
     def _shuffled_records(self, seed: int, epoch: int) -> tf.data.Dataset:
         """The serialised records of one streamed epoch: the epoch's file order, a deterministic
@@ -228,13 +233,13 @@ class ShardedDataset(SplitReader):
             ds = tf.data.Dataset.range(self.num_examples).batch(batch_size)
             ds = ds.map(lambda idx: (self._normalise(tf.gather(images, idx)), tf.gather(labels, idx)),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        else:
-            decode = self._decode_batch_fn()
+            return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options(autotune=False))
+        decode = self._decode_batch_fn()
 
-            def decode_normalise(records):
-                x, y = decode(records)
-                return self._normalise(x), y
+        def decode_normalise(records):
+            x, y = decode(records)
+            return self._normalise(x), y
 
-            ds = tf.data.TFRecordDataset([str(p) for p in self.files], buffer_size=1 << 20).batch(batch_size)
-            ds = ds.map(decode_normalise, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = tf.data.TFRecordDataset([str(p) for p in self.files], buffer_size=1 << 20).batch(batch_size)
+        ds = ds.map(decode_normalise, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())

@@ -76,6 +76,10 @@ def _sections(home: Path, parallelism: int, port: int, keep: Callable[[str, str,
         "logging": {"base_log_folder": str(home / "logs")},
         "scheduler": {"task_queued_timeout": "3600"},
         "dag_processor": {"refresh_interval": "30"},
+        # A task's supervisor notices its process's exit at its next wake-up, every
+        # min_heartbeat_interval seconds (default 5): with 20 instances that idled a slot
+        # for about a minute of a `make run`. 2 s costs one heartbeat request per task every 2 s.
+        "workers": {"min_heartbeat_interval": "2"},
     }
 
 
