@@ -148,7 +148,9 @@ def test_pool_queue_retries_trigger_rules(dag):
 def test_tickets_are_scheduled_before_controls(dag):
     # The scheduler orders queued instances by priority weight: the long ticket groups first, the
     # controls' short ones last, so that no long group runs alone at the end of the run.
-    assert dag.get_task("late_reset").priority_weight_total > dag.get_task("controls").priority_weight_total
+    tickets, controls = dag.get_task("late_reset"), dag.get_task("controls")
+    assert str(tickets.weight_rule) == str(controls.weight_rule)
+    assert tickets.priority_weight > controls.priority_weight
 
 
 def test_mapped_tasks_and_their_names(dag):
