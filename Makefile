@@ -27,6 +27,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 system-deps:
 	@command -v java >/dev/null || { echo "Java 17+ is required by Spark: install it (Debian: apt-get install -y openjdk-17-jre-headless)"; exit 1; }
 	@test -d $(FASHION_MNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	@# The browser tests (tests/test_ui_browser.py) drive Debian's Chromium with Playwright (never `playwright install`).
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -16,3 +16,15 @@ sys.path.insert(0, str(ROOT / "plugins"))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``): the browser tests save a
+    screenshot when their test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
