@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,17 @@ def test_plot_many_lines(tmp_path, n_rewinds):
             for k in range(1, 21) for label in labels for c in ("", "random_reinit")]
     path = plot(rows, labels, 0.9, tmp_path / "p.png", title="t")
     assert path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_report_files_are_readable_like_the_plot(tmp_path, umask, mode):
+    """report.md, results.csv and the plot get the mode a plain open() gives (0666 less the umask),
+    not the 0600 of the temporary file they are written to."""
+    w = make_workdir(tmp_path)
+    old = os.umask(umask)
+    try:
+        out = write_report(w)
+    finally:
+        os.umask(old)
+    modes = {key: Path(out[key]).stat().st_mode & 0o777 for key in ("report", "results_csv", "plot")}
+    assert modes == {"report": mode, "results_csv": mode, "plot": mode}, {k: oct(v) for k, v in modes.items()}
