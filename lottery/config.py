@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 # The registry lives in lottery.models (which imports Keras); the names are repeated here so that
 # config validation and the DAG's trigger form need no Keras import. tests/test_config.py keeps
@@ -42,12 +42,57 @@ CONTROLS = ("random_reinit", "random_prune")
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value. The message always names the field and the value."""
+    """Invalid configuration values. The message names every field and its value; ``field`` and
+    ``value`` are the first one's, ``errors`` lists them all as (field, value, reason)."""
 
     def __init__(self, field_name: str, value: Any, reason: str):
         self.field = field_name
         self.value = value
-        super().__init__(f"config field '{field_name}' = {value!r}: {reason}")
+        self.errors: list[tuple[str, Any, str]] = [(field_name, value, reason)]
+        super().__init__(_describe(field_name, value, reason))
+
+    @property
+    def fields(self) -> list[str]:
+        return [name for name, _, _ in self.errors]
+
+    @classmethod
+    def combine(cls, errors: list[ConfigError]) -> ConfigError:
+        """One error that lists every field of ``errors``, in order: a user fixes them all at once."""
+        items = [item for error in errors for item in error.errors]
+        combined = cls(*items[0])
+        if len(items) > 1:
+            combined.errors = items
+            combined.args = (f"{len(items)} config errors: " + "; ".join(_describe(*item) for item in items),)
+        return combined
+
+
+def _describe(field_name: str, value: Any, reason: str) -> str:
+    return f"config field '{field_name}' = {value!r}: {reason}"
+
+
+class ConfigChecks:
+    """Runs checks and keeps every ``ConfigError``. A check that reads a field which already failed
+    is skipped: one wrong value gives one error, not a cascade of follow-on errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+        self.failed: set[str] = set()
+
+    def add(self, error: ConfigError) -> None:
+        self.errors.append(error)
+        self.failed.update(error.fields)
+
+    def run(self, reads: tuple[str, ...], check: Callable[[], Any]) -> None:
+        if self.failed.intersection(reads):
+            return
+        try:
+            check()
+        except ConfigError as exc:
+            self.add(exc)
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigError.combine(self.errors)
 
 
 _STEP_RE = re.compile(r"^\s*(?:(\d+)\s*ep)?\s*(?:(\d+)\s*it)?\s*$")
@@ -84,6 +129,10 @@ class Step:
             return f"{self.ep}ep"
         return f"{self.it}it"
 
+
+# The default LR milestone before it followed the training length: an unset lr_milestones still
+# means this milestone wherever it is within training (and hashes like it: experiment ids unchanged).
+LEGACY_LR_MILESTONE = "4ep"
 
 # Level k of the derived schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
 DEFAULT_NUM_LEVELS = 20
@@ -129,7 +178,8 @@ class ExperimentConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     warmup_steps: str = "0it"
-    lr_milestones: tuple[str, ...] = ("4ep",)
+    # None (unset): at 4ep, or at two thirds of training when that is shorter (``milestone_iterations``).
+    lr_milestones: tuple[str, ...] | None = None
     lr_gamma: float = 0.1
     rewind_points: tuple[str, ...] = field(default_factory=lambda: tuple(default_rewind_points()))
     # Empty: derived, ``num_levels`` levels at ``prune_rate`` (see ``levels()``).
@@ -152,19 +202,19 @@ class ExperimentConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> ExperimentConfig:
+        """A validated config; one ``ConfigError`` names every unknown field and invalid value."""
         raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(unknown[0], raw[unknown[0]], f"unknown field; known fields: {', '.join(sorted(known))}")
+        checks = ConfigChecks()
+        known = sorted(f.name for f in fields(cls))
+        for name in sorted(set(raw) - set(known)):
+            checks.add(ConfigError(name, raw[name], f"unknown field; known fields: {', '.join(known)}"))
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "mixed_precision" and isinstance(raw.get(f.name), str):
-                values[f.name] = raw[f.name]  # checked in validate()
-            elif f.name in raw:
-                values[f.name] = _coerce(f.name, raw[f.name], _default_of(f))
+            if f.name in raw:  # a value of the wrong kind keeps the default: the checks reading it are skipped
+                checks.run((f.name,), lambda f=f: values.__setitem__(f.name, _coerce(f.name, raw[f.name], _default_of(f))))
         cfg = cls(**values)
-        cfg.validate()
+        cfg.run_checks(checks)
+        checks.raise_if_any()
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,76 +229,100 @@ class ExperimentConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        _one_of("model", self.model, MODEL_NAMES)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("pruning_scope", self.pruning_scope, PRUNING_SCOPES)
-        _one_of("augmentation", self.augmentation, AUGMENTATIONS)
-        if not isinstance(self.mixed_precision, bool):
-            _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
-        total = _step("training_steps", self.training_steps)
-        if total == Step(0, 0):
+        """Every check; raises one ``ConfigError`` that names every invalid field."""
+        self.run_checks(ConfigChecks()).raise_if_any()
+
+    def run_checks(self, checks: ConfigChecks) -> ConfigChecks:
+        for reads, check in self._field_checks() + self._cross_checks():
+            checks.run(reads, check)
+        return checks
+
+    def _field_checks(self) -> list[tuple[tuple[str, ...], Callable[[], Any]]]:
+        """The checks of one field each, with the field they read."""
+        c = self
+        return [
+            (("model",), lambda: _one_of("model", c.model, MODEL_NAMES)),
+            (("optimizer",), lambda: _one_of("optimizer", c.optimizer, OPTIMIZERS)),
+            (("pruning_scope",), lambda: _one_of("pruning_scope", c.pruning_scope, PRUNING_SCOPES)),
+            (("augmentation",), lambda: _one_of("augmentation", c.augmentation, AUGMENTATIONS)),
+            (("mixed_precision",), lambda: isinstance(c.mixed_precision, bool) or _one_of("mixed_precision", c.mixed_precision, PRECISIONS)),
+            (("training_steps",), c._check_training_steps),
+            (("warmup_steps",), lambda: _step("warmup_steps", c.warmup_steps)),
+            (("batch_size",), lambda: _require(c.batch_size >= 1, "batch_size", c.batch_size, "must be at least 1")),
+            (("lr",), lambda: _require(c.lr > 0, "lr", c.lr, "must be greater than 0")),
+            (("momentum",), lambda: _require(0 <= c.momentum < 1, "momentum", c.momentum, "must be in [0, 1)")),
+            (("weight_decay",), lambda: _require(c.weight_decay >= 0, "weight_decay", c.weight_decay, "must be >= 0")),
+            (("lr_gamma",), lambda: _require(0 < c.lr_gamma <= 1, "lr_gamma", c.lr_gamma, "must be in (0, 1]")),
+            (("output_layer_prune_factor",), lambda: _require(0 < c.output_layer_prune_factor <= 1, "output_layer_prune_factor",
+                                                              c.output_layer_prune_factor, "must be in (0, 1]")),
+            (("seed",), lambda: _require(c.seed >= 0, "seed", c.seed, "must be >= 0")),
+            (("lr_milestones",), lambda: _steps("lr_milestones", c.lr_milestones or ())),
+            (("rewind_points",), lambda: _steps("rewind_points", c.rewind_points, at_least_one=True)),
+            (("num_levels",), lambda: _require(c.num_levels >= 1, "num_levels", c.num_levels, "must be at least 1")),
+            (("prune_rate",), lambda: _require(0 < c.prune_rate < 1, "prune_rate", c.prune_rate, "must be in (0, 1)")),
+            (("sparsities",), lambda: _fractions("sparsities", c.sparsities,
+                                                 "each sparsity (fraction of prunable weights removed) must be in (0, 1)")),
+            (("control_kinds",), c._check_control_kinds),
+            (("control_sparsities",), lambda: _fractions("control_sparsities", c.control_sparsities,
+                                                         "each control sparsity must be in (0, 1)")),
+        ]
+
+    def _cross_checks(self) -> list[tuple[tuple[str, ...], Callable[[], Any]]]:
+        """The checks of one field against others; skipped when one of the fields they read is invalid."""
+        c = self
+        levels = ("sparsities", "num_levels", "prune_rate")
+        return [
+            (("lr_milestones", "training_steps"), c._check_milestones_in_training),
+            (("rewind_points", "training_steps"), c._check_rewinds_in_training),
+            (levels, c._check_levels),
+            (("control_kinds", "controls"), lambda: _require(not c.controls or bool(c.control_kinds), "control_kinds", [],
+                                                             "needs at least one kind when controls is true")),
+            (("control_sparsities", "controls", *levels), c.control_levels),  # a wanted level that is not a level: named error
+        ]
+
+    def _check_training_steps(self) -> None:
+        if _step("training_steps", self.training_steps) == Step(0, 0):
             raise ConfigError("training_steps", self.training_steps, "must be longer than zero")
-        _step("warmup_steps", self.warmup_steps)
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", self.batch_size, "must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError("lr", self.lr, "must be greater than 0")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", self.momentum, "must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0")
-        if not 0 < self.lr_gamma <= 1:
-            raise ConfigError("lr_gamma", self.lr_gamma, "must be in (0, 1]")
-        if not 0 < self.output_layer_prune_factor <= 1:
-            raise ConfigError("output_layer_prune_factor", self.output_layer_prune_factor, "must be in (0, 1]")
-        if self.seed < 0:
-            raise ConfigError("seed", self.seed, "must be >= 0")
-        milestones = [_step("lr_milestones", m) for m in self.lr_milestones]
-        _no_duplicates("lr_milestones", self.lr_milestones, milestones)
-        for text, step in zip(self.lr_milestones, milestones):
-            if _surely_after(step, total):
+
+    def _check_milestones_in_training(self) -> None:
+        total = Step.parse(self.training_steps)
+        for text in self.lr_milestones or ():  # unset: placed within training (milestone_iterations)
+            if _surely_after(Step.parse(text), total):
                 raise ConfigError("lr_milestones", text, f"is past the end of training ({self.training_steps})")
-        if not self.rewind_points:
-            raise ConfigError("rewind_points", list(self.rewind_points), "needs at least one rewind point")
-        rewinds = [_step("rewind_points", r) for r in self.rewind_points]
-        _no_duplicates("rewind_points", self.rewind_points, rewinds)
-        for text, step in zip(self.rewind_points, rewinds):
+
+    def _check_rewinds_in_training(self) -> None:
+        total = Step.parse(self.training_steps)
+        for text in self.rewind_points:
+            step = Step.parse(text)
             if _surely_after(step, total) or step == total:
                 raise ConfigError("rewind_points", text, f"is not before the end of training ({self.training_steps})")
-        self._validate_levels()
-        self._validate_controls()
 
-    def _validate_levels(self) -> None:
-        if self.num_levels < 1:
-            raise ConfigError("num_levels", self.num_levels, "must be at least 1")
-        if not 0 < self.prune_rate < 1:
-            raise ConfigError("prune_rate", self.prune_rate, "must be in (0, 1)")
-        for s in self.sparsities:
-            if not 0 < s < 1:
-                raise ConfigError("sparsities", s, "each sparsity (fraction of prunable weights removed) must be in (0, 1)")
-        _no_duplicates("sparsities", self.sparsities, list(self.sparsities))
+    def _check_levels(self) -> None:
         levels = self.levels()
         if not all(0 < s < 1 for s in levels):  # rounded to 6 places: 0% or 100% removed
             raise ConfigError("num_levels", self.num_levels, f"at prune_rate {self.prune_rate:g} some levels round to 0 or 1")
         _no_duplicates("num_levels", levels, levels)
 
-    def _validate_controls(self) -> None:
+    def _check_control_kinds(self) -> None:
         for kind in self.control_kinds:
             _one_of("control_kinds", kind, CONTROLS)
         _no_duplicates("control_kinds", self.control_kinds, list(self.control_kinds))
-        if self.controls and not self.control_kinds:
-            raise ConfigError("control_kinds", [], "needs at least one kind when controls is true")
-        for s in self.control_sparsities:
-            if not 0 < s < 1:
-                raise ConfigError("control_sparsities", s, "each control sparsity must be in (0, 1)")
-        _no_duplicates("control_sparsities", self.control_sparsities, list(self.control_sparsities))
-        self.control_levels()  # a wanted level that is not one of the experiment's: named error
 
     def check_against_data(self, steps_per_epoch: int) -> None:
-        """Validation that needs the data set size: steps given in iterations vs epochs."""
+        """Validation that needs the data set size (steps given in iterations vs epochs); one
+        ``ConfigError`` names every field that fails."""
         total = self.total_iterations(steps_per_epoch)
         if total < 1:
             raise ConfigError("training_steps", self.training_steps, f"is zero iterations at {steps_per_epoch} iterations per epoch")
+        checks = ConfigChecks()
+        checks.run(("rewind_points",), lambda: self._check_rewind_iterations(steps_per_epoch, total))
+        for text in self.lr_milestones or ():
+            it = Step.parse(text).iterations(steps_per_epoch)
+            checks.run((), lambda text=text, it=it: _require(it <= total, "lr_milestones", text,
+                                                             f"is past the end of training (iteration {total})"))
+        checks.raise_if_any()
+
+    def _check_rewind_iterations(self, steps_per_epoch: int, total: int) -> None:
         seen: dict[int, str] = {}
         for text in self.rewind_points:
             it = Step.parse(text).iterations(steps_per_epoch)
@@ -257,13 +331,20 @@ class ExperimentConfig:
             if it in seen:
                 raise ConfigError("rewind_points", text, f"is the same iteration ({it}) as {seen[it]!r}")
             seen[it] = text
-        for text in self.lr_milestones:
-            if Step.parse(text).iterations(steps_per_epoch) > total:
-                raise ConfigError("lr_milestones", text, f"is past the end of training (iteration {total})")
 
     # ---- derived values -----------------------------------------------------------------------
     def total_iterations(self, steps_per_epoch: int) -> int:
         return Step.parse(self.training_steps).iterations(steps_per_epoch)
+
+    def milestone_iterations(self, steps_per_epoch: int) -> tuple[int, ...]:
+        """The iterations at which the learning rate drops by ``lr_gamma``. Unset (the default):
+        at 4ep, as before this default followed the training length (so every experiment that ran
+        keeps its id and its meaning), or at two thirds of training when 4ep is past its end."""
+        if self.lr_milestones is not None:
+            return tuple(Step.parse(m).iterations(steps_per_epoch) for m in self.lr_milestones)
+        total = self.total_iterations(steps_per_epoch)
+        legacy = Step.parse(LEGACY_LR_MILESTONE).iterations(steps_per_epoch)
+        return (legacy,) if legacy <= total else (max(1, 2 * total // 3),)
 
     def precision_policy(self) -> str:
         """The Keras dtype policy: "mixed_bfloat16", "mixed_float16" (true or "float16") or "float32"."""
@@ -325,6 +406,10 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Accept JSON-ish input (lists, ints for floats) but reject wrong kinds with the field name."""
+    if name == "mixed_precision" and isinstance(value, str):
+        return value  # "bfloat16" / "float16": checked in validate()
+    if default is None:  # lr_milestones: null (the default that follows training) or a list
+        return None if value is None else _coerce(name, value, ())
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(name, value, "must be true or false")
@@ -360,6 +445,26 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
+
+
+def _require(ok: bool, name: str, value: Any, reason: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, reason)
+
+
+def _steps(name: str, texts: tuple[str, ...], *, at_least_one: bool = False) -> list[Step]:
+    """Parse a list of step strings: each one valid, no two the same step."""
+    if at_least_one and not texts:
+        raise ConfigError(name, list(texts), "needs at least one rewind point")
+    steps = [_step(name, text) for text in texts]
+    _no_duplicates(name, texts, steps)
+    return steps
+
+
+def _fractions(name: str, values: tuple[float, ...], reason: str) -> None:
+    for value in values:
+        _require(0 < value < 1, name, value, reason)
+    _no_duplicates(name, values, list(values))
 
 
 def _step(name: str, text: str) -> Step:
@@ -400,6 +505,8 @@ def _canonical(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
     for key in ("training_steps", "warmup_steps"):
         out[key] = str(Step.parse(out[key]))
+    if out["lr_milestones"] is None:  # unset hashes as the old default: ids of existing experiments unchanged
+        out["lr_milestones"] = [LEGACY_LR_MILESTONE]
     for key in ("rewind_points", "lr_milestones"):
         out[key] = [str(Step.parse(s)) for s in out[key]]
     out["sparsities"] = [round(float(s), 9) for s in out["sparsities"]]

@@ -76,7 +76,7 @@ def make_schedule(cfg: ExperimentConfig, steps_per_epoch: int) -> WarmupStepDeca
     return WarmupStepDecay(
         cfg.lr,
         Step.parse(cfg.warmup_steps).iterations(steps_per_epoch),
-        tuple(Step.parse(m).iterations(steps_per_epoch) for m in cfg.lr_milestones),
+        cfg.milestone_iterations(steps_per_epoch),
         cfg.lr_gamma,
     )
 

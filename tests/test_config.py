@@ -1,6 +1,8 @@
 """The experiment config: parsing, validation (every field names itself), experiment ids."""
 
 import dataclasses
+import hashlib
+import json
 
 import pytest
 
@@ -238,3 +240,63 @@ def test_workdir_status(tmp_path):
     assert w.started_controls() == [plan.controls[1]]
     assert w.ticket(plan.controls[1]).dir == tmp_path / "w" / "tickets" / "sp90.000__1ep__random_reinit"
     assert w.rewind_checkpoint("1ep") == tmp_path / "w" / "dense" / "rewind" / "1ep.npz"
+
+
+# ---- every error at once ------------------------------------------------------------------------
+def test_every_invalid_field_is_named_at_once():
+    conf = {"no_such_field": 1, "model": "resnet9000", "lr": 0, "seed": -1, "batch_size": "128", "control_kinds": []}
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict(conf)
+    assert info.value.fields == ["no_such_field", "batch_size", "model", "lr", "seed", "control_kinds"]  # unknown, wrong kinds, then values
+    assert info.value.field == "no_such_field"  # the first one, as before
+    assert str(info.value).startswith("6 config errors: ")
+    for field in info.value.fields:
+        assert f"config field '{field}' = " in str(info.value)
+
+
+def test_a_wrong_value_gives_no_follow_on_errors():
+    """A check that reads a field which already failed is skipped: no cascade from one mistake."""
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict({"training_steps": "ten epochs", "lr_milestones": ["20ep"], "rewind_points": ["9ep"]})
+    assert info.value.fields == ["training_steps"]
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict({"sparsities": [0.5, 0.5], "control_sparsities": [0.3]})
+    assert info.value.fields == ["sparsities"]
+    with pytest.raises(ConfigError) as info:  # independent cross-field errors are all listed
+        ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": ["3ep"], "rewind_points": ["0it", "2ep"]})
+    assert info.value.fields == ["lr_milestones", "rewind_points"]
+
+
+def test_checks_against_the_data_name_every_field_at_once():
+    cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": ["1000it"], "rewind_points": ["0it", "900it"]})
+    with pytest.raises(ConfigError) as info:
+        cfg.check_against_data(steps_per_epoch=400)
+    assert info.value.fields == ["rewind_points", "lr_milestones"]
+
+
+# ---- the default LR milestone follows the training length ----------------------------------------
+def test_default_lr_milestone_follows_the_training_length():
+    """Unset: at 4ep wherever 4ep is within training (as always), else at two thirds of training."""
+    assert ExperimentConfig().lr_milestones is None
+    assert ExperimentConfig().milestone_iterations(100) == (400,)
+    short = ExperimentConfig.from_dict({"training_steps": "3ep", "rewind_points": ["0it", "1ep"]})  # was refused
+    assert short.milestone_iterations(100) == (200,)
+    assert ExperimentConfig.from_dict({"training_steps": "1ep", "rewind_points": ["0it"]}).milestone_iterations(30) == (20,)
+    assert ExperimentConfig.from_dict({"training_steps": "8ep"}).milestone_iterations(100) == (400,)
+    mixed = ExperimentConfig.from_dict({"training_steps": "3ep500it"})  # 4ep is inside at 468 iterations per epoch
+    assert mixed.milestone_iterations(468) == (1872,) and mixed.milestone_iterations(600) == (2 * 2300 // 3,)
+    assert ExperimentConfig.from_dict({"lr_milestones": []}).milestone_iterations(100) == ()
+    assert ExperimentConfig.from_dict({"lr_milestones": ["1ep", "5ep"]}).milestone_iterations(100) == (100, 500)
+    with pytest.raises(ConfigError, match="'lr_milestones' = '4ep': is past the end of training"):
+        ExperimentConfig.from_dict({"training_steps": "3ep", "lr_milestones": ["4ep"], "rewind_points": ["0it"]})  # explicit: kept
+
+
+@pytest.mark.parametrize("conf", [{"training_steps": "8ep"}, {"training_steps": "5ep", "seed": 2}, {"model": "conv2"}])
+def test_unset_milestones_keep_the_ids_of_the_old_default(conf):
+    """An experiment that ran with the old default ["4ep"] keeps its id, whether its config.json
+    spells the milestone out (as old ones do) or leaves it unset (as new ones do)."""
+    old = hashlib.sha256(json.dumps({"config": conf, "dataset": FASHION_MNIST_ID}, sort_keys=True,
+                                    separators=(",", ":")).encode()).hexdigest()[:12]
+    unset, spelled = ExperimentConfig.from_dict(conf), ExperimentConfig.from_dict({**conf, "lr_milestones": ["4ep"]})
+    assert experiment_id(unset, FASHION_MNIST_ID) == experiment_id(spelled, FASHION_MNIST_ID) == f"{unset.model}-{old}"
+    assert ExperimentConfig.from_dict(unset.to_dict()) == unset  # config.json round trip: null stays unset

@@ -9,6 +9,7 @@ import os
 from datetime import datetime, timezone
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -255,6 +256,8 @@ INVALID = [
     ("control_kinds", []),
     ("control_sparsities", [1.5]),
     ("artifact_root", "artifacts"),
+    ("artifact_root", "/etc"),  # outside the allowed roots (tests/test_allowed_roots.py has the path tricks)
+    ("dataset", "/nonexistent/images"),
     ("queue", "bad queue"),
     ("queue", ""),
     ("tickets_per_task", 0),
@@ -295,8 +298,8 @@ def _params(sdag, **conf):
     ({"rewind_points": ["6ep"]}, "rewind_points"),               # at the end
     ({"lr_milestones": ["9ep"]}, "lr_milestones"),
     ({"sparsities": [0.5, 0.9], "controls": True, "control_sparsities": [0.7]}, "control_sparsities"),
-    ({"dataset": "/nonexistent/images"}, "dataset"),
-    ({"dataset": "/tmp", "dataset_limit": 100}, "dataset_limit"),
+    ({"dataset": os.path.join(tempfile.gettempdir(), "nonexistent-lottery-images")}, "dataset"),  # in a data root, not there
+    ({"dataset": tempfile.gettempdir(), "dataset_limit": 100}, "dataset_limit"),
 ])
 def test_cross_field_errors_name_the_field(sdag, form, conf, field):
     with pytest.raises(ConfigError) as err:
@@ -645,3 +648,14 @@ def test_run_breakdown_reads_results_without_timings(tmp_path):
     row = next(line for line in lines if line.startswith("| late_reset"))
     assert row == "| late_reset | 4 | 4 | 80.0 (100%) | 28.0 (35%) | - | - | - | - | 44.0 (55%) | - | - | 8.0 (10%) |", row
     assert "5 results without `timings`" in lines[-1]
+
+
+def test_clearing_a_ticket_with_downstream_reruns_the_report_and_the_check(dag):
+    """The README's "A failed ticket" steps: *Clear* with *Downstream* (the dialog's default;
+    ``include_downstream`` in the REST API, ``airflow tasks clear -d``) also clears ``report`` and
+    ``check_results``, the run's only leaf, so the run's state follows the rerun ticket's result."""
+    for task_id in ("late_reset", "controls", "train_dense"):
+        cleared = set(dag.partial_subset(task_ids=[task_id], include_downstream=True, include_upstream=False).task_dict)
+        assert {task_id, "report", "check_results"} <= cleared, (task_id, cleared)
+        assert "validate_config" not in cleared
+    assert [t.task_id for t in dag.leaves] == ["check_results"]

@@ -29,6 +29,7 @@ TINY = {
 
 def run_script(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
+    env.setdefault("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(home.parent))  # this deployment lets the test write in its tmp_path
     return subprocess.run(
         [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Param
 
-from lottery.config import AUGMENTATIONS, CONTROLS, MODEL_NAMES, OPTIMIZERS, PRUNING_SCOPES, ConfigError, ExperimentConfig
-from lottery.deploy.constants import ARTIFACT_ROOT, GPU_QUEUE, QUEUE_PATTERN
+from lottery.config import (AUGMENTATIONS, CONTROLS, LEGACY_LR_MILESTONE, MODEL_NAMES, OPTIMIZERS, PRUNING_SCOPES, ConfigChecks,
+                            ConfigError, ExperimentConfig)
+from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, GPU_QUEUE, QUEUE_PATTERN
+from lottery.deploy.roots import allowed_artifact_roots, allowed_data_roots, path_problem, root_pattern
 from lottery.plan import RunPlan
 
 log = logging.getLogger("lottery.dag")
@@ -30,6 +33,12 @@ FRACTION_ITEM = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
 _DEFAULTS = ExperimentConfig()
 # The params that are ExperimentConfig fields; the others say where the data comes from and where it goes.
 CONFIG_FIELDS = tuple(_DEFAULTS.to_dict())
+# Where a run may write and read, as this deployment allows (read when the DAG file is parsed, so
+# that the form refuses a path outside them before the run exists; validate_config checks again).
+ARTIFACT_ROOTS = allowed_artifact_roots()
+DATA_ROOTS = allowed_data_roots()
+_ARTIFACT_PATTERN = root_pattern(ARTIFACT_ROOTS)
+_DATA_PATTERN = root_pattern(DATA_ROOTS)
 
 
 def _list_param(default: list, items: dict, *, title: str, description: str, section: str, min_items: int | None = None) -> Param:
@@ -43,10 +52,11 @@ PARAMS: dict[str, Param] = {
     "dataset": Param(
         FASHION_MNIST,
         type="string",
-        pattern=r"^(fashion_mnist|/.*[^/].*)$",
+        pattern=f"^(?:{FASHION_MNIST}|{_DATA_PATTERN})$" if _DATA_PATTERN else f"^{FASHION_MNIST}$",
         title="Data set",
         description="`fashion_mnist` (the bundled Debian package, exported to PNGs) or the absolute path "
-        "of an ImageNet-layout folder: train/<class>/*.png|jpg and val/<class>/*.",
+        "of an ImageNet-layout folder (train/<class>/*.png|jpg and val/<class>/*) in a data root this deployment "
+        f"allows: {', '.join(DATA_ROOTS) or f'none ({ALLOWED_DATA_ROOTS_ENV} is not set)'}.",
         section="Data",
     ),
     "dataset_limit": Param(
@@ -86,9 +96,11 @@ PARAMS: dict[str, Param] = {
         _DEFAULTS.warmup_steps, type="string", pattern=STEP_PATTERN, title="Linear warm-up",
         description="A step string; `0it` = no warm-up.", section="Model and training",
     ),
-    "lr_milestones": _list_param(
-        list(_DEFAULTS.lr_milestones), STEP_ITEM, min_items=0, title="LR milestones",
-        description="Steps at which the learning rate is multiplied by lr_gamma (one per line).", section="Model and training",
+    "lr_milestones": Param(
+        None, type=["null", "array"], items=STEP_ITEM, uniqueItems=True, title="LR milestones",
+        description="Steps at which the learning rate is multiplied by lr_gamma (one per line). Unset (the default): "
+        f"at {LEGACY_LR_MILESTONE}, or at two thirds of training when training is shorter. No decay: lr_gamma 1 (or [] in the JSON conf).",
+        section="Model and training",
     ),
     "lr_gamma": Param(_DEFAULTS.lr_gamma, type="number", exclusiveMinimum=0, maximum=1, title="LR decay factor", section="Model and training"),
     "augmentation": Param(
@@ -141,8 +153,9 @@ PARAMS: dict[str, Param] = {
     ),
     # ---- execution ----
     "artifact_root": Param(
-        ARTIFACT_ROOT, type="string", pattern=r"^/", title="Artifact root",
-        description="Absolute path shared by all workers: data sets under data/, one work directory per experiment id.",
+        ARTIFACT_ROOTS[0], type="string", pattern=f"^(?:{_ARTIFACT_PATTERN})$", title="Artifact root",
+        description="Absolute path shared by all workers: data sets under data/, one work directory per experiment id. "
+        f"In or under a root this deployment allows: {', '.join(ARTIFACT_ROOTS)}.",
         section="Execution",
     ),
     "queue": Param(
@@ -190,11 +203,17 @@ def source_dir(params: dict[str, Any]) -> str:
 
 
 def check_params(params: dict[str, Any], conf: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checks the params' JSON schema cannot express (raises ``ConfigError`` naming the field),
-    and everything the run derives from its params: the run plan, the data paths, the Spark args."""
-    _check_conf_keys(conf or {})
-    _check_dataset(params)
-    plan = RunPlan.from_config(experiment_config(params))
+    """The checks the params' JSON schema cannot express, and everything the run derives from its
+    params: the run plan, the data paths, the Spark args. Raises one ``ConfigError`` that names
+    every invalid field (unknown conf keys, paths outside the allowed roots, config errors)."""
+    checks = ConfigChecks()
+    _check_conf_keys(checks, conf or {})
+    checks.run(("artifact_root",), lambda: _check_artifact_root(params["artifact_root"]))
+    _check_dataset(checks, params)
+    config: list[ExperimentConfig] = []
+    checks.run((), lambda: config.append(experiment_config(params)))
+    checks.raise_if_any()
+    plan = RunPlan.from_config(config[0])
     if params.get("sparsities"):
         log.info("explicit sparsities given: num_levels and prune_rate are ignored")
     data = data_paths(params)
@@ -215,19 +234,29 @@ def data_paths(params: dict[str, Any]) -> dict[str, Any]:
             "data_dir": data_dir, "artifact_root": str(root), "spark_args": spark_args}
 
 
-def _check_conf_keys(conf: dict[str, Any]) -> None:
-    unknown = sorted(set(conf) - set(PARAMS))
-    if unknown:
-        raise ConfigError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(PARAMS))}")
+def _check_conf_keys(checks: ConfigChecks, conf: dict[str, Any]) -> None:
+    for key in sorted(set(conf) - set(PARAMS)):
+        checks.add(ConfigError(key, conf[key], f"unknown parameter; known: {', '.join(sorted(PARAMS))}"))
 
 
-def _check_dataset(params: dict[str, Any]) -> None:
-    if params["dataset"] == FASHION_MNIST:
+def _check_artifact_root(path: str) -> None:
+    """Where the run writes: in an allowed root once ``..`` and symlinks are resolved (the form saw only the spelling)."""
+    problem = path_problem(path, allowed_artifact_roots(os.environ), ALLOWED_ARTIFACT_ROOTS_ENV)
+    if problem:
+        raise ConfigError("artifact_root", path, problem)
+
+
+def _check_dataset(checks: ConfigChecks, params: dict[str, Any]) -> None:
+    dataset = params["dataset"]
+    if dataset == FASHION_MNIST:
         return
     if params.get("dataset_limit"):
-        raise ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist")
-    if not Path(params["dataset"]).is_dir():
-        raise ConfigError("dataset", params["dataset"], "is not a directory (expected train/<class>/..., val/<class>/...)")
+        checks.add(ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist"))
+    problem = path_problem(dataset, allowed_data_roots(os.environ), ALLOWED_DATA_ROOTS_ENV)
+    if problem:
+        checks.add(ConfigError("dataset", dataset, problem))
+    elif not Path(dataset).is_dir():
+        checks.add(ConfigError("dataset", dataset, "is not a directory (expected train/<class>/..., val/<class>/...)"))
 
 
 def _log_experiment(plan: RunPlan, data: dict[str, Any]) -> None:

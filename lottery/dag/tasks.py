@@ -115,6 +115,8 @@ def validate_config() -> dict[str, Any]:
     try:
         return check_params(dict(context["params"]), dict(context["dag_run"].conf or {}))
     except ConfigError as exc:
+        for field, value, reason in exc.errors:  # every invalid field, one line each: fix them all at once
+            log.error("config field %r = %r: %s", field, value, reason)
         raise AirflowFailException(str(exc)) from exc
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from lottery.deploy.api import Api
-from lottery.deploy.constants import POOL, POOL_SLOTS, REPO, SPARK_CONN_ID
+from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID
 from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
 
 DEFAULT_HOME = Path(os.environ.get("LOTTERY_AIRFLOW_HOME", REPO / ".airflow"))
@@ -226,6 +226,10 @@ def use_test_home(prefix: str = "lottery-airflow-test-") -> Path:
     import shutil
     import tempfile
 
+    # The test deployment lets runs write and read in the temp directory (pytest's tmp_path), as a
+    # deployment would list its volumes; set before the DAG file is parsed (lottery/deploy/roots.py).
+    for name in (ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV):
+        os.environ.setdefault(name, tempfile.gettempdir())
     if os.environ.get("LOTTERY_TEST_AIRFLOW_HOME"):
         return Path(os.environ["LOTTERY_TEST_AIRFLOW_HOME"])
     if "airflow" in sys.modules:

@@ -30,3 +30,9 @@ ARTIFACT_ROOT = os.environ.get("LOTTERY_ARTIFACT_ROOT", str(REPO / "artifacts"))
 # Training tasks are retried (a lost worker, an OOM); invalid configs and corrupt artifacts are not.
 RETRIES = int(os.environ.get("LOTTERY_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=int(os.environ.get("LOTTERY_RETRY_DELAY_S", "60")))
+
+# Where a run may write (artifact_root) and read (an image-folder dataset): the deployment's choice,
+# os.pathsep-separated lists (lottery/deploy/roots.py; README, "Security"). The deployment's own
+# ARTIFACT_ROOT is always allowed; no data root by default (only the bundled Fashion-MNIST).
+ALLOWED_ARTIFACT_ROOTS_ENV = "LOTTERY_ALLOWED_ARTIFACT_ROOTS"
+ALLOWED_DATA_ROOTS_ENV = "LOTTERY_ALLOWED_DATA_ROOTS"
