@@ -8,6 +8,7 @@ DAG in the test's dags folder gives "another DAG's run". About 40 s, most of it 
 """
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -119,10 +120,12 @@ def runs(airflow, tmp_path_factory):
     damaged = write_workdir(root / "lenet_300_100-damaged")
     (damaged / "dense" / "result.json").write_text("{not json")
     (damaged / "tickets" / "sp50.000__0it" / "result.json").write_bytes(b"\x00\x01garbage")
-    return {
+    gone = write_workdir(root / "lenet_300_100-deleted")
+    runs = {"gone": lottery_run(api, gone)}
+    shutil.rmtree(gone)
+    return runs | {
         "good": lottery_run(api, good), "good_dir": good,
         "damaged": lottery_run(api, damaged, with_plan=False),
-        "gone": lottery_run(api, root / "lenet_300_100-deleted"),
         "early": new_run(api, DAG_ID),
         "other": new_run(api, "other_dag"),
     }

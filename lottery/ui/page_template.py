@@ -19,7 +19,7 @@ PAGE = """<!doctype html>
  table { border-collapse: collapse; } td, th { border: 1px solid #d5d9e0; padding: .2rem .5rem; text-align: right; }
  th { background: #f3f5f8; } td.match { font-weight: bold; background: #e6f4ea; }
  td.failed, td.corrupt { color: #b3261e; } td.missing { color: #8a8f98; }
- img.plot { max-width: 100%; border: 1px solid #d5d9e0; }
+ img.plot { width: 100%; max-width: 720px; height: auto; border: 1px solid #d5d9e0; }
  ul.problems li { margin: .15rem 0; } code { font-size: .92em; }
 </style>
 </head>
