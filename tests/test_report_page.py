@@ -4,7 +4,7 @@ A throwaway Airflow home runs the api-server and the dag-processor (no scheduler
 queued, i.e. in progress). Runs are created through the REST API and given the XComs a real run's
 validate_config and prepare_workdir would have pushed, pointing at work directories written here:
 a partial experiment (done, failed and missing tickets), a damaged one, one that is gone. A second
-DAG in the test's dags folder gives "another DAG's run". About 40 s, most of it Airflow starting.
+DAG in the test's dags folder gives "another DAG's run". About 15 s, most of it Airflow starting.
 """
 
 import json

@@ -7,7 +7,7 @@ no controls): log in; a bad param refused; trigger with changed params; the mapp
 instances with readable names; a ticket's log with an epoch line; the report tab (plot loaded, the
 table), saved as docs/img/report-tab.png; a ticket made to fail (its mask damaged), cleared,
 failed, repaired, cleared, recovered. A failed test leaves a screenshot in build/ui-screenshots/.
-About 4 minutes on 2 cores, most of it the run.
+About 1.5 minutes on 2 cores, most of it the run.
 """
 
 import os
