@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproje
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install venv system-deps test run ui clean cluster-up cluster-down
+.PHONY: docs-img install venv system-deps test run ui clean cluster-up cluster-down
 
 install: venv system-deps
 
@@ -32,6 +32,10 @@ system-deps:
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# docs/img/report-tab.png, the README's picture of the report tab, taken by the browser tests.
+docs-img: install
+	LOTTERY_UPDATE_DOCS_IMG=1 $(BIN)/python -m pytest tests/test_ui_browser.py
 
 clean:
 	rm -rf .pytest_cache build

@@ -61,7 +61,7 @@ def result_rows(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list
     plan = plan or RunPlan.from_config(workdir.load()[0])
     specs = expected_tickets(workdir, plan, planned_controls=not started_only)
     sparsity_of = {m.mask_id: m.sparsity for m in plan.masks}
-    return [_result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
+    return [result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
 
 
 def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
@@ -73,7 +73,7 @@ def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[d
     return rows
 
 
-def _result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str, Any]:
+def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str, Any]:
     from lottery.files import read_json
 
     paths = workdir.ticket(spec)

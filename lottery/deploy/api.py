@@ -13,6 +13,16 @@ from lottery.deploy.constants import DAG_ID
 from lottery.deploy.supervisor import Supervisor, wait_until
 
 
+def xcom_value(value: Any) -> Any:
+    """An XCom value as the task returned it: Airflow hands JSON values back as strings."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
 class Api:
     """The public REST API with a JWT from ``/auth/token`` (renewed once when it expires)."""
 
@@ -108,13 +118,7 @@ class Api:
                                  "/xcomEntries/return_value")
         if status != 200:
             return None
-        value = entry.get("value")
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                return value
-        return value
+        return xcom_value(entry.get("value"))
 
     def task_error(self, run_id: str, ti: dict) -> str | None:
         """The exception message in a failed task instance's log."""

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from jinja2 import Environment
 
+from lottery.deploy.api import xcom_value
 from lottery.deploy.constants import DAG_ID
 from lottery.report import MATCH_TOLERANCE
 from lottery.ui import report_data
@@ -147,21 +148,12 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
     facts.plan = _dict(xcom.get(("validate_config", "plan")))
     facts.workdir = (_dict(xcom.get(("prepare_workdir", "return_value"))) or {}).get("workdir")
     facts.mapped_kwargs = {task: value for task, key in (("late_reset", "plan_tickets"), ("controls", "plan_controls"))
-                           if isinstance(value := _json(xcom.get((key, "return_value"))), list)}
+                           if isinstance(value := xcom_value(xcom.get((key, "return_value"))), list)}
     return facts
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
 def _dict(value: Any) -> dict | None:
-    value = _json(value)
+    value = xcom_value(value)
     return value if isinstance(value, dict) else None
 
 
