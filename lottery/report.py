@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lottery.config import CONTROLS
+from lottery.errors import CorruptArtifactError
 from lottery.paths import PLOT_NAME, RESULT_JSON, RESULTS_CSV, TICKETS, Workdir
 from lottery.plan import RunPlan, TicketSpec
 
@@ -79,11 +80,18 @@ def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str,
     paths = workdir.ticket(spec)
     row = {"mask_id": spec.mask_id, "sparsity": sparsity, "remaining": None, "rewind": spec.rewind, "rewind_step": None,
            "control": spec.control or "", "status": "missing", "val_accuracy": None, "best_val_accuracy": None, "error": ""}
-    if paths.result.exists():
-        result = read_json(paths.result)
-        row.update({k: result[k] for k in ("remaining", "rewind_step", "val_accuracy", "best_val_accuracy")}, status="ok")
-    elif paths.error.exists():
-        row.update(status="failed", error=read_json(paths.error)["error"].splitlines()[0][:300])
+    # A damaged file marks its own row "corrupt", with the reason: the report is written whatever it finds.
+    try:
+        if paths.result.exists():
+            result = read_json(paths.result)
+            values = {k: result[k] for k in ("remaining", "rewind_step", "val_accuracy", "best_val_accuracy")}
+            row.update(values, status="ok")
+        elif paths.error.exists():
+            row.update(status="failed", error=str(read_json(paths.error)["error"]).splitlines()[0][:300])
+    except (CorruptArtifactError, KeyError, TypeError) as exc:
+        damaged = paths.result if paths.result.exists() else paths.error
+        reason = str(exc) if isinstance(exc, CorruptArtifactError) else f"{damaged} lacks {exc}; delete it to recompute"
+        row.update(status="corrupt", error=reason[:300])
     return row
 
 
@@ -133,6 +141,7 @@ def write_report(
     *,
     plan: RunPlan | None = None,
     tolerance: float = MATCH_TOLERANCE,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Write results.csv, the plot and report.md for work directory ``workdir``.
 
@@ -140,7 +149,8 @@ def write_report(
     without a result are reported as missing. Returns the paths (``results_csv``, ``plot``,
     ``report``) and a summary: ``expected`` (number of planned tickets), ``done``, ``problems``
     (one line per failed or missing ticket), ``matching`` (per rewind point, the sparsest
-    matching level) and ``dense_val_accuracy``.
+    matching level) and ``dense_val_accuracy``. ``run_id``: the DAG run the report describes;
+    report.md names it and the time it was written, so that an old report is not taken for a new one.
     """
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
@@ -151,9 +161,10 @@ def write_report(
     plot(rows, labels, dense_acc, workdir.plot_png, title=f"{cfg.model}  ({workdir.name})")
     problems = [_problem_line(r) for r in rows if r["status"] != "ok"]
     matching = matching_levels(rows, labels, dense_acc, tolerance)
+    written = _utc_now()
     text = render_markdown(
         workdir=workdir, cfg=cfg, run_info=run_info, rows=rows, labels=labels, dense=dense,
-        tolerance=tolerance, matching=matching, problems=problems,
+        tolerance=tolerance, matching=matching, problems=problems, described=_described(run_id, written),
     )
     from lottery.files import write_text
 
@@ -170,7 +181,19 @@ def write_report(
         "problems": problems,
         "matching": matching,
         "dense_val_accuracy": dense_acc,
+        "run_id": run_id,
+        "written": written,
     }
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _described(run_id: str | None, written: str) -> str:
+    return f"Written {written}" + (f" for DAG run `{run_id}`." if run_id else " (outside a DAG run).")
 
 
 # ---- pieces (public for tests and notebooks) ---------------------------------------------------
@@ -304,9 +327,11 @@ def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", de
 
 
 def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], labels: list[str], dense: dict | None,
-                    tolerance: float, matching: dict, problems: list[str]) -> str:
+                    tolerance: float, matching: dict, problems: list[str], described: str = "") -> str:
     dense_acc = dense["val_accuracy"] if dense else None
     out = [f"# Lottery-ticket experiment `{Workdir(workdir).name}`", ""]
+    if described:
+        out += [described, ""]
     out += _settings_section(cfg, run_info, labels)
     out += _tickets_section(rows, labels, dense, tolerance)
     if dense:

@@ -97,6 +97,26 @@ def test_failed_and_missing_are_listed_not_fatal(tmp_path):
     assert out["expected"] == 14
 
 
+def test_damaged_results_are_listed_and_the_report_still_written(tmp_path):
+    w = make_workdir(tmp_path)
+    old = write_report(w, run_id="manual__first")
+    truncated = w / "tickets" / ticket_name(mask_id(0.5), "0it") / "result.json"
+    truncated.write_text(truncated.read_text()[:20])
+    no_accuracy = w / "tickets" / ticket_name(mask_id(0.8), "1ep") / "result.json"
+    no_accuracy.write_text(json.dumps({"remaining": 0.2}))
+    out = write_report(w, run_id="manual__second")
+    assert out["done"] == 4 and out["run_id"] == "manual__second"
+    corrupt = [p for p in out["problems"] if ": corrupt: " in p]
+    assert len(corrupt) == 2, out["problems"]
+    assert any(str(truncated) in p and "not valid JSON" in p for p in corrupt), corrupt
+    assert any(str(no_accuracy) in p and " lacks " in p for p in corrupt), corrupt
+    md = Path(out["report"]).read_text()
+    assert "## Failed or missing (2)" in md and "manual__second" in md and "manual__first" not in md
+    assert f"Written {out['written']} for DAG run `manual__second`." in md and old["written"] <= out["written"]
+    with open(out["results_csv"]) as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["corrupt", "corrupt", "ok", "ok", "ok", "ok"]
+
+
 def test_without_a_plan_only_started_controls_are_expected(tmp_path):
     """The CLI runs controls on request only: a config's default controls are not reported missing."""
     w = make_workdir(tmp_path)

@@ -258,7 +258,7 @@ def report(workdir: str | None, plan: dict) -> dict[str, Any]:
     from lottery import report as reporting
 
     run = RunPlan.from_dict(plan)
-    paths = engine_call(reporting.write_report, workdir, plan=run)
+    paths = engine_call(reporting.write_report, workdir, plan=run, run_id=get_current_context()["run_id"])
     log.info("results:\n%s", reporting.format_table(workdir, reporting.result_rows(workdir, plan=run)))
     for problem in paths.get("problems", []):
         log.warning("not done: %s", problem)

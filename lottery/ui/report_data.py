@@ -159,7 +159,9 @@ def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, A
     rows = []
     for spec in report.expected_tickets(workdir, plan):
         try:
-            rows.append(report.result_row(workdir, spec, sparsity[spec.mask_id]))
+            rows.append(report.result_row(workdir, spec, sparsity[spec.mask_id]))  # "corrupt" rows name the file
+            if rows[-1]["status"] == "corrupt":
+                view.corrupt.append(f"{report.TICKETS}/{spec.name}: {rows[-1]['error']}")
         except (LotteryError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             view.corrupt.append(f"{report.TICKETS}/{spec.name}: {exc}")
             rows.append({"mask_id": spec.mask_id, "sparsity": sparsity[spec.mask_id], "remaining": None,
