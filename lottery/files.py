@@ -38,6 +38,29 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_manifest(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of the files ``names`` under ``directory`` (those that exist):
+    written into a unit of work's result, so that "already done" can check every file it made."""
+    directory = Path(directory)
+    return {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+            for name in names if (directory / name).is_file()}
+
+
+def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, Any]]) -> list[str]:
+    """What no longer matches ``manifest`` under ``directory``: ``"model.keras: missing"``,
+    ``"...: 1,024 bytes, not 2,048"``, ``"...: sha256 differs"`` (sizes first: cheap)."""
+    directory, damaged = Path(directory), []
+    for name, want in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            damaged.append(f"{name}: missing")
+        elif (size := path.stat().st_size) != want["size"]:
+            damaged.append(f"{name}: {size:,} bytes, not {want['size']:,}")
+        elif sha256_file(path) != want["sha256"]:
+            damaged.append(f"{name}: sha256 differs")
+    return damaged
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (best effort: not every filesystem supports it)."""
     try:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lottery.config import CONTROLS, Step
-from lottery.errors import MissingArtifactError
-from lottery.files import atomic_path, read_json, write_json
+from lottery.errors import CorruptArtifactError, MissingArtifactError
+from lottery.files import atomic_path, damaged_files, file_manifest, read_json, write_json
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
@@ -86,7 +86,7 @@ def retrain_many(
     plan = RunPlan.from_config(cfg)
     kind = _group_control(control)
     tickets = [LateReset(workdir, cfg, run_info, m, plan.rewind(rewind), kind) for m in _group_masks(plan, masks)]
-    results = {t.name: t.skipped() for t in tickets if t.paths.result.exists()}
+    results = {t.name: done for t in tickets if (done := t.done_result()) is not None}
     todo = [t for t in tickets if t.name not in results]
     for ticket in todo:
         ticket.check_inputs()
@@ -211,12 +211,35 @@ class LateReset:
             if not needed.exists():
                 raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery {step_name} --workdir {self.workdir}` first")
 
-    def skipped(self) -> dict[str, Any]:
-        """The small result of a ticket already done (and its "already done" log line)."""
-        result = read_json(self.paths.result)
-        log.info("retrain %s: already done (val_acc %.2f%%), nothing to do: %s",
-                 self.name, 100 * result["val_accuracy"], self.paths.dir)
+    def done_result(self) -> dict[str, Any] | None:
+        """The small result of a ticket already done (with its "already done" log line), or None.
+        Done means: result.json readable and every file it lists (``files``: size, sha256) intact.
+        A damaged ticket is named in the log and trained again; its result.json is removed first,
+        so that nothing reads it as done meanwhile."""
+        if not self.paths.result.exists():
+            return None
+        try:
+            result = read_json(self.paths.result)
+            damaged = damaged_files(self.paths.dir, result["files"]) if "files" in result else self._legacy_damage()
+            accuracy = float(result["val_accuracy"])
+        except (CorruptArtifactError, KeyError, TypeError, ValueError) as exc:
+            damaged = [f"{self.paths.result.name}: {exc}"]
+        if damaged:
+            log.warning("retrain %s: damaged, training it again: %s", self.name, "; ".join(damaged))
+            self.paths.result.unlink(missing_ok=True)
+            return None
+        log.info("retrain %s: already done (val_acc %.2f%%; %d files checked), nothing to do: %s",
+                 self.name, 100 * accuracy, len(result.get("files", ())), self.paths.dir)
         return {**small(result), "skipped": True}
+
+    def _legacy_damage(self) -> list[str]:
+        """A result written before results listed their files: its model and metrics must exist."""
+        return [f"{p.name}: missing" for p in (self.paths.model, self.paths.metrics) if not p.is_file()]
+
+    def produced_files(self) -> list[str]:
+        """The files of this ticket that its result vouches for (names inside its directory)."""
+        produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if self.control == "random_prune" else [])
+        return [p.name for p in produced]
 
     def record_failure(self) -> None:
         """Leave a note for the report; keep the checkpoint so that a rerun resumes."""
@@ -250,7 +273,9 @@ class LateReset:
         return mask, start, history, report
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Write result.json, drop the checkpoint and any old error, log the end line."""
+        """Write result.json (with the size and sha256 of each file the ticket made), drop the
+        checkpoint and any old error, log the end line."""
+        result = {**result, "files": file_manifest(self.paths.dir, self.produced_files())}
         write_json(self.paths.result, result)
         self.paths.checkpoint.unlink(missing_ok=True)
         self.paths.error.unlink(missing_ok=True)

@@ -66,8 +66,8 @@ def build_model(cfg: ExperimentConfig, train: Any, *, seed: int | None = None):
 
 
 def small(result: dict[str, Any]) -> dict[str, Any]:
-    """What may travel through XCom: no curves."""
-    return {k: v for k, v in result.items() if k not in ("curve", "rewind_steps")}
+    """What may travel through XCom: no curves, no file manifest."""
+    return {k: v for k, v in result.items() if k not in ("curve", "rewind_steps", "files")}
 
 
 def final_accuracy(history: list[dict]) -> dict[str, Any]:

@@ -165,6 +165,42 @@ def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
     assert all(r["skipped"] for r in again)
 
 
+@pytest.mark.parametrize("damage", ["truncate model", "flip a byte of the metrics", "delete model", "truncate result",
+                                    "legacy result without its model"])
+def test_a_damaged_ticket_is_named_and_trained_again(fresh, caplog, damage):
+    workdir = fresh("w")
+    first, other = retrain_many(workdir, "all", "1ep", threads=1)[:2]
+    ticket, untouched = Path(first["ticket"]), Path(other["ticket"])
+    result = json.loads((ticket / "result.json").read_text())
+    assert set(result["files"]) == {"model.keras", "metrics.csv"}, "the result vouches for the ticket's files"
+    model, metrics = ticket / "model.keras", ticket / "metrics.csv"
+    if damage == "truncate model":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif damage == "flip a byte of the metrics":  # same size: only the sha256 tells
+        data = bytearray(metrics.read_bytes())
+        data[10] ^= 1
+        metrics.write_bytes(bytes(data))
+    elif damage == "delete model":
+        model.unlink()
+    elif damage == "truncate result":
+        (ticket / "result.json").write_text((ticket / "result.json").read_text()[:40])
+    else:
+        (ticket / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "files"}))
+        model.unlink()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in untouched.iterdir()}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lottery"):
+        again = retrain_many(workdir, "all", "1ep", threads=1)
+    assert [r["skipped"] for r in again] == [False, True, True]
+    assert f"retrain {ticket.name}: damaged, training it again: " in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in untouched.iterdir()} == mtimes, "intact tickets are untouched"
+    retrained = json.loads((ticket / "result.json").read_text())
+    assert retrained["val_accuracy"] == result["val_accuracy"], "the same training again, bit for bit"
+    assert [{k: v for k, v in row.items() if k not in CLOCK} for row in retrained["curve"]] == \
+        [{k: v for k, v in row.items() if k not in CLOCK} for row in result["curve"]]
+    assert all(r["skipped"] for r in retrain_many(workdir, "all", "1ep", threads=1))
+
+
 @pytest.mark.parametrize("masks,control,message", [
     ([0, "sp50.000"], None, r"mask sp50.000 is named twice in the group \(as 0 and 'sp50.000'\)"),
     (["1", 1], None, "mask sp80.000 is named twice"),
