@@ -4,7 +4,8 @@
 
 Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`` and
 ``dense/metrics.csv`` (paths: lottery/paths.py); resumes from ``dense/checkpoint.npz`` when an
-earlier attempt was interrupted, and does nothing when the result exists.
+earlier attempt was interrupted, and does nothing when the result exists and the files it lists
+(size and sha256) are intact; trains again, saying so, when they are not.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 from typing import Any
 
 from lottery.config import ExperimentConfig, Step
-from lottery.errors import MissingArtifactError
-from lottery.files import atomic_path, read_json, write_json
+from lottery.errors import CorruptArtifactError, MissingArtifactError
+from lottery.files import atomic_path, damaged_files, file_manifest, read_json, write_json
 from lottery.paths import Workdir
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
 
@@ -28,10 +29,9 @@ def run_dense(
 ) -> dict[str, Any]:
     """Train the dense network once; save a checkpoint at every rewind point and the final weights."""
     workdir = Workdir(workdir).prepare(cfg, data_dir)
-    if workdir.dense_result.exists():
-        result = read_json(workdir.dense_result)
-        log.info("dense: already done (val_acc %.2f%%), nothing to do: %s", 100 * result["val_accuracy"], workdir.dense_dir)
-        return {**small(result), "skipped": True}
+    done = _done_result(workdir)
+    if done is not None:
+        return done
     started = time.perf_counter()
     with session(cfg, threads) as replicas:
         train, val, spe = open_data(cfg, data_dir)
@@ -48,6 +48,7 @@ def run_dense(
         "replicas": replicas,
         "curve": history,
         "workdir": str(workdir),
+        "files": file_manifest(workdir.dense_dir, dense_files(workdir, cfg)),
     }
     write_json(workdir.dense_result, result)
     workdir.dense_checkpoint.unlink(missing_ok=True)  # the final weights and rewind checkpoints supersede it
@@ -57,6 +58,42 @@ def run_dense(
         result["images_per_s"], workdir.final_model,
     )
     return {**small(result), "skipped": False}
+
+
+def dense_files(workdir: Workdir, cfg: ExperimentConfig) -> list[str]:
+    """The files the dense run makes (names inside ``dense/``), which its result vouches for."""
+    rewinds = [workdir.rewind_checkpoint(str(Step.parse(r))) for r in cfg.rewind_points]
+    return [p.relative_to(workdir.dense_dir).as_posix() for p in (workdir.final_model, workdir.dense_metrics, *rewinds)]
+
+
+def _done_result(workdir: Workdir) -> dict[str, Any] | None:
+    """The dense run's small result when it is done and every file it made is intact, else None
+    (a damaged run is named in the log and trained again: the same config and seed give the same
+    weights, so the masks and tickets made from them stay valid)."""
+    if not workdir.dense_result.exists():
+        return None
+    try:
+        result = read_json(workdir.dense_result)
+        damaged = damaged_files(workdir.dense_dir, result.get("files", {}))
+        accuracy = float(result["val_accuracy"])
+    except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        damaged = [f"{workdir.dense_result.name}: {exc}"]
+    if damaged:
+        log.warning("dense: damaged, training it again: %s", "; ".join(damaged))
+        workdir.dense_result.unlink(missing_ok=True)
+        return None
+    log.info("dense: already done (val_acc %.2f%%), nothing to do: %s", 100 * accuracy, workdir.dense_dir)
+    return {**small(result), "skipped": True}
+
+
+def verify_rewind_checkpoint(workdir: Workdir, label: str) -> None:
+    """Refuse a rewind checkpoint that no longer matches the dense run's record of it."""
+    name = workdir.rewind_checkpoint(label).relative_to(workdir.dense_dir).as_posix()
+    record = read_json(workdir.dense_result).get("files", {})
+    damaged = damaged_files(workdir.dense_dir, {name: record[name]}) if name in record else []
+    if damaged:
+        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]} (recorded by {workdir.dense_result.name}): "
+                                   f"rerun `python -m lottery dense --workdir {workdir}` to recompute it")
 
 
 def dense_result(workdir: str | os.PathLike) -> dict[str, Any]:

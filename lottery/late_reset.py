@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lottery.config import CONTROLS, Step
+from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import atomic_path, damaged_files, file_manifest, read_json, write_json
 from lottery.paths import TicketPaths, Workdir
@@ -90,6 +91,13 @@ def retrain_many(
     todo = [t for t in tickets if t.name not in results]
     for ticket in todo:
         ticket.check_inputs()
+    if todo:  # one rewind point per group: its checkpoint is checked against the dense run's record once
+        try:
+            verify_rewind_checkpoint(workdir, todo[0].rewind)
+        except CorruptArtifactError:
+            for ticket in todo:  # none of them can train: each one's report says why
+                ticket.record_failure()
+            raise
     if todo:  # a group with nothing to do imports no Keras
         shared = {"imports_s": _import_engine()}
         data = Path(data_dir or run_info["data_dir"])

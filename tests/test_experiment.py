@@ -246,6 +246,40 @@ def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workd
     assert (workdir / "dense" / "final.keras").exists(), "nothing already computed is lost"
 
 
+def test_a_rewind_checkpoint_with_a_flipped_byte_is_refused(tmp_path, dense_workdir):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(dense_workdir, workdir)
+    shutil.rmtree(workdir / "tickets", ignore_errors=True)
+    make_masks(workdir)
+    path = workdir / "dense" / "rewind" / "3it.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # same size: the dense run's sha256 record tells
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: sha256 differs .*lottery dense"):
+        retrain(workdir, 0, "3it", threads=1)
+    assert [r["status"] for r in summarize(workdir) if r["rewind"] == "3it" and r["mask_id"] == "sp50.000"] == ["failed"]
+
+
+def test_a_damaged_dense_run_is_named_and_trained_again(tmp_path, dense_workdir, data_dir, caplog):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(dense_workdir, workdir)
+    before = json.loads((workdir / "dense" / "result.json").read_text())
+    assert set(before["files"]) == {"final.keras", "metrics.csv", "rewind/0it.npz", "rewind/3it.npz",
+                                    "rewind/1ep.npz", "rewind/1ep4it.npz"}
+    final = workdir / "dense" / "final.keras"
+    final.write_bytes(final.read_bytes()[:100])
+    with caplog.at_level("INFO", logger="lottery"):
+        result = run_dense(ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
+    assert result["skipped"] is False and "dense: damaged, training it again: final.keras: 100 bytes, not" in caplog.text
+    assert result["val_accuracy"] == before["val_accuracy"], "the same config and seed: the same run"
+    for a, b in zip(_load_model(final).weights, _load_model(dense_workdir / "dense" / "final.keras").weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _dense_cli(data_dir, workdir, config_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     return [sys.executable, "-m", "lottery", "dense", "--config", str(config_path), "--data", str(data_dir),
