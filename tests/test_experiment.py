@@ -228,13 +228,19 @@ def test_controls(dense_workdir):
     assert (dense_workdir / "results.csv").exists()
 
 
-def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workdir):
+def _masked_copy(tmp_path, dense_workdir):
+    """A private copy of the dense work directory, with masks and no tickets."""
     import shutil
 
     workdir = tmp_path / "copy"
     shutil.copytree(dense_workdir, workdir)
     shutil.rmtree(workdir / "tickets", ignore_errors=True)
     make_masks(workdir)
+    return workdir
+
+
+def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workdir):
+    workdir = _masked_copy(tmp_path, dense_workdir)
     path = workdir / "dense" / "rewind" / "1ep.npz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptArtifactError, match="1ep.npz"):
@@ -247,12 +253,7 @@ def test_damaged_rewind_checkpoint_is_refused_and_reported(tmp_path, dense_workd
 
 
 def test_a_rewind_checkpoint_with_a_flipped_byte_is_refused(tmp_path, dense_workdir):
-    import shutil
-
-    workdir = tmp_path / "copy"
-    shutil.copytree(dense_workdir, workdir)
-    shutil.rmtree(workdir / "tickets", ignore_errors=True)
-    make_masks(workdir)
+    workdir = _masked_copy(tmp_path, dense_workdir)
     path = workdir / "dense" / "rewind" / "3it.npz"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40  # same size: the dense run's sha256 record tells
