@@ -172,7 +172,10 @@ CHILD = textwrap.dedent("""
     next(stream)
     print("PIDS", *ds._pool.pids, flush=True)
     import time
-    time.sleep(120)
+    # Short sleeps: the kernel may hand SIGINT to one of TensorFlow's threads, and Python then
+    # raises KeyboardInterrupt in the main thread only when it next runs bytecode.
+    for _ in range(1200):
+        time.sleep(0.1)
 """)
 
 
