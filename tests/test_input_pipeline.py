@@ -165,7 +165,10 @@ def test_truncated_shard_and_a_dead_worker_are_errors(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # Python's own Ctrl-C handling, whatever this process inherited: an ignored SIGINT survives exec,
+    # and a test run that went through Airflow's in-process task runner may have left it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from lottery.data.arrays import ArrayDataset
     ds = ArrayDataset(sys.argv[1], "train", workers=2)
     stream = iter(ds.batches(4, seed=0, epoch=0, augmentation="random_resized_crop"))

@@ -32,6 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import NoReturn
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -135,15 +136,25 @@ class WorkerPool:
         try:
             message = self._conns[w].recv()
         except (EOFError, OSError):
-            proc = self._procs[w]
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                code = None
-            self.close()
-            raise WorkerError(f"data worker pid {proc.pid} died (exit status {code})") from None
+            self._died(w)
         self._inflight[w] -= 1
         return message
+
+    def _send(self, w: int, message: tuple) -> None:
+        """Send worker `w` a message; a dead worker (broken pipe) is a `WorkerError`."""
+        try:
+            self._conns[w].send(message)
+        except OSError:
+            self._died(w)
+
+    def _died(self, w: int) -> NoReturn:
+        proc = self._procs[w]
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.close()
+        raise WorkerError(f"data worker pid {proc.pid} died (exit status {code})") from None
 
     def _drain(self) -> None:
         """Wait for (and drop) the results of an abandoned run."""
@@ -208,8 +219,8 @@ class WorkerPool:
             w = min(range(self.workers), key=lambda i: self._inflight[i])
             task_id = self._next_task
             self._next_task += 1
-            self._conns[w].send(("task", task_id, slot, start, augmentation, shards[at], records[at],
-                                 None if params is None else params[at]))
+            self._send(w, ("task", task_id, slot, start, augmentation, shards[at], records[at],
+                           None if params is None else params[at]))
             self._inflight[w] += 1
             pending[task_id] = (number, slot, start)
             partial[number][0] += 1
