@@ -17,7 +17,7 @@ from typing import Any
 
 from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, damaged_files, file_manifest, read_json, write_json
+from lottery.files import atomic_path, damaged_files, file_manifest, intact_result, read_json, write_json
 from lottery.paths import Workdir
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
 
@@ -70,19 +70,10 @@ def _done_result(workdir: Workdir) -> dict[str, Any] | None:
     """The dense run's small result when it is done and every file it made is intact, else None
     (a damaged run is named in the log and trained again: the same config and seed give the same
     weights, so the masks and tickets made from them stay valid)."""
-    if not workdir.dense_result.exists():
+    result = intact_result(workdir.dense_result, "dense")
+    if result is None:
         return None
-    try:
-        result = read_json(workdir.dense_result)
-        damaged = damaged_files(workdir.dense_dir, result.get("files", {}))
-        accuracy = float(result["val_accuracy"])
-    except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        damaged = [f"{workdir.dense_result.name}: {exc}"]
-    if damaged:
-        log.warning("dense: damaged, training it again: %s", "; ".join(damaged))
-        workdir.dense_result.unlink(missing_ok=True)
-        return None
-    log.info("dense: already done (val_acc %.2f%%), nothing to do: %s", 100 * accuracy, workdir.dense_dir)
+    log.info("dense: already done (val_acc %.2f%%), nothing to do: %s", 100 * result["val_accuracy"], workdir.dense_dir)
     return {**small(result), "skipped": True}
 
 

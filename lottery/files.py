@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -59,6 +60,28 @@ def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, An
         elif sha256_file(path) != want["sha256"]:
             damaged.append(f"{name}: sha256 differs")
     return damaged
+
+
+def intact_result(path: str | os.PathLike, label: str, legacy_damage=lambda: []) -> dict[str, Any] | None:
+    """A unit of work's ``result.json`` when it and every file it lists (``files``, relative to its
+    directory) are intact; else None, after naming the damage in the log (``<label>: damaged,
+    training it again: ...``) and removing the result, so that nothing reads the unit as done while
+    it is recomputed. ``legacy_damage``: what is wrong with a result written before results listed
+    their files."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        result = read_json(path)
+        damaged = damaged_files(path.parent, result["files"]) if "files" in result else legacy_damage()
+        float(result["val_accuracy"])
+    except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        damaged = [f"{path.name}: {exc}"]
+    if damaged:
+        logging.getLogger("lottery").warning("%s: damaged, training it again: %s", label, "; ".join(damaged))
+        path.unlink(missing_ok=True)
+        return None
+    return result
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -159,13 +182,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    """A header and one line per row (keys outside ``columns`` ignored), atomically."""
+def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    """A header and one line per row (keys outside ``columns`` ignored)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """``csv_text``, written atomically."""
+    write_text(path, csv_text(columns, rows))
 
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from lottery.config import CONTROLS, Step
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, damaged_files, file_manifest, read_json, write_json
+from lottery.files import atomic_path, file_manifest, intact_result, read_json, write_json
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
@@ -221,23 +221,13 @@ class LateReset:
 
     def done_result(self) -> dict[str, Any] | None:
         """The small result of a ticket already done (with its "already done" log line), or None.
-        Done means: result.json readable and every file it lists (``files``: size, sha256) intact.
-        A damaged ticket is named in the log and trained again; its result.json is removed first,
-        so that nothing reads it as done meanwhile."""
-        if not self.paths.result.exists():
-            return None
-        try:
-            result = read_json(self.paths.result)
-            damaged = damaged_files(self.paths.dir, result["files"]) if "files" in result else self._legacy_damage()
-            accuracy = float(result["val_accuracy"])
-        except (CorruptArtifactError, KeyError, TypeError, ValueError) as exc:
-            damaged = [f"{self.paths.result.name}: {exc}"]
-        if damaged:
-            log.warning("retrain %s: damaged, training it again: %s", self.name, "; ".join(damaged))
-            self.paths.result.unlink(missing_ok=True)
+        Done means: result.json readable and every file it lists (``files``: size, sha256) intact;
+        a damaged ticket is named in the log and trained again (``files.intact_result``)."""
+        result = intact_result(self.paths.result, f"retrain {self.name}", self._legacy_damage)
+        if result is None:
             return None
         log.info("retrain %s: already done (val_acc %.2f%%; %d files checked), nothing to do: %s",
-                 self.name, 100 * accuracy, len(result.get("files", ())), self.paths.dir)
+                 self.name, 100 * result["val_accuracy"], len(result.get("files", ())), self.paths.dir)
         return {**small(result), "skipped": True}
 
     def _legacy_damage(self) -> list[str]:

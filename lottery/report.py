@@ -88,9 +88,9 @@ def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str,
             row.update(values, status="ok")
         elif paths.error.exists():
             row.update(status="failed", error=str(read_json(paths.error)["error"]).splitlines()[0][:300])
-    except (CorruptArtifactError, KeyError, TypeError) as exc:
+    except (CorruptArtifactError, OSError, KeyError, TypeError) as exc:  # unreadable, or not a result
         damaged = paths.result if paths.result.exists() else paths.error
-        reason = str(exc) if isinstance(exc, CorruptArtifactError) else f"{damaged} lacks {exc}; delete it to recompute"
+        reason = str(exc) if isinstance(exc, (CorruptArtifactError, OSError)) else f"{damaged} lacks {exc}; delete it to recompute"
         row.update(status="corrupt", error=reason[:300])
     return row
 

@@ -10,9 +10,7 @@ resolves a download inside the work directory or returns None.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -154,19 +152,13 @@ def _plan(facts: RunFacts, workdir: Workdir, view: ReportView) -> RunPlan | None
 
 
 def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, Any]]:
-    """``report``'s rows, one ticket at a time so that a damaged result file only marks its own row."""
+    """``report``'s rows; each damaged result file (a "corrupt" row) is also named at the top of the page."""
     sparsity = {m.mask_id: m.sparsity for m in plan.masks}
     rows = []
     for spec in report.expected_tickets(workdir, plan):
-        try:
-            rows.append(report.result_row(workdir, spec, sparsity[spec.mask_id]))  # "corrupt" rows name the file
-            if rows[-1]["status"] == "corrupt":
-                view.corrupt.append(f"{report.TICKETS}/{spec.name}: {rows[-1]['error']}")
-        except (LotteryError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {exc}")
-            rows.append({"mask_id": spec.mask_id, "sparsity": sparsity[spec.mask_id], "remaining": None,
-                         "rewind": spec.rewind, "rewind_step": None, "control": spec.control or "", "status": "corrupt",
-                         "val_accuracy": None, "best_val_accuracy": None, "error": str(exc)[:300]})
+        rows.append(report.result_row(workdir, spec, sparsity[spec.mask_id]))  # never raises: "corrupt" names the file
+        if rows[-1]["status"] == "corrupt":
+            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {rows[-1]['error']}")
     return rows
 
 
@@ -206,15 +198,6 @@ def _failed_tasks(facts: RunFacts) -> list[Problem]:
 
 
 # ---- downloads ---------------------------------------------------------------------------------
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    """The rows as ``results.csv`` has them (written now: a partial run's file does not exist yet)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(report.RESULT_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def ticket_file(workdir: str | os.PathLike, ticket: str, allowed: list[str], filename: str = "model.keras") -> Path | None:
     """``<workdir>/tickets/<ticket>/<filename>`` when ``ticket`` is one of ``allowed`` (this run's
     tickets) and the file resolves to a regular file inside the work directory; else None."""

@@ -26,7 +26,8 @@ from jinja2 import Environment
 
 from lottery.deploy.api import xcom_value
 from lottery.deploy.constants import DAG_ID
-from lottery.report import MATCH_TOLERANCE
+from lottery.files import csv_text
+from lottery.report import MATCH_TOLERANCE, RESULT_COLUMNS
 from lottery.ui import report_data
 from lottery.ui.mount import ui_base
 from lottery.ui.page_template import PAGE
@@ -83,7 +84,7 @@ def results_csv(dag_id: str, run_id: str) -> Response:
     view = _view_or_none(dag_id, run_id)
     if view is None or not view.rows:
         return _not_found("no results")
-    return Response(report_data.results_csv(view.rows), media_type="text/csv",
+    return Response(csv_text(RESULT_COLUMNS, view.rows), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{view.experiment_id}-results.csv"'})
 
 
