@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Callable
 
 from lottery.deploy.api import Api
-from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID
+from lottery.deploy.constants import (
+    ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, HEARTBEAT_CHECK_INTERVAL_S, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID,
+    TASK_HEARTBEAT_TIMEOUT_S,
+)
 from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
 
 DEFAULT_HOME = Path(os.environ.get("LOTTERY_AIRFLOW_HOME", REPO / ".airflow"))
@@ -74,7 +77,12 @@ def _sections(home: Path, parallelism: int, port: int, keep: Callable[[str, str,
         },
         "api_auth": {"jwt_secret": keep("api_auth", "jwt_secret", lambda: secrets.token_urlsafe(32))},
         "logging": {"base_log_folder": str(home / "logs")},
-        "scheduler": {"task_queued_timeout": "3600"},
+        "scheduler": {
+            "task_queued_timeout": "3600",
+            # a task whose supervisor stopped heartbeating is failed (and retried) within ~35 s, not 5 min
+            "task_instance_heartbeat_timeout": str(TASK_HEARTBEAT_TIMEOUT_S),
+            "task_instance_heartbeat_timeout_detection_interval": str(HEARTBEAT_CHECK_INTERVAL_S),
+        },
         "dag_processor": {"refresh_interval": "30"},
         # A task's supervisor notices its process's exit at its next wake-up, every
         # min_heartbeat_interval seconds (default 5): with 20 instances that idled a slot

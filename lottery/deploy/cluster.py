@@ -48,7 +48,9 @@ from pathlib import Path
 
 from lottery.deploy import airflow_home
 from lottery.deploy.api import Api
-from lottery.deploy.constants import DAG_ID, DEFAULT_QUEUE, GPU_QUEUE, POOL_SLOTS, REPO
+from lottery.deploy.constants import (
+    DAG_ID, DEFAULT_QUEUE, GPU_QUEUE, HEARTBEAT_CHECK_INTERVAL_S, POOL_SLOTS, REPO, TASK_HEARTBEAT_TIMEOUT_S,
+)
 from lottery.deploy.databases import (
     claim_redis_db, create_database, database_url, drop_database, release_redis_db,
 )
@@ -144,6 +146,8 @@ def cluster_env(home: Path, *, port: int, sql_alchemy_conn: str, result_backend:
         AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT="172800",
         AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK="True",
         AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT="172800",
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(TASK_HEARTBEAT_TIMEOUT_S),
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL=str(HEARTBEAT_CHECK_INTERVAL_S),
         AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
         LOTTERY_ARTIFACT_ROOT=str(Path(artifact_root).resolve()),
         LOTTERY_GPU_QUEUE=GPU_QUEUE,

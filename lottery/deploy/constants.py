@@ -28,8 +28,20 @@ QUEUE_DAGS = frozenset(filter(None, os.environ.get("LOTTERY_QUEUE_DAGS", DAG_ID)
 
 ARTIFACT_ROOT = os.environ.get("LOTTERY_ARTIFACT_ROOT", str(REPO / "artifacts"))
 # Training tasks are retried (a lost worker, an OOM); invalid configs and corrupt artifacts are not.
+# A lost worker's ticket may start again at once on another worker (it resumes from its last epoch
+# checkpoint): the delay only keeps a failing machine from burning the retries in one second.
 RETRIES = int(os.environ.get("LOTTERY_RETRIES", "2"))
-RETRY_DELAY = timedelta(seconds=int(os.environ.get("LOTTERY_RETRY_DELAY_S", "60")))
+RETRY_DELAY = timedelta(seconds=int(os.environ.get("LOTTERY_RETRY_DELAY_S", "10")))
+
+# How a lost worker is noticed, in every deployment (airflow.cfg of make run / make ui, the loopback
+# cluster, docker-compose.yaml's x-airflow-env): a running task instance whose heartbeat is older
+# than TASK_HEARTBEAT_TIMEOUT_S is failed (and retried) by the scheduler, which looks every
+# HEARTBEAT_CHECK_INTERVAL_S. Airflow's defaults, 300 s and 10 s, cost a lost ticket about 6
+# minutes. The heartbeat comes from the task's supervisor process (every [workers]
+# min_heartbeat_interval, 5 s by default), not from the training process, so a ticket busy in one
+# long step is never taken for lost (docs/cluster.md, "Losing a worker").
+TASK_HEARTBEAT_TIMEOUT_S = 30
+HEARTBEAT_CHECK_INTERVAL_S = 5
 
 # Where a run may write (artifact_root) and read (an image-folder dataset): the deployment's choice,
 # os.pathsep-separated lists (lottery/deploy/roots.py; README, "Security"). The deployment's own
