@@ -198,8 +198,9 @@ class LocalAirflow:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *names: str) -> None:
+        """Start components; each is started again when it dies (``Supervisor.watch``), on the same port."""
         for name in names:
-            self.supervisor.start(name, [str(venv_bin() / "airflow"), name], self.env)
+            self.supervisor.start(name, [str(venv_bin() / "airflow"), name], self.env, restart=True)
 
     def stop(self) -> None:
         self.supervisor.stop()

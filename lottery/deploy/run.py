@@ -10,8 +10,11 @@
    when ``make ui`` is already running on the same home, uses that one instead;
 3. waits for the DAG to be parsed, unpauses it and triggers a run through the REST API with the
    given conf (an invalid conf is refused here, with the field named);
-4. shows progress (tasks done / total, running, failed, elapsed) until the run finishes;
-5. prints the accuracy table and the report's path, stops what it started, and exits 0 when the
+4. shows progress (tasks done / total, running, failed, elapsed) until the run finishes; a
+   component that dies is started again (at most 3 times in 10 minutes, one line each; the API
+   server on the same port, the progress loop waits for it);
+5. prints the accuracy table and the report's path, stops what it started (task processes
+   included; also on Ctrl-C, SIGTERM or an error), and exits 0 when the
    run succeeded, 1 when it failed, 2 when the conf was refused, 3 when Airflow did not come up.
 """
 
@@ -27,11 +30,13 @@ from pathlib import Path
 from lottery.deploy import airflow_home
 from lottery.deploy.api import Api
 from lottery.deploy.constants import DAG_ID
-from lottery.deploy.supervisor import Supervisor, free_port, raise_keyboard_interrupt_on_sigterm
+from lottery.deploy.supervisor import ComponentFailed, Supervisor, free_port, raise_keyboard_interrupt_on_sigterm
 
 FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
 TERMINAL_RUN = {"success", "failed"}
 EXIT_FAILED, EXIT_REFUSED, EXIT_NO_AIRFLOW = 1, 2, 3
+# How long the progress loop waits for an API server that does not answer (a restart takes ~15 s).
+API_OUTAGE_S = 180.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,13 +157,22 @@ def follow(api: Api, run_id: str, args: argparse.Namespace, started: float, supe
     """Progress lines until the run ends (one updated line on a terminal); the run's final state."""
     tty = sys.stdout.isatty()
     last_line, last_print = "", 0.0
+    unanswered_since: float | None = None
     while True:
-        status, dag_run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
-        state = dag_run.get("state") if status == 200 else None
+        if supervisor is not None:
+            try:
+                supervisor.watch()  # restarts a dead component (one line each), up to its limit
+            except ComponentFailed as exc:
+                raise SystemExit(f"error: {exc}")
         try:
-            tis = api.task_instances(run_id)
-        except RuntimeError:
-            tis = []
+            state, tis = poll(api, run_id)
+            unanswered_since = None
+        except OSError as exc:  # the api-server is restarting: same port, back in a few seconds
+            unanswered_since = unanswered_since or time.monotonic()
+            if time.monotonic() - unanswered_since > API_OUTAGE_S:
+                raise SystemExit(f"error: the API server at {api.base} has not answered for {API_OUTAGE_S:.0f}s: {exc}")
+            time.sleep(args.poll)
+            continue
         line = progress_line(tis, time.monotonic() - started)
         now = time.monotonic()
         core = line.split("] ", 1)[-1]
@@ -172,11 +186,20 @@ def follow(api: Api, run_id: str, args: argparse.Namespace, started: float, supe
             if tty:
                 print()
             return state
-        if supervisor is not None and supervisor.dead():
-            raise SystemExit(f"error: an Airflow component died: {', '.join(supervisor.dead())}")
         if time.monotonic() - started > args.timeout:
             raise SystemExit(f"error: the run did not finish within {args.timeout:.0f}s")
         time.sleep(args.poll)
+
+
+def poll(api: Api, run_id: str) -> tuple[str | None, list[dict]]:
+    """The run's state and its task instances; OSError while the API server does not answer."""
+    status, dag_run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+    state = dag_run.get("state") if status == 200 else None
+    try:
+        tis = api.task_instances(run_id)
+    except RuntimeError:
+        tis = []
+    return state, tis
 
 
 def finish(api: Api, run_id: str, state: str, started: float, home: Path) -> int:

@@ -1,9 +1,19 @@
 """One process supervisor for ``make run``, ``make ui`` and ``make cluster-up``.
 
 Each component is a child process in a process group of its own (so that stopping it also stops
-what it forked: LocalExecutor workers, Celery pool processes, task processes, Spark executors),
-with its output in ``<log_dir>/<name>.log``. Waits fail early, naming the log, when a component
-dies. ``stop_groups`` also stops components started by an earlier process (``make cluster-down``):
+what it forked: LocalExecutor workers, Celery pool processes, Spark executors), with its output in
+``<log_dir>/<name>.log``. Waits fail early, naming the log, when a component dies.
+
+Airflow puts every task process in a process group of its own (``setpgid`` in its task supervisor,
+so that it can signal the task's own children): a signal to the component's group misses it. The
+supervisor therefore notes, at each ``watch()``, every process below each component (psutil), and
+``stop()`` signals those too -- including what a dead component left behind. A component started
+with ``restart=True`` is started again when it dies, at most ``restart_limit`` times within
+``restart_window`` seconds, one log line each; past the limit ``watch()`` raises ``ComponentFailed``
+naming its log. What a dead component left running (a LocalExecutor worker still supervising its
+task) is kept until it is idle, so a restarted scheduler loses no training in progress.
+
+``stop_groups`` also stops components started by an earlier process (``make cluster-down``):
 a pid is only signalled while its start time matches, so a reused pid is never hit.
 """
 
@@ -50,27 +60,45 @@ def create_time(pid: int) -> float:
         return 0.0
 
 
+RESTART_LIMIT = 3  # restarts of one component ...
+RESTART_WINDOW_S = 600.0  # ... within this many seconds, then give up
+
+
+class ComponentFailed(RuntimeError):
+    """A component died more often than its restart limit allows (or may not be restarted)."""
+
+
 def alive(pid: int, created: float = 0.0) -> bool:
-    """The process we started is still there (not a reused pid)."""
+    """The process we started is still there (not a reused pid, not a zombie waiting to be reaped)."""
     try:
         import psutil
 
         p = psutil.Process(pid)
-        return not created or abs(p.create_time() - created) < 1.0
+        return (not created or abs(p.create_time() - created) < 1.0) and p.status() != psutil.STATUS_ZOMBIE
     except Exception:
         return False
 
 
 class Supervisor:
-    """Start components, watch them, wait for them, stop them all. ``on_change`` is called after
-    each start (the caller records the pids: ``components.json``, ``cluster.json``)."""
+    """Start components, watch them (restarting those started with ``restart=True``), wait for
+    them, stop them all with everything below them. ``on_change`` is called after each start (the
+    caller records the pids: ``components.json``, ``cluster.json``); ``say`` prints a restart line."""
 
-    def __init__(self, log_dir: Path, *, on_change: Callable[[], None] | None = None):
+    def __init__(self, log_dir: Path, *, on_change: Callable[[], None] | None = None,
+                 restart_limit: int = RESTART_LIMIT, restart_window: float = RESTART_WINDOW_S,
+                 say: Callable[[str], None] | None = None):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
         self.on_change = on_change
+        self.restart_limit, self.restart_window = restart_limit, restart_window
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.restartable: set[str] = set()
+        self.restarts: dict[str, list[float]] = {}  # monotonic times of each component's restarts
+        self.below: dict[str, dict[int, float]] = {}  # last seen processes under each component: pid -> start time
+        self.leftovers: dict[int, float] = {}  # still running under a component that died
 
     @property
     def pids(self) -> dict[str, int]:
@@ -79,7 +107,10 @@ class Supervisor:
     def log(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str], *, restart: bool = False) -> subprocess.Popen:
+        self.commands[name] = (argv, env)
+        if restart:
+            self.restartable.add(name)
         with open(self.log(name), "ab") as log:
             proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=REPO)
@@ -88,6 +119,46 @@ class Supervisor:
         if self.on_change:
             self.on_change()
         return proc
+
+    def watch(self) -> None:
+        """Note the processes below each component; start a dead restartable component again
+        (``ComponentFailed`` past its limit); stop what dead components left once it is idle."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                self.below[name] = descendants(proc.pid)
+            elif name in self.restartable:
+                self._restart(name, proc.returncode)
+        self._stop_idle_leftovers()
+
+    def _restart(self, name: str, code: int) -> None:
+        self.leftovers.update({pid: t for pid, t in self.below.pop(name, {}).items() if alive(pid, t)})
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < self.restart_window]
+        if len(recent) >= self.restart_limit:
+            self.restartable.discard(name)  # dead() names it from now on
+            raise ComponentFailed(
+                f"{name} died (exit {code}) {len(recent) + 1} times within {self.restart_window / 60:.0f} min; "
+                f"not restarting it again; log: {self.log(name)}")
+        self.restarts[name] = recent + [now]
+        self.say(f"{name} died (exit {code}), restarting it ({len(recent) + 1}/{self.restart_limit}); log: {self.log(name)}")
+        with open(self.log(name), "a") as log:
+            log.write(f"\n---- {name} died (exit {code}); restarted by lottery.deploy.supervisor ----\n")
+        self.start(name, *self.commands[name], restart=True)
+
+    def _stop_idle_leftovers(self) -> None:
+        """A LocalExecutor worker of a dead scheduler waits forever for work that cannot come: stop it
+        once its task is done (its title says ``<idle>``, nothing below it)."""
+        for pid, created in list(self.leftovers.items()):
+            try:
+                import psutil
+
+                p = psutil.Process(pid)
+                if abs(p.create_time() - created) >= 1.0:
+                    raise psutil.NoSuchProcess(pid)
+                if "<idle>" in " ".join(p.cmdline()) and not p.children():
+                    p.terminate()
+            except Exception:  # gone (or not ours any more)
+                del self.leftovers[pid]
 
     def dead(self) -> list[str]:
         return [f"{n} (exit {p.returncode}, see {self.log(n)})" for n, p in self.procs.items() if p.poll() is not None]
@@ -111,7 +182,12 @@ class Supervisor:
         self.wait_until(seen, max(1.0, deadline - time.monotonic()), interval=0.5, what=f"{name} ({text!r} in its log)")
 
     def stop(self, timeout: float = 30) -> None:
-        stop_groups(self.pids, self.started, procs=self.procs, timeout=timeout)
+        """Stop every component, what each started (task processes included) and what dead ones left."""
+        extra = dict(self.leftovers)
+        for below in self.below.values():
+            extra.update(below)
+        stop_groups(self.pids, self.started, procs=self.procs, timeout=timeout, extra=extra)
+        self.leftovers.clear()
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 1.0, *, what: str,
@@ -123,16 +199,37 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 1.0
         value = predicate()
         if value:
             return value
+        if supervisor is not None:
+            supervisor.watch()
         if supervisor is not None and supervisor.dead():
             raise RuntimeError(f"while waiting for {what}: component died: {', '.join(supervisor.dead())}")
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def descendants(pid: int) -> dict[int, float]:
+    """Every process below ``pid`` (pid -> start time), whatever process group it moved to."""
+    try:
+        import psutil
+
+        found = {}
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                found[child.pid] = child.create_time()
+            except psutil.Error:
+                pass
+        return found
+    except Exception:
+        return {}
+
+
 def stop_groups(pids: dict[str, int], started: dict[str, float], *,
-                procs: dict[str, subprocess.Popen] | None = None, timeout: float = 30) -> None:
-    """SIGTERM to each live process group (workers first, Spark last), then SIGKILL to what is left
-    in the groups (task processes, executors). ``procs``: the children of this process, if any."""
+                procs: dict[str, subprocess.Popen] | None = None, timeout: float = 30,
+                extra: dict[int, float] | None = None) -> None:
+    """SIGTERM to each live process group (workers first, Spark last) and to every process below
+    them that left the group (Airflow's task processes) or that ``extra`` names (pid -> start time:
+    what the caller saw below its components), then SIGKILL to what is left. ``procs``: the children
+    of this process, if any."""
     procs = procs or {}
 
     def running(name: str) -> bool:
@@ -142,20 +239,38 @@ def stop_groups(pids: dict[str, int], started: dict[str, float], *,
 
     order = sorted(pids, key=lambda n: (not n.startswith(("gpu-worker", "airflow-worker")), n.startswith("spark")))
     live = [name for name in order if running(name)]
+    others = dict(extra or {})
+    for name in live:  # seen before any signal: once a parent is gone its children are out of reach
+        others.update(descendants(pids[name]))
     for name in live:
         _killpg(pids[name], signal.SIGTERM)
+    for pid, created in others.items():
+        _kill(pid, created, signal.SIGTERM)
     end = time.monotonic() + timeout
     for name in live:
         while time.monotonic() < end and running(name):
             time.sleep(0.2)
+    while time.monotonic() < end and any(alive(pid, created) for pid, created in others.items()):
+        time.sleep(0.2)
     for name in order:
         if name in live or name in procs:  # our children: even when the leader died before
             _killpg(pids[name], signal.SIGKILL)  # stragglers in the group
-        if name in procs:
-            try:
-                procs[name].wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+    for pid, created in others.items():
+        _kill(pid, created, signal.SIGKILL)
+    for name in procs:
+        try:
+            procs[name].wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _kill(pid: int, created: float, sig: int) -> None:
+    """Signal one process, only while it is the one we saw (a reused pid is left alone)."""
+    if alive(pid, created):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -4,7 +4,9 @@
 
 Starts the API server (UI + REST + execution API), scheduler (LocalExecutor), dag-processor and
 triggerer on the project-local home (``.airflow/``), waits until they are healthy and the DAG is
-parsed, prints the URL and the login, and runs until Ctrl-C (then stops them all). Component logs:
+parsed, prints the URL and the login, and runs until Ctrl-C (then stops them all, task processes
+included). A component that dies is started again, at most 3 times in 10 minutes each (one line
+per restart; past that ``make ui`` stops, naming the log). Component logs:
 ``.airflow/logs/<component>.log``. While it runs, ``make run`` triggers its run on this Airflow.
 """
 
@@ -42,12 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Starting Airflow on {home} (logs: {local.supervisor.log_dir}/<component>.log) ...")
         local.api().wait_ready(local.supervisor)
         print_welcome(local)
-        while True:
+        while True:  # a component that dies is started again (lottery.deploy.supervisor: limit, log line)
             time.sleep(2)
-            dead = local.supervisor.dead()
-            if dead:
-                print(f"error: component stopped: {', '.join(dead)}", file=sys.stderr)
-                return 1
+            local.supervisor.watch()
     except KeyboardInterrupt:
         print("\nstopping Airflow ...")
         return 0

@@ -1,0 +1,166 @@
+"""The process supervisor of make run / make ui (lottery.deploy.supervisor) and the task lifeline
+(lottery.deploy.lifeline), with real processes: a dead component is restarted up to its limit,
+stop() reaches processes that left the component's process group (as Airflow's task processes do),
+a LocalExecutor worker left by a dead scheduler is stopped once idle, and a process that asked for
+a lifeline stops when its parent is SIGKILLed. A few seconds in all; the same faults with the real
+scheduler are in tests/test_supervision_airflow.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lottery.deploy.supervisor import ComponentFailed, Supervisor, alive
+
+ROOT = Path(__file__).resolve().parents[1]
+SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def child_script(tmp_path: Path, pid_file: str, title: str = "", session: bool = True) -> list[str]:
+    """A component that starts one child in a session of its own (as Airflow's task supervisor puts a
+    task in a process group of its own), writes the child's pid, and sleeps."""
+    child = "import time\n"
+    if title:
+        child += f"import setproctitle; setproctitle.setproctitle({title!r})\n"
+    child += "time.sleep(120)\n"
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session={session})\n"
+        f"open({str(tmp_path / pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def read_pid(path: Path) -> int:
+    return int(wait_for(lambda: path.exists() and path.read_text(), what=str(path)))
+
+
+def test_a_dead_component_is_restarted_up_to_its_limit(tmp_path):
+    lines = []
+    sup = Supervisor(tmp_path, restart_limit=2, restart_window=60, say=lines.append)
+    try:
+        sup.start("sleeper", SLEEP, dict(os.environ), restart=True)
+        for n in (1, 2):
+            old = sup.procs["sleeper"].pid
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: sup.procs["sleeper"].poll() is not None, what="the SIGKILL")
+            sup.watch()
+            assert lines[-1] == f"sleeper died (exit -9), restarting it ({n}/2); log: {tmp_path / 'sleeper.log'}"
+            assert sup.procs["sleeper"].pid != old and sup.procs["sleeper"].poll() is None
+        assert "restarted by lottery.deploy.supervisor" in (tmp_path / "sleeper.log").read_text()
+        os.kill(sup.procs["sleeper"].pid, signal.SIGKILL)
+        wait_for(lambda: sup.procs["sleeper"].poll() is not None, what="the SIGKILL")
+        with pytest.raises(ComponentFailed, match=r"sleeper died \(exit -9\) 3 times within 1 min; not restarting "
+                                                  rf"it again; log: {tmp_path / 'sleeper.log'}"):
+            sup.watch()
+        assert sup.dead() == [f"sleeper (exit -9, see {tmp_path / 'sleeper.log'})"]
+        assert len(lines) == 2
+    finally:
+        sup.stop(timeout=5)
+
+
+def test_a_component_started_without_restart_stays_dead(tmp_path):
+    sup = Supervisor(tmp_path, say=lambda line: pytest.fail(line))
+    try:
+        sup.start("once", SLEEP, dict(os.environ))
+        sup.procs["once"].kill()
+        sup.procs["once"].wait()
+        sup.watch()
+        assert sup.dead() and sup.procs["once"].poll() is not None
+    finally:
+        sup.stop(timeout=5)
+
+
+def test_stop_reaches_processes_that_left_the_group_even_of_a_dead_component(tmp_path):
+    """Airflow's task processes leave their component's process group: stop() still stops them,
+    also those of a component that died before (its children are re-parented, out of reach)."""
+    sup = Supervisor(tmp_path)
+    sup.start("live", child_script(tmp_path, "live.pid"), dict(os.environ))
+    sup.start("dies", child_script(tmp_path, "dies.pid"), dict(os.environ))
+    live_child, dead_child = read_pid(tmp_path / "live.pid"), read_pid(tmp_path / "dies.pid")
+    assert os.getpgid(live_child) != sup.procs["live"].pid  # out of the group, as a task process is
+    sup.watch()  # sees both children
+    sup.procs["dies"].kill()
+    sup.procs["dies"].wait()
+    sup.watch()
+    assert alive(dead_child)  # an orphan now; killpg of its old component would miss it
+    started = time.monotonic()
+    sup.stop(timeout=5)
+    assert not alive(live_child) and not alive(dead_child)
+    assert time.monotonic() - started < 5  # SIGTERM was enough
+
+
+def test_a_dead_schedulers_worker_is_kept_while_busy_and_stopped_once_idle(tmp_path):
+    """A LocalExecutor worker left by a SIGKILLed scheduler may still supervise a task: it is kept
+    (the task finishes); an idle one (its title says <idle>) waits for work that cannot come: stopped."""
+    sup = Supervisor(tmp_path, say=lambda line: None)
+    try:
+        sup.start("scheduler", child_script(tmp_path, "idle.pid", title="airflow worker -- LocalExecutor: <idle>",
+                                            session=False), dict(os.environ), restart=True)
+        idle = read_pid(tmp_path / "idle.pid")
+        wait_for(lambda: "<idle>" in " ".join(psutil.Process(idle).cmdline()), what="the title")
+        sup.watch()
+        sup.procs["scheduler"].kill()
+        sup.procs["scheduler"].wait()
+        sup.watch()  # restarts the scheduler; the idle worker is stopped
+        wait_for(lambda: not alive(idle), timeout=5, what="the idle worker to stop")
+        busy = read_pid(tmp_path / "idle.pid")  # the restarted scheduler's worker: busy (not idle) this time
+        assert busy != idle
+    finally:
+        sup.stop(timeout=5)
+    assert not alive(busy)
+
+
+LIFELINE_PARENT = """
+import subprocess, sys, time
+code = '''
+import os, sys, time
+if sys.argv[1] == "lifeline":
+    from lottery.deploy.lifeline import stop_with_parent
+    assert stop_with_parent()
+print("ready", flush=True)
+time.sleep(60)
+'''
+child = subprocess.Popen([sys.executable, "-c", code, sys.argv[1]], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("lifeline", [True, False], ids=["lifeline", "without"])
+def test_a_process_with_a_lifeline_stops_when_its_parent_is_killed(lifeline):
+    """The control (no lifeline) survives its parent's SIGKILL: the orphan of issue 11, fault 3."""
+    parent = subprocess.Popen([sys.executable, "-c", LIFELINE_PARENT, "lifeline" if lifeline else "none"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(parent.stdout.readline())
+    created = psutil.Process(child).create_time()
+    try:
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        if lifeline:
+            wait_for(lambda: not alive(child, created), timeout=5, what="the child to stop")
+            assert time.monotonic() - killed < 2
+        else:
+            time.sleep(1)
+            assert alive(child, created)
+    finally:
+        if alive(child, created):
+            os.kill(child, signal.SIGKILL)
