@@ -4,8 +4,10 @@
 
 Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`` and
 ``dense/metrics.csv`` (paths: lottery/paths.py); resumes from ``dense/checkpoint.npz`` when an
-earlier attempt was interrupted, and does nothing when the result exists and the files it lists
-(size and sha256) are intact; trains again, saying so, when they are not.
+earlier attempt was interrupted (unless it, or a rewind checkpoint before it, is damaged: then it
+starts over, saying so), and does nothing when the result exists and the files it lists (size and
+sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has a ``.sha256``
+beside it (`lottery.files.save_arrays`); the result is sealed (`lottery.files.write_json`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, damaged_files, file_manifest, intact_result, read_json, write_json
+from lottery.files import (arrays_damage, atomic_path, damaged_files, file_manifest, intact_result, read_json,
+                           remove_arrays, write_json)
 from lottery.paths import Workdir
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
 
@@ -50,8 +53,8 @@ def run_dense(
         "workdir": str(workdir),
         "files": file_manifest(workdir.dense_dir, dense_files(workdir, cfg)),
     }
-    write_json(workdir.dense_result, result)
-    workdir.dense_checkpoint.unlink(missing_ok=True)  # the final weights and rewind checkpoints supersede it
+    write_json(workdir.dense_result, result, sealed=True)
+    remove_arrays(workdir.dense_checkpoint)  # the final weights and rewind checkpoints supersede it
     log.info(
         "dense: done in %.1fs  val_acc %.2f%% (best %.2f%% at epoch %d)  %.0f img/s  -> %s",
         result["wall_s"], 100 * result["val_accuracy"], 100 * result["best_val_accuracy"], result["best_epoch"],
@@ -79,7 +82,14 @@ def _done_result(workdir: Workdir) -> dict[str, Any] | None:
 
 def verify_rewind_checkpoint(workdir: Workdir, label: str) -> None:
     """Refuse a rewind checkpoint that no longer matches the dense run's record of it."""
-    name = workdir.rewind_checkpoint(label).relative_to(workdir.dense_dir).as_posix()
+    verify_dense_file(workdir, workdir.rewind_checkpoint(label))
+
+
+def verify_dense_file(workdir: Workdir, path) -> None:
+    """Refuse a file of the dense run (``path``) that no longer matches the dense run's record of it
+    (CorruptArtifactError naming it and the command that recomputes it); a record from before
+    results listed their files vouches for nothing and refuses nothing."""
+    name = path.relative_to(workdir.dense_dir).as_posix()
     record = read_json(workdir.dense_result).get("files", {})
     damaged = damaged_files(workdir.dense_dir, {name: record[name]}) if name in record else []
     if damaged:
@@ -96,13 +106,13 @@ def dense_result(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def _train(cfg, workdir: Workdir, train, val, spe: int, threads, replicas: int, data_dir, progress: bool):
     """Build (or resume) the model, train it to the end, save the final weights."""
-    from lottery.training import TrainingRun, compile_model, epoch_saver, resume_point
+    from lottery.training import TrainingRun, compile_model, epoch_saver
 
     total = cfg.total_iterations(spe)
     rewinds = {Step.parse(r).iterations(spe): str(Step.parse(r)) for r in cfg.rewind_points}
     model = build_model(cfg, train)
     compile_model(model, cfg, spe)
-    start, history = resume_point(workdir.dense_checkpoint, model) or (0, [])
+    start, history = _resume(workdir, model, rewinds)
     if start:
         log.info("dense: resuming from the checkpoint at step %d (epoch %d)", start, start // spe)
     _log_start(cfg, model, train, val, spe, total, rewinds, threads, replicas, data_dir, workdir)
@@ -124,11 +134,36 @@ def _rewind_saver(model, workdir: Workdir, rewinds: dict[int, str], spe: int):
 
     def save_rewind(step: int) -> None:
         path = workdir.rewind_checkpoint(rewinds[step])
-        if not path.exists():
+        damage = arrays_damage(path)  # an intact one (from an earlier attempt) is the same: kept
+        if damage:
+            if damage != "missing":
+                log.warning("dense: rewind checkpoint %s is damaged, saving it again: %s", rewinds[step], damage)
             save_checkpoint(path, model, step=step, steps_per_epoch=spe, extra={"rewind": rewinds[step]})
             log.info("dense: saved rewind checkpoint %s (step %d)", rewinds[step], step)
 
     return save_rewind
+
+
+def _resume(workdir: Workdir, model, rewinds: dict[int, str]) -> tuple[int, list[dict]]:
+    """(step, history) of an interrupted dense run, restored into ``model``; (0, []) when there is
+    none, when it is damaged, or when a rewind checkpoint before it is damaged or missing (it cannot
+    be saved again from there): each named in the log."""
+    from lottery.training import read_resume_checkpoint, restore_checkpoint, write_metrics
+
+    found = read_resume_checkpoint(workdir.dense_checkpoint, "dense")
+    if found is None:
+        return 0, []
+    arrays, meta = found
+    lost = [f"{label}.npz: {damage}" for step, label in sorted(rewinds.items())
+            if step < meta["step"] and (damage := arrays_damage(workdir.rewind_checkpoint(label)))]
+    if lost:
+        log.warning("dense: not resuming from step %d: rewind checkpoints before it are damaged (%s); starting over",
+                    meta["step"], "; ".join(lost))
+        remove_arrays(workdir.dense_checkpoint)
+        return 0, []
+    restore_checkpoint(model, arrays, workdir.dense_checkpoint)
+    write_metrics(workdir.dense_metrics, meta["history"])
+    return meta["step"], meta["history"]
 
 
 def _log_start(cfg, model, train, val, spe, total, rewinds, threads, replicas, data_dir, workdir) -> None:

@@ -12,6 +12,7 @@ Pure Python + numpy (no TensorFlow, no Keras): Spark executors and the data laye
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -160,21 +161,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, new_file_mode())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise _naming(exc, path, tmp_path) from exc
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
+def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
+    """An error writing ``tmp`` as one that names ``path`` (a full disk's write error names no file:
+    ``[Errno 28] No space left on device``) and says what was kept; any other error as it is."""
+    if exc.errno is None or exc.filename not in (None, str(tmp)):
+        return exc
+    reason = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
+    return OSError(exc.errno, f"{reason} while writing {path}: nothing was written there (its temporary file "
+                              f"was removed; a previous copy, if any, is intact); free space and rerun", str(path))
+
+
+# The key of a sealed JSON object: the sha256 of the rest of it (``_content_sha256``). A bit flipped in
+# a result can leave valid JSON with another number in it; the seal tells.
+SEAL = "checksum"
+
+
+def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> None:
+    """``data`` as JSON, atomically; ``sealed`` (a dict): with its own checksum, which `read_json`
+    verifies, so that a changed byte is refused rather than read as another value."""
+    if sealed:
+        data = {**data, SEAL: "sha256:" + _content_sha256(data)}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; for a sealed object (`write_json`), its content without the seal once the
+    seal matches. Unreadable JSON or a seal that does not match raise CorruptArtifactError."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptArtifactError(f"{path} is not valid JSON ({exc}); delete it to recompute") from None
+    if isinstance(data, dict) and SEAL in data:
+        seal = data.pop(SEAL)
+        if seal != "sha256:" + _content_sha256(data):
+            raise CorruptArtifactError(f"{path}: its content does not match its {SEAL} (modified or damaged); "
+                                       "delete it to recompute")
+    return data
+
+
+def _content_sha256(data: dict) -> str:
+    """The sha256 of ``data``'s canonical JSON (as it reads back: numpy values as plain numbers)."""
+    plain = json.loads(json.dumps(data, default=_json_default))
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -206,11 +242,54 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
+        # the checksum goes first: a crash between the two leaves a mismatch (refused), never a
+        # new checkpoint vouched for by nothing
+        write_text(checksum_path(path), f"{sha256_file(tmp)}  {Path(path).name}\n")
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """``<name>.sha256`` beside an array bundle, in ``sha256sum`` format (``sha256sum -c`` checks it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def arrays_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with the array bundle ``path`` (``"missing"``, ``"sha256 differs from …"``), or
+    None when it is intact: its ``.sha256`` matches, or (a bundle saved before those existed) every
+    member reads back with its CRC-32."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        _verify_checksum(path) if checksum_path(path).exists() else load_arrays(path)
+    except CorruptArtifactError as exc:
+        return str(exc)
+    return None
+
+
+def remove_arrays(path: str | os.PathLike) -> None:
+    """Delete an array bundle and its checksum."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def _verify_checksum(path: Path) -> None:
+    recorded = checksum_path(path)
+    try:
+        want = recorded.read_text().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise CorruptArtifactError(f"{recorded} cannot be read ({exc}); delete {path} to recompute") from None
+    if sha256_file(path) != want:
+        raise CorruptArtifactError(f"{path}: sha256 differs from {recorded.name} (truncated or modified); "
+                                   "delete it to recompute")
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load what :func:`save_arrays` wrote; a truncated or corrupted file raises CorruptArtifactError."""
+    """Load what :func:`save_arrays` wrote, checked against its ``.sha256`` when it has one; a
+    truncated or corrupted file raises CorruptArtifactError."""
     path = Path(path)
+    if path.exists() and checksum_path(path).exists():
+        _verify_checksum(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["__meta__"]))

@@ -9,7 +9,9 @@ optimizer state) at the rewind step; ``random_prune`` keeps the rewound weights 
 state but a random mask with the same number of surviving weights in every layer.
 
 Writes ``tickets/<ticket name>/`` (result.json, model.keras, metrics.csv; error.json when it fails;
-paths: lottery/paths.py), resumes from the ticket's checkpoint, does nothing when the result exists.
+paths: lottery/paths.py), resumes from the ticket's checkpoint (starts over from the rewind point
+when it is damaged, saying so), does nothing when the result exists and every file it lists is
+intact. Its result.json is sealed (`lottery.files.write_json`).
 
 A group (`retrain_many`) opens the data, builds and compiles the model once, then trains its
 tickets one after another in that model: each ticket restores every variable from its rewind
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 from lottery.config import CONTROLS, Step
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, file_manifest, intact_result, read_json, write_json
+from lottery.files import atomic_path, file_manifest, intact_result, read_json, remove_arrays, write_json
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
 from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
@@ -240,11 +242,15 @@ class LateReset:
         return [p.name for p in produced]
 
     def record_failure(self) -> None:
-        """Leave a note for the report; keep the checkpoint so that a rerun resumes."""
+        """Leave a note for the report; keep the checkpoint so that a rerun resumes. Best effort: on
+        a full disk the note cannot be written either, and the failure itself is what must surface."""
         import sys
 
         exc = sys.exc_info()[1]
-        write_json(self.paths.error, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        try:
+            write_json(self.paths.error, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        except OSError as note_error:
+            log.error("retrain %s: could not record the failure (%s): %s", self.name, note_error, exc)
 
     def run(self, model, train, val, spe: int, progress: bool, shared: dict[str, float]) -> dict[str, Any]:
         """Bring the compiled ``model`` (shared by the group) to this ticket's start point, mask
@@ -274,8 +280,8 @@ class LateReset:
         """Write result.json (with the size and sha256 of each file the ticket made), drop the
         checkpoint and any old error, log the end line."""
         result = {**result, "files": file_manifest(self.paths.dir, self.produced_files())}
-        write_json(self.paths.result, result)
-        self.paths.checkpoint.unlink(missing_ok=True)
+        write_json(self.paths.result, result, sealed=True)
+        remove_arrays(self.paths.checkpoint)
         self.paths.error.unlink(missing_ok=True)
         log.info("retrain %s: done in %.1fs  val_acc %.2f%% (best %.2f%%)  %.0f img/s  -> %s", self.name, result["wall_s"],
                  100 * result["val_accuracy"], 100 * result["best_val_accuracy"], result["images_per_s"], self.paths.dir)
@@ -294,7 +300,7 @@ class LateReset:
         """Resume from the ticket's checkpoint, or rewind (``random_reinit``: then draw fresh weights)."""
         from lottery.training import load_checkpoint, resume_point
 
-        resumed = resume_point(self.paths.checkpoint, model)
+        resumed = resume_point(self.paths.checkpoint, model, f"retrain {self.name}", self.paths.metrics)
         if resumed:
             log.info("retrain %s: resuming from the checkpoint at step %d", self.name, resumed[0])
             return resumed
@@ -329,7 +335,7 @@ class LateReset:
         for path, keep in mask.items():
             if np.any(keras.ops.convert_to_numpy(weights[path])[~keep] != 0):
                 raise AssertionError(f"pruned weights of {path} are not zero after applying mask {self.mask.mask_id}")
-        if self.control == "random_prune" and not self.paths.mask.exists():
+        if self.control == "random_prune":  # drawn again each time (the same mask): never a damaged leftover
             save_mask(self.paths.mask, mask, {"control": self.control, "like": self.mask.mask_id, "report": report})
         return report
 

@@ -2,8 +2,10 @@
 
     make_masks(workdir) -> [{"index", "mask_id", "sparsity", "remaining"}, ...]
 
-Writes ``masks/<mask id>.npz`` (checksummed) and ``masks/index.json``; a mask that exists and
-verifies is kept, a damaged one is recomputed (a mask is cheap).
+Writes ``masks/<mask id>.npz`` (checksummed in its sealed ``<mask id>.json``) and
+``masks/index.json``; a mask that exists and verifies is kept, a damaged one is named in the log and
+recomputed (a mask is cheap), from a ``dense/final.keras`` that matches the dense run's record of it
+(a damaged one is refused, naming the command that recomputes it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from typing import Any
 
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import write_json
+from lottery.files import read_json, write_json
 from lottery.paths import Workdir
 from lottery.plan import MaskSpec, RunPlan
 
@@ -34,10 +36,18 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     else:
         log.info("masks: all %d masks already exist, nothing to do", len(plan.masks))
     descriptors.sort(key=lambda d: d["index"])
-    write_json(workdir.mask_index, descriptors)
+    if not _index_is(workdir, descriptors):  # unchanged: left as it is (its mtime says when masks last changed)
+        write_json(workdir.mask_index, descriptors)
     for d in descriptors:
         log.info("masks: %s  %.2f%% of prunable weights left", d["mask_id"], 100 * d["remaining"])
     return descriptors
+
+
+def _index_is(workdir: Workdir, descriptors: list[dict[str, Any]]) -> bool:
+    try:
+        return workdir.mask_index.exists() and read_json(workdir.mask_index) == descriptors
+    except CorruptArtifactError:
+        return False
 
 
 def _existing_masks(workdir: Workdir, plan: RunPlan) -> tuple[list[dict[str, Any]], list[MaskSpec]]:
@@ -62,10 +72,12 @@ def _existing_masks(workdir: Workdir, plan: RunPlan) -> tuple[list[dict[str, Any
 def _compute_masks(workdir: Workdir, cfg, todo: list[MaskSpec]) -> list[dict[str, Any]]:
     import keras
 
+    from lottery.dense import verify_dense_file
     from lottery.files import sha256_file
     from lottery.models import output_kernel_path, prunable_weights
     from lottery.pruning import magnitude_masks, mask_report, save_mask
 
+    verify_dense_file(workdir, workdir.final_model)  # masks from damaged weights would pass for good ones
     model = keras.models.load_model(workdir.final_model, compile=False)
     weights = {path: keras.ops.convert_to_numpy(v) for path, v in prunable_weights(model).items()}
     source = {"source": str(workdir.final_model.relative_to(workdir.path)), "source_sha256": sha256_file(workdir.final_model)}

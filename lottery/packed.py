@@ -130,12 +130,12 @@ def _by_start_step(todo: list, spe: int) -> list[list]:
     """The tickets grouped by the step they start from: the rewind step, or the step of their own
     checkpoint (a killed pack's tickets resume together; one killed while writing may be an epoch behind)."""
     from lottery.config import Step
-    from lottery.files import load_arrays
+    from lottery.training import read_resume_checkpoint
 
     groups: dict[int, list] = {}
-    for ticket in todo:
-        path = ticket.paths.checkpoint
-        start = load_arrays(path)[1]["step"] if path.exists() else Step.parse(ticket.rewind).iterations(spe)
+    for ticket in todo:  # a damaged checkpoint is named, deleted, and its ticket starts from its rewind point
+        found = read_resume_checkpoint(ticket.paths.checkpoint, f"retrain {ticket.name}")
+        start = found[1]["step"] if found else Step.parse(ticket.rewind).iterations(spe)
         groups.setdefault(start, []).append(ticket)
     return [groups[start] for start in sorted(groups)]
 

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from lottery.errors import CorruptArtifactError
-from lottery.files import atomic_path, sha256_file, write_json
+from lottery.files import atomic_path, read_json, sha256_file, write_json
 from lottery.models import prunable_weights
 
 MASK_FORMAT_VERSION = 1
@@ -209,7 +209,8 @@ def _npz_bytes(mask):
 
 def save_mask(path, mask, meta):
     """Writes `mask` to `path` (.npz, keys = weight paths) and its report,
-    `meta` and the npz's sha256 to `<stem>.json`; both atomically."""
+    `meta` and the npz's sha256 to `<stem>.json` (sealed: a changed byte in it is
+    refused too); both atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"mask files end in .npz; got {path}")
@@ -225,7 +226,7 @@ def save_mask(path, mask, meta):
         "sha256": sha256_file(path),
         "meta": meta,
         "report": mask_report(mask),
-    })
+    }, sealed=True)
 
 
 def load_mask(path):
@@ -237,11 +238,11 @@ def load_mask(path):
     if not path.exists():
         raise FileNotFoundError(f"mask file {path} does not exist")
     try:
-        info = json.loads(report_path.read_text())
+        info = read_json(report_path)
         expected_sha = info["sha256"]
         layers = info["report"]["layers"]
         meta = info["meta"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, CorruptArtifactError) as exc:
         raise CorruptArtifactError(
             f"mask report {report_path} is missing or unreadable ({type(exc).__name__}: {exc}); "
             f"delete {path} and recompute"

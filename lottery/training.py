@@ -26,7 +26,8 @@ import numpy as np
 from keras import ops
 
 from lottery.config import ExperimentConfig, Step
-from lottery.files import load_arrays, save_arrays, write_csv
+from lottery.errors import CorruptArtifactError
+from lottery.files import load_arrays, remove_arrays, save_arrays, write_csv
 
 log = logging.getLogger("lottery")
 
@@ -141,6 +142,12 @@ def save_checkpoint(path: str | Path, model: keras.Model, *, step: int, steps_pe
 def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = True, optimizer: bool = True) -> dict:
     """Restore a checkpoint into a compiled model; every variable must match by path and shape."""
     arrays, meta = load_arrays(path)
+    restore_checkpoint(model, arrays, path, weights=weights, optimizer=optimizer)
+    return meta
+
+
+def restore_checkpoint(model: keras.Model, arrays: dict, path, *, weights: bool = True, optimizer: bool = True) -> None:
+    """Assign the arrays of a checkpoint read from ``path`` to the model's (and optimizer's) variables."""
     targets = []
     if weights:
         targets += [(f"model:{v.path}", v) for v in model.weights]
@@ -154,14 +161,33 @@ def load_checkpoint(path: str | Path, model: keras.Model, *, weights: bool = Tru
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(f"checkpoint {path}: {key} has shape {value.shape}, the model expects {tuple(variable.shape)}")
         variable.assign(value)
-    return meta
 
 
-def resume_point(checkpoint: Path, model: keras.Model) -> tuple[int, list[dict]] | None:
-    """(step, history) of an interrupted run's checkpoint, restored into ``model``; None if there is none."""
+def read_resume_checkpoint(checkpoint: Path, label: str) -> tuple[dict, dict] | None:
+    """(arrays, meta) of an interrupted run's epoch checkpoint; None when there is none, or when it
+    is damaged: then it is named in the log and deleted, and the run starts over (never resumes
+    from a state it cannot trust)."""
     if not checkpoint.exists():
         return None
-    meta = load_checkpoint(checkpoint, model)
+    try:
+        return load_arrays(checkpoint)
+    except CorruptArtifactError as exc:
+        log.warning("%s: the resume checkpoint is damaged, not using it; starting over: %s", label, exc)
+        remove_arrays(checkpoint)
+        return None
+
+
+def resume_point(checkpoint: Path, model: keras.Model, label: str = "train", metrics: Path | None = None) -> tuple[int, list[dict]] | None:
+    """(step, history) of an interrupted run's checkpoint, restored into ``model``; None if there is
+    none or it is damaged (`read_resume_checkpoint`). ``metrics``: rewritten from the checkpoint's
+    history, so that it matches the state the run resumes from."""
+    found = read_resume_checkpoint(checkpoint, label)
+    if found is None:
+        return None
+    arrays, meta = found
+    restore_checkpoint(model, arrays, checkpoint)
+    if metrics is not None:
+        write_metrics(metrics, meta["history"])
     return meta["step"], meta["history"]
 
 
