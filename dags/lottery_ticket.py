@@ -1,6 +1,6 @@
 """One lottery-ticket experiment (Frankle & Carbin; late resetting) per DAG run.
 
-validate_config -> fetch_dataset -> preprocess (Spark) -> prepare_workdir -> train_dense -> make_masks
+validate_config -> fetch_dataset -> preprocess (Spark, when the data needs writing) -> prepare_workdir -> train_dense -> make_masks
     -> late_reset[mask x rewind point, or groups of tickets_per_task masks]  (+ plan_controls -> controls[...])
     -> report (all_done) -> check_results
 
@@ -17,11 +17,11 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import TriggerRule, dag, task
 
 from lottery.dag import tasks
 from lottery.dag.params import PARAMS
+from lottery.dag.preprocess import PreprocessOperator
 from lottery.dag.tasks import CONTROL_LABEL, TICKET_LABEL
 from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO, RETRIES, RETRY_DELAY, SPARK_CONN_ID
 
@@ -154,7 +154,7 @@ def lottery_ticket():
     checked = validate_config()
     plan = checked["plan"]
     fetched = fetch_dataset(checked["dataset"], checked["source_dir"], checked["dataset_limit"])
-    preprocess = SparkSubmitOperator(
+    preprocess = PreprocessOperator(
         task_id="preprocess",
         conn_id=SPARK_CONN_ID,
         application=str(REPO / "spark_jobs" / "preprocess_images.py"),
@@ -165,7 +165,8 @@ def lottery_ticket():
         trigger_rule=TriggerRule.NONE_FAILED,  # fetch_dataset is skipped for an image folder
         retries=1,
         retry_delay=timedelta(seconds=30),
-        doc_md="Spark job: image folder -> TFRecord shards + manifest.json (a no-op when the output exists).",
+        doc_md="Spark job: image folder -> TFRecord shards + manifest.json. Waits for another run writing the "
+               "same data; when the data is up to date, says so and starts no Spark.",
     )
     fetched >> preprocess
     prepared = prepare_workdir(plan, checked["data_dir"], checked["artifact_root"])

@@ -173,7 +173,10 @@ def test_mapped_tasks_and_their_names(dag):
 
 def test_spark_submit_task(dag):
     task = dag.get_task("preprocess")
-    assert type(task).__name__ == "SparkSubmitOperator"
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    # a SparkSubmitOperator that starts Spark only when the data needs writing (tests/test_concurrent_runs.py)
+    assert type(task).__name__ == "PreprocessOperator" and isinstance(task, SparkSubmitOperator)
     assert task.conn_id == "spark_default" if hasattr(task, "conn_id") else task._conn_id == "spark_default"
     assert task.application == str(ROOT / "spark_jobs" / "preprocess_images.py")
     assert Path(task.application).is_file()

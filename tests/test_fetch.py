@@ -50,7 +50,7 @@ def test_missing_source_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         fetch.export_fashion_mnist(tmp_path / "out", limit=3, source_dir=tmp_path)
     assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary directory left behind
+    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]  # no temporary directory left behind (the lock stays)
 
 
 @needs_source
@@ -82,7 +82,7 @@ def test_export_with_limit_writes_counts_labels_pixels_and_is_idempotent(tmp_pat
                 assert im.mode == "L" and np.array_equal(np.asarray(im), x[i])
     marker = json.loads((out / ".complete.json").read_text())
     assert marker["counts"] == {"train": 40, "val": 40} and marker["limit"] == 40
-    assert [p.name for p in tmp_path.iterdir()] == ["fmnist"]  # atomic: no tmp sibling left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fmnist.lock", "fmnist"]  # atomic: no tmp sibling left
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     caplog.clear()
@@ -94,7 +94,7 @@ def test_export_with_limit_writes_counts_labels_pixels_and_is_idempotent(tmp_pat
 
     other = fetch.export_fashion_mnist(out, limit=5, progress=False)  # another limit: replaced
     assert not other["already_exported"] and len(list((out / "val").glob("*/*.png"))) == 5
-    assert [p.name for p in tmp_path.iterdir()] == ["fmnist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fmnist.lock", "fmnist"]
 
 
 @needs_source

@@ -127,11 +127,11 @@ def _wait_dead(pids, seconds=5.0):
 
 def test_corrupt_shard_is_a_named_error_and_no_worker_hangs(tmp_path):
     d = make_synthetic_shards(tmp_path, 40, 4, shape=SHAPE, encoding="jpeg", num_shards={"train": 2, "val": 1})
+    ds = ArrayDataset(d, "train", workers=2)  # opened intact (a damaged shard is refused at open), damaged now
     shard = sorted(d.glob("train-*"))[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    ds = ArrayDataset(d, "train", workers=2)
     started = time.monotonic()
     with pytest.raises(CorruptDataError, match=rf"{shard.name}: corrupt record at byte offset \d+") as info:
         list(ds.batches(4, seed=0, epoch=0))
@@ -146,9 +146,9 @@ def test_truncated_shard_and_a_dead_worker_are_errors(tmp_path):
     from lottery.data.workers import WorkerError
 
     d = make_synthetic_shards(tmp_path, 40, 4, shape=SHAPE, encoding="jpeg", num_shards={"train": 2, "val": 1})
+    ds = ArrayDataset(d, "train", workers=2)  # opened intact, truncated while open
     shard = sorted(d.glob("train-*"))[0]
     shard.write_bytes(shard.read_bytes()[:-7])
-    ds = ArrayDataset(d, "train", workers=2)
     with pytest.raises(CorruptDataError, match=rf"{shard.name}: truncated record at byte offset \d+"):
         list(ds.batches(4, seed=0, epoch=0))
     ds.close()

@@ -218,11 +218,13 @@ def test_other_encodings(tmp_path, encoding):
 
 def test_corrupt_shard_fails_loudly(tmp_path):
     d = make_synthetic_shards(tmp_path, 10, 4)
+    ds = ShardedDataset(d, "train")  # opened intact, damaged while open: the record CRCs catch it
     shard = d / "train-00000-of-00002.tfrecord"
     raw = bytearray(shard.read_bytes())
     raw[30] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    ds = ShardedDataset(d, "train")
+    with pytest.raises(CorruptDataError, match="train-00000-of-00002.tfrecord: damaged shard"):
+        ShardedDataset(d, "train")  # opened damaged: refused at once (tests/test_concurrency.py)
     with pytest.raises(CorruptDataError, match="train-00000-of-00002.tfrecord"):
         ds.verify()
     with pytest.raises(tf.errors.DataLossError):

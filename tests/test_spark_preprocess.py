@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -53,14 +55,18 @@ def spark_env() -> dict:
     return env
 
 
+def spark_submit_cmd(*args, master: str = "local[2]", extra: tuple = ()) -> list[str]:
+    return [str(Path(sys.executable).parent / "spark-submit"), "--master", master,
+            "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=1g",
+            # short runs: the C1 JIT alone costs about half the CPU of the default tiered JIT
+            "--conf", f"spark.driver.extraJavaOptions={FAST_JVM}",
+            "--conf", f"spark.executor.extraJavaOptions={FAST_JVM}",
+            *extra, str(JOB), *[str(a) for a in args]]
+
+
 def spark_submit(*args, master: str = "local[2]", extra: tuple = (), timeout: float = 400,
                  cwd: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master,
-           "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=1g",
-           # short runs: the C1 JIT alone costs about half the CPU of the default tiered JIT
-           "--conf", f"spark.driver.extraJavaOptions={FAST_JVM}",
-           "--conf", f"spark.executor.extraJavaOptions={FAST_JVM}",
-           *extra, str(JOB), *[str(a) for a in args]]
+    cmd = spark_submit_cmd(*args, master=master, extra=extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=spark_env(), timeout=timeout,
                           cwd=str(cwd or ROOT))
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
@@ -367,12 +373,48 @@ def test_sharded_dataset_reads_the_output(fm_run):
     assert sorted(labels.tolist()) == sorted(source_labels.tolist())
 
 
+def _data_files(out: Path) -> dict:
+    """The data set's files (not the hidden record of verified shards) with their mtime and inode."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir() if not p.name.startswith(".")}
+
+
 def test_second_run_is_a_noop(fm_run, fm_root):
     out, _ = fm_run
-    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()}
+    before = _data_files(out)
     proc = check(spark_submit("--input", fm_root, "--output", out))
     assert "already up to date" in proc.stdout
-    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()} == before
+    assert "session ready" not in proc.stdout  # checked before a Spark session is created
+    assert _data_files(out) == before
+
+
+def test_a_job_waits_for_another_writing_the_output(fm_run, fm_root, tmp_path):
+    """Another job holds the output's lock: with a short --lock-timeout this one fails (exit 2) naming
+    the holder; by default it waits (logged), and once the holder is gone finds the output up to date
+    and exits 0 without a Spark session."""
+    from tests.lockholder import hold_lock
+
+    out, _ = fm_run
+    copy = tmp_path / "fm_data"
+    shutil.copytree(out, copy)
+    holder = hold_lock(copy.parent / f".{copy.name}.lock", 600)
+    try:
+        refused = check(spark_submit("--input", fm_root, "--output", copy, "--lock-timeout", "0.5"), rc=2)
+        assert "another preprocessing job is writing" in refused.output and "the test's holder" in refused.output
+        job = subprocess.Popen(spark_submit_cmd("--input", fm_root, "--output", copy), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=spark_env(), cwd=str(ROOT))
+        lines = []
+        for line in job.stdout:  # the holder finishes once the job says it waits
+            lines.append(line)
+            if "waiting for" in line:
+                holder.kill()
+        assert job.wait(timeout=120) == 0, "".join(lines)[-4000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    log = "".join(lines)
+    assert "waiting for the test's holder" in log
+    assert re.search(r"got the lock \S+ after waiting \d+\.\d s", log)
+    assert "already up to date" in log and "session ready" not in log
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DataFormatError
 from .manifest import MANIFEST_NAME, read_manifest, shard_paths, verify_dataset
+from .verify import verify_shards
 
 log = logging.getLogger("lottery.data")
 
@@ -207,9 +208,8 @@ class SplitReader:
         self.split = split
         self.cache = bool(cache)
         self.files = shard_paths(self.data_dir, self.manifest, split)
-        for path in self.files:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard of split {split!r} listed in {MANIFEST_NAME} is missing")
+        # never train on a damaged shard: sizes always, sha256 once per file version (lottery.data.verify)
+        verify_shards(self.data_dir, self.manifest, [split])
         self.num_examples = int(self.manifest["splits"][split]["count"])
         self.image_shape = tuple(int(v) for v in self.manifest["image_shape"])
         self.classes = list(self.manifest["classes"])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lottery.files import publish_dir
+from lottery.locks import lock_path, wait_lock
 
 log = logging.getLogger("lottery.data")
 
@@ -142,7 +143,8 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
     """Write Fashion-MNIST as `out_dir/{train,val}/<NN_class>/<index>.png` (val = t10k).
 
     `limit` keeps the first N images of each split.  Idempotent: when `out_dir` already holds a
-    complete export with the same limit, returns at once ("already exported").  Atomic: written
+    complete export with the same limit, returns at once ("already exported"); one export at a time
+    per `out_dir` (a concurrent caller waits for it, `lottery.locks`, then finds it done).  Atomic: written
     into a temporary sibling `.<name>.tmp-<pid>` and renamed; an existing export with another
     limit is replaced, any other non-empty `out_dir` raises FileExistsError.
 
@@ -160,7 +162,21 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
         raise FileExistsError(f"{out_dir}: exists, is not empty and is not a Fashion-MNIST export; "
                               f"refusing to replace it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Runs sharing an artifact root export once: the others wait here, then find it done.
+    with wait_lock(lock_path(out_dir), f"Fashion-MNIST export to {out_dir}", log=log) as waited:
+        marker = _is_complete(out_dir, limit)
+        if marker:
+            log.info("Fashion-MNIST exported to %s by another run while this one waited %.1f s", out_dir, waited)
+            return _summary(out_dir, marker, already=True, duration=time.monotonic() - start)
+        marker = _export_locked(out_dir, limit, source_dir, progress)
+    summary = _summary(out_dir, marker, already=False, duration=time.monotonic() - start)
+    log.info("exported Fashion-MNIST to %s: train=%d val=%d in %.1fs", out_dir, summary["train"],
+             summary["val"], summary["duration_s"])
+    return summary
+
+
+def _export_locked(out_dir: Path, limit: int | None, source_dir, progress: bool) -> dict:
+    """The export into a temporary sibling, swapped in; returns its marker (the caller holds the lock)."""
     _clean_stale_tmp(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -171,10 +187,7 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    summary = _summary(out_dir, marker, already=False, duration=time.monotonic() - start)
-    log.info("exported Fashion-MNIST to %s: train=%d val=%d in %.1fs", out_dir, summary["train"],
-             summary["val"], summary["duration_s"])
-    return summary
+    return marker
 
 
 def _write_export(tmp: Path, out_dir: Path, limit: int | None, source_dir, progress: bool) -> dict:

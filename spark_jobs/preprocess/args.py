@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="fail when more than this fraction of the input files is unusable")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another job writing the same output, then fail "
+                        "(default: $LOTTERY_DATA_LOCK_TIMEOUT or 1800)")
     p.add_argument("--progress-interval", type=float, default=15.0, metavar="SECONDS",
                    help="log progress of the running stage this often (0: never)")
     return p.parse_args(argv)
@@ -83,6 +86,8 @@ def validate(args: argparse.Namespace) -> JobConfig:
         raise InputError(f"--num-shards must be at least 1, got {args.num_shards}")
     if args.num_shards is None and not args.shard_mb > 0:
         raise InputError(f"--shard-mb must be positive, got {args.shard_mb}")
+    if args.lock_timeout is not None and not args.lock_timeout >= 0:
+        raise InputError(f"--lock-timeout must be a number of seconds >= 0, got {args.lock_timeout}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise InputError(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
 

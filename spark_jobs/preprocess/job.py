@@ -1,4 +1,4 @@
-"""The job: list -> up to date? -> probe and plan -> decode and write shards -> manifest -> publish.
+"""The job: wait for the output -> up to date? (no Spark) -> list -> probe and plan -> decode and write shards -> manifest -> publish.
 
 `main(argv)` is the command line of spark_jobs/preprocess_images.py (exit status 0 done or
 already up to date, 1 the data failed a check, 2 bad arguments or paths: nothing written).
@@ -21,7 +21,7 @@ from lottery.files import publish_dir
 from .args import JobConfig, effective_options, parse_args, validate
 from .errors import EXIT_DATA, EXIT_OK, EXIT_USAGE, DataError, InputError
 from .images import Transform
-from .listing import class_dirs, list_inputs
+from .listing import class_dirs, list_inputs, local_fingerprint
 from .publish import new_staging_dir, output_lock, remove_stale, up_to_date
 from .sharding import SPLITS, ShardPlan
 from .spark import create_session, ship_code, uri
@@ -81,8 +81,10 @@ def run(cfg: JobConfig, t_start: float) -> int:
              split_desc, cfg.output)
     log.info("options: %s", json.dumps({k: v for k, v in vars(a).items() if k not in ("input", "output")},
                                        sort_keys=True))
-    with output_lock(cfg.output), tempfile.TemporaryDirectory(prefix="preprocess-images-") as tmp:
+    with output_lock(cfg.output, a.lock_timeout), tempfile.TemporaryDirectory(prefix="preprocess-images-") as tmp:
         remove_stale(cfg.output)
+        if not a.force and already_up_to_date(cfg, options):
+            return EXIT_OK
         t_session0 = time.time()
         spark = create_session()
         try:
@@ -98,10 +100,20 @@ def run(cfg: JobConfig, t_start: float) -> int:
             spark.stop()
 
 
+def already_up_to_date(cfg: JobConfig, options: dict) -> bool:
+    """The output was made from this input with these options and is intact: checked without Spark
+    (also by the DAG's preprocess task before it starts spark-submit), logged for people."""
+    existing = up_to_date(cfg.output, lambda: local_fingerprint(cfg), options)
+    if existing is None:
+        return False
+    log.info("already up to date: %s (dataset_id %s, input fingerprint %s); nothing to do",
+             cfg.output, existing["dataset_id"], existing["input_fingerprint"]["sha256"][:12])
+    print(f"already up to date: {cfg.output}", flush=True)
+    return True
+
+
 def _run_with_spark(job: _Run) -> int:
     listing = _list(job)
-    if not job.cfg.args.force and _already_up_to_date(job, listing):
-        return EXIT_OK
     t, decision, plan = _probe_and_plan(job, listing)
     manifest = _write(job, t, plan, listing, decision)
     _log_done(job, listing, manifest)
@@ -123,16 +135,6 @@ def _list(job: _Run) -> dict:
     if listing["readable"] == 0:
         raise InputError(f"no (non-empty) files in the class folders of {cfg.root / 'train'}")
     return listing
-
-
-def _already_up_to_date(job: _Run, listing: dict) -> bool:
-    existing = up_to_date(job.cfg.output, listing["fingerprint"], job.options)
-    if existing is None:
-        return False
-    log.info("already up to date: %s (dataset_id %s, input fingerprint %s); nothing to do",
-             job.cfg.output, existing["dataset_id"], listing["fingerprint"][:12])
-    print(f"already up to date: {job.cfg.output}", flush=True)
-    return True
 
 
 def _probe_and_plan(job: _Run, listing: dict) -> tuple[Transform, dict, ShardPlan]:

@@ -118,12 +118,14 @@ def class_dirs(cfg: JobConfig) -> list[str]:
     return dirs
 
 
-def list_inputs(spark, cfg: JobConfig) -> dict:
-    """Listing, fingerprint, counts and the probe sample of the input (no file contents read)."""
+def _lister_kw(cfg: JobConfig) -> dict:
     a = cfg.args
-    lister_kw = {"derived_val": cfg.derived_val, "val_fraction": a.val_fraction, "seed": a.seed,
-                 "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE}
-    # Files directly in train/ or val/ (not in a class folder), on the driver: few and cheap.
+    return {"derived_val": cfg.derived_val, "val_fraction": a.val_fraction, "seed": a.seed,
+            "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE}
+
+
+def _top_level(cfg: JobConfig, lister_kw: dict) -> dict:
+    """Files directly in train/ or val/ (not in a class folder), on the driver: few and cheap."""
     top = _Lister(**lister_kw)
     for split in SPLITS:
         d = cfg.root / split
@@ -134,16 +136,34 @@ def list_inputs(spark, cfg: JobConfig) -> dict:
                 continue
             st = e.stat()
             top.add(f"{split}/{e.name}", st.st_size, st.st_mtime_ns)
-    dirs = class_dirs(cfg)
-    sc = spark.sparkContext
-    root = str(cfg.root)
-    n = max(1, min(len(dirs), sc.defaultParallelism * PARTITIONS_PER_CORE))
-    walked = sc.parallelize(dirs, n).mapPartitions(
-        lambda part: _walk_partition(part, root=root, lister_kw=lister_kw))
-    listing = _merge_listing(top.result(), walked.fold(_new_listing(), _merge_listing))
+    return top.result()
+
+
+def _finish(listing: dict) -> dict:
+    """The fingerprint of the merged listing; the sample as relative paths; skips sorted."""
     fp = hashlib.sha256(json.dumps([listing["files"], listing["bytes"], f"{listing['fp']:032x}"])
                         .encode("ascii")).hexdigest()
     listing["fingerprint"] = fp
     listing["sample"] = [rel for _, rel in listing["sample"]]
     listing["skipped"].sort(key=lambda s: s["path"])
     return listing
+
+
+def list_inputs(spark, cfg: JobConfig) -> dict:
+    """Listing, fingerprint, counts and the probe sample of the input (no file contents read)."""
+    lister_kw = _lister_kw(cfg)
+    dirs = class_dirs(cfg)
+    sc = spark.sparkContext
+    root = str(cfg.root)
+    n = max(1, min(len(dirs), sc.defaultParallelism * PARTITIONS_PER_CORE))
+    walked = sc.parallelize(dirs, n).mapPartitions(
+        lambda part: _walk_partition(part, root=root, lister_kw=lister_kw))
+    return _finish(_merge_listing(_top_level(cfg, lister_kw), walked.fold(_new_listing(), _merge_listing)))
+
+
+def local_fingerprint(cfg: JobConfig) -> str:
+    """The input fingerprint of `list_inputs`, walked in this process (no Spark): what the
+    "already up to date" check compares before a Spark session is started."""
+    lister_kw = _lister_kw(cfg)
+    walked = next(_walk_partition(class_dirs(cfg), root=str(cfg.root), lister_kw=lister_kw))
+    return _finish(_merge_listing(_top_level(cfg, lister_kw), walked))["fingerprint"]

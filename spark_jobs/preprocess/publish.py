@@ -1,4 +1,5 @@
-"""The output directory: one job at a time, a staging sibling, the atomic swap, "up to date".
+"""The output directory: one job at a time (the others wait), a staging sibling, the atomic swap,
+"up to date" (no Spark needed).
 
 The job writes into `DATA_DIR.staging-<hex>` and `lottery.files.publish_dir` swaps it in (the old
 copy goes aside as `DATA_DIR.old-<hex>` and is deleted); `remove_stale` deletes what an
@@ -7,15 +8,17 @@ interrupted run left behind.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from lottery.data.errors import CorruptDataError
 from lottery.data.manifest import MANIFEST_NAME, read_manifest
+from lottery.data.verify import verify_shards
+from lottery.locks import LockTimeout, lock_path, wait_lock
 
 from .errors import InputError
 
@@ -23,19 +26,14 @@ log = logging.getLogger("preprocess_images")
 
 
 @contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """One job at a time per output (an flock on a hidden sibling file)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = output.parent / f".{output.name}.lock"
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"another preprocessing job is writing {output} (lock {lock_path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def output_lock(output: Path, timeout: float | None = None) -> Iterator[float]:
+    """One job at a time per output (an flock on the hidden sibling ``.<name>.lock``): a job that
+    finds another writing waits for it (up to ``timeout`` s, logged) and yields the seconds waited."""
+    try:
+        with wait_lock(lock_path(output), f"preprocessing job writing {output}", timeout=timeout, log=log) as waited:
+            yield waited
+    except LockTimeout as e:
+        raise InputError(f"another preprocessing job is writing {output}: {e}") from None
 
 
 def staging_dirs(output: Path) -> list[Path]:
@@ -59,9 +57,11 @@ def new_staging_dir(output: Path) -> Path:
     return staging
 
 
-def up_to_date(output: Path, input_fp: str, options: dict) -> dict | None:
-    """The existing manifest when it was made from the same input and options and every shard
-    is there with its size; else None."""
+def up_to_date(output: Path, input_fingerprint: Callable[[], str], options: dict) -> dict | None:
+    """The existing manifest when it was made with the same options from the same input and every
+    shard is intact (size, and sha256 once per file version: lottery.data.verify); else None.
+    Needs no Spark: ``input_fingerprint()`` (a walk of the input, listing.local_fingerprint) is
+    called last, only when everything else matches."""
     if not (output / MANIFEST_NAME).is_file():
         return None
     try:
@@ -69,16 +69,15 @@ def up_to_date(output: Path, input_fp: str, options: dict) -> dict | None:
     except Exception as e:  # unreadable or old format: rebuild
         log.info("existing %s is not usable (%s): rebuilding", output / MANIFEST_NAME, e)
         return None
-    if (manifest.get("input_fingerprint") or {}).get("sha256") != input_fp:
-        log.info("input changed since %s was written: rebuilding", output)
-        return None
     if manifest.get("options") != options:
         log.info("options changed since %s was written: rebuilding", output)
         return None
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            p = output / shard["file"]
-            if not p.is_file() or p.stat().st_size != shard["bytes"]:
-                log.info("%s is missing or has the wrong size: rebuilding", p)
-                return None
+    try:
+        verify_shards(output, manifest, manifest["splits"])
+    except (OSError, CorruptDataError) as e:
+        log.warning("%s: rebuilding", str(e).split("; ")[0])
+        return None
+    if (manifest.get("input_fingerprint") or {}).get("sha256") != input_fingerprint():
+        log.info("input changed since %s was written: rebuilding", output)
+        return None
     return manifest

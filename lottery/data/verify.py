@@ -1,0 +1,102 @@
+"""Shards checked against the manifest where the data is opened: sizes always, sha256 once per file version.
+
+Every ticket group opens the data in a new process, so hashing every shard at every open would cost
+each process a full read of the data set (Fashion-MNIST: cheap; ImageNet: minutes). A shard whose
+sha256 matched is recorded in ``<data_dir>/.verified.json`` under its file version, (size,
+mtime_ns, ctime_ns, inode): any write to the file, a replacement or a ``touch`` changes that
+version (the ctime cannot be set back from user space), and the shard is hashed again. A read-only
+data directory keeps no record and is hashed at every open.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from lottery.files import sha256_file
+
+from .errors import CorruptDataError
+from .manifest import MANIFEST_NAME
+
+log = logging.getLogger("lottery.data")
+
+STAMP_NAME = ".verified.json"
+
+
+def redo_hint(data_dir: Path) -> str:
+    """What to do about a damaged data set."""
+    return (f"preprocess the data again: clear the run's preprocess task (with downstream), or run "
+            f"spark_jobs/preprocess_images.py with --force, or delete {data_dir}")
+
+
+def _version(st: os.stat_result, sha256: str) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, sha256]
+
+
+def _read_stamp(data_dir: Path, dataset_id: str) -> dict:
+    try:
+        stamp = json.loads((data_dir / STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stamp, dict) or stamp.get("dataset_id") != dataset_id or not isinstance(stamp.get("shards"), dict):
+        return {}
+    return stamp["shards"]
+
+
+def _write_stamp(data_dir: Path, dataset_id: str, shards: dict) -> None:
+    """Atomically (several processes may verify at once: the last complete record wins)."""
+    path = data_dir / STAMP_NAME
+    tmp = path.with_name(f"{STAMP_NAME}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"dataset_id": dataset_id, "shards": shards}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only data directory: hash at every open
+        log.info("not recording verified shards in %s (%s): they are hashed at every open", path, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def check_shard(path: Path, entry: Mapping, split: str, recorded: list | None = None) -> list:
+    """One shard against its manifest entry: its version (see the module doc) when intact; raises
+    ``FileNotFoundError`` or ``CorruptDataError`` naming the shard and what to do."""
+    data_dir = path.parent
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard of split {split!r} listed in {MANIFEST_NAME} is missing; "
+                                f"{redo_hint(data_dir)}")
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        raise CorruptDataError(f"{path}: damaged shard of split {split!r}: {st.st_size:,} bytes, {MANIFEST_NAME} "
+                               f"says {entry['bytes']:,}; {redo_hint(data_dir)}", path=path)
+    version = _version(st, entry["sha256"])
+    if recorded == version:
+        return version
+    if sha256_file(path) != entry["sha256"]:
+        raise CorruptDataError(f"{path}: damaged shard of split {split!r}: its sha256 differs from {MANIFEST_NAME} "
+                               f"(same size, {st.st_size:,} bytes); {redo_hint(data_dir)}", path=path)
+    return version
+
+
+def verify_shards(data_dir: str | os.PathLike, manifest: Mapping, splits: Iterable[str]) -> dict:
+    """Check every shard of ``splits``: present, the manifest's size, and its sha256 unless this file
+    version was verified before. Returns ``{"shards", "hashed", "bytes_hashed", "seconds"}``."""
+    data_dir, started = Path(data_dir), time.perf_counter()
+    recorded = _read_stamp(data_dir, manifest["dataset_id"])
+    fresh = dict(recorded)
+    hashed = bytes_hashed = shards = 0
+    for split in splits:
+        for entry in manifest["splits"][split]["shards"]:
+            shards += 1
+            version = check_shard(data_dir / entry["file"], entry, split, recorded.get(entry["file"]))
+            if recorded.get(entry["file"]) != version:
+                fresh[entry["file"]] = version
+                hashed += 1
+                bytes_hashed += entry["bytes"]
+    if fresh != recorded:
+        _write_stamp(data_dir, manifest["dataset_id"], fresh)
+    seconds = time.perf_counter() - started
+    if hashed:
+        log.info("verified %d of %d shards of %s (%.1f MB hashed in %.2f s)", hashed, shards, data_dir,
+                 bytes_hashed / 1e6, seconds)
+    return {"shards": shards, "hashed": hashed, "bytes_hashed": bytes_hashed, "seconds": seconds}

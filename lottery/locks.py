@@ -1,0 +1,106 @@
+"""Waiting for a writer of shared data: an flock held for the write, waited for with a bound.
+
+Runs that share an artifact root share its data (``sources/``, ``data/``): the first one writes
+it, the others wait for it and then find it done. ``wait_lock`` polls a non-blocking flock (so the
+wait is bounded and can say who it waits for), logs when it starts waiting and how long it
+waited, and records its holder (pid, host, what, since) in the lock file for the next waiter's
+log line. The lock dies with its holder's process: a killed writer never blocks anyone.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+# How long a run waits for another run writing the same data (seconds); the env var wins.
+LOCK_TIMEOUT_ENV = "LOTTERY_DATA_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 1800.0
+POLL_S = 0.5
+
+
+class LockTimeout(TimeoutError):
+    """Another process held the lock for longer than the wait allows."""
+
+
+def lock_timeout(default: float = DEFAULT_LOCK_TIMEOUT) -> float:
+    """The wait bound: ``LOTTERY_DATA_LOCK_TIMEOUT`` seconds, else ``default``."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected a number of seconds") from None
+
+
+def lock_path(target: str | os.PathLike, kind: str = "lock") -> Path:
+    """The hidden sibling lock file of a directory: ``<parent>/.<name>.<kind>``."""
+    target = Path(target)
+    return target.parent / f".{target.name}.{kind}"
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+        return f"{info['what']} (pid {info['pid']} on {info['host']}, since {since})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _record_holder(f, what: str) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+    f.flush()
+
+
+@contextlib.contextmanager
+def wait_lock(path: str | os.PathLike, what: str, *, timeout: float | None = None,
+              log: logging.Logger | None = None) -> Iterator[float]:
+    """Hold the flock on ``path`` for the block; yields the seconds waited for it.
+
+    ``what`` says what the holder does ("writing /a/data/x"): the waiters' log names it.
+    Raises ``LockTimeout`` after ``timeout`` seconds (default ``lock_timeout()``) of waiting."""
+    log = log or logging.getLogger("lottery")
+    timeout = lock_timeout() if timeout is None else float(timeout)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        started = time.monotonic()
+        waited = _acquire(f, path, timeout, log)
+        _record_holder(f, what)
+        if waited:
+            log.info("got the lock %s after waiting %.1f s", path, waited)
+        try:
+            yield waited
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+            log.debug("released %s after %.1f s", path, time.monotonic() - started)
+
+
+def _acquire(f, path: Path, timeout: float, log: logging.Logger) -> float:
+    """Take the flock, waiting up to ``timeout`` s; the seconds waited (0.0 when it was free)."""
+    started = time.monotonic()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return 0.0
+    except BlockingIOError:
+        pass
+    holder = _holder(path)
+    log.info("waiting for %s to finish (lock %s; waiting up to %.0f s, %s)", holder, path, timeout, LOCK_TIMEOUT_ENV)
+    while True:
+        time.sleep(POLL_S)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return time.monotonic() - started
+        except BlockingIOError:
+            if time.monotonic() - started > timeout:
+                raise LockTimeout(f"waited {timeout:.0f} s for {holder} to release {path}; it is still running: "
+                                  f"wait for it and run again, or raise {LOCK_TIMEOUT_ENV}") from None
