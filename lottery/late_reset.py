@@ -269,7 +269,9 @@ class LateReset:
         it, log the start line: (mask, start step, history so far, mask report)."""
         import keras
 
-        keras.utils.set_random_seed(self.cfg.seed)  # as a fresh process: training draws no other randomness
+        from lottery.models import set_random_seed
+
+        set_random_seed(self.cfg.seed)  # as a fresh process: training draws no other randomness
         mask = self.load_ticket_mask()
         start, history = self.start_point(model, train)
         report = self.apply_ticket_mask(model, mask)

@@ -19,7 +19,10 @@ Models:
 No model has dropout: training must be exactly reproducible.
 """
 
+import random
+
 import keras
+import numpy as np
 from keras import layers
 
 # Untruncated normals, as `torch.nn.init.xavier_normal_` / `kaiming_normal_`.
@@ -235,8 +238,33 @@ def build_model(name, input_shape, num_classes, *, seed):
         raise ValueError(f"input_shape must be (height, width, channels); got {input_shape}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be at least 2; got {num_classes}")
-    keras.utils.set_random_seed(int(seed))
+    set_random_seed(int(seed))
     return MODELS[name](input_shape, int(num_classes))
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed`, without importing TensorFlow on the other backends.
+
+    Keras' own imports TensorFlow whenever it is installed, to seed `tf.random`: 3.3 s of a JAX
+    process on a 2-core CPU, for a module nothing on JAX uses (only `lottery.data` uses
+    TensorFlow, and draws no TF randomness). On any other backend, or with TensorFlow imported already,
+    Keras' function runs as it is. On JAX this does what it does for Python, numpy and Keras'
+    global seed (the same draws: tests/test_jax_backend.py)."""
+    import sys
+
+    if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    # What keras.utils.set_random_seed does first (Keras 3.15): the seed, recorded; the global
+    # SeedGenerator dropped, to be recreated from it.
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 # --- prunable weights --------------------------------------------------------

@@ -30,7 +30,9 @@ def session(cfg: ExperimentConfig, threads: int | None) -> Iterator[int]:
     runtime.configure_threads(threads)
     runtime.enable_determinism()
     keras.mixed_precision.set_global_policy(cfg.precision_policy())
-    keras.utils.set_random_seed(cfg.seed)
+    from lottery.models import set_random_seed
+
+    set_random_seed(cfg.seed)
     with runtime.distribution_scope():
         yield runtime.num_replicas()
 
