@@ -1,0 +1,115 @@
+"""Issue 11, fault 5: three runs triggered at once on one artifact root all succeed.
+
+The real scheduler (LocalExecutor, 4 slots), API server and dag-processor on a throwaway home
+(``lottery.deploy.airflow_home.LocalAirflow``, as ``make run``), three runs of a tiny experiment with
+different seeds on one artifact root, triggered through the REST API one right after the other.
+They share the Fashion-MNIST export and the preprocessed data: one run writes each, the others wait
+for it and find it done; no task is retried. About 3-4 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from lottery.deploy import airflow_home
+from lottery.deploy.constants import DAG_ID
+from lottery.deploy.supervisor import free_port
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "dataset_limit": 200,
+    "training_steps": "1ep",
+    "lr_milestones": [],
+    "batch_size": 32,
+    "rewind_points": ["0it"],
+    "sparsities": [0.5],
+    "controls": False,
+}
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture
+def airflow(tmp_path, monkeypatch):
+    """A started Airflow on a fresh home whose runs may write in ``tmp_path``; stopped afterwards."""
+    for name in list(os.environ):
+        if name.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(tmp_path))
+    home = tmp_path / "home"
+    airflow_home.init(home, parallelism=4, quiet=True)
+    local = airflow_home.LocalAirflow(home, free_port(), parallelism=4)
+    local.start("api-server", "scheduler", "dag-processor")
+    try:
+        api = local.api()
+        dag = api.wait_ready(local.supervisor)
+        if dag.get("is_paused"):
+            api.patch(f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
+        yield local, api
+    finally:
+        local.stop()
+
+
+def task_log(home: Path, run_id: str, task_id: str) -> str:
+    logs = sorted((home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}").glob("attempt=*.log"))
+    return "\n".join(p.read_text(errors="replace") for p in logs)
+
+
+def wait_for_runs(api, run_ids: list[str], timeout: float = 900) -> dict[str, str]:
+    started, states = time.monotonic(), {}
+    while time.monotonic() - started < timeout:
+        states = {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}")[1].get("state") for r in run_ids}
+        if all(s in ("success", "failed") for s in states.values()):
+            return states
+        time.sleep(2)
+    pytest.fail(f"the runs did not finish within {timeout:.0f} s: {states}")
+
+
+def test_three_runs_at_once_on_one_artifact_root_all_succeed(airflow, tmp_path):
+    local, api = airflow
+    root = tmp_path / "artifacts"
+    triggered = time.monotonic()
+    run_ids = []
+    for seed in SEEDS:
+        status, run = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
+                               {"logical_date": None, "conf": {**TINY, "seed": seed, "artifact_root": str(root)}})
+        assert status in (200, 201), run
+        run_ids.append(run["dag_run_id"])
+    states = wait_for_runs(api, run_ids)
+    wall = time.monotonic() - triggered
+    logs = {r: {t: task_log(local.home, r, t) for t in ("fetch_dataset", "preprocess")} for r in run_ids}
+    assert states == {r: "success" for r in run_ids}, json.dumps(logs, indent=1)[-8000:]
+
+    # nothing collided: no task tried twice, nobody refused for a lock
+    for r in run_ids:
+        retried = [t["task_id"] for t in api.task_instances(r) if (t.get("try_number") or 1) > 1]
+        assert retried == [], (r, retried)
+    everything = "\n".join(log for per_run in logs.values() for log in per_run.values())
+    assert "another preprocessing job is writing" not in everything
+
+    # written once: one export, one Spark job; the others waited for it or found it done, without Spark
+    exports = [r for r in run_ids if "exported Fashion-MNIST to" in logs[r]["fetch_dataset"]]
+    writers = [r for r in run_ids if "starting spark-submit" in logs[r]["preprocess"]]
+    assert len(exports) == 1 and len(writers) == 1, logs
+    assert "done: 400 records written" in logs[writers[0]]["preprocess"]
+    readers = [r for r in run_ids if r not in writers]
+    waits = []
+    for r in readers:
+        log = logs[r]["preprocess"]
+        assert "is already up to date" in log and "Spark not started" in log, log
+        assert "spark-submit" not in log.replace("starting spark-submit", "") and "Spark-Submit cmd" not in log, log
+        waits.append(float(re.search(r"after waiting (\d+\.\d) s for another run", log).group(1)))
+    assert max(waits) > 0, "no run waited for the one writing the data: they did not overlap"
+    data = root / "data"
+    assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".")) == ["fashion_mnist-28px-c1-png-n200"]
+
+    # three experiments, each with its report
+    workdirs = sorted(p for p in root.iterdir() if p.name.startswith("lenet_300_100-"))
+    assert len(workdirs) == 3 and all((w / "report" / "report.md").is_file() for w in workdirs)
+    print(f"\nthree runs at once: {wall:.0f} s from the triggers to the last run's end; "
+          f"preprocess waits of the runs that did not write: {', '.join(f'{w:.1f} s' for w in waits)}")
