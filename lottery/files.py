@@ -177,18 +177,21 @@ def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
                               f"was removed; a previous copy, if any, is intact); free space and rerun", str(path))
 
 
-# The key of a sealed JSON object: the sha256 of the rest of it (``_content_sha256``). A bit flipped in
-# a result can leave valid JSON with another number in it; the seal tells.
+# The key of a sealed JSON object: the sha256 of the file's text with this value blank. A bit flipped
+# in a result can leave valid JSON with another number in it (or a digit that parses to the same
+# float): the seal tells, byte for byte.
 SEAL = "checksum"
+_BLANK_SEAL = "sha256:" + "0" * 64
 
 
 def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> None:
     """``data`` as JSON, atomically; ``sealed`` (a dict): with its own checksum, which `read_json`
     verifies, so that a changed byte is refused rather than read as another value."""
+    text = _json_text({**data, SEAL: _BLANK_SEAL} if sealed else data)
     if sealed:
-        data = {**data, SEAL: "sha256:" + _content_sha256(data)}
+        text = text.replace(f'"{_BLANK_SEAL}"', f'"sha256:{_sha256_text(text)}"', 1)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -196,21 +199,32 @@ def read_json(path: str | os.PathLike) -> Any:
     seal matches. Unreadable JSON or a seal that does not match raise CorruptArtifactError."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptArtifactError(f"{path} is not valid JSON ({exc}); delete it to recompute") from None
     if isinstance(data, dict) and SEAL in data:
         seal = data.pop(SEAL)
-        if seal != "sha256:" + _content_sha256(data):
+        blank = text.replace(f'"{seal}"', f'"{_BLANK_SEAL}"', 1) if isinstance(seal, str) else ""
+        if seal != f"sha256:{_sha256_text(blank)}":
             raise CorruptArtifactError(f"{path}: its content does not match its {SEAL} (modified or damaged); "
                                        "delete it to recompute")
+    elif isinstance(data, dict) and any(_looks_like_seal(value) for value in data.values()):
+        raise CorruptArtifactError(f"{path}: its {SEAL} is under another name (damaged); delete it to recompute")
     return data
 
 
-def _content_sha256(data: dict) -> str:
-    """The sha256 of ``data``'s canonical JSON (as it reads back: numpy values as plain numbers)."""
-    plain = json.loads(json.dumps(data, default=_json_default))
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _looks_like_seal(value: Any) -> bool:
+    """A seal whose key was damaged (an unsealed object has no such value at its top level)."""
+    return isinstance(value, str) and len(value) == len(_BLANK_SEAL) and value.startswith("sha256:")
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -61,7 +61,7 @@ def _existing_masks(workdir: Workdir, plan: RunPlan) -> tuple[list[dict[str, Any
             try:
                 _, meta = load_mask(path)  # verifies the checksum
             except CorruptArtifactError as exc:  # a mask is cheap to recompute: never use a damaged one
-                log.warning("masks: %s; recomputing it", exc)
+                log.warning("masks: %s is damaged, recomputing it: %s", spec.mask_id, exc)
             else:
                 descriptors.append(_descriptor(spec, meta))
                 continue
