@@ -2,6 +2,8 @@
 
     python -m lottery.deploy.cluster up   [--gpu-workers 1] [--port P] [--artifacts DIR]   # make cluster-up
     python -m lottery.deploy.cluster status
+    python -m lottery.deploy.cluster restart-worker NAME                                  # e.g. gpu-worker-1
+    python -m lottery.deploy.cluster add-worker [--gpu]                                   # gpu-worker-N / airflow-worker-N
     python -m lottery.deploy.cluster down [--drop]                                        # make cluster-down
     source build/cluster-local/env.sh   # the airflow CLI on this cluster
 
@@ -30,6 +32,8 @@ Every worker reports its own host name to Airflow (``gpu-worker-1``, ``airflow-w
 container id does under Docker. State (pids, database, Redis claim) is kept in
 ``<home>/cluster.json`` for ``status`` and ``down``; component logs in ``<home>/logs/<name>.log``.
 The processes run under ``lottery.deploy.supervisor``, as those of ``make run`` and ``make ui`` do.
+A worker restarted or added later is recorded there too. After a plain ``down`` the file stays,
+marked stopped, so that a later ``down --drop`` still knows which database to drop.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import shlex
 import socket
 import subprocess
@@ -52,9 +57,9 @@ from lottery.deploy.constants import (
     DAG_ID, DEFAULT_QUEUE, GPU_QUEUE, HEARTBEAT_CHECK_INTERVAL_S, POOL_SLOTS, REPO, TASK_HEARTBEAT_TIMEOUT_S,
 )
 from lottery.deploy.databases import (
-    claim_redis_db, create_database, database_url, drop_database, release_redis_db,
+    claim_redis_db, create_database, database_url, drop_database, pg_connect, release_redis_db,
 )
-from lottery.deploy.supervisor import Supervisor, alive, free_port, stop_groups, venv_bin
+from lottery.deploy.supervisor import Supervisor, alive, free_port, stop_groups, venv_bin, wait_until
 
 DEFAULT_HOME = REPO / "build" / "cluster-local"
 STATE_FILE = "cluster.json"
@@ -106,6 +111,10 @@ class State:
     artifact_root: str
     pids: dict[str, int] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
+    # name -> {"queue", "concurrency", "threads"}: what restart-worker starts again
+    workers: dict[str, dict] = field(default_factory=dict)
+    stopped: bool = False  # `down` ran; the database (and this record) stay until `down --drop`
+    redis_released: bool = False
 
     @property
     def api_url(self) -> str:
@@ -166,9 +175,14 @@ def cluster_env(home: Path, *, port: int, sql_alchemy_conn: str, result_backend:
 
 
 # ---- processes ---------------------------------------------------------------------------------
+class ClusterError(RuntimeError):
+    """A cluster command that cannot be done (no cluster, an unknown worker); the message says why."""
+
+
 class Cluster:
     """Start, check and stop the loopback cluster. ``start()`` returns when every component is up
-    and the DAG is parsed; ``stop()`` always stops every process group it started."""
+    and the DAG is parsed; ``stop()`` always stops every process group it started. ``attach()``
+    takes over a cluster that another process started (``restart-worker``, ``add-worker``)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
@@ -176,6 +190,17 @@ class Cluster:
         self.supervisor = Supervisor(self.home / "logs", on_change=self._save)
         self.state: State | None = None
         self.env: dict[str, str] = {}
+
+    @classmethod
+    def attach(cls, home: Path) -> "Cluster":
+        """The running cluster recorded in ``home/cluster.json``."""
+        state = load_state(home)
+        if state is None or state.stopped:
+            raise ClusterError(f"no running cluster on {home} (start one with `up`)")
+        cluster = cls(Settings(home=Path(home), artifact_root=Path(state.artifact_root)))
+        cluster.state = state
+        cluster.env = cluster._environment()
+        return cluster
 
     # -- lifecycle --
     def start(self, timeout: float = 600) -> State:
@@ -208,9 +233,41 @@ class Cluster:
         the metadata database when it was a throwaway one (or ``drop``)."""
         if self.state is None:
             return
+        for name, pid in self.state.pids.items():
+            if name in self.state.workers and alive(pid, self.state.started.get(name, 0.0)):
+                stop_worker_tree(pid)  # with the task processes Airflow put in groups of their own
         self.supervisor.stop()
+        # workers another process added or restarted are in the record, not in this supervisor
+        stop_groups(self.state.pids, self.state.started)
         cleanup(self.state, drop=drop)
         self._save(remove=True)
+
+    # -- workers --
+    def restart_worker(self, name: str, timeout: float = 180) -> int:
+        """Stop worker ``name`` (whatever it runs is lost: Airflow retries it when its heartbeat
+        stops) and start it again with the same queue and concurrency; returns its new pid."""
+        spec = self.state.workers.get(name)
+        if spec is None:
+            raise ClusterError(f"no worker {name!r} in {self.home / STATE_FILE}; workers: {', '.join(self.state.workers)}")
+        pid, started = self.state.pids.get(name), self.state.started.get(name, 0.0)
+        if pid and alive(pid, started):
+            stop_worker_tree(pid)
+        return self._start_worker(name, timeout=timeout, **spec)
+
+    def add_worker(self, *, gpu: bool, threads: int | None = None, timeout: float = 180) -> str:
+        """Start one more worker on the ``gpu`` queue (concurrency 1) or the ``default`` queue (as
+        the first default worker); returns its name (``gpu-worker-N``, ``airflow-worker-N``)."""
+        stem, queue = ("gpu-worker", GPU_QUEUE) if gpu else ("airflow-worker", DEFAULT_QUEUE)
+        siblings = [w for w in self.state.workers.values() if w["queue"] == queue]
+        concurrency = 1 if gpu else (siblings[0]["concurrency"] if siblings else self.s.default_concurrency)
+        if threads is None and siblings:
+            threads = siblings[0]["threads"]
+        n = 1 if gpu else 2  # the first default worker is plain "airflow-worker"
+        while f"{stem}-{n}" in self.state.workers:
+            n += 1
+        name = f"{stem}-{n}"
+        self._start_worker(name, queue=queue, concurrency=concurrency, threads=threads, timeout=timeout)
+        return name
 
     def api(self) -> Api:
         return Api(self.state.api_url, airflow_home.USER, airflow_home.password(self.home))
@@ -221,12 +278,16 @@ class Cluster:
         st = self.state
         create_database(st.pg_url, st.database)
         airflow_home.write_config(self.home, parallelism=32, port=st.port)
-        self.env = cluster_env(
+        self.env = self._environment()
+        self._write_env_sh()
+
+    def _environment(self) -> dict[str, str]:
+        st = self.state
+        return cluster_env(
             self.home, port=st.port, sql_alchemy_conn=database_url(st.pg_url, st.database),
             result_backend=database_url(st.pg_url, st.database, "db+postgresql+psycopg2"),
             broker_url=f"{st.redis_url.rstrip('/')}/{st.redis_db}", artifact_root=Path(st.artifact_root),
         )
-        self._write_env_sh()
 
     def _start_spark(self, deadline: float) -> None:
         s, st, sup = self.s, self.state, self.supervisor
@@ -273,12 +334,29 @@ class Cluster:
         sup.start("airflow-dag-processor", [airflow, "dag-processor"], self.env)
         if self.s.triggerer:
             sup.start("airflow-triggerer", [airflow, "triggerer"], self.env)
-        host = socket.gethostname()
-        workers = [("airflow-worker", DEFAULT_QUEUE, self.s.default_concurrency, None)]
-        workers += [(f"gpu-worker-{i}", GPU_QUEUE, 1, self.s.gpu_threads) for i in range(1, self.s.gpu_workers + 1)]
-        for name, queue, concurrency, threads in workers:
-            sup.start(name, [airflow, "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
-                             "--celery-hostname", f"{name}@{host}"], self._worker_env(name, concurrency, threads))
+        self._start_worker("airflow-worker", queue=DEFAULT_QUEUE, concurrency=self.s.default_concurrency, threads=None)
+        for i in range(1, self.s.gpu_workers + 1):
+            self._start_worker(f"gpu-worker-{i}", queue=GPU_QUEUE, concurrency=1, threads=self.s.gpu_threads)
+
+    def _start_worker(self, name: str, *, queue: str, concurrency: int, threads: int | None,
+                      timeout: float | None = None) -> int:
+        """Start a Celery worker and record it; with ``timeout``, wait until it says it is ready."""
+        log = self.supervisor.log(name)
+        offset = log.stat().st_size if log.exists() else 0
+        self.state.workers[name] = {"queue": queue, "concurrency": concurrency, "threads": threads}
+        argv = [str(venv_bin() / "airflow"), "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
+                "--celery-hostname", f"{name}@{socket.gethostname()}"]
+        proc = self.supervisor.start(name, argv, self._worker_env(name, concurrency, threads))
+        if timeout is not None:
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise ClusterError(f"{name} exited ({proc.returncode}) while starting; see {log}")
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    return b" ready." in f.read()
+
+            wait_until(ready, timeout, 0.5, what=f"{name} (' ready.' in {log})")
+        return proc.pid
 
     def _wait_ready(self, deadline: float) -> None:
         api, sup = self.api(), self.supervisor
@@ -293,8 +371,10 @@ class Cluster:
         if remove:
             path.unlink(missing_ok=True)
         elif self.state is not None:
-            self.state.pids, self.state.started = self.supervisor.pids, dict(self.supervisor.started)
-            path.write_text(json.dumps(asdict(self.state), indent=1))
+            # merged: a cluster taken over by attach() keeps the pids of the processes it did not start
+            self.state.pids = {**self.state.pids, **self.supervisor.pids}
+            self.state.started = {**self.state.started, **self.supervisor.started}
+            save_state(path, self.state)
 
     def _write_env_sh(self) -> None:
         keys = [k for k in self.env if k.startswith(("AIRFLOW", "LOTTERY_")) or k in ("PATH", "KERAS_BACKEND")]
@@ -302,22 +382,54 @@ class Cluster:
         (self.home / "env.sh").write_text("# source me: the airflow CLI on the loopback cluster\n" + "\n".join(lines) + "\n")
 
 
-def cleanup(state: State, *, drop: bool | None = None) -> list[str]:
-    """Release the Redis database; drop the metadata database when asked (default: when it was a
-    throwaway one). Returns what was done."""
-    done = []
-    try:
-        if release_redis_db(state.redis_url, state.redis_db, state.redis_token):
-            done.append(f"flushed Redis db {state.redis_db}")
-    except Exception as exc:  # never keep the rest of the cleanup from running
-        done.append(f"Redis db {state.redis_db} not released: {exc}")
+def cleanup(state: State, *, drop: bool | None = None) -> tuple[list[str], bool]:
+    """Release the Redis database (unless done before); drop the metadata database when asked
+    (default: when it was a throwaway one). Returns what was done, and whether the database is gone."""
+    done, dropped = [], False
+    if not state.redis_released:
+        try:
+            # False: the claim is no longer ours (released before, or taken over): nothing to flush
+            flushed = release_redis_db(state.redis_url, state.redis_db, state.redis_token)
+            state.redis_released = True
+            done.append(f"flushed Redis db {state.redis_db}" if flushed else f"Redis db {state.redis_db} was not ours any more")
+        except Exception as exc:  # never keep the rest of the cleanup from running
+            done.append(f"Redis db {state.redis_db} not released: {exc}")
     if state.drop_database if drop is None else drop:
         try:
             drop_database(state.pg_url, state.database)
             done.append(f"dropped database {state.database}")
+            dropped = True
         except Exception as exc:
             done.append(f"database {state.database} not dropped: {exc}")
-    return done
+    return done, dropped
+
+
+def stop_worker_tree(pid: int, timeout: float = 30) -> None:
+    """Stop a worker and everything it started: its process group, and the task processes that
+    Airflow puts in process groups of their own (their supervisor is in the worker's group).
+    SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    import psutil
+
+    try:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    groups = {pid}
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _, left = psutil.wait_procs(tree, timeout=timeout if sig == signal.SIGTERM else 10)
+        if not left:
+            return
 
 
 def load_state(home: Path) -> State | None:
@@ -327,15 +439,26 @@ def load_state(home: Path) -> State | None:
         return None
 
 
+def save_state(path: Path, state: State) -> None:
+    """Write the record atomically (status and down may read it at any time)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=1))
+    os.replace(tmp, path)
+
+
 def running(state: State) -> dict[str, bool]:
     return {name: alive(pid, state.started.get(name, 0.0)) for name, pid in state.pids.items()}
 
 
 # ---- command line ------------------------------------------------------------------------------
+COMMANDS = ["up", "down", "status", "restart-worker", "add-worker"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lottery.deploy.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status"])
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("worker", nargs="?", help="restart-worker: the worker's name (as `status` lists it)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"state, config, logs (default {DEFAULT_HOME})")
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="LOTTERY_ARTIFACT_ROOT (default: artifacts/)")
     p.add_argument("--gpu-workers", type=int, default=1)
@@ -348,29 +471,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-db", type=int, default=5, help="preferred Redis database number")
     p.add_argument("--no-spark", action="store_true", help="no Spark master/worker: spark_default = local[*]")
     p.add_argument("--no-triggerer", action="store_true")
-    p.add_argument("--drop", action="store_true", help="down: also drop the metadata database")
-    return p.parse_args(argv)
+    p.add_argument("--drop", action="store_true", help="down: also drop the metadata database (also after a plain down)")
+    p.add_argument("--gpu", action="store_true", help="add-worker: a worker on the gpu queue (default: the default queue)")
+    args = p.parse_args(argv)
+    if (args.command == "restart-worker") != (args.worker is not None):
+        p.error("restart-worker takes the name of one worker (and only it does)")
+    return args
 
 
 def status(home: Path, state: State | None) -> int:
     if state is None:
         print(f"no cluster on {home}")
         return 1
+    if state.stopped:
+        print(f"cluster on {home} is stopped; database {state.database} kept (`down --drop` drops it)")
+        return 1
     for name, up in running(state).items():
-        print(f"  {name:24s} pid {state.pids[name]:<8d} {'running' if up else 'STOPPED'}")
+        queue = state.workers.get(name, {}).get("queue")
+        print(f"  {name:24s} pid {state.pids[name]:<8d} {'running' if up else 'STOPPED':8s}"
+              + (f" queue {queue}" if queue else ""))
     print_urls(state)
     return 0
 
 
-def down(home: Path, state: State | None, *, drop: bool) -> int:
+def down(home: Path, state: State | None, *, drop: bool, pg_url: str = "", database: str = "") -> int:
+    """Stop every process; release the Redis claim; drop the database with ``drop`` (also after a
+    plain ``down``, from the record it left). Without --drop the record stays, marked stopped."""
     if state is None:
-        print(f"no cluster on {home}")
+        if drop and database and database_exists(pg_url, database):
+            drop_database(pg_url, database)
+            print(f"no cluster record on {home}; dropped database {database}")
+        else:
+            print(f"no cluster on {home}")
         return 0
+    stopped = len(state.pids)
+    for name, pid in state.pids.items():
+        if alive(pid, state.started.get(name, 0.0)) and name in state.workers:
+            stop_worker_tree(pid)  # with the task processes Airflow put in groups of their own
     stop_groups(state.pids, state.started)
-    for line in cleanup(state, drop=True if drop else None):
+    lines, dropped = cleanup(state, drop=True if drop else None)
+    for line in lines:
         print(line)
-    (home / STATE_FILE).unlink(missing_ok=True)
-    print(f"stopped {len(state.pids)} processes")
+    if dropped:
+        (home / STATE_FILE).unlink(missing_ok=True)
+    else:
+        state.pids, state.started, state.stopped = {}, {}, True
+        save_state(home / STATE_FILE, state)
+        print(f"database {state.database} kept: `down --drop` drops it")
+    print(f"stopped {stopped} processes")
+    return 0
+
+
+def database_exists(pg_url: str, name: str) -> bool:
+    conn = pg_connect(pg_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def workers_command(args: argparse.Namespace, home: Path) -> int:
+    """restart-worker NAME / add-worker [--gpu] on the running cluster of ``home``."""
+    try:
+        cluster = Cluster.attach(home)
+        if args.command == "restart-worker":
+            pid = cluster.restart_worker(args.worker)
+            print(f"restarted {args.worker} (pid {pid}); log: {cluster.supervisor.log(args.worker)}")
+        else:
+            name = cluster.add_worker(gpu=args.gpu, threads=args.gpu_threads if args.gpu else None)
+            print(f"added {name} (pid {cluster.state.pids[name]}, queue {cluster.state.workers[name]['queue']}); "
+                  f"log: {cluster.supervisor.log(name)}")
+    except (ClusterError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -379,6 +554,9 @@ def up(args: argparse.Namespace, home: Path, state: State | None) -> int:
         print(f"a cluster is already running on {home}:")
         print_urls(state)
         return 0
+    if state is not None and state.stopped and state.database != args.database:
+        print(f"note: database {state.database} of the cluster stopped before stays; drop it with "
+              f"`down --drop --database {state.database}` after this one is down")
     cluster = Cluster(Settings(
         home=home, artifact_root=args.artifacts, pg_url=args.pg_url, database=args.database, redis_url=args.redis_url,
         redis_db=args.redis_db, gpu_workers=args.gpu_workers, default_concurrency=args.default_concurrency,
@@ -401,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status(home, state)
     if args.command == "down":
-        return down(home, state, drop=args.drop)
+        return down(home, state, drop=args.drop, pg_url=args.pg_url, database=args.database)
+    if args.command in ("restart-worker", "add-worker"):
+        return workers_command(args, home)
     return up(args, home, state)
 
 
