@@ -22,7 +22,7 @@ from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import (arrays_damage, atomic_path, damaged_files, file_manifest, intact_result, read_json,
                            remove_arrays, write_json)
 from lottery.paths import Workdir
-from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
+from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session, small
 
 log = logging.getLogger("lottery")
 
@@ -49,6 +49,7 @@ def run_dense(
         "images_per_s": mean_images_per_s(history),
         "wall_s": time.perf_counter() - started,
         "replicas": replicas,
+        "backend": keras_backend(),
         "curve": history,
         "workdir": str(workdir),
         "files": file_manifest(workdir.dense_dir, dense_files(workdir, cfg)),

@@ -37,7 +37,7 @@ from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import atomic_path, file_manifest, intact_result, read_json, remove_arrays, write_json
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
-from lottery.session import build_model, final_accuracy, mean_images_per_s, open_data, session, small
+from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session, small
 
 log = logging.getLogger("lottery")
 
@@ -382,6 +382,7 @@ class LateReset:
             "rewind": self.rewind,
             "rewind_step": Step.parse(self.rewind).iterations(spe),
             "control": self.control,
+            "backend": keras_backend(),
             **final_accuracy(history),
             "curve": history,
             "images_per_s": mean_images_per_s(history),

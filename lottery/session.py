@@ -67,6 +67,14 @@ def build_model(cfg: ExperimentConfig, train: Any, *, seed: int | None = None):
     return models.build_model(cfg.model, tuple(train.image_shape), train.num_classes, seed=cfg.seed if seed is None else seed)
 
 
+def keras_backend() -> str:
+    """The Keras backend of this process, recorded in every result: the backends draw different
+    initial weights, so their results differ (each is deterministic)."""
+    import keras
+
+    return keras.backend.backend()
+
+
 def small(result: dict[str, Any]) -> dict[str, Any]:
     """What may travel through XCom: no curves, no file manifest."""
     return {k: v for k, v in result.items() if k not in ("curve", "rewind_steps", "files")}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lottery.deploy.airflow_home import default_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -29,6 +31,7 @@ TINY = {
 
 def run_script(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
+    env.pop("KERAS_BACKEND", None)  # make run's own choice (JAX where installed), not the test session's
     env.setdefault("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(home.parent))  # this deployment lets the test write in its tmp_path
     return subprocess.run(
         [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
@@ -57,7 +60,9 @@ def test_run_experiment_with_the_scheduler(tmp_path):
     assert report.is_file() and report.parent.parent.parent == art
     w = report.parent.parent
     assert (w / "report" / "accuracy_vs_sparsity.png").is_file()
-    assert len(list(w.glob("tickets/*/result.json"))) == 8
+    results = [json.loads(p.read_text()) for p in [w / "dense" / "result.json", *w.glob("tickets/*/result.json")]]
+    assert len(results) == 9
+    assert {r["backend"] for r in results} == {default_backend()}
     # the components were stopped
     assert not (home / "components.json").exists()
     # really parallel: two late_reset / controls instances (groups) ran at the same time

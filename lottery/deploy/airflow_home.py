@@ -120,6 +120,16 @@ def password(home: Path) -> str:
     return read_json(Path(home) / "passwords.json")[USER]
 
 
+def default_backend() -> str:
+    """The Keras backend of `make run` and `make ui` when ``KERAS_BACKEND`` is unset: JAX where it is
+    installed. On a 2-core CPU, two one-thread processes train the default LeNet-300-100 1.26x as
+    fast on JAX (XLA:CPU) as on TensorFlow, and a JAX task process imports no TensorFlow
+    (`bench/threads.py --backends tensorflow,jax`, docs/benchmarks.md). TensorFlow otherwise."""
+    import importlib.util
+
+    return "jax" if importlib.util.find_spec("jax") is not None else "tensorflow"
+
+
 def environ(home: Path, *, port: int | None = None, parallelism: int | None = None) -> dict[str, str]:
     """Environment of the Airflow processes on ``home``. ``port`` / ``parallelism`` override the
     config for these processes only (``make run`` uses a free port next to a running ``make ui``)."""
@@ -129,7 +139,7 @@ def environ(home: Path, *, port: int | None = None, parallelism: int | None = No
         AIRFLOW_HOME=str(home),
         AIRFLOW_CONFIG=str(home / "airflow.cfg"),
         PATH=f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}",
-        KERAS_BACKEND=env.get("KERAS_BACKEND", "tensorflow"),
+        KERAS_BACKEND=env.get("KERAS_BACKEND") or default_backend(),
         TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         PYTHONUNBUFFERED="1",
     )
