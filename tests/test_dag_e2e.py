@@ -136,6 +136,7 @@ def test_rerun_reuses_finished_work(first, dag, root, caplog):
     assert str(run.state) in ("success", "DagRunState.SUCCESS")
     assert {p: p.stat().st_mtime_ns for p in w.glob("tickets/*/result.json")} == mtimes
     assert "train_dense: already done" in log
+    assert "is already up to date" in log and "Spark not started" in log  # preprocess: no spark-submit, no JVM
     assert log.count(": already done (val_accuracy") == 8, log[-5000:]  # 4 tickets + 4 controls
     assert "50.1% left, rewind 2it: already done" in log
     assert [p.name for p in root.iterdir() if p.name.startswith("lenet_300_100-")] == [w.name]

@@ -32,6 +32,7 @@ FAST_JVM = "-XX:TieredStopAtLevel=1"
 
 from lottery.data import ChannelStats, example, tfrecord  # noqa: E402
 from lottery.data.manifest import MANIFEST_NAME, dataset_id, read_manifest, shard_paths, verify_dataset  # noqa: E402
+from lottery.data.verify import verify_shards  # noqa: E402
 from spark_jobs.preprocess import args as job_args  # noqa: E402
 from spark_jobs.preprocess import images, sharding  # noqa: E402
 from spark_jobs.preprocess.errors import InputError  # noqa: E402
@@ -354,8 +355,10 @@ def test_fashion_mnist_manifest(fm_run, fm_root):
     assert manifest["options"]["channels"] == "auto" and manifest["options"]["split"] == "folders"
     assert manifest["spark_version"] and manifest["duration_s"] > 0
     assert manifest["dataset_id"] == dataset_id(manifest["fingerprint"], manifest["options"])
+    # the shards, the manifest, and the record that the shards as written match it (lottery.data.verify)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_NAME] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]])
+        [MANIFEST_NAME, ".verified.json"] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]])
+    assert verify_shards(out, manifest, manifest["splits"])["hashed"] == 0
     assert leftovers(out) == []
 
 

@@ -100,3 +100,12 @@ def verify_shards(data_dir: str | os.PathLike, manifest: Mapping, splits: Iterab
         log.info("verified %d of %d shards of %s (%.1f MB hashed in %.2f s)", hashed, shards, data_dir,
                  bytes_hashed / 1e6, seconds)
     return {"shards": shards, "hashed": hashed, "bytes_hashed": bytes_hashed, "seconds": seconds}
+
+
+def record_written(data_dir: str | os.PathLike, manifest: Mapping) -> None:
+    """Record the shards a writer just hashed while writing them (the manifest's sha256) as verified,
+    so that the first open of a large data set does not read it all again."""
+    data_dir = Path(data_dir)
+    shards = {entry["file"]: _version((data_dir / entry["file"]).stat(), entry["sha256"])
+              for split in manifest["splits"].values() for entry in split["shards"]}
+    _write_stamp(data_dir, manifest["dataset_id"], shards)

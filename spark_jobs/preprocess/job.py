@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lottery.data.manifest import ChannelStats, build_manifest, write_manifest
+from lottery.data.verify import record_written
 from lottery.files import publish_dir
 
 from .args import JobConfig, effective_options, parse_args, validate
@@ -173,6 +174,7 @@ def _write(job: _Run, t: Transform, plan: ShardPlan, listing: dict, decision: di
                 p.unlink()
         write_manifest(staging, manifest)   # last: a reader needs it
         publish_dir(staging, cfg.output)
+        record_written(cfg.output, manifest)  # the executors hashed each shard as they wrote it
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
