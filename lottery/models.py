@@ -19,10 +19,7 @@ Models:
 No model has dropout: training must be exactly reproducible.
 """
 
-import random
-
 import keras
-import numpy as np
 from keras import layers
 
 # Untruncated normals, as `torch.nn.init.xavier_normal_` / `kaiming_normal_`.
@@ -243,28 +240,29 @@ def build_model(name, input_shape, num_classes, *, seed):
 
 
 def set_random_seed(seed: int) -> None:
-    """`keras.utils.set_random_seed`, without importing TensorFlow on the other backends.
+    """`keras.utils.set_random_seed`, without importing TensorFlow on JAX (see below)."""
+    keras_without_tensorflow()
+    keras.utils.set_random_seed(seed)
 
-    Keras' own imports TensorFlow whenever it is installed, to seed `tf.random`: 3.3 s of a JAX
-    process on a 2-core CPU, for a module nothing on JAX uses (only `lottery.data` uses
-    TensorFlow, and draws no TF randomness). On any other backend, or with TensorFlow imported already,
-    Keras' function runs as it is. On JAX this does what it does for Python, numpy and Keras'
-    global seed (the same draws: tests/test_jax_backend.py)."""
+
+def keras_without_tensorflow() -> None:
+    """On JAX, keep Keras from importing TensorFlow merely because it is installed.
+
+    Keras 3.15 imports it whenever it is installed: in `keras.utils.set_random_seed` (to seed
+    `tf.random`) and in `model.save` (to test objects against `tf.TensorShape`): 3.3 s on a quiet
+    2-core CPU, 12 s under load, in every JAX task process, for a module nothing of a JAX run
+    uses (only `lottery.data.pipeline` uses TensorFlow, and the JAX path reads with numpy). In a
+    JAX process that has not imported TensorFlow, Keras' lazy handle is marked unavailable, so it
+    skips those steps; a process that imported TensorFlow is left as it is. Tested by
+    tests/test_jax_backend.py (same draws, same saved model, TensorFlow never imported)."""
     import sys
 
     if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
         return
-    from keras.src.backend.common import global_state
-    from keras.src.random import seed_generator
-    from keras.src.utils import rng_utils
+    from keras.src.utils import module_utils
 
-    # What keras.utils.set_random_seed does first (Keras 3.15): the seed, recorded; the global
-    # SeedGenerator dropped, to be recreated from it.
-    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
-    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
-    random.seed(seed)
-    np.random.seed(seed)
+    if module_utils.tensorflow.module is None:
+        module_utils.tensorflow._available = False
 
 
 # --- prunable weights --------------------------------------------------------

@@ -379,28 +379,28 @@ SEEDED_BUILD = textwrap.dedent("""
     import json, sys
     import keras
     if sys.argv[1] == "keras":
-        import tensorflow  # noqa: F401  (installed here: Keras' own function seeds tf.random too)
-        seed = keras.utils.set_random_seed
-    else:
-        from lottery.models import set_random_seed as seed
-    from lottery.models import build_model
+        import tensorflow  # noqa: F401  (imported first: Keras' own seeding and saving, untouched)
+    from lottery.models import build_model, set_random_seed
     model = build_model("lenet_300_100", (28, 28, 1), 10, seed=7)
-    seed(7)
+    set_random_seed(7)
     draw = keras.ops.convert_to_numpy(keras.random.normal((3,))).tolist()
+    model.save(sys.argv[2])
+    loaded = keras.models.load_model(sys.argv[2], compile=False)
     print("RESULT", json.dumps({"tensorflow_loaded": "tensorflow" in sys.modules, "draw": draw,
-                                "sums": [float(keras.ops.convert_to_numpy(w).sum()) for w in model.weights]}))
+                                "sums": [float(keras.ops.convert_to_numpy(w).sum()) for w in loaded.weights]}))
 """)
 
 
-def test_seeding_on_jax_imports_no_tensorflow_and_draws_as_keras_does():
-    """keras.utils.set_random_seed imports TensorFlow when it is installed (3 s of every JAX task
-    process); lottery.models.set_random_seed does not, and seeds the same draws."""
+def test_seeding_and_saving_on_jax_import_no_tensorflow(tmp_path):
+    """Keras imports TensorFlow when it is installed, to seed tf.random and while saving a model
+    (3 s of every JAX task process); on JAX the engine's seeding and saving do not, and give the same
+    draws and the same saved weights as Keras with TensorFlow loaded."""
     if _jax_python() is None or importlib.util.find_spec("tensorflow") is None:
         pytest.skip("needs jax and tensorflow in one Python")
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     out = {}
     for how in ("keras", "lottery"):
-        r = _run(_jax_python(), env, "-c", SEEDED_BUILD, how, timeout=180)
+        r = _run(_jax_python(), env, "-c", SEEDED_BUILD, how, str(tmp_path / f"{how}.keras"), timeout=180)
         out[how] = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert out["keras"]["tensorflow_loaded"] and not out["lottery"]["tensorflow_loaded"]
     assert out["lottery"]["sums"] == out["keras"]["sums"] and out["lottery"]["draw"] == out["keras"]["draw"]
