@@ -63,6 +63,8 @@ def test_run_experiment_with_the_scheduler(tmp_path):
     results = [json.loads(p.read_text()) for p in [w / "dense" / "result.json", *w.glob("tickets/*/result.json")]]
     assert len(results) == 9
     assert {r["backend"] for r in results} == {default_backend()}
+    if default_backend() == "jax":  # the task processes share JAX's compilation cache
+        assert len(list((home / "jax-cache").iterdir())) > 5
     # the components were stopped
     assert not (home / "components.json").exists()
     # really parallel: two late_reset / controls instances (groups) ran at the same time
