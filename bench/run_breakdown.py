@@ -15,7 +15,11 @@ tickets it found already done cost it almost nothing. Results written before `ti
 (older runs) show what they can: the engine's wall time and the epochs (fit and evaluation together,
 from the training curve); the other columns read `-`.
 
-    .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--note TEXT] [--write-docs]
+With ``--rate R`` (the 2-process img/s of `bench/threads.py` in the same sitting, for the backend
+the run trained with) it adds issue 9's compute floor: the retrainings' training images / R, plus the
+fetch, preprocess and dense task times; and the run's wall time against it.
+
+    .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--rate R] [--note TEXT] [--write-docs]
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def breakdown(home: Path, run_id: str | None) -> dict:
     workdir = Path(prepared["workdir"] if isinstance(prepared, dict) else prepared) if prepared else None
     found = workdir is not None and workdir.exists()
     engine, training, tickets = _engine_time(workdir) if found else (0.0, 0.0, 0)
+    images, backends = _training_images(workdir) if found else (0, set())
     return {
         "run_id": run_id,
         "state": state,
@@ -82,6 +87,8 @@ def breakdown(home: Path, run_id: str | None) -> dict:
         "engine_s": engine,
         "training_s": training,
         "tickets": tickets,
+        "training_images": images,
+        "backends": sorted(backends),
         "workdir": str(workdir),
         "seconds": task_seconds(workdir, rows, xcoms) if found else {},
     }
@@ -102,6 +109,39 @@ def _engine_time(path: Path) -> tuple[float, float, int]:
         engine += data["wall_s"] + data.get("timings", {}).get("imports_s", 0.0)
         training += sum(row["wall_s"] for row in data["curve"])
     return engine, training, len(status.done)
+
+
+def _training_images(path: Path) -> tuple[int, set[str]]:
+    """(images the done retrainings trained: steps from the rewind point to the end x batch, the
+    backends their results name)."""
+    from lottery.paths import Workdir
+    from lottery.plan import RunPlan
+
+    workdir = Workdir(path)
+    cfg = workdir.load()[0]
+    images, backends = 0, set()
+    for spec in workdir.status(RunPlan.from_config(cfg)).done:
+        data = json.loads(workdir.ticket(spec).result.read_text())
+        last = (data.get("curve") or [{}])[-1]
+        images += max(0, last.get("step", 0) - data.get("rewind_step", 0)) * cfg.batch_size
+        if data.get("backend"):
+            backends.add(data["backend"])
+    return images, backends
+
+
+def floor_lines(b: dict, rate: float) -> list[str]:
+    """Issue 9's compute floor of the run and its wall time against it."""
+    serial = {t: b["task_s"].get(t, 0.0) for t in ("fetch_dataset", "preprocess", "train_dense")}
+    train_s = b["training_images"] / rate
+    floor = train_s + sum(serial.values())
+    return [
+        f"**Against the compute floor** (Keras on {', '.join(b['backends']) or '?'}): the retrainings trained "
+        f"{b['training_images'] / 1e6:.1f} M images; at {rate:,.0f} img/s (2 processes x 1 thread, `bench/threads.py` "
+        f"in the same sitting) that is {train_s:.0f} s, plus fetch {serial['fetch_dataset']:.1f} s, preprocess "
+        f"{serial['preprocess']:.1f} s and dense {serial['train_dense']:.1f} s: a floor of **{floor / 60:.1f} min**. "
+        f"The DAG run took {b['wall_s'] / 60:.1f} min = **{b['wall_s'] / floor:.2f} x the floor**.",
+        "",
+    ]
 
 
 def instance_results(workdir, task_id: str, map_index: int, xcoms: dict) -> list[Path]:
@@ -182,7 +222,7 @@ def _cell(seconds: float | None, total: float) -> str:
     return f"{seconds:,.1f} ({100 * seconds / max(total, 1e-9):.0f}%)"
 
 
-def to_markdown(b: dict, cores: int) -> str:
+def to_markdown(b: dict, cores: int, rate: float | None = None) -> str:
     total = sum(b["task_s"].values())
     lines = [
         f"Run `{b['run_id']}` ({b['state']}), {cores} cores, LocalExecutor parallelism {cores}, "
@@ -194,6 +234,8 @@ def to_markdown(b: dict, cores: int) -> str:
         f"- of which in training epochs (fit + evaluation): {b['training_s'] / 60:.1f} min = {100 * b['training_s'] / max(total, 1e-9):.0f}% of task time",
         "",
     ]
+    if rate:
+        lines += floor_lines(b, rate)
     if b.get("seconds"):
         lines += [
             "Where the seconds of the training tasks went (seconds, share of the task time; sums over the instances, "
@@ -213,10 +255,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=ROOT / ".airflow")
     parser.add_argument("--run-id")
+    parser.add_argument("--rate", type=float, help="bench/threads.py's 2 x 1 img/s of the same sitting: adds the compute floor")
     parser.add_argument("--note", default="", help="a line to add (e.g. what else ran on the machine)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    text = to_markdown(breakdown(args.home, args.run_id), len(os.sched_getaffinity(0)))
+    text = to_markdown(breakdown(args.home, args.run_id), len(os.sched_getaffinity(0)), args.rate)
     if args.note:
         text += "\n\n" + args.note
     print(text)

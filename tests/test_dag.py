@@ -604,7 +604,7 @@ def _fake_run(tmp_path, per_task: int):
     for spec in RunPlan.from_config(cfg).tickets:
         result = {"wall_s": 13.0, "curve": [{"wall_s": 11.0}], "val_accuracy": 0.8}
         if spec.rewind == "1ep":
-            result["timings"] = timings
+            result.update(timings=timings, backend="jax", rewind_step=100, curve=[{"wall_s": 11.0, "step": 1100}])
         write_json(w.ticket(spec).result, result)
     write_json(w.dense_result, {"wall_s": 20.0, "curve": [{"wall_s": 18.0}]})
     db = sqlite3.connect(tmp_path / "airflow.db")
@@ -635,7 +635,11 @@ def test_run_breakdown_splits_task_seconds(tmp_path, per_task):
     assert late["epochs_s"] == 20.0 + 2 * 11.0 and late["imports_s"] == 6.0  # the curve's seconds for the old results
     text = run_breakdown.to_markdown(b, 2)
     assert f"tickets_per_task {per_task}" in text and "| late_reset | " in text and "| train_dense | 1 | 1 |" in text
-    print(text)
+    # the compute floor: 2 tickets x 1,000 steps x batch 128 at 2,560 img/s = 100 s, + dense 25 s; wall 110 s
+    assert b["training_images"] == 2 * 1000 * 128 and b["backends"] == ["jax"]
+    floor = run_breakdown.to_markdown(b, 2, rate=2560.0)
+    assert "(Keras on jax)" in floor and "a floor of **2.1 min**" in floor and "= **0.88 x the floor**" in floor, floor
+    print(floor)
 
 
 def test_run_breakdown_reads_results_without_timings(tmp_path):
