@@ -35,8 +35,8 @@ def child_script(tmp_path: Path, pid_file: str, title: str = "", session: bool =
     """A component that starts one child in a session of its own (as Airflow's task supervisor puts a
     task in a process group of its own), writes the child's pid, and sleeps."""
     child = "import time\n"
-    if title:
-        child += f"import setproctitle; setproctitle.setproctitle({title!r})\n"
+    if title:  # a LocalExecutor worker: its title, and SIGTERM ignored (the scheduler's handler does nothing in it)
+        child += f"import setproctitle, signal; setproctitle.setproctitle({title!r}); signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     child += "time.sleep(120)\n"
     code = (
         "import subprocess, sys, time\n"
@@ -118,13 +118,16 @@ def test_a_dead_schedulers_worker_is_kept_while_busy_and_stopped_once_idle(tmp_p
         sup.watch()
         sup.procs["scheduler"].kill()
         sup.procs["scheduler"].wait()
-        sup.watch()  # restarts the scheduler; the idle worker is stopped
+        sup.watch()  # restarts the scheduler; the worker is idle ...
+        assert alive(idle)
+        time.sleep(0.2)
+        sup.watch()  # ... and still idle: stopped
         wait_for(lambda: not alive(idle), timeout=5, what="the idle worker to stop")
         busy = read_pid(tmp_path / "idle.pid")  # the restarted scheduler's worker: busy (not idle) this time
         assert busy != idle
     finally:
-        sup.stop(timeout=5)
-    assert not alive(busy)
+        sup.stop(timeout=2)
+    wait_for(lambda: not alive(busy), timeout=5, what="the busy worker to stop with the rest")
 
 
 LIFELINE_PARENT = """

@@ -4,8 +4,10 @@ Airflow's task supervisor (a LocalExecutor worker, a Celery pool process) forks 
 and puts it in a process group of its own. When the supervisor is SIGKILLed, nothing tells the task:
 it trained on as an orphan, wrote its result after everything else had stopped, and on a GPU box
 held a GPU that nothing accounted for. Here the task process asks Linux for a signal when its parent
-dies (``prctl(PR_SET_PDEATHSIG, SIGTERM)``): Airflow's task runner then stops the task as on any
-SIGTERM, and the retry resumes from the last epoch checkpoint.
+dies (``prctl(PR_SET_PDEATHSIG, SIGUSR2)``); its handler SIGKILLs the task's process group (the task
+and what it started). Not SIGTERM: Airflow's task runner only calls the operator's ``on_kill`` on
+SIGTERM and leaves the exit to its supervisor -- which is gone (measured: the orphan trained on).
+The retry resumes from the last epoch checkpoint (written atomically).
 
 ``plugins/lottery_lifeline.py`` calls ``stop_with_parent`` as the task runner starts (its
 ``on_starting`` listener hook, which only a forked task process reaches: ``dag.test()`` runs in
@@ -26,12 +28,13 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
-    """Have ``sig`` sent to this process when its parent dies (and now, if it already has).
-    True when the kernel took the request."""
+def stop_with_parent(sig: int = signal.SIGUSR2) -> bool:
+    """Stop this process (and its process group, when it leads one) when its parent dies: Linux
+    sends ``sig``, whose handler SIGKILLs them. True when the kernel took the request."""
     if not sys.platform.startswith("linux"):
         return False
     parent = os.getppid()
+    signal.signal(sig, _parent_died)
     try:
         import ctypes
 
@@ -45,5 +48,14 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
         return False
     if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
         log.error("the task supervisor (pid %d) is already gone: stopping this task", parent)
-        os.kill(os.getpid(), sig)
+        _parent_died(sig, None)
     return True
+
+
+def _parent_died(signum, frame) -> None:
+    """SIGKILL the process group this process leads (Airflow puts each task in one of its own:
+    the operator's children go too), or else this process alone."""
+    me = os.getpid()
+    if os.getpgrp() == me:
+        os.killpg(me, signal.SIGKILL)
+    os.kill(me, signal.SIGKILL)

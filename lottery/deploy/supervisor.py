@@ -99,6 +99,7 @@ class Supervisor:
         self.restarts: dict[str, list[float]] = {}  # monotonic times of each component's restarts
         self.below: dict[str, dict[int, float]] = {}  # last seen processes under each component: pid -> start time
         self.leftovers: dict[int, float] = {}  # still running under a component that died
+        self.idle_seen: set[int] = set()  # leftovers seen idle at the last watch
 
     @property
     def pids(self) -> dict[str, int]:
@@ -146,19 +147,27 @@ class Supervisor:
         self.start(name, *self.commands[name], restart=True)
 
     def _stop_idle_leftovers(self) -> None:
-        """A LocalExecutor worker of a dead scheduler waits forever for work that cannot come: stop it
-        once its task is done (its title says ``<idle>``, nothing below it)."""
+        """A LocalExecutor worker of a dead scheduler takes what is left in that scheduler's queue,
+        then waits forever for work that cannot come: stop it once idle (its title says ``<idle>``,
+        nothing below it) at two watches in a row. SIGKILL: such a worker ignores SIGTERM (the
+        scheduler's handler, inherited, leaves it to the dead scheduler)."""
         for pid, created in list(self.leftovers.items()):
             try:
                 import psutil
 
                 p = psutil.Process(pid)
-                if abs(p.create_time() - created) >= 1.0:
+                if abs(p.create_time() - created) >= 1.0 or p.status() == psutil.STATUS_ZOMBIE:
                     raise psutil.NoSuchProcess(pid)
-                if "<idle>" in " ".join(p.cmdline()) and not p.children():
-                    p.terminate()
+                idle = "<idle>" in " ".join(p.cmdline()) and not p.children()
+                if not idle:
+                    self.idle_seen.discard(pid)
+                elif pid in self.idle_seen:
+                    p.kill()
+                else:
+                    self.idle_seen.add(pid)
             except Exception:  # gone (or not ours any more)
                 del self.leftovers[pid]
+                self.idle_seen.discard(pid)
 
     def dead(self) -> list[str]:
         return [f"{n} (exit {p.returncode}, see {self.log(n)})" for n, p in self.procs.items() if p.poll() is not None]
