@@ -211,6 +211,7 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
             killed["scheduler"] = probe.component("scheduler")
             os.kill(killed["scheduler"], signal.SIGKILL)
         killed = {}
+        probe.wait(lambda: probe.in_training() - lost1 - lost2, 600, "a ticket of no earlier fault mid-training", interval=0.05)
         training, before3, _ = kill_mid_ticket(probe, kill_scheduler)
         t3, lost3 = time.time(), set(training) - lost1 - lost2
         line = probe.wait(lambda: re.search(r"scheduler died \(exit -9\), restarting it \(1/3\); log: \S+scheduler.log",
