@@ -52,6 +52,7 @@ def test_run_experiment_with_the_scheduler(tmp_path):
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert "SUCCESS" in out.stdout
+    assert f"Keras backend of the tasks: {default_backend()} " in out.stdout  # said before it trains
     # make run groups the tickets (tickets_per_task 10): one late_reset instance per rewind point here
     assert '"tickets_per_task": 10' in out.stdout
     assert "late_reset 2/2" in out.stdout and "tasks done" in out.stdout

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Started api-server ({local.url}), scheduler (LocalExecutor, parallelism "
                   f"{args.parallelism or airflow_home.default_parallelism()}) and dag-processor; "
                   f"logs in {local.supervisor.log_dir}")
+            print(f"Keras backend of the tasks: {local.env['KERAS_BACKEND']} "
+                  "(KERAS_BACKEND=tensorflow or =jax chooses; docs/benchmarks.md says why JAX by default)")
         api = Api(f"http://127.0.0.1:{port}", airflow_home.USER, airflow_home.password(home))
         return run(api, port, conf, args, started, local.supervisor if local else None)
     except KeyboardInterrupt:
