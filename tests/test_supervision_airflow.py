@@ -2,6 +2,8 @@
 on a throwaway home, tiny data): components and task processes SIGKILLed one after another in one
 run, then a second run stopped with SIGTERM. Each fault's figures are printed (docs/reliability.md).
 
+0. the api-server, while tickets train: restarted (one line), and no ticket in training retried
+   (the task supervisors' calls to its execution API retry meanwhile);
 1. training task processes, mid-ticket: Airflow retries them and each ticket resumes from its epoch
    checkpoint;
 2. the task supervisors (the LocalExecutor workers) of training tasks: each task process stops
@@ -189,12 +191,26 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
     proc = start_make_run(home, {**CONF, "artifact_root": str(art)}, out)
     probe, figures = Probe(home, art, out, proc), {}
     try:
+        # 0. the api-server, while tickets train: restarted on its port; the task supervisors' calls to
+        # its execution API retry meanwhile, so no ticket in training is lost or retried
+        def kill_api_server():
+            killed["api-server"] = probe.component("api-server")
+            os.kill(killed["api-server"], signal.SIGKILL)
+        killed = {}
+        lost0, before0, _ = kill_mid_ticket(probe, kill_api_server)
+        t0 = time.time()
+        probe.wait(lambda: "api-server died (exit -9), restarting it (1/3)" in probe.text(), 30, "the api-server's restart line")
+        figures["api-server SIGKILL -> restarted (s)"] = round(time.time() - t0, 1)
+        probe.wait(lambda: probe.component("api-server") not in (0, killed["api-server"]), 10, "the new api-server's pid")
+
         # 1. task processes (supervised by the live scheduler's workers) mid-ticket
         victims = probe.wait(probe.training_under_scheduler, 900, "a task process mid-ticket", interval=0.05)
         before1 = probe.finished()
         for p in victims:
             p.send_signal(signal.SIGKILL)
         t1, lost1 = time.time(), set(victims.values())
+        retried0 = {n: [round(t - t0, 1) for t in ts if t0 <= t < t1] for n, ts in probe.resumes().items() if n in lost0}
+        figures["api-server SIGKILL: tickets in training retried"] = retried0 = {n: ts for n, ts in retried0.items() if ts}
 
         # 2. the supervisors (LocalExecutor workers) of other task processes, mid-ticket: the tasks stop themselves
         victims = probe.wait(probe.training_under_scheduler, 600, "a task process mid-ticket", interval=0.05)
@@ -213,7 +229,6 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
         def kill_scheduler():
             killed["scheduler"] = probe.component("scheduler")
             os.kill(killed["scheduler"], signal.SIGKILL)
-        killed = {}
         probe.wait(lambda: probe.in_training() - lost1 - lost2, 600, "a ticket of no earlier fault mid-training", interval=0.05)
         training, before3, _ = kill_mid_ticket(probe, kill_scheduler)
         t3, lost3 = time.time(), set(training) - lost1 - lost2
@@ -242,13 +257,14 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
             proc.wait(120)
         print(probe.text()[-3000:])
         print("figures:", json.dumps(figures))
+    assert lost0 and not retried0, figures  # the api-server's death cost no ticket anything
     assert set(took1) == lost1 and set(took2) == lost2, figures  # each resumed from its checkpoint
     assert lost3 and not retried3, figures  # the scheduler's workers finished what they supervised
     assert len(probe.finished()) == 16
     after = probe.finished()
-    for snapshot in (before1, before2, before3):  # nothing finished before a fault was trained again
+    for snapshot in (before0, before1, before2, before3):  # nothing finished before a fault was trained again
         assert {n: after[n] for n in snapshot} == snapshot
-    assert len(probe.sessions) == 5  # three components, two of them restarted
+    assert len(probe.sessions) == 6  # three components, each restarted once
     assert not probe.ours(), [(p.pid, _cmdline(p)) for p in probe.ours()]
 
 
