@@ -7,7 +7,9 @@ Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`
 earlier attempt was interrupted (unless it, or a rewind checkpoint before it, is damaged: then it
 starts over, saying so), and does nothing when the result exists and the files it lists (size and
 sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has a ``.sha256``
-beside it (`lottery.files.save_arrays`); the result is sealed (`lottery.files.write_json`).
+beside it (`lottery.files.save_arrays`); the result is sealed (`lottery.files.write_json`). It trains
+under a lock (``.locks/dense.train.lock``, `lottery.locks`): another run of the same config, in the same
+work directory, waits for it and then finds it done instead of training it a second time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import (arrays_damage, atomic_path, damaged_files, file_manifest, intact_result, read_json,
                            remove_arrays, write_json)
+from lottery.locks import wait_lock
 from lottery.paths import Workdir
 from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session, small
 
@@ -35,6 +38,12 @@ def run_dense(
     done = _done_result(workdir)
     if done is not None:
         return done
+    with wait_lock(workdir.training_lock("dense"), f"dense training in {workdir}", log=log):
+        done = _done_result(workdir)  # finished by another process since the first look
+        return done if done is not None else _train_and_record(cfg, data_dir, workdir, threads, progress)
+
+
+def _train_and_record(cfg: ExperimentConfig, data_dir, workdir: Workdir, threads: int | None, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     with session(cfg, threads) as replicas:
         train, val, spe = open_data(cfg, data_dir)

@@ -11,7 +11,9 @@ state but a random mask with the same number of surviving weights in every layer
 Writes ``tickets/<ticket name>/`` (result.json, model.keras, metrics.csv; error.json when it fails;
 paths: lottery/paths.py), resumes from the ticket's checkpoint (starts over from the rewind point
 when it is damaged, saying so), does nothing when the result exists and every file it lists is
-intact. Its result.json is sealed (`lottery.files.write_json`).
+intact. Its result.json is sealed (`lottery.files.write_json`). A ticket is trained under its lock
+(``.locks/<name>.train.lock``, `lottery.locks`): another run of the same config, in the same work
+directory, waits for it and then finds it done instead of training it a second time.
 
 A group (`retrain_many`) opens the data, builds and compiles the model once, then trains its
 tickets one after another in that model: each ticket restores every variable from its rewind
@@ -23,6 +25,7 @@ On the JAX backend with a pack size above 1, tickets train side by side instead 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,6 +38,7 @@ from lottery.config import CONTROLS, Step
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import atomic_path, file_manifest, intact_result, read_json, remove_arrays, write_json
+from lottery.locks import wait_lock
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
 from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session, small
@@ -100,11 +104,26 @@ def retrain_many(
             for ticket in todo:  # none of them can train: each one's report says why
                 ticket.record_failure()
             raise
-    if todo:  # a group with nothing to do imports no Keras
-        shared = {"imports_s": _import_engine()}
-        data = Path(data_dir or run_info["data_dir"])
-        results.update(_train_group(cfg, todo, threads, data, progress, pack, shared))
+    with contextlib.ExitStack() as held:
+        todo = _claim(todo, results, held)
+        if todo:  # a group with nothing to do imports no Keras
+            shared = {"imports_s": _import_engine()}
+            data = Path(data_dir or run_info["data_dir"])
+            results.update(_train_group(cfg, todo, threads, data, progress, pack, shared))
     return [results[t.name] for t in tickets]
+
+
+def _claim(todo: list[LateReset], results: dict[str, dict], held: contextlib.ExitStack) -> list[LateReset]:
+    """Hold the training lock of each ticket in ``todo`` (until ``held`` closes); the tickets still
+    to train. Another process training one of them (a run of the same config) is waited for, and
+    what it finished meanwhile goes to ``results`` instead of being trained again. The locks are
+    taken in name order, so two groups that share tickets never wait on each other."""
+    for ticket in sorted(todo, key=lambda t: t.name):
+        held.enter_context(wait_lock(ticket.workdir.training_lock(ticket.name), f"retrain {ticket.name}", log=log))
+        done = ticket.done_result()  # finished by another process since the first look
+        if done is not None:
+            results[ticket.name] = done
+    return [t for t in todo if t.name not in results]
 
 
 def _import_engine() -> float:

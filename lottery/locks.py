@@ -53,10 +53,14 @@ def _holder(path: Path) -> str:
 
 
 def _record_holder(f, what: str) -> None:
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
-    f.flush()
+    """Best effort: the record only names the holder in a waiter's log (a full disk must not fail
+    the work the lock guards; that work says so itself when it writes)."""
+    record = json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    try:  # unbuffered: a failed write leaves nothing for close() to fail on again
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), record.encode())
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -79,8 +83,8 @@ def wait_lock(path: str | os.PathLike, what: str, *, timeout: float | None = Non
         try:
             yield waited
         finally:
-            f.seek(0)
-            f.truncate()
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fileno(), 0)
             fcntl.flock(f, fcntl.LOCK_UN)
             log.debug("released %s after %.1f s", path, time.monotonic() - started)
 

@@ -129,6 +129,11 @@ class Workdir:
     def mask_file(self, mask_id: str) -> Path:
         return self.masks_dir / f"{mask_id}.npz"
 
+    def training_lock(self, unit: str) -> Path:
+        """The lock held while ``unit`` ("dense" or a ticket's name) trains (`lottery.locks`): a
+        run of the same config waits for it instead of training the unit a second time."""
+        return self.path / ".locks" / f"{unit}.train.lock"
+
     def ticket(self, spec: TicketSpec) -> TicketPaths:
         return TicketPaths(self.tickets_dir / spec.name)
 

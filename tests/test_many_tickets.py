@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lottery.dense import run_dense
 from lottery.late_reset import TIMING_KEYS, retrain, retrain_many
 from lottery.masks import make_masks
 from tests.datasets import make_synthetic_shards
+from tests.lockholder import hold_lock
 from tests.test_experiment import data_dir  # noqa: F401  (the fixture: 256 + 96 images, 8x8x1, 3 classes)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +165,77 @@ def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
     assert len(starts) == len(ends) == 2 and len(epochs) == 4, "a start and an end line per ticket, one per epoch"
     again = retrain_many(workdir, "all", "1ep", threads=1)
     assert all(r["skipped"] for r in again)
+
+
+# ---- another run of the same config (the same work directory) at the same time -------------------
+def _in_thread(function, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    def target():
+        try:
+            out["result"] = function(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001  (the test re-raises it)
+            out["error"] = exc
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_log(caplog, text: str, thread: threading.Thread, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in caplog.text:
+        assert thread.is_alive() and time.monotonic() < deadline, f"no {text!r} in the log:\n{caplog.text[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, caplog):
+    """A group meets a ticket whose training lock another process holds (another run of this
+    config): it waits, and when that process has finished the ticket, takes its result and trains
+    only the rest."""
+    workdir, other = fresh("w"), fresh("other")
+    retrain(other, "sp80.000", "1ep", threads=1)  # what the other process will have made
+    lock = workdir / ".locks" / "sp80.000__1ep.train.lock"
+    holder = hold_lock(lock, 600)
+    caplog.clear()  # only this group's lines (an earlier test may have left the logger at INFO)
+    try:
+        with caplog.at_level("INFO", logger="lottery"):
+            thread, out = _in_thread(retrain_many, workdir, [1, 2], "1ep", threads=1)
+            _wait_for_log(caplog, "waiting for the test's holder", thread)
+            shutil.copytree(other / "tickets" / "sp80.000__1ep", workdir / "tickets" / "sp80.000__1ep")
+            done = {p.name: p.stat().st_mtime_ns for p in (workdir / "tickets" / "sp80.000__1ep").iterdir()}
+            holder.kill()  # the other process has finished
+            thread.join(120)
+    finally:
+        holder.kill()
+    assert "error" not in out, out.get("error")
+    assert [r["skipped"] for r in out["result"]] == [True, False]
+    assert f"got the lock {lock} after waiting" in caplog.text
+    assert "retrain sp80.000__1ep: already done" in caplog.text and "retrain sp80.000__1ep: start" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (workdir / "tickets" / "sp80.000__1ep").iterdir()} == done
+    alone = fresh("alone")
+    retrain(alone, "sp90.000", "1ep", threads=1)
+    assert_same_ticket(workdir / "tickets" / "sp90.000__1ep", alone / "tickets" / "sp90.000__1ep")
+
+
+def test_a_dense_run_another_process_trains_is_waited_for_not_trained_twice(fresh, data_dir, caplog):
+    workdir = fresh("w")
+    result = workdir / "dense" / "result.json"
+    finished = result.read_bytes()
+    result.unlink()  # not done yet: the other process is training it
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (workdir / "dense").iterdir()}
+    holder = hold_lock(workdir / ".locks" / "dense.train.lock", 600)
+    caplog.clear()
+    try:
+        with caplog.at_level("INFO", logger="lottery"):
+            thread, out = _in_thread(run_dense, ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
+            _wait_for_log(caplog, "waiting for the test's holder", thread)
+            result.write_bytes(finished)  # the other process has finished
+            holder.kill()
+            thread.join(120)
+    finally:
+        holder.kill()
+    assert "error" not in out, out.get("error")
+    assert out["result"]["skipped"] is True and "dense: already done" in caplog.text and "dense: start" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (workdir / "dense").iterdir() if p.name != "result.json"} == mtimes
 
 
 @pytest.mark.parametrize("damage", ["truncate model", "flip a byte of the metrics", "delete model", "truncate result",
