@@ -91,6 +91,20 @@ class Probe:
     def component(self, name: str) -> int:
         return self.note_components().get(name, 0)
 
+    def kill_component(self, name: str) -> int:
+        """SIGKILL component ``name``; its pid."""
+        pid = self.component(name)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def restarted(self, name: str, pid: int) -> str:
+        """Wait for the supervisor's restart line of ``name`` (killed as ``pid``), then for its new
+        pid; the line."""
+        line = self.wait(lambda: re.search(rf"{name} died \(exit -9\), restarting it \(1/3\)(; log: \S+)?", self.text()),
+                         30, f"the {name}'s restart line")
+        self.wait(lambda: self.component(name) not in (0, pid), 10, f"the new {name}'s pid")
+        return line.group(0)
+
     def ours(self) -> list[psutil.Process]:
         """Every live process of the components this run started (their environment is no use:
         setproctitle writes over it)."""
@@ -193,15 +207,11 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
     try:
         # 0. the api-server, while tickets train: restarted on its port; the task supervisors' calls to
         # its execution API retry meanwhile, so no ticket in training is lost or retried
-        def kill_api_server():
-            killed["api-server"] = probe.component("api-server")
-            os.kill(killed["api-server"], signal.SIGKILL)
         killed = {}
-        lost0, before0, _ = kill_mid_ticket(probe, kill_api_server)
+        lost0, before0, _ = kill_mid_ticket(probe, lambda: killed.update(api=probe.kill_component("api-server")))
         t0 = time.time()
-        probe.wait(lambda: "api-server died (exit -9), restarting it (1/3)" in probe.text(), 30, "the api-server's restart line")
+        probe.restarted("api-server", killed["api"])
         figures["api-server SIGKILL -> restarted (s)"] = round(time.time() - t0, 1)
-        probe.wait(lambda: probe.component("api-server") not in (0, killed["api-server"]), 10, "the new api-server's pid")
 
         # 1. task processes (supervised by the live scheduler's workers) mid-ticket
         victims = probe.wait(probe.training_under_scheduler, 900, "a task process mid-ticket", interval=0.05)
@@ -226,24 +236,16 @@ def test_components_and_task_processes_killed_in_one_run(tmp_path):
         # instances wait for the heartbeat check of the scheduler that queued them, and a restarted
         # scheduler leaves them to the orphan check, every 300 s (measured: 333 s; docs/reliability.md)
         probe.wait(lambda: set(probe.resumed_after(lost2, t2)) == lost2, 300, "the tickets of fault 2 back in training")
-        def kill_scheduler():
-            killed["scheduler"] = probe.component("scheduler")
-            os.kill(killed["scheduler"], signal.SIGKILL)
         probe.wait(lambda: probe.in_training() - lost1 - lost2, 600, "a ticket of no earlier fault mid-training", interval=0.05)
-        training, before3, _ = kill_mid_ticket(probe, kill_scheduler)
+        training, before3, _ = kill_mid_ticket(probe, lambda: killed.update(scheduler=probe.kill_component("scheduler")))
         t3, lost3 = time.time(), set(training) - lost1 - lost2
-        line = probe.wait(lambda: re.search(r"scheduler died \(exit -9\), restarting it \(1/3\); log: \S+scheduler.log",
-                                            probe.text()), 30, "the scheduler's restart line")
+        line = probe.restarted("scheduler", killed["scheduler"])
         figures["scheduler SIGKILL -> restarted (s)"] = round(time.time() - t3, 1)
-        print(line.group(0))
-        probe.wait(lambda: probe.component("scheduler") not in (0, killed["scheduler"]), 10, "the new scheduler's pid")
+        assert re.search(r"; log: \S+scheduler.log$", line), line
+        print(line)
 
         # 4. the dag-processor
-        processor = probe.component("dag-processor")
-        os.kill(processor, signal.SIGKILL)
-        probe.wait(lambda: "dag-processor died (exit -9), restarting it (1/3)" in probe.text(), 30,
-                   "the dag-processor's restart line")
-        probe.wait(lambda: probe.component("dag-processor") not in (0, processor), 10, "the new dag-processor's pid")
+        probe.restarted("dag-processor", probe.kill_component("dag-processor"))
 
         rc = proc.wait(900)
         text = probe.text()

@@ -114,6 +114,33 @@ def run_state(api, run_id: str) -> str | None:
     return run.get("state") if status == 200 else None
 
 
+def states(api, run_id: str) -> str:
+    """The run's state and every task instance's, for a failure message."""
+    tis = sorted(f"{t['task_id']}{'[%d]' % t['map_index'] if t['map_index'] >= 0 else ''}={t.get('state')}"
+                 for t in api.task_instances(run_id))
+    return f"run {run_state(api, run_id)}; " + ", ".join(tis)
+
+
+def wait_for(local, api, run_id: str, predicate, what: str, timeout: float = 300, interval: float = 2):
+    """``wait_until`` on this run; a timeout names every task's state."""
+    try:
+        return wait_until(predicate, timeout, interval, what=what, supervisor=local.supervisor)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {states(api, run_id)}") from None
+
+
+def wait_for_ticket(local, api, run_id: str, state: str, what: str) -> None:
+    wait_for(local, api, run_id, lambda: first_ticket_state(api, run_id) == state, what)
+
+
+def wait_for_run(local, api, run_id: str, what: str, timeout: float = 300, interval: float = 2) -> str:
+    """The run's state once it has finished (every task done, the report included)."""
+    def finished() -> str | None:
+        state = run_state(api, run_id)
+        return state if state in ("success", "failed") else None
+    return wait_for(local, api, run_id, finished, what, timeout, interval)
+
+
 # ---- the flows --------------------------------------------------------------------------------------
 def test_log_in(airflow, page):
     local, _, _ = airflow
@@ -210,8 +237,7 @@ def test_a_tickets_log_has_an_epoch_line(airflow, page):
 def test_the_report_tab_shows_the_plot_and_the_table(airflow, page):
     local, api, _ = airflow
     run_id = the_run(api)
-    assert wait_until(lambda: run_state(api, run_id) in ("success", "failed") and run_state(api, run_id), 600, 3,
-                      what="the run to finish", supervisor=local.supervisor) == "success"
+    assert wait_for_run(local, api, run_id, "the run to finish", 600, 3) == "success"
     page.goto(run_url(local, run_id, "/plugin/lottery-report"))
     frame = page.frame_locator("iframe[title=Report]")
     sync_api.expect(frame.locator("#table-tickets")).to_be_visible()
@@ -230,29 +256,6 @@ def test_the_report_tab_shows_the_plot_and_the_table(airflow, page):
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot))
     page.set_viewport_size({"width": 1440, "height": 1000})
-
-
-def states(api, run_id: str) -> str:
-    """The run's state and every task instance's, for a failure message."""
-    tis = sorted(f"{t['task_id']}{'[%d]' % t['map_index'] if t['map_index'] >= 0 else ''}={t.get('state')}"
-                 for t in api.task_instances(run_id))
-    return f"run {run_state(api, run_id)}; " + ", ".join(tis)
-
-
-def wait_for_ticket(local, api, run_id: str, state: str, what: str) -> None:
-    try:
-        wait_until(lambda: first_ticket_state(api, run_id) == state, 300, 2, what=what, supervisor=local.supervisor)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}: {states(api, run_id)}") from None
-
-
-def wait_for_run(local, api, run_id: str, what: str) -> str:
-    """The run's state once it has finished (every task done, the report included)."""
-    try:
-        return wait_until(lambda: run_state(api, run_id) in ("success", "failed") and run_state(api, run_id), 300, 2,
-                          what=what, supervisor=local.supervisor)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}: {states(api, run_id)}") from None
 
 
 def clear_ticket(page, local, api, run_id: str) -> None:
