@@ -12,8 +12,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: venv system-deps
 
+# Python 3.11 or newer (pyproject.toml's requires-python; constraints.txt was frozen on 3.11).
+# PYTHON=python3.12 chooses the interpreter of a new .venv; an existing .venv keeps its own.
+PYTHON_MIN := 3.11
+
 venv: $(STAMP)
 $(STAMP): requirements.txt constraints.txt pyproject.toml
+	@py=$(BIN)/python; test -x $$py || py="$(PYTHON)"; \
+	 command -v "$$py" >/dev/null || { echo "make install: $$py not found: install Python $(PYTHON_MIN) or newer, or name it with PYTHON=python3.X" >&2; exit 1; }; \
+	 "$$py" -c 'import sys; sys.exit(sys.version_info < tuple(map(int, "$(PYTHON_MIN)".split("."))))' || { \
+	   echo "make install: Python $(PYTHON_MIN) or newer is required, $$py is $$("$$py" -V 2>&1)." >&2; \
+	   echo "  Name another interpreter with PYTHON=python3.X$$(test -x $(BIN)/python && echo ' after rm -rf $(VENV)')." >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
