@@ -370,3 +370,23 @@ def test_eval_batch_is_a_multiple_of_the_training_batch_capped_by_image_size():
     assert eval_batch_size(128, (32, 32, 3)) == 256
     assert eval_batch_size(128, (224, 224, 3)) == 128  # large images keep the training batch
     assert eval_batch_size(2048, (28, 28, 1)) == 2048
+
+
+def test_a_workdir_of_another_format_version_is_refused_naming_both(dense_workdir, data_dir):
+    from lottery.files import read_json, write_json
+    from lottery.paths import FORMAT_VERSION
+
+    run_json = dense_workdir / "run.json"
+    run = read_json(run_json)
+    assert run["format_version"] == FORMAT_VERSION
+    try:
+        for found, named in ((FORMAT_VERSION + 1, f"format version {FORMAT_VERSION + 1}"), (None, "format version none")):
+            write_json(run_json, {**run, "format_version": found} if found else
+                       {k: v for k, v in run.items() if k != "format_version"})
+            for step in (lambda: run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir),
+                         lambda: Workdir(dense_workdir).load()):
+                with pytest.raises(WorkdirMismatchError, match=f"{named}.* reads format version {FORMAT_VERSION} only"):
+                    step()
+    finally:
+        write_json(run_json, run)
+    assert run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir)["skipped"] is True
