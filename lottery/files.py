@@ -282,7 +282,8 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     payload = {f"a{i:04d}": np.asarray(arrays[k]) for i, k in enumerate(keys)}
     payload["__meta__"] = np.array(json.dumps({"keys": keys, "meta": meta}, default=_json_default))
     with atomic_path(path) as tmp:
-        np.savez(tmp, **payload)
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
         # the checksum goes first: a crash between the two leaves a mismatch (refused), never a
         # new checkpoint vouched for by nothing
         write_text(checksum_path(path), f"{sha256_file(tmp)}  {Path(path).name}\n")
