@@ -102,7 +102,7 @@ def verify_dense_file(workdir: Workdir, path) -> None:
     record = read_json(workdir.dense_result)["files"][name]
     damaged = damaged_files(workdir.dense_dir, {name: record}, workdir.dense_result.name)
     if damaged:
-        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]} (recorded by {workdir.dense_result.name}): "
+        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]}: "
                                    f"rerun `python -m lottery dense --workdir {workdir}` to recompute it")
 
 

@@ -258,7 +258,7 @@ def test_a_rewind_checkpoint_with_a_flipped_byte_is_refused(tmp_path, dense_work
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40  # same size: the dense run's sha256 record tells
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: sha256 differs .*lottery dense"):
+    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: its sha256 differs from result.json .*lottery dense"):
         retrain(workdir, 0, "3it", threads=1)
     assert [r["status"] for r in summarize(workdir) if r["rewind"] == "3it" and r["mask_id"] == "sp50.000"] == ["failed"]
 
@@ -275,7 +275,7 @@ def test_a_damaged_dense_run_is_named_and_trained_again(tmp_path, dense_workdir,
     final.write_bytes(final.read_bytes()[:100])
     with caplog.at_level("INFO", logger="lottery"):
         result = run_dense(ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
-    assert result["skipped"] is False and "dense: damaged, training it again: final.keras: 100 bytes, not" in caplog.text
+    assert result["skipped"] is False and "dense: damaged, training it again: final.keras: 100 bytes, result.json says" in caplog.text
     assert result["val_accuracy"] == before["val_accuracy"], "the same config and seed: the same run"
     for a, b in zip(_load_model(final).weights, _load_model(dense_workdir / "dense" / "final.keras").weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
