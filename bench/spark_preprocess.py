@@ -38,6 +38,7 @@ import numpy as np
 
 from lottery.data.manifest import read_manifest, shard_name
 from lottery.data.tfrecord import write_shard
+from lottery.files import atomic_path
 from spark_jobs.preprocess import images
 from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, assign, shard_key
 
@@ -80,9 +81,8 @@ def _make_image(item: tuple[str, int]) -> int:
             draw.rectangle((x0, y0, x1, y1), fill=color)
         else:
             draw.line((x0, y0, x1, y1), fill=color, width=int(rng.integers(2, 12)))
-    tmp = path + ".tmp"
-    im.save(tmp, "JPEG", quality=90)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, "JPEG", quality=90)
     return os.path.getsize(path)
 
 

@@ -97,13 +97,12 @@ def verify_rewind_checkpoint(workdir: Workdir, label: str) -> None:
 
 def verify_dense_file(workdir: Workdir, path) -> None:
     """Refuse a file of the dense run (``path``) that no longer matches the dense run's record of it
-    (CorruptArtifactError naming it and the command that recomputes it); a record from before
-    results listed their files vouches for nothing and refuses nothing."""
+    (CorruptArtifactError naming it and the command that recomputes it)."""
     name = path.relative_to(workdir.dense_dir).as_posix()
-    record = read_json(workdir.dense_result).get("files", {})
-    damaged = damaged_files(workdir.dense_dir, {name: record[name]}) if name in record else []
+    record = read_json(workdir.dense_result)["files"][name]
+    damaged = damaged_files(workdir.dense_dir, {name: record}, workdir.dense_result.name)
     if damaged:
-        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]} (recorded by {workdir.dense_result.name}): "
+        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]}: "
                                    f"rerun `python -m lottery dense --workdir {workdir}` to recompute it")
 
 

@@ -1,10 +1,10 @@
 """Atomic, checked file writes: everything the engine and the data layer produce goes through here.
 
-Every artifact is written to a temporary name in the same directory and renamed into place, so a
-reader sees either nothing or the whole file; a whole directory (a dataset, an image export) is
-written into a staging sibling and swapped in by `publish_dir`. Array bundles are ``.npz`` files:
-a zip whose members carry CRC-32 checksums, read back eagerly so that a truncated or corrupted file
-is refused.
+Every file is written to a temporary name in the same directory, fsynced and renamed into place
+(`atomic_path`), so a reader sees either nothing or the whole file; a whole directory (a dataset, an
+image export) is written into a staging sibling and swapped in by `publish_dir`. A file is vouched
+for by its record, ``{"bytes", "sha256"}`` (`file_record`), and checked against it by one function
+(`file_damage`). Array bundles are ``.npz`` files with a ``.sha256`` beside them.
 
 Pure Python + numpy (no TensorFlow, no Keras): Spark executors and the data layer import it.
 """
@@ -40,41 +40,55 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# A file's record, the one format that vouches for a file (a shard in a data set's manifest, the
+# files a result lists, a mask in its report): ``{"bytes": size, "sha256": hex digest}``.
+MISSING = "missing"
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The record of the file ``path``: ``{"bytes", "sha256"}``."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def file_damage(path: str | os.PathLike, record: dict[str, Any], source: str) -> str | None:
+    """What is wrong with ``path`` against its ``record`` (kept in ``source``, named in the message),
+    or None when it matches: ``"missing"``, ``"1,024 bytes, result.json says 2,048"``, ``"its sha256
+    differs from result.json (same size, 2,048 bytes)"``. The size first: it is cheap."""
+    path = Path(path)
+    if not path.is_file():
+        return MISSING
+    if (size := path.stat().st_size) != record["bytes"]:
+        return f"{size:,} bytes, {source} says {record['bytes']:,}"
+    if sha256_file(path) != record["sha256"]:
+        return f"its sha256 differs from {source} (same size, {size:,} bytes)"
+    return None
+
+
 def file_manifest(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{name: {"size", "sha256"}}`` of the files ``names`` under ``directory`` (those that exist):
-    written into a unit of work's result, so that "already done" can check every file it made."""
+    """``{name: record}`` of the files ``names`` under ``directory`` (those that exist): written into a
+    unit of work's result, so that "already done" can check every file it made."""
     directory = Path(directory)
-    return {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-            for name in names if (directory / name).is_file()}
+    return {name: file_record(directory / name) for name in names if (directory / name).is_file()}
 
 
-def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, Any]]) -> list[str]:
-    """What no longer matches ``manifest`` under ``directory``: ``"model.keras: missing"``,
-    ``"...: 1,024 bytes, not 2,048"``, ``"...: sha256 differs"`` (sizes first: cheap)."""
-    directory, damaged = Path(directory), []
-    for name, want in manifest.items():
-        path = directory / name
-        if not path.is_file():
-            damaged.append(f"{name}: missing")
-        elif (size := path.stat().st_size) != want["size"]:
-            damaged.append(f"{name}: {size:,} bytes, not {want['size']:,}")
-        elif sha256_file(path) != want["sha256"]:
-            damaged.append(f"{name}: sha256 differs")
-    return damaged
+def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, Any]], source: str) -> list[str]:
+    """What no longer matches ``manifest`` (kept in ``source``) under ``directory``, one line per file:
+    ``"model.keras: missing"``, ``"metrics.csv: its sha256 differs from result.json ..."``."""
+    return [f"{name}: {damage}" for name, record in manifest.items()
+            if (damage := file_damage(Path(directory) / name, record, source))]
 
 
-def intact_result(path: str | os.PathLike, label: str, legacy_damage=lambda: []) -> dict[str, Any] | None:
+def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
     """A unit of work's ``result.json`` when it and every file it lists (``files``, relative to its
     directory) are intact; else None, after naming the damage in the log (``<label>: damaged,
     training it again: ...``) and removing the result, so that nothing reads the unit as done while
-    it is recomputed. ``legacy_damage``: what is wrong with a result written before results listed
-    their files."""
+    it is recomputed."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         result = read_json(path)
-        damaged = damaged_files(path.parent, result["files"]) if "files" in result else legacy_damage()
+        damaged = damaged_files(path.parent, result["files"], path.name)
         float(result["val_accuracy"])
     except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
         damaged = [f"{path.name}: {exc}"]
@@ -147,11 +161,13 @@ def new_file_mode() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp<suffix>``: a writer that picks
+    the format by the suffix still finds it); when the block succeeds, fsync it and rename it onto
+    ``path``; the temporary file is removed whatever happens.
 
-    The file gets the mode a plain ``open()`` would give it (``new_file_mode``), not mkstemp's 0600:
-    a report, a result or a model is as readable as the plot beside it."""
+    The file gets ``mode``, by default the mode a plain ``open()`` would give it (``new_file_mode``),
+    not mkstemp's 0600: a report, a result or a model is as readable as the plot beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -159,12 +175,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, new_file_mode())
+        os.chmod(tmp_path, new_file_mode() if mode is None else mode)
+        _fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise _naming(exc, path, tmp_path) from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
@@ -190,8 +216,7 @@ def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> N
     text = _json_text({**data, SEAL: _BLANK_SEAL} if sealed else data)
     if sealed:
         text = text.replace(f'"{_BLANK_SEAL}"', f'"sha256:{_sha256_text(text)}"', 1)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_text(path, text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -227,9 +252,14 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> None:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
@@ -254,8 +284,6 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
         # the checksum goes first: a crash between the two leaves a mismatch (refused), never a
         # new checkpoint vouched for by nothing
         write_text(checksum_path(path), f"{sha256_file(tmp)}  {Path(path).name}\n")
@@ -269,13 +297,12 @@ def checksum_path(path: str | os.PathLike) -> Path:
 
 def arrays_damage(path: str | os.PathLike) -> str | None:
     """What is wrong with the array bundle ``path`` (``"missing"``, ``"sha256 differs from …"``), or
-    None when it is intact: its ``.sha256`` matches, or (a bundle saved before those existed) every
-    member reads back with its CRC-32."""
+    None when it is intact (its ``.sha256`` matches)."""
     path = Path(path)
     if not path.is_file():
-        return "missing"
+        return MISSING
     try:
-        _verify_checksum(path) if checksum_path(path).exists() else load_arrays(path)
+        _verify_checksum(path)
     except CorruptArtifactError as exc:
         return str(exc)
     return None
@@ -299,10 +326,10 @@ def _verify_checksum(path: Path) -> None:
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load what :func:`save_arrays` wrote, checked against its ``.sha256`` when it has one; a
-    truncated or corrupted file raises CorruptArtifactError."""
+    """Load what :func:`save_arrays` wrote, checked against its ``.sha256``; a truncated or corrupted
+    file, or one without its ``.sha256``, raises CorruptArtifactError."""
     path = Path(path)
-    if path.exists() and checksum_path(path).exists():
+    if path.exists():
         _verify_checksum(path)
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -244,16 +244,12 @@ class LateReset:
         """The small result of a ticket already done (with its "already done" log line), or None.
         Done means: result.json readable and every file it lists (``files``: size, sha256) intact;
         a damaged ticket is named in the log and trained again (``files.intact_result``)."""
-        result = intact_result(self.paths.result, f"retrain {self.name}", self._legacy_damage)
+        result = intact_result(self.paths.result, f"retrain {self.name}")
         if result is None:
             return None
         log.info("retrain %s: already done (val_acc %.2f%%; %d files checked), nothing to do: %s",
                  self.name, 100 * result["val_accuracy"], len(result.get("files", ())), self.paths.dir)
         return {**small(result), "skipped": True}
-
-    def _legacy_damage(self) -> list[str]:
-        """A result written before results listed their files: its model and metrics must exist."""
-        return [f"{p.name}: missing" for p in (self.paths.model, self.paths.metrics) if not p.is_file()]
 
     def produced_files(self) -> list[str]:
         """The files of this ticket that its result vouches for (names inside its directory)."""

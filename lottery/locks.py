@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from lottery.errors import LotteryError
+
 # How long a run waits for another run writing the same data (seconds); the env var wins.
 LOCK_TIMEOUT_ENV = "LOTTERY_DATA_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 1800.0
 POLL_S = 0.5
 
 
-class LockTimeout(TimeoutError):
-    """Another process held the lock for longer than the wait allows."""
+class LockTimeout(LotteryError, TimeoutError):
+    """Another process held the lock for longer than the wait allows (transient: retried)."""
 
 
 def lock_timeout(default: float = DEFAULT_LOCK_TIMEOUT) -> float:

@@ -1,7 +1,7 @@
 """The work directory of one experiment: the only module that spells its paths.
 
     W/config.json                       the experiment config (written once, by `prepare`)
-    W/run.json                          experiment id, data directory, data set id
+    W/run.json                          experiment id, data directory, data set id, format version
     W/dense/result.json                 the dense run: accuracy, curve, rewind steps
     W/dense/checkpoint.npz, metrics.csv resume point (deleted when done) and per-epoch metrics
     W/dense/final.keras                 the final dense weights (the masks are computed from it)
@@ -31,6 +31,9 @@ PLOT_NAME = "accuracy_vs_sparsity.png"
 REPORT_NAME = "report.md"
 TICKETS = "tickets"
 RESULT_JSON = "result.json"
+# The work directory's format (its files, their records and array bundles: docs/artifacts.md). Recorded
+# in run.json; a directory of another format is refused, never half read. Not part of the experiment id.
+FORMAT_VERSION = 1
 
 
 def dataset_id(data_dir: str | os.PathLike) -> str:
@@ -155,7 +158,8 @@ class Workdir:
         wanted_id = experiment_id(cfg, data_id)
         if self.config_json.exists():
             existing = ExperimentConfig.from_dict(read_json(self.config_json))
-            run = read_json(self.run_json) if self.run_json.exists() else {}
+            run = read_json(self.run_json) if self.run_json.exists() else {"format_version": FORMAT_VERSION}
+            self._check_format(run)
             if experiment_id(existing, data_id) != wanted_id or run.get("experiment_id", wanted_id) != wanted_id:
                 raise WorkdirMismatchError(
                     f"{self.path} holds experiment {run.get('experiment_id', '?')} with a different config or data set "
@@ -163,8 +167,17 @@ class Workdir:
                 )
         else:
             write_json(self.config_json, cfg.to_dict())
-        write_json(self.run_json, {"experiment_id": wanted_id, "data_dir": str(data_dir), "dataset_id": data_id})
+        write_json(self.run_json, {"experiment_id": wanted_id, "data_dir": str(data_dir), "dataset_id": data_id,
+                                   "format_version": FORMAT_VERSION})
         return self
+
+    def _check_format(self, run: dict[str, Any]) -> None:
+        found = run.get("format_version")
+        if found != FORMAT_VERSION:
+            raise WorkdirMismatchError(
+                f"{self.path} is a work directory of format version {found if found is not None else 'none (older)'}; "
+                f"this version of the code reads format version {FORMAT_VERSION} only (docs/artifacts.md): "
+                "use another --workdir")
 
     def load(self) -> tuple[ExperimentConfig, dict[str, Any]]:
         """The experiment's config and run info (experiment id, data directory, data set id)."""
@@ -172,7 +185,9 @@ class Workdir:
 
         if not self.config_json.exists():
             raise MissingArtifactError(f"{self.path} has no config.json: run `python -m lottery dense` for it first")
-        return ExperimentConfig.from_dict(read_json(self.config_json)), read_json(self.run_json)
+        run = read_json(self.run_json)
+        self._check_format(run)
+        return ExperimentConfig.from_dict(read_json(self.config_json)), run
 
     def status(self, plan: RunPlan) -> WorkdirStatus:
         """Which of the plan's tickets and controls are done, failed or missing (files only)."""

@@ -26,10 +26,9 @@ import keras
 import numpy as np
 
 from lottery.errors import CorruptArtifactError
-from lottery.files import atomic_path, read_json, sha256_file, write_json
+from lottery.files import file_damage, file_record, read_json, write_bytes, write_json
 from lottery.models import prunable_weights
 
-MASK_FORMAT_VERSION = 1
 SCOPES = ("global", "layerwise")
 # Weight paths become zip member names in the .npz; keep them boring.
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
@@ -209,8 +208,8 @@ def _npz_bytes(mask):
 
 def save_mask(path, mask, meta):
     """Writes `mask` to `path` (.npz, keys = weight paths) and its report,
-    `meta` and the npz's sha256 to `<stem>.json` (sealed: a changed byte in it is
-    refused too); both atomically."""
+    `meta` and the npz's record (`lottery.files.file_record`) to `<stem>.json`
+    (sealed: a changed byte in it is refused too); both atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"mask files end in .npz; got {path}")
@@ -218,12 +217,10 @@ def save_mask(path, mask, meta):
         if not _SAFE_PATH.match(key) or ".." in key.split("/"):
             raise ValueError(f"weight path {key!r} cannot be a mask file key")
     json.dumps(meta)  # fail before writing anything if meta is not JSON
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(_npz_bytes(mask))
+    write_bytes(path, _npz_bytes(mask))
     write_json(_report_path(path), {
-        "format_version": MASK_FORMAT_VERSION,
         "file": path.name,
-        "sha256": sha256_file(path),
+        **file_record(path),
         "meta": meta,
         "report": mask_report(mask),
     }, sealed=True)
@@ -239,7 +236,7 @@ def load_mask(path):
         raise FileNotFoundError(f"mask file {path} does not exist")
     try:
         info = read_json(report_path)
-        expected_sha = info["sha256"]
+        record = {"bytes": info["bytes"], "sha256": info["sha256"]}
         layers = info["report"]["layers"]
         meta = info["meta"]
     except (OSError, ValueError, KeyError, TypeError, CorruptArtifactError) as exc:
@@ -247,12 +244,9 @@ def load_mask(path):
             f"mask report {report_path} is missing or unreadable ({type(exc).__name__}: {exc}); "
             f"delete {path} and recompute"
         ) from None
-    actual_sha = sha256_file(path)
-    if actual_sha != expected_sha:
-        raise CorruptArtifactError(
-            f"mask file {path} does not match the sha256 in {report_path} "
-            f"({actual_sha[:12]} != {expected_sha[:12]}): truncated or modified; delete it and recompute"
-        )
+    damage = file_damage(path, record, report_path.name)
+    if damage:
+        raise CorruptArtifactError(f"mask file {path}: {damage} (truncated or modified); delete it and recompute")
     try:
         with np.load(path, allow_pickle=False) as data:
             mask = {key: np.asarray(data[key]) for key in layers}

@@ -27,6 +27,7 @@ from typing import Any
 
 from lottery.config import CONTROLS
 from lottery.errors import CorruptArtifactError
+from lottery.files import atomic_path
 from lottery.paths import PLOT_NAME, RESULT_JSON, RESULTS_CSV, TICKETS, Workdir
 from lottery.plan import RunPlan, TicketSpec
 
@@ -288,10 +289,8 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
         ax.legend(fontsize=7, loc="best", ncol=2 if len(labels) > 3 else 1)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

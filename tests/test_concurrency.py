@@ -19,7 +19,7 @@ from lottery.deploy import airflow_home  # noqa: E402  (before airflow is import
 HOME = airflow_home.use_test_home()
 
 from lottery.dag.preprocess import PreprocessOperator  # noqa: E402  (Airflow sets up its logging now, not under caplog)
-from lottery.data.errors import CorruptDataError  # noqa: E402
+from lottery.errors import CorruptDataError  # noqa: E402
 from lottery.data.manifest import read_manifest, write_manifest  # noqa: E402
 from lottery.data.verify import STAMP_NAME, verify_shards  # noqa: E402
 from lottery.locks import LockTimeout, lock_path, wait_lock  # noqa: E402

@@ -666,3 +666,31 @@ def test_clearing_a_ticket_with_downstream_reruns_the_report_and_the_check(dag):
         assert {task_id, "report", "check_results"} <= cleared, (task_id, cleared)
         assert "validate_config" not in cleared
     assert [t.task_id for t in dag.leaves] == ["check_results"]
+
+
+def test_a_corrupt_input_fails_the_task_at_once_naming_the_file_and_a_transient_error_is_retried(tmp_path):
+    """``engine_call``: a damaged shard (a permanent error: retrying reads the same bytes) becomes
+    AirflowFailException, which Airflow does not retry; a lock still held (transient) is raised as
+    it is, for Airflow's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from lottery.dag.tasks import engine_call
+    from lottery.data.manifest import read_manifest
+    from lottery.data.verify import verify_shards
+    from lottery.locks import LockTimeout
+    from tests.datasets import make_synthetic_shards
+
+    data = make_synthetic_shards(tmp_path, 16, 8)
+    shard = data / "val-00000-of-00001.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(AirflowFailException, match=f"CorruptDataError: {shard}: damaged shard of split 'val'"):
+        engine_call(verify_shards, data, read_manifest(data), ["val"])
+    shard.unlink()
+    with pytest.raises(AirflowFailException, match=f"MissingDataError: {shard}: shard of split 'val' .* is missing"):
+        engine_call(verify_shards, data, read_manifest(data), ["val"])
+
+    def held():
+        raise LockTimeout("waited 1 s for the test's holder")
+
+    with pytest.raises(LockTimeout):
+        engine_call(held)

@@ -258,7 +258,7 @@ def test_a_rewind_checkpoint_with_a_flipped_byte_is_refused(tmp_path, dense_work
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40  # same size: the dense run's sha256 record tells
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: sha256 differs .*lottery dense"):
+    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: its sha256 differs from result.json .*lottery dense"):
         retrain(workdir, 0, "3it", threads=1)
     assert [r["status"] for r in summarize(workdir) if r["rewind"] == "3it" and r["mask_id"] == "sp50.000"] == ["failed"]
 
@@ -275,7 +275,7 @@ def test_a_damaged_dense_run_is_named_and_trained_again(tmp_path, dense_workdir,
     final.write_bytes(final.read_bytes()[:100])
     with caplog.at_level("INFO", logger="lottery"):
         result = run_dense(ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
-    assert result["skipped"] is False and "dense: damaged, training it again: final.keras: 100 bytes, not" in caplog.text
+    assert result["skipped"] is False and "dense: damaged, training it again: final.keras: 100 bytes, result.json says" in caplog.text
     assert result["val_accuracy"] == before["val_accuracy"], "the same config and seed: the same run"
     for a, b in zip(_load_model(final).weights, _load_model(dense_workdir / "dense" / "final.keras").weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -370,3 +370,23 @@ def test_eval_batch_is_a_multiple_of_the_training_batch_capped_by_image_size():
     assert eval_batch_size(128, (32, 32, 3)) == 256
     assert eval_batch_size(128, (224, 224, 3)) == 128  # large images keep the training batch
     assert eval_batch_size(2048, (28, 28, 1)) == 2048
+
+
+def test_a_workdir_of_another_format_version_is_refused_naming_both(dense_workdir, data_dir):
+    from lottery.files import read_json, write_json
+    from lottery.paths import FORMAT_VERSION
+
+    run_json = dense_workdir / "run.json"
+    run = read_json(run_json)
+    assert run["format_version"] == FORMAT_VERSION
+    try:
+        for found, named in ((FORMAT_VERSION + 1, f"format version {FORMAT_VERSION + 1}"), (None, "format version none")):
+            write_json(run_json, {**run, "format_version": found} if found else
+                       {k: v for k, v in run.items() if k != "format_version"})
+            for step in (lambda: run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir),
+                         lambda: Workdir(dense_workdir).load()):
+                with pytest.raises(WorkdirMismatchError, match=f"{named}.* reads format version {FORMAT_VERSION} only"):
+                    step()
+    finally:
+        write_json(run_json, run)
+    assert run_dense(ExperimentConfig.from_dict(TINY), data_dir, dense_workdir)["skipped"] is True

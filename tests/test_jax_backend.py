@@ -185,7 +185,7 @@ def test_bad_arguments_and_short_shards(tmp_path, data_dir):
 
 # ---------------------------------------------------------------- nothing in the JAX path needs TensorFlow
 
-TF_FREE = ["lottery/data/tfrecord.py", "lottery/data/example.py", "lottery/data/manifest.py", "lottery/data/errors.py",
+TF_FREE = ["lottery/data/tfrecord.py", "lottery/data/example.py", "lottery/data/manifest.py", "lottery/errors.py",
            "lottery/files.py", "lottery/data/epochs.py", "lottery/data/arrays.py", "lottery/data/runtime.py",
            "lottery/data/fetch.py", "lottery/data/__init__.py", "lottery/data/workers.py", "lottery/data/hostaug.py", "lottery/input_bench.py", "lottery/models.py", "lottery/pruning.py",
            "lottery/training.py", "lottery/session.py", "lottery/dense.py", "lottery/masks.py", "lottery/late_reset.py",

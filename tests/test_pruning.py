@@ -194,6 +194,7 @@ def test_damaged_mask_is_refused(tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
         info = json.loads(report.read_text())
         info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        info["bytes"] = path.stat().st_size
         report.write_text(json.dumps(info))
     else:
         report.unlink()

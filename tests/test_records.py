@@ -261,7 +261,7 @@ def test_verify_dataset_detects_tampered_shard(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[40] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(CorruptDataError, match="train-00001-of-00002.tfrecord: sha256"):
+    with pytest.raises(CorruptDataError, match="train-00001-of-00002.tfrecord: damaged shard of split .train.: its sha256 differs from manifest.json"):
         manifest.verify_dataset(tmp_path / "ds")
     with pytest.raises(CorruptDataError, match="train-00001-of-00002.tfrecord: corrupt record at byte offset 0"):
         list(manifest.iter_split(tmp_path / "ds", "train"))

@@ -3,7 +3,7 @@ DAG's ``@task`` of the same name.
 
 Each one logs a start and an end line (what, threads, queue, work dir; duration and result), calls
 one engine step, and returns only small values for XCom (ids, paths, labels, a few metrics).
-Errors a retry cannot fix (``ConfigError``, ``LotteryError``) fail the task at once
+Errors a retry cannot fix (``ConfigError``, ``lottery.errors.PermanentError``) fail the task at once
 (``engine_call``). The engine (Keras, TensorFlow, NumPy) is imported inside the functions.
 """
 
@@ -20,7 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from lottery.config import ConfigError
 from lottery.dag.params import FASHION_MNIST, check_params, remaining_label
 from lottery.deploy.constants import POOL_SLOTS
-from lottery.errors import LotteryError
+from lottery.errors import is_permanent
 from lottery.plan import RunPlan
 
 log = logging.getLogger("lottery.dag")
@@ -70,11 +70,14 @@ def training_threads(kind: str) -> int:
 
 
 def engine_call(fn, *args, **kwargs):
-    """Run an engine step; errors a retry cannot fix fail the task at once (no retries)."""
+    """Run an engine step; errors a retry cannot fix (a bad config, a corrupt or missing input: the
+    message names the file) fail the task at once; any other error is retried."""
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, LotteryError) as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        if isinstance(exc, ConfigError) or is_permanent(exc):
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def queue_note() -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import CorruptDataError, DataFormatError  # noqa: F401 - re-exported
+from lottery.errors import CorruptDataError, DataFormatError  # noqa: F401 - re-exported
 from .manifest import ChannelStats, read_manifest  # noqa: F401 - re-exported
 
 _LAZY = {

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from .epochs import CROP_PAD, SplitReader, augment_params, cached_epoch, check_batch_args, streamed_epoch
-from .errors import DataFormatError
+from lottery.errors import DataFormatError
 from .example import decode_example, decode_image
 from .hostaug import augment_array_into
 from .manifest import MANIFEST_NAME

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError
+from lottery.errors import DataFormatError
+from lottery.files import atomic_path
 from .manifest import MANIFEST_NAME, read_manifest, shard_paths, verify_dataset
 from .verify import verify_shards
 
@@ -271,12 +272,8 @@ class SplitReader:
         path = self._decoded_path()
         if path is None:
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, labels=labels)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                np.savez(tmp, images=images, labels=labels)
         except OSError as exc:  # a read-only data directory: keep decoding in every process
             log.info("not keeping decoded %s split at %s: %s", self.split, path, exc)
-            tmp.unlink(missing_ok=True)

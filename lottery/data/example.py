@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DataFormatError
+from lottery.errors import DataFormatError
 
 ENCODINGS = ("png", "jpeg", "raw")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lottery.files import publish_dir
+from lottery.errors import MissingDataError
+from lottery.files import publish_dir, write_text
 from lottery.locks import lock_path, wait_lock
 
 log = logging.getLogger("lottery.data")
@@ -36,7 +37,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "test": "val", "t10k": "val"}
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 
 
-class SourceDataMissingError(FileNotFoundError):
+class SourceDataMissingError(MissingDataError):
     """The Fashion-MNIST IDX files are not there (the Debian package is not installed)."""
 
 
@@ -202,9 +203,7 @@ def _write_export(tmp: Path, out_dir: Path, limit: int | None, source_dir, progr
     marker = {"version": EXPORT_VERSION, "limit": limit, "counts": counts, "per_class": per_class,
               "classes": CLASS_FOLDERS, "class_names": FASHION_MNIST_CLASSES,
               "source_dir": str(source_dir)}
-    with open(tmp / MARKER, "w", encoding="utf-8") as f:
-        json.dump(marker, f, indent=2)
-        f.write("\n")
+    write_text(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
     return marker
 
 

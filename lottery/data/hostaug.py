@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .epochs import CROP_PAD
-from .errors import DataFormatError
+from lottery.errors import DataFormatError
 from .example import decode_example, decode_image
 
 _MODES = {1: "L", 3: "RGB"}

@@ -17,9 +17,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from lottery.files import sha256_file
+from lottery.errors import CorruptDataError, DataFormatError, MissingDataError
+from lottery.files import MISSING, file_damage, write_text
 
-from .errors import CorruptDataError, DataFormatError
 from .example import ENCODINGS, decode_example, decode_image
 from .tfrecord import read_records
 
@@ -145,19 +145,9 @@ def build_manifest(*, classes: Sequence[str], image_shape: Sequence[int], encodi
 
 
 def write_manifest(data_dir: str | os.PathLike, manifest: Mapping) -> Path:
-    """Write `data_dir/manifest.json` atomically (tmp file + fsync + os.replace)."""
+    """Write `data_dir/manifest.json` atomically (`lottery.files.write_text`)."""
     path = Path(data_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -293,21 +283,43 @@ def shard_paths(data_dir: str | os.PathLike, manifest: Mapping, split: str) -> l
     return [Path(data_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
 
 
-def verify_dataset(data_dir: str | os.PathLike, *, check_records: bool = False) -> dict:
-    """Check every shard's existence, size and sha256 (and, with check_records, every record's CRCs).
+def redo_hint(data_dir: Path) -> str:
+    """What to do about a damaged data set."""
+    return (f"preprocess the data again: clear the run's preprocess task (with downstream), or run "
+            f"spark_jobs/preprocess_images.py with --force, or delete {data_dir}")
 
-    Returns the manifest; raises FileNotFoundError or CorruptDataError naming the file.
+
+def shard_version(st: os.stat_result, sha256: str) -> list:
+    """A shard's file version, (size, mtime_ns, ctime_ns, inode), and the sha256 it was verified with."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, sha256]
+
+
+def check_shard(path: Path, entry: Mapping, split: str, recorded: list | None = None) -> list:
+    """One shard against its manifest entry (`lottery.files.file_damage`; the sha256 only when its file
+    version is not ``recorded``, `lottery.data.verify`): its version when intact; raises
+    ``MissingDataError`` or ``CorruptDataError`` naming the shard and what to do."""
+    data_dir = path.parent
+    if path.is_file() and recorded is not None and recorded == shard_version(path.stat(), entry["sha256"]):
+        return recorded
+    damage = file_damage(path, entry, MANIFEST_NAME)
+    if damage == MISSING:
+        raise MissingDataError(f"{path}: shard of split {split!r} listed in {MANIFEST_NAME} is missing; "
+                               f"{redo_hint(data_dir)}")
+    if damage:
+        raise CorruptDataError(f"{path}: damaged shard of split {split!r}: {damage}; {redo_hint(data_dir)}", path=path)
+    return shard_version(path.stat(), entry["sha256"])
+
+
+def verify_dataset(data_dir: str | os.PathLike, *, check_records: bool = False) -> dict:
+    """Check every shard's existence, size and sha256 (`check_shard`; and, with check_records, every
+    record's CRCs).
+
+    Returns the manifest; raises MissingDataError or CorruptDataError naming the file.
     """
     manifest = read_manifest(data_dir)
     for split in manifest["splits"]:
         for entry, path in zip(manifest["splits"][split]["shards"], shard_paths(data_dir, manifest, split)):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise CorruptDataError(f"{path}: {size} bytes, manifest says {entry['bytes']}", path=path)
-            if sha256_file(path) != entry["sha256"]:
-                raise CorruptDataError(f"{path}: sha256 does not match the manifest", path=path)
+            check_shard(path, entry, split)
             if check_records:
                 n = sum(1 for _ in read_records(path))
                 if n != entry["records"]:

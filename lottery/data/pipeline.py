@@ -28,7 +28,7 @@ from .epochs import (  # noqa: F401 - the constants are re-exported (the epoch p
     file_order,
     window_keys,
 )
-from .errors import DataFormatError
+from lottery.errors import DataFormatError
 from .manifest import MANIFEST_NAME
 
 log = logging.getLogger("lottery.data")

@@ -13,7 +13,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from .errors import CorruptDataError
+from lottery.errors import CorruptDataError
+from lottery.files import atomic_path
 
 
 def _make_crc32c_py():
@@ -187,18 +188,12 @@ def read_record_at(f: BinaryIO, path: str, offset: int) -> bytes:
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> dict:
-    """Write serialised Examples to one TFRecord file atomically (tmp name + rename).
+    """Write serialised Examples to one TFRecord file atomically (`lottery.files.atomic_path`).
 
     Returns the manifest's shard entry `{file, records, sha256, bytes}` (file = basename).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with TFRecordWriter(tmp) as w:
-            for r in records:
-                w.write(r)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, TFRecordWriter(tmp) as w:
+        for r in records:
+            w.write(r)
     return {"file": path.name, "records": w.records, "sha256": w.sha256(), "bytes": w.bytes}

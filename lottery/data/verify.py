@@ -2,7 +2,7 @@
 
 Every ticket group opens the data in a new process, so hashing every shard at every open would cost
 each process a full read of the data set (Fashion-MNIST: cheap; ImageNet: minutes). A shard whose
-sha256 matched is recorded in ``<data_dir>/.verified.json`` under its file version, (size,
+sha256 matched (`manifest.check_shard`) is recorded in ``<data_dir>/.verified.json`` under its file version, (size,
 mtime_ns, ctime_ns, inode): any write to the file, a replacement or a ``touch`` changes that
 version (the ctime cannot be set back from user space), and the shard is hashed again. A read-only
 data directory keeps no record and is hashed at every open.
@@ -16,24 +16,13 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from lottery.files import sha256_file
+from lottery.files import write_text
 
-from .errors import CorruptDataError
-from .manifest import MANIFEST_NAME
+from .manifest import check_shard, shard_version
 
 log = logging.getLogger("lottery.data")
 
 STAMP_NAME = ".verified.json"
-
-
-def redo_hint(data_dir: Path) -> str:
-    """What to do about a damaged data set."""
-    return (f"preprocess the data again: clear the run's preprocess task (with downstream), or run "
-            f"spark_jobs/preprocess_images.py with --force, or delete {data_dir}")
-
-
-def _version(st: os.stat_result, sha256: str) -> list:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, sha256]
 
 
 def _read_stamp(data_dir: Path, dataset_id: str) -> dict:
@@ -49,33 +38,10 @@ def _read_stamp(data_dir: Path, dataset_id: str) -> dict:
 def _write_stamp(data_dir: Path, dataset_id: str, shards: dict) -> None:
     """Atomically (several processes may verify at once: the last complete record wins)."""
     path = data_dir / STAMP_NAME
-    tmp = path.with_name(f"{STAMP_NAME}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"dataset_id": dataset_id, "shards": shards}), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"dataset_id": dataset_id, "shards": shards}))
     except OSError as exc:  # a read-only data directory: hash at every open
         log.info("not recording verified shards in %s (%s): they are hashed at every open", path, exc)
-        tmp.unlink(missing_ok=True)
-
-
-def check_shard(path: Path, entry: Mapping, split: str, recorded: list | None = None) -> list:
-    """One shard against its manifest entry: its version (see the module doc) when intact; raises
-    ``FileNotFoundError`` or ``CorruptDataError`` naming the shard and what to do."""
-    data_dir = path.parent
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard of split {split!r} listed in {MANIFEST_NAME} is missing; "
-                                f"{redo_hint(data_dir)}")
-    st = path.stat()
-    if st.st_size != entry["bytes"]:
-        raise CorruptDataError(f"{path}: damaged shard of split {split!r}: {st.st_size:,} bytes, {MANIFEST_NAME} "
-                               f"says {entry['bytes']:,}; {redo_hint(data_dir)}", path=path)
-    version = _version(st, entry["sha256"])
-    if recorded == version:
-        return version
-    if sha256_file(path) != entry["sha256"]:
-        raise CorruptDataError(f"{path}: damaged shard of split {split!r}: its sha256 differs from {MANIFEST_NAME} "
-                               f"(same size, {st.st_size:,} bytes); {redo_hint(data_dir)}", path=path)
-    return version
 
 
 def verify_shards(data_dir: str | os.PathLike, manifest: Mapping, splits: Iterable[str]) -> dict:
@@ -106,6 +72,6 @@ def record_written(data_dir: str | os.PathLike, manifest: Mapping) -> None:
     """Record the shards a writer just hashed while writing them (the manifest's sha256) as verified,
     so that the first open of a large data set does not read it all again."""
     data_dir = Path(data_dir)
-    shards = {entry["file"]: _version((data_dir / entry["file"]).stat(), entry["sha256"])
+    shards = {entry["file"]: shard_version((data_dir / entry["file"]).stat(), entry["sha256"])
               for split in manifest["splits"].values() for entry in split["shards"]}
     _write_stamp(data_dir, manifest["dataset_id"], shards)

@@ -37,6 +37,8 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
+from lottery.errors import LotteryError
+
 log = logging.getLogger("lottery.data")
 
 WATCHDOG_S = 0.2
@@ -55,8 +57,8 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class WorkerError(RuntimeError):
-    """A data worker failed in a way that is not an exception of its own (it died)."""
+class WorkerError(LotteryError, RuntimeError):
+    """A data worker failed in a way that is not an exception of its own (it died; transient: retried)."""
 
 
 class WorkerPool:
@@ -289,7 +291,7 @@ class _Worker:
         return self.open[i]
 
     def task(self, slot: int, start: int, augmentation: str, shards, records, params) -> np.ndarray:
-        from .errors import DataFormatError
+        from lottery.errors import DataFormatError
         from .hostaug import decode_augment_into
         from .tfrecord import read_record_at
 

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lottery.files import write_text
 from lottery.deploy.constants import POOL, POOL_DESCRIPTION, POOL_SLOTS, SPARK_CONN_ID
 
 
@@ -70,10 +71,7 @@ def write_admin_password(user: str, password: str) -> Path:
     except (OSError, ValueError):
         passwords = {}
     passwords[user] = password
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(passwords) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(passwords) + "\n", mode=0o600)
     return path
 
 

@@ -59,6 +59,7 @@ from lottery.deploy.constants import (
 from lottery.deploy.databases import (
     claim_redis_db, create_database, database_url, drop_database, pg_connect, release_redis_db,
 )
+from lottery.files import write_text
 from lottery.deploy.supervisor import Supervisor, alive, free_port, stop_groups, venv_bin, wait_until
 
 DEFAULT_HOME = REPO / "build" / "cluster-local"
@@ -441,9 +442,7 @@ def load_state(home: Path) -> State | None:
 
 def save_state(path: Path, state: State) -> None:
     """Write the record atomically (status and down may read it at any time)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(asdict(state), indent=1))
 
 
 def running(state: State) -> dict[str, bool]:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lottery.data.errors import CorruptDataError
+from lottery.errors import CorruptDataError
 from lottery.data.manifest import MANIFEST_NAME, read_manifest
 from lottery.data.verify import verify_shards
 from lottery.locks import LockTimeout, lock_path, wait_lock
