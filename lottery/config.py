@@ -128,7 +128,7 @@ class ExperimentConfig(BaseModel):
                                          "of training when training is shorter. No decay: lr_gamma 1 (or [] in the JSON conf).")
     lr_gamma: Float = _field(0.1, "LR decay factor", TRAIN, gt=0, le=1)
     augmentation: Literal[AUGMENTATIONS] = _field("none", "Augmentation", TRAIN)
-    mixed_precision: Annotated[bool | str, PlainValidator(_precision)] = _field(
+    mixed_precision: Annotated[bool | str, PlainValidator(_precision, json_schema_input_type=bool | Literal["bfloat16", "float16"])] = _field(
         False, "Mixed precision", TRAIN, 'false (float32), "bfloat16" (recommended on Ampere/Hopper GPUs and TPUs) or '
         '"float16" (with loss scaling); true means "float16"')
     jit_compile: Bool = _field(False, "XLA jit_compile", TRAIN)
