@@ -1,24 +1,22 @@
 """Experiment configuration: typed, validated, hashable into an experiment id.
 
 Style follows OpenLTH's hyperparameters: every field has a default, steps are strings such as
-``4ep``, ``500it`` or ``2ep100it``, and the experiment id hashes only the fields that differ from
-their defaults, so adding a new field with a default never changes an existing id. Each field is
-declared once (pydantic v2): its type, range, default, title and help, which the DAG's trigger form
-reads. The sparsity levels enter the id resolved (``levels()``); the controls, which add runs but
-never change a ticket's result, do not enter it (``NOT_IN_ID``). ``lottery.plan.RunPlan`` derives the rest.
+``4ep``, ``500it`` or ``2ep100it`` (``lottery.steps``), and the experiment id hashes only the fields
+that differ from their defaults (``lottery.ids``), so a new field with a default never changes an
+existing id. Each field is declared once (pydantic v2): its type, range, default, title and help,
+which the DAG's trigger form reads. ``lottery.plan.RunPlan`` derives the rest.
 
 This module is imported by the DAG file at parse time: keep it free of TensorFlow, Keras and NumPy.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError
 
-from lottery.errors import LotteryError
+from lottery.config_errors import ConfigError, errors_of, field_errors
+from lottery.ids import NOT_IN_ID, UNSET_MILESTONES, experiment_id, id_fields  # noqa: F401 - public here
 from lottery.steps import Length, Step, StepList, StepText, distinct
 
 # The registry lives in lottery.models (which imports Keras); the names are repeated here so that
@@ -32,43 +30,12 @@ PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed
 CONTROLS = ("random_reinit", "random_prune")
 
 
-class ConfigError(ValueError, LotteryError):
-    """Invalid configuration values (retrying cannot help). The message names every field and its
-    value; ``field`` and ``value`` are the first one's, ``errors`` lists them all as (field, value, reason)."""
-
-    def __init__(self, field_name: str, value: Any, reason: str):
-        self.field, self.value = field_name, value
-        self.errors: list[tuple[str, Any, str]] = [(field_name, value, reason)]
-        super().__init__(_describe(field_name, value, reason))
-
-    @property
-    def fields(self) -> list[str]:
-        return [name for name, _, _ in self.errors]
-
-    @classmethod
-    def combine(cls, errors: list[ConfigError]) -> ConfigError:
-        """One error that lists every field of ``errors``, in order: a user fixes them all at once."""
-        items = [item for error in errors for item in error.errors]
-        combined = cls(*items[0])
-        if len(items) > 1:
-            combined.errors = items
-            combined.args = (f"{len(items)} config errors: " + "; ".join(_describe(*item) for item in items),)
-        return combined
-
-
-def _describe(field_name: str, value: Any, reason: str) -> str:
-    return f"config field '{field_name}' = {value!r}: {reason}"
-
-
-# Unset lr_milestones: one drop at this step, or at two thirds of training when training is shorter
-# (``milestone_iterations``). It hashes as this list, which it equals wherever that list is valid.
-DEFAULT_LR_MILESTONE = "4ep"
+# Unset lr_milestones: one drop at 4ep, or at two thirds of training when training is shorter (``milestone_iterations``).
+DEFAULT_LR_MILESTONE = UNSET_MILESTONES[0]
 # Level k of the derived schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
 DEFAULT_NUM_LEVELS = 20
 DEFAULT_PRUNE_RATE = 0.2
 CONTROL_MATCH_TOLERANCE = 0.005  # a control sparsity picks the nearest level within 0.5 points
-# Fields that add runs or only say how the levels are spelled: never part of the experiment id.
-NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities")
 
 
 def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
@@ -161,7 +128,7 @@ class ExperimentConfig(BaseModel):
         try:
             return cls.model_validate(raw)._checked()
         except ValidationError as exc:
-            errors = _field_errors(exc, sorted(cls.model_fields))
+            errors = field_errors(exc, sorted(cls.model_fields))
         failed = {error.field for error in errors}  # they keep their defaults: the checks reading them are skipped
         valid = cls.model_validate({k: v for k, v in raw.items() if k not in failed})
         raise ConfigError.combine(errors + valid._cross_errors(failed))
@@ -185,7 +152,7 @@ class ExperimentConfig(BaseModel):
         checks = [(("lr_milestones", "training_steps"), self._check_milestones),
                   (("rewind_points", "training_steps"), self._check_rewinds), (levels, self._check_levels),
                   (("control_kinds", "controls"), self._check_control_kinds), (("control_sparsities", "controls", *levels), self.control_levels)]
-        return [error for reads, check in checks if not failed.intersection(reads) for error in _errors_of(check)]
+        return [error for reads, check in checks if not failed.intersection(reads) for error in errors_of(check)]
 
     def _check_milestones(self) -> None:
         total = Step.parse(self.training_steps)
@@ -273,57 +240,5 @@ class ExperimentConfig(BaseModel):
         return tuple(out)
 
     def id_fields(self) -> dict[str, Any]:
-        """The fields that differ from their defaults, canonicalised. Steps are compared in their
-        canonical spelling, so ``"1ep0it"`` and ``"1ep"`` are the same experiment. The resolved levels
-        go under ``sparsities`` and none of ``NOT_IN_ID`` (so an explicit list and the same levels
-        derived from ``num_levels`` are one experiment)."""
-        defaults = _id_shape(ExperimentConfig())
-        return {k: v for k, v in _id_shape(self).items() if v != defaults[k]}
-
-
-def experiment_id(cfg: ExperimentConfig, dataset_id: str) -> str:
-    """``<model>-<12 hex>``: a hash of the non-default fields and the data set's id."""
-    payload = json.dumps({"config": cfg.id_fields(), "dataset": dataset_id}, sort_keys=True, separators=(",", ":"))
-    return f"{cfg.model}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-_KIND_WORDS = {"int_type": "must be an integer", "float_type": "must be a number", "bool_type": "must be true or false",
-               "string_type": "must be a string", "tuple_type": "must be a list", "too_short": "must not be empty"}
-
-
-def _field_errors(exc: ValidationError, known: list[str]) -> list[ConfigError]:
-    """One ``ConfigError`` per field, in words: unknown fields first, then values of the wrong kind, then the rest."""
-    errors: dict[str, ConfigError] = {}
-    for e in sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] not in _KIND_WORDS)):
-        if e["type"] == "extra_forbidden":
-            reason = f"unknown field; known fields: {', '.join(known)}"
-        elif e["type"] == "value_error":
-            reason = str(e["ctx"]["error"])
-        else:
-            reason = _KIND_WORDS.get(e["type"]) or e["msg"].replace("Input should be", "must be")
-        errors.setdefault(str(e["loc"][0]), ConfigError(str(e["loc"][0]), e["input"], reason))
-    return list(errors.values())
-
-
-def _errors_of(check) -> list[ConfigError]:
-    try:
-        check()
-    except ConfigError as exc:
-        return [exc]
-    return []
-
-
-def _id_shape(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The shape ids have always hashed (changing it changes every id)."""
-    out = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_ID}
-    out["sparsities"] = [round(float(s), 9) for s in cfg.levels()]
-    if out["mixed_precision"] == "float16":  # the same experiment as `true`: same id
-        out["mixed_precision"] = True
-    for key in ("training_steps", "warmup_steps"):
-        out[key] = str(Step.parse(out[key]))
-    for key in ("rewind_points", "lr_milestones"):  # unset milestones hash as the default's list
-        out[key] = [str(Step.parse(s)) for s in (out[key] if out[key] is not None else [DEFAULT_LR_MILESTONE])]
-    for key in ("lr", "momentum", "weight_decay", "lr_gamma", "output_layer_prune_factor"):
-        out[key] = round(float(out[key]), 12)
-    return out
+        """The fields the experiment id hashes: those that differ from their defaults, canonicalised (``lottery.ids``)."""
+        return id_fields(self)

@@ -723,3 +723,30 @@ def test_clearing_a_ticket_with_downstream_reruns_the_report_and_the_check(dag):
         assert {task_id, "report", "check_results"} <= cleared, (task_id, cleared)
         assert "validate_config" not in cleared
     assert [t.task_id for t in dag.leaves] == ["check_results"]
+
+
+def test_validate_config_checks_the_data_size_when_the_data_is_written(sdag, form, tmp_path):
+    """A rewind point in iterations past the end of training on a small data set: named by
+    validate_config when the data set is already written (and else by prepare_workdir, after preprocess)."""
+    conf = {"artifact_root": str(tmp_path), "dataset_limit": 300, "training_steps": "2ep", "rewind_points": ["0it", "500it"]}
+    params = resolve(sdag, conf)
+    data_dir = Path(form.check_params(params, conf)["data_dir"])  # no data yet: accepted
+    data_dir.mkdir(parents=True)
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 240}}}))  # 1 iteration per epoch
+    with pytest.raises(ConfigError) as err:
+        form.check_params(params, conf)
+    assert err.value.fields == ["rewind_points"] and "'500it': is iteration 500, not before the end of training" in str(err.value)
+
+
+def test_prepare_workdir_checks_the_data_size_before_any_training(sdag, form, tasks, tmp_path):
+    """After preprocess (the data's size is known), before train_dense: the task fails at once, naming the field."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conf = {"artifact_root": str(tmp_path), "dataset_limit": 300, "training_steps": "2ep", "rewind_points": ["0it", "500it"]}
+    checked = form.check_params(resolve(sdag, conf), conf)
+    data_dir = Path(checked["data_dir"])
+    data_dir.mkdir(parents=True)
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 240}}}))
+    with pytest.raises(AirflowFailException, match="config field 'rewind_points' = '500it'"):
+        tasks.prepare_workdir(checked["plan"], str(data_dir), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no work directory was made
