@@ -62,9 +62,11 @@ never collides.
   rewind point, trained in one process, named `rewind 1ep: masks 1-10 (80.0%…10.7% left)`; no result
   and not the experiment id changes).
 
-Cross-field errors the form cannot express (a rewind point after the end of training, an unknown
-conf key, a control sparsity that is not a level) fail `validate_config` (or, when they depend on the
-data set size, `train_dense`) at once, without retries, with a message naming the field.
+The form checks types and choices. Every other error (a value out of range, a bad step string, a
+path outside the allowed roots, a rewind point after the end of training, an unknown conf key, a control
+sparsity that is not a level) fails `validate_config` at once, without retries, naming every bad field in
+words; one that needs the data set's size fails `prepare_workdir` (after preprocess, before any
+training) when the data set was not written yet.
 """
 
 

@@ -13,10 +13,28 @@ this module is imported at DAG parse time: pure Python, no NumPy, Keras or Tenso
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lottery.config import ConfigError, ExperimentConfig, Step
+
+
+def check_data_size(cfg: ExperimentConfig, data_dir: str | Path) -> int | None:
+    """The checks that need the training set's size (``batch_size``, and steps given in iterations
+    against the training length), run as soon as the data set is written: by validate_config when it
+    already is, else after preprocess, before any training. Returns the iterations per epoch (None: no
+    data set yet). ``ConfigError`` names every field that fails."""
+    try:  # the manifest's format: docs/data-format.md (lottery.data.manifest imports NumPy: not at parse time)
+        images = int(json.loads((Path(data_dir) / "manifest.json").read_text())["splits"]["train"]["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written (or damaged): preprocess writes it, and this runs again after it
+    steps_per_epoch = images // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError("batch_size", cfg.batch_size, f"is larger than the training set ({images} images in {data_dir})")
+    cfg.check_against_data(steps_per_epoch)
+    return steps_per_epoch
 
 
 def mask_id(sparsity: float) -> str:

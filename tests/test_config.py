@@ -1,6 +1,5 @@
 """The experiment config: parsing, validation (every field names itself), experiment ids."""
 
-import dataclasses
 import hashlib
 import json
 
@@ -101,7 +100,7 @@ def test_every_invalid_field_is_rejected_with_its_name(conf, field):
 
 def test_every_field_is_covered_by_an_invalid_case():
     covered = {field for _, field in INVALID}
-    assert {f.name for f in dataclasses.fields(ExperimentConfig)} <= covered
+    assert set(ExperimentConfig.model_fields) <= covered
 
 
 def test_checks_that_need_the_epoch_length():
@@ -300,3 +299,27 @@ def test_unset_milestones_keep_the_ids_of_the_old_default(conf):
     unset, spelled = ExperimentConfig.from_dict(conf), ExperimentConfig.from_dict({**conf, "lr_milestones": ["4ep"]})
     assert experiment_id(unset, FASHION_MNIST_ID) == experiment_id(spelled, FASHION_MNIST_ID) == f"{unset.model}-{old}"
     assert ExperimentConfig.from_dict(unset.to_dict()) == unset  # config.json round trip: null stays unset
+
+
+# ---- the checks that need the data's size, as soon as it is written ------------------------------------
+def _write_manifest(data_dir, train_images):
+    """The one manifest entry the size checks read (docs/data-format.md: splits.train.count)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": train_images}}}))
+
+
+def test_data_size_checks_run_once_the_manifest_exists(tmp_path):
+    from lottery.plan import check_data_size
+
+    cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "rewind_points": ["0it", "500it"]})
+    assert check_data_size(cfg, tmp_path / "data") is None  # not written yet: preprocess comes first
+    _write_manifest(tmp_path / "data", 128 * 300)
+    assert check_data_size(cfg, tmp_path / "data") == 300  # 500 < 600 iterations
+    _write_manifest(tmp_path / "data", 128 * 200)  # a small data set: 2ep is 400 iterations
+    with pytest.raises(ConfigError) as info:
+        check_data_size(cfg, tmp_path / "data")
+    assert info.value.fields == ["rewind_points"]
+    assert str(info.value) == ("config field 'rewind_points' = '500it': is iteration 500, not before the end of training "
+                               "(iteration 400 at 200 iterations per epoch)")
+    with pytest.raises(ConfigError, match="'batch_size' = 128: is larger than the training set"):
+        check_data_size(cfg, _write_manifest(tmp_path / "tiny", 100) or tmp_path / "tiny")

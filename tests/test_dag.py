@@ -210,8 +210,9 @@ def test_form_metadata(dag):
     assert dag.params.get_param("control_kinds").schema["items"]["enum"] == list(CONTROLS)
 
 
+# Refused by the form (Airflow's Param validation, before the run exists): a value of the wrong type,
+# not one of a field's choices, or an execution setting out of range.
 INVALID = [
-    ("dataset", "relative/path"),
     ("dataset", ""),
     ("dataset", 3),
     ("dataset_limit", 5),
@@ -222,23 +223,54 @@ INVALID = [
     ("channels", 2),
     ("encoding", "gif"),
     ("model", "resnet1000"),
+    ("training_steps", 8),
+    ("batch_size", "128"),
+    ("optimizer", "rmsprop"),
+    ("lr", "fast"),
+    ("momentum", "high"),
+    ("nesterov", "yes"),
+    ("weight_decay", "none"),
+    ("warmup_steps", 5),
+    ("lr_milestones", "4ep"),
+    ("lr_gamma", "0.1"),
+    ("augmentation", "mixup"),
+    ("mixed_precision", "no"),
+    ("jit_compile", "true"),
+    ("seed", 1.5),
+    ("rewind_points", "1ep"),
+    ("sparsities", ["0.5"]),
+    ("num_levels", 2.5),
+    ("prune_rate", "0.2"),
+    ("pruning_scope", "local"),
+    ("output_layer_prune_factor", "half"),
+    ("controls", "on"),
+    ("control_kinds", ["random_everything"]),
+    ("control_sparsities", ["x"]),
+    ("artifact_root", ""),
+    ("queue", "bad queue"),
+    ("queue", ""),
+    ("tickets_per_task", 0),
+    ("tickets_per_task", -3),
+    ("tickets_per_task", 2.5),
+    ("tickets_per_task", "10"),
+]
+# Accepted by the form, refused by validate_config naming the field in words: ranges, step strings,
+# repeats and paths (the form's validation stops at the first bad field; validate_config names them all).
+INVALID_VALUES = [
+    ("dataset", "relative/path"),
+    ("dataset", "/nonexistent/images"),
     ("training_steps", "8 epochs"),
     ("training_steps", ""),
-    ("training_steps", 8),
+    ("training_steps", "0ep"),
     ("batch_size", 0),
-    ("optimizer", "rmsprop"),
     ("lr", 0),
     ("lr", -0.1),
     ("momentum", 1.0),
-    ("nesterov", "yes"),
     ("weight_decay", -0.1),
     ("warmup_steps", "soon"),
     ("lr_milestones", ["4 epochs"]),
-    ("lr_milestones", "4ep"),
     ("lr_gamma", 0),
     ("lr_gamma", 1.5),
-    ("augmentation", "mixup"),
-    ("mixed_precision", "no"),
     ("seed", -1),
     ("rewind_points", []),
     ("rewind_points", ["1 epoch"]),
@@ -246,27 +278,17 @@ INVALID = [
     ("sparsities", [1.0]),
     ("sparsities", [0]),
     ("sparsities", [0.5, 0.5]),
-    ("sparsities", ["0.5"]),
     ("num_levels", 0),
     ("num_levels", 101),
     ("prune_rate", 1.0),
     ("prune_rate", 0),
-    ("pruning_scope", "local"),
     ("output_layer_prune_factor", 0),
     ("output_layer_prune_factor", 1.5),
-    ("controls", "on"),
-    ("control_kinds", ["random_everything"]),
     ("control_kinds", []),
+    ("control_kinds", ["random_prune", "random_prune"]),
     ("control_sparsities", [1.5]),
     ("artifact_root", "artifacts"),
-    ("artifact_root", "/etc"),  # outside the allowed roots (tests/test_allowed_roots.py has the path tricks)
-    ("dataset", "/nonexistent/images"),
-    ("queue", "bad queue"),
-    ("queue", ""),
-    ("tickets_per_task", 0),
-    ("tickets_per_task", -3),
-    ("tickets_per_task", 2.5),
-    ("tickets_per_task", "10"),
+    ("artifact_root", "/etc"),
 ]
 
 
@@ -279,8 +301,43 @@ def test_invalid_param_refused_naming_the_field(sdag, field, value):
     assert f"param {field}" in str(err.value)
 
 
+@pytest.mark.parametrize("field,value", INVALID_VALUES, ids=[f"{f}={v!r}" for f, v in INVALID_VALUES])
+def test_invalid_value_refused_by_validate_config_naming_the_field(sdag, form, field, value):
+    params = resolve(sdag, {field: value})
+    with pytest.raises(ConfigError) as err:
+        form.check_params(params, {field: value})
+    assert err.value.fields == [field]
+    assert str(err.value).startswith(f"config field '{field}' = ")
+
+
+def test_every_bad_value_is_named_at_once_in_words(sdag, form):
+    """Four bad fields (a REST conf, say): the form lets them through, validate_config names all four."""
+    conf = {"lr": 0, "seed": -1, "rewind_points": ["0it", "1 epoch"], "artifact_root": "/etc"}
+    with pytest.raises(ConfigError) as err:
+        form.check_params(resolve(sdag, conf), conf)
+    assert sorted(err.value.fields) == sorted(conf)
+    message = str(err.value)
+    assert message.startswith("4 config errors: ")
+    assert "'lr' = 0: must be greater than 0" in message and "'seed' = -1: must be greater than or equal to 0" in message
+    assert "'rewind_points' = '1 epoch': must be a step string like '4ep', '500it' or '2ep100it'" in message
+    assert f"in or under an allowed root: {', '.join(form.ARTIFACT_ROOTS)}" in message
+    assert "does not match" not in message and "(?!" not in message
+
+
+def test_form_shows_each_config_field_as_declared(dag):
+    """The form's config params come from ExperimentConfig's fields: default, title, help, type and choices."""
+    for name, field in ExperimentConfig.model_fields.items():
+        param = dag.params.get_param(name)
+        schema = param.schema
+        assert schema["title"] == field.title and param.description == field.description, name
+        assert "pattern" not in schema and "minimum" not in schema, name
+    assert dag.params.get_param("mixed_precision").schema["enum"] == [False, True, "bfloat16", "float16"]
+    assert dag.params.get_param("lr_milestones").schema["type"] == ["null", "array"]
+    assert dag.params["rewind_points"] == list(ExperimentConfig().rewind_points)
+
+
 def test_every_param_has_an_invalid_case(dag):
-    untested = set(dag.params) - {f for f, _ in INVALID} - {"nesterov", "jit_compile", "mixed_precision"}
+    untested = set(dag.params) - {f for f, _ in INVALID}
     assert untested == set()
 
 
@@ -443,7 +500,7 @@ def test_invalid_conf_refused_when_the_run_is_created(dag):
 
     airflow_home.init_db_here()
     with pytest.raises(ParamValidationError) as err:
-        dag.test(run_conf={"rewind_points": ["1 epoch"]})
+        dag.test(run_conf={"rewind_points": "1ep"})  # a value of the wrong type: not a list
     assert "rewind_points" in str(err.value)
 
 
@@ -694,3 +751,30 @@ def test_a_corrupt_input_fails_the_task_at_once_naming_the_file_and_a_transient_
 
     with pytest.raises(LockTimeout):
         engine_call(held)
+
+
+def test_validate_config_checks_the_data_size_when_the_data_is_written(sdag, form, tmp_path):
+    """A rewind point in iterations past the end of training on a small data set: named by
+    validate_config when the data set is already written (and else by prepare_workdir, after preprocess)."""
+    conf = {"artifact_root": str(tmp_path), "dataset_limit": 300, "training_steps": "2ep", "rewind_points": ["0it", "500it"]}
+    params = resolve(sdag, conf)
+    data_dir = Path(form.check_params(params, conf)["data_dir"])  # no data yet: accepted
+    data_dir.mkdir(parents=True)
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 240}}}))  # 1 iteration per epoch
+    with pytest.raises(ConfigError) as err:
+        form.check_params(params, conf)
+    assert err.value.fields == ["rewind_points"] and "'500it': is iteration 500, not before the end of training" in str(err.value)
+
+
+def test_prepare_workdir_checks_the_data_size_before_any_training(sdag, form, tasks, tmp_path):
+    """After preprocess (the data's size is known), before train_dense: the task fails at once, naming the field."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conf = {"artifact_root": str(tmp_path), "dataset_limit": 300, "training_steps": "2ep", "rewind_points": ["0it", "500it"]}
+    checked = form.check_params(resolve(sdag, conf), conf)
+    data_dir = Path(checked["data_dir"])
+    data_dir.mkdir(parents=True)
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {"train": {"count": 240}}}))
+    with pytest.raises(AirflowFailException, match="config field 'rewind_points' = '500it'"):
+        tasks.prepare_workdir(checked["plan"], str(data_dir), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no work directory was made

@@ -21,7 +21,7 @@ from lottery.config import ConfigError
 from lottery.dag.params import FASHION_MNIST, check_params, remaining_label
 from lottery.deploy.constants import POOL_SLOTS
 from lottery.errors import is_permanent
-from lottery.plan import RunPlan
+from lottery.plan import RunPlan, check_data_size
 
 log = logging.getLogger("lottery.dag")
 
@@ -75,7 +75,7 @@ def engine_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        if isinstance(exc, ConfigError) or is_permanent(exc):
+        if is_permanent(exc):
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
         raise
 
@@ -139,6 +139,7 @@ def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, 
     from lottery.paths import Workdir
 
     run = RunPlan.from_dict(plan)
+    engine_call(check_data_size, run.config, data_dir)  # the data's size is known now: before any training
     workdir = engine_call(Workdir.for_experiment, artifact_root, run.config, data_dir)
     fresh = not workdir.config_json.exists()
     engine_call(workdir.prepare, run.config, data_dir)

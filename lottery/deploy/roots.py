@@ -9,13 +9,13 @@ the workers, which whoever may trigger the DAG cannot change (README, "Security"
 * ``LOTTERY_ALLOWED_DATA_ROOTS``: the directories an image-folder ``dataset`` may be in or under.
   Default: none, so only the bundled ``fashion_mnist`` is read.
 
-A path is checked twice. The trigger form's JSON schema (``root_pattern``) refuses, before the
-run exists, any spelling that is not a plain absolute path under a root: ``..`` or ``.``
-components, ``//``, control characters, another directory that merely starts with a root's name
-(``artifacts-old``) or looks like it (a Cyrillic ``а``). ``validate_config`` (``path_problem``)
-applies the same pattern and then resolves the path (``os.path.realpath``: symlinks, ``..``,
-``/proc/self/root``) and refuses it unless the resolved path is inside a resolved root, which
-catches a symlink inside a root that points out of it.
+``validate_config`` (``path_problem``) refuses a path, naming the allowed roots in words, when its
+spelling is not a plain absolute path under a root (``root_pattern``: ``..`` or ``.`` components,
+``//``, control characters, another directory that merely starts with a root's name
+(``artifacts-old``) or looks like it (a Cyrillic ``а``)), or when it resolves (``os.path.realpath``:
+symlinks, ``..``, ``/proc/self/root``) outside every resolved root, which catches a symlink inside a
+root that points out of it. The trigger form names the roots in its help; it does not check the path
+(its JSON-schema check would stop at the first bad field and answer with a regex).
 
 Pure Python: the DAG file imports it at parse time.
 """
@@ -30,9 +30,6 @@ from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_RO
 
 # One path component: not "." or "..", no "/" and no control character (a NUL ends a C string).
 _COMPONENT = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\x7f]+"
-# Characters a JSON-schema (ECMA-262) pattern must escape; escaping only these keeps it valid in
-# Python's re and in JavaScript (with or without the "u" flag), unlike re.escape's "\-".
-_SPECIAL = set("\\^$.|?*+()[]{}")
 
 
 def normalize_root(root: str, env_name: str) -> str:
@@ -60,10 +57,6 @@ def allowed_data_roots(environ: Mapping[str, str] = os.environ) -> tuple[str, ..
     return parse_roots(environ.get(ALLOWED_DATA_ROOTS_ENV), ALLOWED_DATA_ROOTS_ENV)
 
 
-def _escape(text: str) -> str:
-    return "".join("\\" + c if c in _SPECIAL else c for c in text)
-
-
 def _spellings(roots: Iterable[str]) -> list[str]:
     """Each root as configured and resolved (``/tmp`` is ``/private/tmp`` on macOS): both spellings are accepted."""
     out: list[str] = []
@@ -75,9 +68,9 @@ def _spellings(roots: Iterable[str]) -> list[str]:
 
 
 def root_pattern(roots: Iterable[str]) -> str | None:
-    """A JSON-schema pattern (no anchors) for a plain absolute path in or under one of ``roots``
-    (one trailing ``/`` allowed); None when there is no root."""
-    prefixes = ["" if r == "/" else _escape(r) for r in _spellings(roots)]
+    """A regular expression for a plain absolute path in or under one of ``roots`` (one trailing
+    ``/`` allowed); None when there is no root."""
+    prefixes = ["" if r == "/" else re.escape(r) for r in _spellings(roots)]
     if not prefixes:
         return None
     # The lookahead refuses a control character anywhere: Python's "$" also matches before a final "\n".
