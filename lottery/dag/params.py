@@ -34,21 +34,16 @@ ARTIFACT_ROOTS = allowed_artifact_roots()
 DATA_ROOTS = allowed_data_roots()
 
 
-# The JSON-schema checks the form keeps: types, choices and number ranges are refused at trigger time
-# (Airflow names the first); step strings, repeats and the checks across fields are validate_config's,
-# which names every bad field at once, in words.
-_RANGES = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems")
-
-
 def _form_type(schema: dict[str, Any]) -> dict[str, Any]:
-    """A config field's JSON type, choices and range, as the form shows and checks them."""
+    """A config field's JSON type and choices, as the form shows them. Ranges, step strings and repeats
+    are left to validate_config, which names every bad field at once, in words (the form's JSON-schema
+    validation stops at the first)."""
     branches = sorted(schema.get("anyOf", [schema]), key=lambda b: b["type"] != "null")
     out = {"type": branches[0]["type"] if len(branches) == 1 else [b["type"] for b in branches]}
-    out.update({k: v for k, v in schema.items() if k in _RANGES})
     if any("enum" in b for b in branches):  # a boolean beside a list of choices: its values are choices too
         out["enum"] = [v for b in branches for v in b.get("enum", [False, True] if b["type"] == "boolean" else [])]
     if "items" in schema:
-        out["items"] = {k: v for k, v in schema["items"].items() if k in ("type", "enum", *_RANGES)}
+        out["items"] = {k: v for k, v in schema["items"].items() if k in ("type", "enum")}
     return out
 
 
