@@ -647,12 +647,12 @@ def _fake_run(tmp_path, per_task: int):
     from bench import run_breakdown  # noqa: F401
     from lottery.dag import tasks
     from lottery.files import write_json
-    from lottery.paths import Workdir
+    from lottery.paths import FORMAT_VERSION, Workdir
 
     cfg = ExperimentConfig(sparsities=(0.5, 0.9), rewind_points=("0it", "1ep"), controls=False)
     w = Workdir(tmp_path / "w")
     write_json(w.config_json, cfg.to_dict())
-    write_json(w.run_json, {"experiment_id": "x"})
+    write_json(w.run_json, {"experiment_id": "x", "format_version": FORMAT_VERSION})
     masks = [{"index": i, "mask_id": m, "sparsity": s, "remaining": 1 - s, "label": f"{100 * (1 - s):.1f}% left"}
              for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
     kwargs = tasks.mapped_kwargs(masks, RunPlan.from_config(cfg).tickets, per_task)
