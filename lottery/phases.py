@@ -1,0 +1,66 @@
+"""Where a training process's seconds go, for the benchmarks: the engine names its phases, a listener
+(when one is attached) adds them up. The engine records nothing itself.
+
+    with phase("epochs", "retrain sp80.000__1ep"):   # in the engine: a phase of one unit of work
+        ...
+    with listening(callback):                       # in a benchmark: callback(unit, name, seconds)
+        ...
+
+``LOTTERY_PHASE_LISTENER=module:function`` attaches ``function`` in every process that trains (the
+Airflow tasks of a DAG run, as ``PYTHONBREAKPOINT`` names a hook): `bench/run_breakdown.py` uses it.
+Phase names: ``imports``, ``data_open``, ``build_compile`` (a group's shared costs, charged to its
+first ticket), ``start`` (rewind or resume, mask), ``epochs`` (training steps), ``eval``, ``write``
+(metrics, checkpoints, the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import time
+from typing import Callable, Iterator
+
+LISTENER_ENV = "LOTTERY_PHASE_LISTENER"
+Listener = Callable[[str, str, float], None]
+_attached: list[Listener] = []
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Call ``listener(unit, phase, seconds)`` at the end of every phase of the block."""
+    _attached.append(listener)
+    try:
+        yield
+    finally:
+        _attached.remove(listener)
+
+
+@contextlib.contextmanager
+def phase(name: str, unit: str) -> Iterator[None]:
+    """Time the block as phase ``name`` of ``unit`` for the attached listeners (none: nothing to do)."""
+    listeners = _listeners()
+    if not listeners:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - started
+        for listener in listeners:
+            listener(unit, name, seconds)
+
+
+def _listeners() -> list[Listener]:
+    named = os.environ.get(LISTENER_ENV, "").strip()
+    return [*_attached, _load(named)] if named else list(_attached)
+
+
+@functools.cache
+def _load(named: str) -> Listener:
+    module, _, function = named.partition(":")
+    if not function:
+        raise ValueError(f"{LISTENER_ENV}={named!r}: expected module:function")
+    return getattr(importlib.import_module(module), function)
