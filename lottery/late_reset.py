@@ -4,19 +4,17 @@ mask fixed. One ticket per (mask, rewind point); the random controls are tickets
 
     retrain(workdir, [mask, ...] | "all", rewind[, control=..., pack=...]) -> one small result per ticket
 
-A group of one ticket is the only special case there is: every caller (the DAG's late_reset and
-controls tasks, ``lottery retrain``) passes a list. Does nothing for a ticket whose result exists
-with every file it lists intact. A ticket is trained under its lock (``.locks/<name>.train.lock``,
-`lottery.locks.wait_training_lock`): another run of the same config, in the same work directory,
-waits for it and then finds it done instead of training it a second time.
+Every caller (the DAG's late_reset and controls tasks, ``lottery retrain``) passes a group: one
+ticket is a group of one. A ticket done (its result.json and every file it lists intact) is not
+trained again; one that another run of the same config trains is waited for (its lock:
+`lottery.locks.wait_training_lock`) and then found done.
 
 The group opens the data, builds and compiles the model once, then hands its tickets to a training
-strategy: `train_in_turn` (here) trains them one after another in that model: each ticket restores
+strategy. `train_in_turn` (here) trains them one after another in that model: each ticket restores
 every variable from its rewind checkpoint (or its own checkpoint), reseeds, and assigns its mask to
 the mask variables of the compiled step (`lottery.pruning.MaskConstraint`), so the step is traced
 once and each ticket's result is bit for bit the one it gets alone. On the JAX backend with a pack
-size above 1, `lottery.packed.train_packed` trains them side by side instead. Each ticket stays
-resumable and idempotent on its own.
+size above 1, `lottery.packed.train_packed` trains them side by side instead.
 """
 
 from __future__ import annotations
@@ -101,8 +99,7 @@ def _claim(todo: list[Ticket], held: contextlib.ExitStack) -> list[Ticket]:
 
 
 def _import_engine(unit: str) -> None:
-    """Import Keras, its backend and the engine's training modules (a phase of their own: the
-    first import of a process costs seconds)."""
+    """Import Keras, its backend and the engine's training modules (seconds, in a fresh process)."""
     with phase("imports", unit):
         import keras
 

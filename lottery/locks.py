@@ -6,10 +6,9 @@ wait is bounded and can say who it waits for), logs when it starts waiting and h
 waited, and records its holder (pid, host, what, since) in the lock file for the next waiter's
 log line. The lock dies with its holder's process: a killed writer never blocks anyone.
 
-Two bounds: writing data takes minutes (``LOTTERY_DATA_LOCK_TIMEOUT``, 30 min by default); a
-training takes hours, so a run of the same config that waits for it (``wait_training_lock``) is
-bounded only by ``LOTTERY_TRAINING_LOCK_TIMEOUT`` when it is set, and else by the task's own
-``execution_timeout``, as any Airflow task that waits for its input.
+Writing data takes minutes (``LOTTERY_DATA_LOCK_TIMEOUT``, 30 min by default); a training takes
+hours: waiting for one (``wait_training_lock``) is bounded by ``LOTTERY_TRAINING_LOCK_TIMEOUT`` when
+set, else only by the task's own ``execution_timeout``, as any Airflow task waiting for its input.
 """
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ from typing import Iterator
 # How long a run waits for another run writing the same data (seconds); the env var wins.
 LOCK_TIMEOUT_ENV = "LOTTERY_DATA_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 1800.0
-# How long a run waits for another run training the same dense network or ticket (seconds; unset:
-# as long as that training runs, which may be hours; a dead holder releases its lock at once).
+# How long a run waits for another run training the same unit (seconds; unset: no bound).
 TRAINING_LOCK_TIMEOUT_ENV = "LOTTERY_TRAINING_LOCK_TIMEOUT"
 POLL_S = 0.5
 

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import time
-from typing import Any
 
 import numpy as np
 

@@ -1,16 +1,12 @@
-"""Where a training process's seconds go, for the benchmarks: the engine names its phases, a listener
-(when one is attached) adds them up. The engine records nothing itself.
+"""Where a training process's seconds go, for the benchmarks: the engine names its phases
+(``with phase("epochs", "retrain sp80.000__1ep")``: a phase of one unit of work) and records
+nothing; a listener, when one is attached, gets ``(unit, phase, seconds)`` at each phase's end:
+in-process with `listening`, or in every training process (the Airflow tasks of a DAG run) with
+``LOTTERY_PHASE_LISTENER=module:function``, as ``PYTHONBREAKPOINT`` names a hook.
 
-    with phase("epochs", "retrain sp80.000__1ep"):   # in the engine: a phase of one unit of work
-        ...
-    with listening(callback):                       # in a benchmark: callback(unit, name, seconds)
-        ...
-
-``LOTTERY_PHASE_LISTENER=module:function`` attaches ``function`` in every process that trains (the
-Airflow tasks of a DAG run, as ``PYTHONBREAKPOINT`` names a hook): `bench/run_breakdown.py` uses it.
-Phase names: ``imports``, ``data_open``, ``build_compile`` (a group's shared costs, charged to its
-first ticket), ``start`` (rewind or resume, mask), ``epochs`` (training steps), ``eval``, ``write``
-(metrics, checkpoints, the model).
+Phases: ``imports``, ``data_open``, ``build_compile`` (a group's shared costs, charged to its first
+ticket), ``start`` (rewind or resume, mask), ``epochs``, ``eval``, ``write`` (metrics,
+checkpoints, the model).
 """
 
 from __future__ import annotations

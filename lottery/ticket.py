@@ -1,17 +1,11 @@
-"""One ticket of late resetting: what it trains (a mask, a rewind point, a control), where its files
-go, and the steps every training strategy takes around its epochs (lottery/late_reset.py trains them
-one after another, lottery/packed.py side by side).
-
-    ticket.start(model, train, spe) -> Start   rewind or resume, reseed, mask, the start log line
-    ticket.finish(model, start, history, spe)   model.keras, result.json (sealed), the end log line
+"""One ticket of late resetting: what it trains (a mask, a rewind point, a control), its files
+(``tickets/<name>/``: result.json, model.keras, metrics.csv; error.json when it fails), and the
+steps every training strategy takes around its epochs: `Ticket.start` (rewind, or resume from its
+checkpoint; reseed; mask) and `Ticket.finish` (model.keras, the sealed result.json).
 
 Controls: ``random_reinit`` keeps the mask but starts from freshly drawn weights (and a fresh
 optimizer state) at the rewind step; ``random_prune`` keeps the rewound weights and optimizer
 state but a random mask with the same number of surviving weights in every layer.
-
-Writes ``tickets/<ticket name>/`` (result.json, model.keras, metrics.csv; error.json when it fails;
-paths: lottery/paths.py). Resumes from the ticket's checkpoint (starts over from the rewind point
-when it is damaged, saying so). Done means result.json is readable and every file it lists intact.
 """
 
 from __future__ import annotations
@@ -37,8 +31,7 @@ log = logging.getLogger("lottery")
 
 @dataclass
 class Start:
-    """Where a ticket's training starts: its mask, the step, the metric rows of the epochs already
-    trained (a resumed ticket), and the mask's report (kept / total weights)."""
+    """Where a ticket's training starts: its mask, step, metric rows so far, mask report (kept / total)."""
 
     mask: dict
     step: int
@@ -74,16 +67,9 @@ class Ticket:
         """What its log lines (and its phases) start with."""
         return f"retrain {self.name}"
 
-    @property
-    def mask_path(self):
-        return self.workdir.mask_file(self.mask.mask_id)
-
-    @property
-    def rewind_path(self):
-        return self.workdir.rewind_checkpoint(self.rewind)
-
     def check_inputs(self) -> None:
-        for needed, step_name in ((self.mask_path, "masks"), (self.rewind_path, "dense")):
+        for needed, step_name in ((self.workdir.mask_file(self.mask.mask_id), "masks"),
+                                  (self.workdir.rewind_checkpoint(self.rewind), "dense")):
             if not needed.exists():
                 raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery {step_name} --workdir {self.workdir}` first")
 
@@ -102,11 +88,6 @@ class Ticket:
     def _legacy_damage(self) -> list[str]:
         """A result written before results listed their files: its model and metrics must exist."""
         return [f"{p.name}: missing" for p in (self.paths.model, self.paths.metrics) if not p.is_file()]
-
-    def produced_files(self) -> list[str]:
-        """The files of this ticket that its result vouches for (names inside its directory)."""
-        produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if self.control == "random_prune" else [])
-        return [p.name for p in produced]
 
     def record_failure(self) -> None:
         """Leave a note for the report; keep the checkpoint so that a rerun resumes. Best effort: on
@@ -127,7 +108,11 @@ class Ticket:
             mask = self.load_ticket_mask()
             step, history = self.start_point(model, train)
             report = self.apply_ticket_mask(model, mask)
-        self.log_start(report, spe, step, self.cfg.total_iterations(spe))
+        total = self.cfg.total_iterations(spe)
+        log.info("retrain %s: start  mask %s (%.2f%% of prunable weights left)  rewind %s = step %d  %s  %d -> %d it (%d epochs)",
+                 self.name, self.mask.mask_id, 100 * report["kept"] / report["total"], self.rewind,
+                 Step.parse(self.rewind).iterations(spe), f"control {self.control}" if self.control else "ticket",
+                 step, total, -(-(total - step) // spe))
         return Start(mask, step, list(history), report)
 
     def finish(self, model, start: Start, history: list[dict], spe: int, **extra: Any) -> dict[str, Any]:
@@ -135,7 +120,9 @@ class Ticket:
         of each file the ticket made), drop the checkpoint and any old error, log the end line."""
         with phase("write", self.label):
             self.save_model(model, start.mask)
-        result = {**self.result_fields(start.report, spe, history), **extra, "files": file_manifest(self.paths.dir, self.produced_files())}
+        produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if self.control == "random_prune" else [])
+        result = {**self.result_fields(start.report, spe, history), **extra,
+                  "files": file_manifest(self.paths.dir, [p.name for p in produced])}
         write_json(self.paths.result, result, sealed=True)
         remove_arrays(self.paths.checkpoint)
         self.paths.error.unlink(missing_ok=True)
@@ -148,7 +135,7 @@ class Ticket:
         """The ticket's mask; for ``random_prune``, a random one with the same count in every layer."""
         from lottery.pruning import load_mask, random_prune_like
 
-        mask, _ = load_mask(self.mask_path)
+        mask, _ = load_mask(self.workdir.mask_file(self.mask.mask_id))
         if self.control == "random_prune":
             mask = random_prune_like(mask, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, "random_prune"))
         return mask
@@ -161,7 +148,7 @@ class Ticket:
         if resumed:
             log.info("retrain %s: resuming from the checkpoint at step %d", self.name, resumed[0])
             return resumed
-        meta = load_checkpoint(self.rewind_path, model)
+        meta = load_checkpoint(self.workdir.rewind_checkpoint(self.rewind), model)
         if self.control == "random_reinit":
             self._reinitialize(model, train)
         return meta["step"], []
@@ -195,14 +182,6 @@ class Ticket:
         if self.control == "random_prune":  # drawn again each time (the same mask): never a damaged leftover
             save_mask(self.paths.mask, mask, {"control": self.control, "like": self.mask.mask_id, "report": report})
         return report
-
-    def log_start(self, report: dict, spe: int, start: int, total: int) -> None:
-        log.info(
-            "retrain %s: start  mask %s (%.2f%% of prunable weights left)  rewind %s = step %d  %s  %d -> %d it (%d epochs)",
-            self.name, self.mask.mask_id, 100 * report["kept"] / report["total"], self.rewind,
-            Step.parse(self.rewind).iterations(spe), f"control {self.control}" if self.control else "ticket",
-            start, total, -(-(total - start) // spe),
-        )
 
     def save_model(self, model, mask: dict) -> None:
         """model.keras, with the mask's zeros explicit and no constraint attached (not serialisable)."""

@@ -307,17 +307,9 @@ def end_of_epoch(history: list[dict], step: int, spe: int, total: int, optimizer
     """Append the row of the epoch that ends at ``step`` to ``history`` (``METRIC_COLUMNS``) and log
     its line. ``train``: (loss, accuracy, images/s); ``val``: (loss, accuracy); ``wall_start``: the
     epoch's start (``time.perf_counter``)."""
-    row = {
-        "epoch": -(-step // spe),
-        "step": step,
-        "lr": current_lr(optimizer),
-        "train_loss": float(train[0]),
-        "train_accuracy": float(train[1]),
-        "val_loss": float(val[0]),
-        "val_accuracy": float(val[1]),
-        "images_per_s": float(train[2]),
-        "wall_s": time.perf_counter() - wall_start,
-    }
+    row = {"epoch": -(-step // spe), "step": step, "lr": current_lr(optimizer), "train_loss": float(train[0]),
+           "train_accuracy": float(train[1]), "val_loss": float(val[0]), "val_accuracy": float(val[1]),
+           "images_per_s": float(train[2]), "wall_s": time.perf_counter() - wall_start}
     history.append(row)
     log.info(
         "%s epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%  %.0f img/s  %.1fs",
