@@ -2,18 +2,24 @@
 training task where each of its seconds went.
 
 Reads the run's task instances and XComs from the Airflow metadata database of the local home
-(`make run` uses `.airflow/airflow.db`) and the engine's result files in the run's work directory.
-Per training task (`train_dense`, `late_reset`, `controls`), summed over its instances:
+(`make run` uses `.airflow/airflow.db`), the engine's result files in the run's work directory, and
+the phases the training processes reported. Per training task (`train_dense`, `late_reset`,
+`controls`), summed over its instances:
 
 * Airflow's task start: the task instance's duration minus the engine's wall time (process start,
-  Airflow's imports, the task runner, the DAG file parse, the XCom pushes);
-* from each ticket's `result.json` `timings` (written by the engine): imports, data open, build and
-  compile, ticket start (rewind or resume, mask), epochs, evaluation, writing artifacts.
+  Airflow's imports, the task runner, the DAG file parse, the XCom pushes); the engine's wall time
+  of an instance is the largest `wall_s` of the results it wrote (a ticket's counts from the start
+  of its group);
+* the engine's phases (`lottery.phases`): imports, data open, build and compile, ticket start
+  (rewind or resume, mask), epochs, evaluation, writing artifacts. The engine records none of them:
+  `record` (below) is the listener, attached to every training process of the run by
 
-Only the tickets an instance trained count for it (their result.json was written while it ran);
-tickets it found already done cost it almost nothing. Results written before `timings` existed
-(older runs) show what they can: the engine's wall time and the epochs (fit and evaluation together,
-from the training curve); the other columns read `-`.
+      LOTTERY_PHASE_LISTENER=bench.run_breakdown:record PYTHONPATH=$PWD make run
+
+  It appends one line per phase to `<AIRFLOW_HOME>/phases.jsonl`. Without it, those columns read `-`.
+
+Only the tickets an instance trained count for it (their result.json, and their phases, fall
+within its run time); tickets it found already done cost it almost nothing.
 
 With ``--rate R`` (the 2-process img/s of `bench/threads.py` in the same sitting, for the backend
 the run trained with) it adds issue 9's compute floor: the retrainings' training images / R, plus the
@@ -28,18 +34,35 @@ import argparse
 import json
 import os
 import sqlite3
+import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_TASKS = ("train_dense", "late_reset", "controls")
-# The engine's timings (lottery.late_reset.TIMING_KEYS) and their column names, in the order they happen.
+# The engine's phases (lottery.phases) and their column names, in the order they happen.
 PARTS = {
-    "imports_s": "imports", "data_open_s": "data open", "build_compile_s": "build + compile",
-    "start_s": "ticket start", "epochs_s": "epochs", "eval_s": "evaluation", "write_s": "writing",
+    "imports": "imports", "data_open": "data open", "build_compile": "build + compile",
+    "start": "ticket start", "epochs": "epochs", "eval": "evaluation", "write": "writing",
 }
+PHASES_FILE = "phases.jsonl"
 SLACK_S = 2.0  # result.json mtimes vs the task instance's start and end (database clock vs file clock)
+
+
+def record(unit: str, phase: str, seconds: float) -> None:
+    """The phase listener of a training process (``LOTTERY_PHASE_LISTENER=bench.run_breakdown:record``):
+    one JSON line per phase in ``<AIRFLOW_HOME>/phases.jsonl`` (an append of one short line: the
+    processes of a run write to it side by side)."""
+    path = Path(os.environ.get("AIRFLOW_HOME") or ROOT / ".airflow") / PHASES_FILE
+    line = json.dumps({"unit": unit, "phase": phase, "seconds": seconds, "at": time.time()}) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def read_phases(home: Path) -> list[dict]:
+    path = home / PHASES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _time(text: str | None) -> datetime | None:
@@ -75,7 +98,8 @@ def breakdown(home: Path, run_id: str | None) -> dict:
     prepared = xcoms.get(("prepare_workdir", -1))
     workdir = Path(prepared["workdir"] if isinstance(prepared, dict) else prepared) if prepared else None
     found = workdir is not None and workdir.exists()
-    engine, training, tickets = _engine_time(workdir) if found else (0.0, 0.0, 0)
+    seconds = task_seconds(workdir, rows, xcoms, read_phases(home)) if found else {}
+    training, tickets = _training_time(workdir) if found else (0.0, 0)
     images, backends = _training_images(workdir) if found else (0, set())
     return {
         "run_id": run_id,
@@ -84,31 +108,27 @@ def breakdown(home: Path, run_id: str | None) -> dict:
         "wall_s": ((_time(end) or datetime.now(timezone.utc)) - _time(start)).total_seconds(),
         "task_s": {k: sum(v) for k, v in per_task.items()},
         "task_counts": {k: len(v) for k, v in per_task.items()},
-        "engine_s": engine,
+        "engine_s": sum(row["engine_s"] for row in seconds.values()),
         "training_s": training,
         "tickets": tickets,
         "training_images": images,
         "backends": sorted(backends),
         "workdir": str(workdir),
-        "seconds": task_seconds(workdir, rows, xcoms) if found else {},
+        "seconds": seconds,
     }
 
 
-def _engine_time(path: Path) -> tuple[float, float, int]:
-    """(seconds inside the runners, seconds in training epochs, retrainings done), from the result
-    files of the dense run and of the planned tickets and controls that are done."""
+def _training_time(path: Path) -> tuple[float, int]:
+    """(seconds in training epochs, retrainings done), from the training curves of the dense run
+    and of the planned tickets and controls that are done."""
     from lottery.paths import Workdir
     from lottery.plan import RunPlan
 
     workdir = Workdir(path)
     status = workdir.status(RunPlan.from_config(workdir.load()[0]))
     results = [workdir.dense_result] * status.dense_done + [workdir.ticket(spec).result for spec in status.done]
-    engine = training = 0.0
-    for result in results:
-        data = json.loads(result.read_text())
-        engine += data["wall_s"] + data.get("timings", {}).get("imports_s", 0.0)
-        training += sum(row["wall_s"] for row in data["curve"])
-    return engine, training, len(status.done)
+    training = sum(row["wall_s"] for result in results for row in json.loads(result.read_text())["curve"])
+    return training, len(status.done)
 
 
 def _training_images(path: Path) -> tuple[int, set[str]]:
@@ -144,75 +164,66 @@ def floor_lines(b: dict, rate: float) -> list[str]:
     ]
 
 
-def instance_results(workdir, task_id: str, map_index: int, xcoms: dict) -> list[Path]:
-    """The result files one training task instance is responsible for (from the planning XComs)."""
+def instance_results(workdir, task_id: str, map_index: int, xcoms: dict) -> dict[str, Path]:
+    """The units one training task instance is responsible for (from the planning XComs): each
+    one's phase unit (`lottery.phases`) and its result file."""
     from lottery.paths import Workdir
     from lottery.plan import TicketSpec
 
     workdir = Workdir(workdir)
     if task_id == "train_dense":
-        return [workdir.dense_result]
+        return {"dense": workdir.dense_result}
     planned = xcoms.get(("plan_tickets" if task_id == "late_reset" else "plan_controls", -1)) or []
     if not 0 <= map_index < len(planned):
-        return []
+        return {}
     kwargs = planned[map_index]
-    masks = kwargs.get("masks") or [kwargs["mask"]]
-    return [workdir.ticket(TicketSpec(m["mask_id"], kwargs["rewind"], kwargs.get("control"))).result for m in masks]
+    specs = [TicketSpec(m["mask_id"], kwargs["rewind"], kwargs.get("control")) for m in kwargs["masks"]]
+    return {f"retrain {spec.name}": workdir.ticket(spec).result for spec in specs}
 
 
-def task_seconds(workdir, rows, xcoms: dict) -> dict[str, dict]:
-    """Per training task: instances, tickets trained, task seconds, Airflow's start, the engine's parts."""
+def task_seconds(workdir, rows, xcoms: dict, phases: list[dict]) -> dict[str, dict]:
+    """Per training task: instances, tickets trained, task seconds, Airflow's start, the engine's phases."""
     out: dict[str, dict] = {}
     for task_id, map_index, duration, _, start, end in rows:
         if task_id not in TRAINING_TASKS or duration is None:
             continue
-        row = out.setdefault(task_id, {"instances": 0, "trained": 0, "task_s": 0.0, "engine_s": 0.0, "old": 0,
+        row = out.setdefault(task_id, {"instances": 0, "trained": 0, "task_s": 0.0, "engine_s": 0.0, "timed": False,
                                        **dict.fromkeys(PARTS, 0.0)})
         row["instances"] += 1
         row["task_s"] += duration
         window = (_time(start).timestamp() - SLACK_S, _time(end).timestamp() + SLACK_S)
-        for path in instance_results(workdir, task_id, map_index, xcoms):
-            if path.is_file() and window[0] <= path.stat().st_mtime <= window[1]:
-                _add_result(row, json.loads(path.read_text()))
+        units = instance_results(workdir, task_id, map_index, xcoms)
+        walls = [json.loads(path.read_text())["wall_s"] for path in units.values()
+                 if path.is_file() and window[0] <= path.stat().st_mtime <= window[1]]
+        row["trained"] += len(walls)
+        row["engine_s"] += max(walls, default=0.0)
+        for line in phases:
+            if line["unit"] in units and window[0] <= line["at"] <= window[1] and line["phase"] in PARTS:
+                row[line["phase"]] += line["seconds"]
+                row["timed"] = True
     for row in out.values():
         row["airflow_s"] = row["task_s"] - row["engine_s"]
     return out
 
 
-def _add_result(row: dict, result: dict) -> None:
-    """Add one trained ticket's (or the dense run's) seconds to its task's row. Without ``timings``
-    (older results), the training curve's seconds (fit and evaluation) count as epochs."""
-    timings = result.get("timings")
-    row["trained"] += 1
-    row["engine_s"] += result["wall_s"] + (timings or {}).get("imports_s", 0.0)
-    if timings is None:
-        row["old"] += 1
-        row["epochs_s"] += sum(r.get("wall_s", 0.0) for r in result.get("curve", []))
-        return
-    for key in PARTS:
-        row[key] += timings.get(key, 0.0)
-
-
 def seconds_table(seconds: dict[str, dict]) -> list[str]:
     """The per-task table: where each second of the training tasks went (sums over instances, then
-    per ticket trained); ``-``: no result of that task has the figure."""
+    per ticket trained); ``-``: no phase of that task was reported (no listener was attached)."""
     head = ["task", "instances", "trained", "task time", "Airflow's task start", *PARTS.values(), "other (engine)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task_id in TRAINING_TASKS:
         row = seconds.get(task_id)
         if not row:
             continue
-        timed = row["trained"] > row["old"]
-        parts = [row[k] if timed or k == "epochs_s" else None for k in PARTS]
-        cells = [row["task_s"], row["airflow_s"], *parts, row["engine_s"] - sum(p or 0.0 for p in parts)]
+        parts = [row[k] if row["timed"] else None for k in PARTS]
+        other = row["engine_s"] - sum(parts) if row["timed"] else None
+        cells = [row["task_s"], row["airflow_s"], *parts, other]
         lines.append(f"| {task_id} | {row['instances']} | {row['trained']} | " + " | ".join(_cell(c, row["task_s"]) for c in cells) + " |")
         if row["trained"]:
             per = ["-" if c is None else f"{c / row['trained']:.2f}" for c in cells]
             lines.append("| per trained ticket | | | " + " | ".join(per) + " |")
-    old = sum(row["old"] for row in seconds.values())
-    if old:
-        lines += ["", f"{old} results without `timings` (written before the engine recorded them): their epochs include "
-                  "the evaluation; their imports, data open, build and writing are in 'other (engine)'."]
+    if not any(row["timed"] for row in seconds.values()):
+        lines += ["", "No phases were reported: run with `LOTTERY_PHASE_LISTENER=bench.run_breakdown:record` to see them."]
     return lines
 
 

@@ -22,7 +22,7 @@ from airflow.sdk import TriggerRule, dag, task
 from lottery.dag import tasks
 from lottery.dag.params import PARAMS
 from lottery.dag.preprocess import PreprocessOperator
-from lottery.dag.tasks import CONTROL_LABEL, TICKET_LABEL
+from lottery.dag.tasks import GROUP_LABEL
 from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO, RETRIES, RETRY_DELAY, SPARK_CONN_ID
 
 # The Python of the Spark driver and executors (the job ships lottery/ to the executors itself).
@@ -108,11 +108,10 @@ def plan_tickets(masks: list[dict], plan: dict, per_task: int) -> list[dict[str,
 
 # Tickets before controls: the experiment's result comes first, and the controls' shorter
 # instances then fill the last free slots, so the run does not end with one long group alone.
-@task(**TRAINING, map_index_template=TICKET_LABEL, priority_weight=2)
-def late_reset(workdir: str, rewind: str, mask: dict | None = None, masks: list[dict] | None = None,
-               group: str | None = None) -> dict[str, Any]:
-    """Rewind to ``rewind``, apply ``mask`` (or each of the group's ``masks``), retrain to the end with the mask fixed."""
-    return tasks.run_tickets(workdir, rewind, mask, masks, group)
+@task(**TRAINING, map_index_template=GROUP_LABEL, priority_weight=2)
+def late_reset(workdir: str, masks: list[dict], rewind: str, group: str) -> dict[str, Any]:
+    """Rewind to ``rewind``, apply each of the group's ``masks``, retrain to the end with the mask fixed."""
+    return tasks.retrain(workdir, masks, rewind, group)
 
 
 @task
@@ -121,11 +120,10 @@ def plan_controls(masks: list[dict], plan: dict, per_task: int) -> list[dict[str
     return tasks.plan_controls(masks, plan, per_task)
 
 
-@task(**TRAINING, map_index_template=CONTROL_LABEL)
-def controls(workdir: str, rewind: str, control: str, mask: dict | None = None, masks: list[dict] | None = None,
-             group: str | None = None) -> dict[str, Any]:
-    """A control (random_reinit / random_prune) for one mask (or a group's ``masks``) and rewind point."""
-    return tasks.run_tickets(workdir, rewind, mask, masks, group, control)
+@task(**TRAINING, map_index_template=GROUP_LABEL)
+def controls(workdir: str, masks: list[dict], rewind: str, group: str, control: str) -> dict[str, Any]:
+    """A control (random_reinit / random_prune) for each of the group's ``masks`` at rewind point ``rewind``."""
+    return tasks.retrain(workdir, masks, rewind, group, control)
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)

@@ -86,13 +86,13 @@ def cmd_masks(args) -> None:
 
 
 def cmd_retrain(args) -> None:
-    from lottery.late_reset import retrain_many
+    from lottery.late_reset import retrain
 
     group = args.mask == "all" or "," in args.mask
     masks = "all" if args.mask == "all" else [m.strip() for m in args.mask.split(",")]
     controls = [c.strip() for c in args.control.split(",")] if args.control else None
-    results = retrain_many(args.workdir, masks, args.rewind, control=controls, threads=_threads(args),
-                           data_dir=args.data, progress=sys.stdout.isatty(), pack=args.pack)
+    results = retrain(args.workdir, masks, args.rewind, control=controls, threads=_threads(args),
+                      data_dir=args.data, progress=sys.stdout.isatty(), pack=args.pack)
     print(json.dumps(results if group else results[0], indent=2, default=str))
 
 

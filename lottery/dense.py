@@ -23,7 +23,7 @@ from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError, MissingArtifactError
 from lottery.files import (arrays_damage, atomic_path, damaged_files, file_manifest, intact_result, read_json,
                            remove_arrays, write_json)
-from lottery.locks import wait_lock
+from lottery.locks import wait_training_lock
 from lottery.paths import Workdir
 from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session, small
 
@@ -38,7 +38,7 @@ def run_dense(
     done = _done_result(workdir)
     if done is not None:
         return done
-    with wait_lock(workdir.training_lock("dense"), f"dense training in {workdir}", log=log):
+    with wait_training_lock(workdir.training_lock("dense"), f"dense training in {workdir}", log=log):
         done = _done_result(workdir)  # finished by another process since the first look
         return done if done is not None else _train_and_record(cfg, data_dir, workdir, threads, progress)
 

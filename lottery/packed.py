@@ -27,9 +27,11 @@ import logging
 import math
 import os
 import time
-from typing import Any
 
 import numpy as np
+
+from lottery.phases import phase
+from lottery.ticket import Start, Ticket
 
 log = logging.getLogger("lottery")
 
@@ -99,41 +101,38 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def train_packed(cfg, todo: list, model, data: tuple, size: int, shared: dict) -> dict[str, dict]:
-    """Train ``todo`` (LateReset tickets of one rewind point and control kind) in packs of ``size``
+def train_packed(tickets: list[Ticket], model, data: tuple, *, size: int) -> None:
+    """The packed strategy: ``tickets`` (of one rewind point and control kind) in packs of ``size``
     with the compiled host ``model`` and ``data`` = (train, val, steps per epoch): the same
-    artifacts and result dicts as `lottery.late_reset` trains them one by one. A pack that fails
-    leaves an error.json in each of its tickets and raises."""
+    artifacts and results as `lottery.late_reset.train_in_turn` gives them one by one. A pack that
+    fails leaves an error.json in each of its unfinished tickets and raises."""
     train, val, spe = data
-    steps, results = PackedSteps(model), {}
-    queue = [chunk[i:i + size] for chunk in _by_start_step(todo, spe) for i in range(0, len(chunk), size)]
+    steps = PackedSteps(model)
+    queue = [chunk[i:i + size] for chunk in _by_start_step(tickets, spe) for i in range(0, len(chunk), size)]
     while queue:
-        tickets = queue.pop(0)
+        pack = queue.pop(0)
         try:
-            results.update(Pack(steps, cfg, tickets, train, val, spe).train(shared))
+            Pack(steps, pack, train, val, spe).train()
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(tickets) == 1:
-                for ticket in tickets:
-                    if not ticket.paths.result.exists():
+            if not is_out_of_memory(exc) or len(pack) == 1:
+                for ticket in pack:
+                    if ticket.result is None:
                         ticket.record_failure()
                 raise
-            half = len(tickets) // 2
+            half = len(pack) // 2
             log.warning("retrain: a pack of %d tickets does not fit (%s): packs of %d and %d instead",
-                        len(tickets), str(exc).splitlines()[0][:200], half, len(tickets) - half)
-            queue[:0] = [tickets[:half], tickets[half:]]
-            continue
-        shared = {}  # the shared costs go to the first pack's first ticket
-    return results
+                        len(pack), str(exc).splitlines()[0][:200], half, len(pack) - half)
+            queue[:0] = [pack[:half], pack[half:]]
 
 
-def _by_start_step(todo: list, spe: int) -> list[list]:
+def _by_start_step(tickets: list[Ticket], spe: int) -> list[list[Ticket]]:
     """The tickets grouped by the step they start from: the rewind step, or the step of their own
     checkpoint (a killed pack's tickets resume together; one killed while writing may be an epoch behind)."""
     from lottery.config import Step
     from lottery.training import read_resume_checkpoint
 
-    groups: dict[int, list] = {}
-    for ticket in todo:  # a damaged checkpoint is named, deleted, and its ticket starts from its rewind point
+    groups: dict[int, list[Ticket]] = {}
+    for ticket in tickets:  # a damaged checkpoint is named, deleted, and its ticket starts from its rewind point
         found = read_resume_checkpoint(ticket.paths.checkpoint, f"retrain {ticket.name}")
         start = found[1]["step"] if found else Step.parse(ticket.rewind).iterations(spe)
         groups.setdefault(start, []).append(ticket)
@@ -187,81 +186,61 @@ class PackedSteps:
 class Pack:
     """Tickets of one start step training side by side; writes each one's artifacts."""
 
-    def __init__(self, steps: PackedSteps, cfg, tickets: list, train, val, spe: int):
-        self.steps, self.cfg, self.tickets = steps, cfg, tickets
+    def __init__(self, steps: PackedSteps, tickets: list[Ticket], train, val, spe: int):
+        self.steps, self.tickets, self.cfg = steps, tickets, tickets[0].cfg
         self.train_data, self.val_data, self.spe = train, val, spe
-        self.total = cfg.total_iterations(spe)
-        self.timings = [dict(epochs_s=0.0, eval_s=0.0, write_s=0.0) for _ in tickets]
+        self.total = self.cfg.total_iterations(spe)
+        self.unit = tickets[0].label  # the pack's shared phases are charged to its first ticket
 
-    def train(self, shared: dict) -> dict[str, dict]:
-        """Bring each ticket to its start point, stack, train to the end, write every artifact."""
-        from lottery.late_reset import TIMING_KEYS
-
-        started = time.perf_counter()
-        start, state, masks, reports, histories = self._start()
-        start_s = (time.perf_counter() - started) / len(self.tickets)
-        log.info("retrain: a pack of %d tickets from step %d: %s", len(self.tickets), start,
+    def train(self) -> None:
+        """Bring each ticket to its start point, stack, train to the end, finish every ticket."""
+        step, state, starts = self._start()
+        log.info("retrain: a pack of %d tickets from step %d: %s", len(self.tickets), step,
                  ", ".join(t.name for t in self.tickets))
-        step = start
         while step < self.total:
-            step, state = self._epoch(step, state, histories)
-        results = {}
+            step, state = self._epoch(step, state, starts)
         for i, ticket in enumerate(self.tickets):
-            own = time.perf_counter()
             self.steps.restore(state, i)
-            ticket.save_model(self.steps.model, masks[i])
-            self.timings[i]["write_s"] += time.perf_counter() - own
-            timings = {**dict.fromkeys(TIMING_KEYS, 0.0), **(shared if i == 0 else {}), "start_s": start_s,
-                       **self.timings[i]}
-            wall_s = sum(v for k, v in timings.items() if k != "imports_s")
-            result = ticket.result(reports[i], self.spe, histories[i], timings, wall_s)
-            results[ticket.name] = ticket.finish({**result, "pack": len(self.tickets)})
-        return results
+            ticket.finish(self.steps.model, starts[i], starts[i].history, self.spe, pack=len(self.tickets))
 
-    def _start(self):
-        """Each ticket's start state (rewind or its checkpoint, mask applied) from the host model,
-        stacked on a leading ticket axis. Resumed tickets must share one start step."""
+    def _start(self) -> tuple[int, tuple, list[Start]]:
+        """Each ticket's start (rewind or its checkpoint, mask applied) from the host model, its
+        state stacked on a leading ticket axis. Resumed tickets must share one start step."""
         import jax.numpy as jnp
 
-        states, masks, reports, histories, starts = [], [], [], [], set()
+        states, starts = [], []
         for ticket in self.tickets:
-            mask, start, history, report = ticket.prepare(self.steps.model, self.train_data, self.spe)
+            starts.append(ticket.start(self.steps.model, self.train_data, self.spe))
             states.append(self.steps.snapshot())
-            masks.append(mask)
-            reports.append(report)
-            histories.append(list(history))
-            starts.add(start)
-        if len(starts) != 1:
-            raise ValueError(f"a pack needs one start step; these tickets start at {sorted(starts)}")
+        if len({s.step for s in starts}) != 1:
+            raise ValueError(f"a pack needs one start step; these tickets start at {sorted({s.step for s in starts})}")
         stacked = tuple([jnp.stack([s[g][k] for s in states]) for k in range(len(states[0][g]))] for g in range(3))
-        return starts.pop(), stacked, masks, reports, histories
+        return starts[0].step, stacked, starts
 
-    def _epoch(self, step: int, state, histories: list[list[dict]]):
+    def _epoch(self, step: int, state, starts: list[Start]):
         """Train to the end of the epoch (from ``step``), evaluate, and end the epoch of every ticket."""
         import jax.numpy as jnp
 
         epoch, position = divmod(step, self.spe)
         end = min((epoch + 1) * self.spe, self.total)
-        wall_start = started = time.perf_counter()
+        wall_start = time.perf_counter()
         tv, ntv, ov = state
         losses, correct = [], []
         stream = self.train_data.batches(self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
                                          augmentation=self.cfg.augmentation, skip_batches=position).take(end - step)
-        for x, y in stream:
-            tv, ntv, ov, loss, hits = self.steps.train(tv, ntv, ov, jnp.asarray(x), jnp.asarray(y))
-            losses.append(loss)
-            correct.append(hits)
-        loss_sum, hits_sum = (np.asarray(jnp.stack(a)).astype(np.float64).sum(axis=0) for a in (losses, correct))
-        train_s = time.perf_counter() - started
-        started = time.perf_counter()
-        val = self._evaluate(tv, ntv)
-        eval_s = time.perf_counter() - started
+        with phase("epochs", self.unit):
+            for x, y in stream:
+                tv, ntv, ov, loss, hits = self.steps.train(tv, ntv, ov, jnp.asarray(x), jnp.asarray(y))
+                losses.append(loss)
+                correct.append(hits)
+            loss_sum, hits_sum = (np.asarray(jnp.stack(a)).astype(np.float64).sum(axis=0) for a in (losses, correct))
+        train_s = time.perf_counter() - wall_start
+        with phase("eval", self.unit):
+            val = self._evaluate(tv, ntv)
         state, n = (tv, ntv, ov), end - step
         for i, ticket in enumerate(self.tickets):
-            self.timings[i]["epochs_s"] += train_s / len(self.tickets)
-            self.timings[i]["eval_s"] += eval_s / len(self.tickets)
             train_metrics = (loss_sum[i] / n, hits_sum[i] / (n * self.cfg.batch_size), n * self.cfg.batch_size / train_s)
-            self._end_epoch(i, ticket, state, end, train_metrics, val[i], histories[i], wall_start)
+            self._end_epoch(i, ticket, state, end, train_metrics, val[i], starts[i].history, wall_start)
         return end, state
 
     def _evaluate(self, tv, ntv) -> list[tuple[float, float]]:
@@ -276,19 +255,12 @@ class Pack:
             loss, hits, seen = loss + np.asarray(batch_loss, np.float64), hits + np.asarray(batch_hits), seen + len(y)
         return [(float(loss[i] / seen), float(hits[i] / seen)) for i in range(len(self.tickets))]
 
-    def _end_epoch(self, i: int, ticket, state, step: int, train_metrics, val, history: list, wall_start: float) -> None:
+    def _end_epoch(self, i: int, ticket: Ticket, state, step: int, train_metrics, val, history: list, wall_start: float) -> None:
         """Ticket ``i``'s epoch row, its log line, and its metrics.csv and checkpoint (via the host model)."""
-        from lottery.training import current_lr, epoch_saver, log_epoch
+        from lottery.training import end_of_epoch, epoch_saver
 
-        started = time.perf_counter()
         model = self.steps.model
         self.steps.restore(state, i)
-        train_loss, train_accuracy, images_per_s = train_metrics
-        history.append({
-            "epoch": step // self.spe + (1 if step % self.spe else 0), "step": step, "lr": current_lr(model.optimizer),
-            "train_loss": float(train_loss), "train_accuracy": float(train_accuracy), "val_loss": val[0],
-            "val_accuracy": val[1], "images_per_s": images_per_s, "wall_s": time.perf_counter() - wall_start,
-        })
-        log_epoch(f"retrain {ticket.name}", history[-1], math.ceil(self.total / self.spe), self.total)
-        epoch_saver(model, ticket.paths.checkpoint, ticket.paths.metrics, self.spe)(step, history)
-        self.timings[i]["write_s"] += time.perf_counter() - started
+        end_of_epoch(history, step, self.spe, self.total, model.optimizer, train_metrics, val, wall_start, ticket.label)
+        with phase("write", ticket.label):
+            epoch_saver(model, ticket.paths.checkpoint, ticket.paths.metrics, self.spe)(step, history)

@@ -28,6 +28,7 @@ from keras import ops
 from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError
 from lottery.files import load_arrays, remove_arrays, save_arrays, write_csv
+from lottery.phases import phase
 
 log = logging.getLogger("lottery")
 
@@ -227,10 +228,10 @@ def eval_batch_size(batch_size: int, image_shape) -> int:
 
 @dataclass
 class TrainingRun:
-    """What to train and where to stop. ``history`` holds the metric rows of finished epochs;
-    ``timings`` where the seconds of `run` went: ``epochs_s`` (``model.fit``: the training steps,
-    the first trace of the train step included), ``eval_s`` (``model.evaluate`` at each epoch end)
-    and ``write_s`` (``on_epoch_end``: metrics and checkpoints); they add up to `run`'s time."""
+    """What to train and where to stop. ``history`` holds the metric rows of finished epochs. Its
+    phases (`lottery.phases`, unit ``label``): ``epochs`` (``model.fit``: the training steps, the
+    first trace of the train step included), ``eval`` (``model.evaluate`` at each epoch end) and
+    ``write`` (``on_epoch_end``: metrics and checkpoints)."""
 
     model: keras.Model
     cfg: ExperimentConfig
@@ -244,7 +245,6 @@ class TrainingRun:
     on_epoch_end: Callable[[int, list[dict]], None] | None = None
     progress: bool = False
     history: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=lambda: {"epochs_s": 0.0, "eval_s": 0.0, "write_s": 0.0})
 
     def run(self, start_step: int) -> list[dict]:
         step, spe, total = start_step, self.steps_per_epoch, self.total_steps
@@ -262,7 +262,7 @@ class TrainingRun:
             if step in self.stop_points and self.on_stop:
                 self.on_stop(step)
             if step == epoch_end:
-                self._end_epoch(index, step, val_stream, epoch)
+                self._end_epoch(step, val_stream, epoch)
                 epoch = _EpochTally()
         return self.history
 
@@ -272,35 +272,23 @@ class TrainingRun:
             self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
         ).take(n)
         started = time.perf_counter()
-        fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, shuffle=False, verbose=1 if self.progress else 0)
+        with phase("epochs", self.label):
+            fit = self.model.fit(stream, epochs=1, steps_per_epoch=n, shuffle=False, verbose=1 if self.progress else 0)
         tally.train_time += time.perf_counter() - started
-        self.timings["epochs_s"] += time.perf_counter() - started
         tally.loss += fit.history["loss"][-1] * n
         tally.correct += fit.history["accuracy"][-1] * n
         tally.seen += n
 
-    def _end_epoch(self, epoch: int, step: int, val_stream, tally: "_EpochTally") -> None:
-        """Evaluate, log the epoch's line, record its row, call ``on_epoch_end``."""
-        started = time.perf_counter()
-        val = self.model.evaluate(val_stream, verbose=0, return_dict=True)
-        self.timings["eval_s"] += time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": current_lr(self.model.optimizer),
-            "train_loss": tally.loss / tally.seen,
-            "train_accuracy": tally.correct / tally.seen,
-            "val_loss": float(val["loss"]),
-            "val_accuracy": float(val["accuracy"]),
-            "images_per_s": tally.seen * self.cfg.batch_size / max(tally.train_time, 1e-9),
-            "wall_s": time.perf_counter() - tally.wall_start,
-        }
-        self.history.append(row)
-        log_epoch(self.label, row, math.ceil(self.total_steps / self.steps_per_epoch), self.total_steps)
+    def _end_epoch(self, step: int, val_stream, tally: "_EpochTally") -> None:
+        """Evaluate, record the epoch's row and log its line, call ``on_epoch_end``."""
+        with phase("eval", self.label):
+            val = self.model.evaluate(val_stream, verbose=0, return_dict=True)
+        train = (tally.loss / tally.seen, tally.correct / tally.seen, tally.seen * self.cfg.batch_size / max(tally.train_time, 1e-9))
+        end_of_epoch(self.history, step, self.steps_per_epoch, self.total_steps, self.model.optimizer, train,
+                     (val["loss"], val["accuracy"]), tally.wall_start, self.label)
         if self.on_epoch_end:
-            started = time.perf_counter()
-            self.on_epoch_end(step, self.history)
-            self.timings["write_s"] += time.perf_counter() - started
+            with phase("write", self.label):
+                self.on_epoch_end(step, self.history)
 
 
 @dataclass
@@ -314,11 +302,18 @@ class _EpochTally:
     wall_start: float = field(default_factory=time.perf_counter)
 
 
-def log_epoch(label: str, row: dict, num_epochs: int, total: int) -> None:
-    """The one log line of a finished epoch."""
+def end_of_epoch(history: list[dict], step: int, spe: int, total: int, optimizer, train: tuple, val: tuple,
+                 wall_start: float, label: str) -> None:
+    """Append the row of the epoch that ends at ``step`` to ``history`` (``METRIC_COLUMNS``) and log
+    its line. ``train``: (loss, accuracy, images/s); ``val``: (loss, accuracy); ``wall_start``: the
+    epoch's start (``time.perf_counter``)."""
+    row = {"epoch": -(-step // spe), "step": step, "lr": current_lr(optimizer), "train_loss": float(train[0]),
+           "train_accuracy": float(train[1]), "val_loss": float(val[0]), "val_accuracy": float(val[1]),
+           "images_per_s": float(train[2]), "wall_s": time.perf_counter() - wall_start}
+    history.append(row)
     log.info(
         "%s epoch %d/%d  step %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%  %.0f img/s  %.1fs",
-        label, row["epoch"], num_epochs, row["step"], total, row["train_loss"], 100 * row["train_accuracy"],
+        label, row["epoch"], math.ceil(total / spe), step, total, row["train_loss"], 100 * row["train_accuracy"],
         row["val_loss"], 100 * row["val_accuracy"], row["images_per_s"], row["wall_s"],
     )
 

@@ -22,7 +22,7 @@ from lottery.deploy import airflow_home  # noqa: E402  (before airflow is import
 HOME = airflow_home.use_test_home()
 
 from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, default_sparsities, experiment_id  # noqa: E402
-from lottery.plan import RunPlan  # noqa: E402
+from lottery.plan import RunPlan, TicketSpec  # noqa: E402
 
 DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
 TRAINING_TASKS = {"train_dense", "late_reset", "controls"}
@@ -159,8 +159,9 @@ def test_mapped_tasks_and_their_names(dag):
 
     group = "rewind 1ep: masks 1-10 (80.0%…10.7% left)"
     for task_id, kwargs, label in [
-        ("late_reset", {"mask": {"label": "5.0% left"}, "rewind": "2ep"}, "5.0% left, rewind 2ep"),
-        ("controls", {"mask": {"label": "5.0% left"}, "rewind": "2ep", "control": "random_prune"}, "random_prune: 5.0% left, rewind 2ep"),
+        ("late_reset", {"masks": [], "rewind": "2ep", "group": "5.0% left, rewind 2ep"}, "5.0% left, rewind 2ep"),
+        ("controls", {"masks": [], "rewind": "2ep", "control": "random_prune", "group": "random_prune: 5.0% left, rewind 2ep"},
+         "random_prune: 5.0% left, rewind 2ep"),
         ("late_reset", {"masks": [], "rewind": "1ep", "group": group}, group),
         ("controls", {"masks": [], "rewind": "1ep", "control": "random_prune", "group": "random_prune, " + group},
          "random_prune, " + group),
@@ -521,11 +522,12 @@ def test_mapped_kwargs_follow_the_plan(sdag, form, tasks):
     masks = [{"index": i, "mask_id": m, "sparsity": s, "remaining": 1 - s, "label": form.remaining_label(1 - s)}
              for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
     tickets = tasks.plan_tickets(masks, plan)
-    assert [(k["mask"]["mask_id"], k["rewind"]) for k in tickets] == [
-        ("sp50.000", "0it"), ("sp50.000", "1ep"), ("sp90.000", "0it"), ("sp90.000", "1ep")]
+    assert [([m["mask_id"] for m in k["masks"]], k["rewind"], k["group"]) for k in tickets] == [
+        (["sp50.000"], "0it", "50.0% left, rewind 0it"), (["sp50.000"], "1ep", "50.0% left, rewind 1ep"),
+        (["sp90.000"], "0it", "10.0% left, rewind 0it"), (["sp90.000"], "1ep", "10.0% left, rewind 1ep")]
     controls = tasks.plan_controls(masks, plan)
-    assert [(k["control"], k["mask"]["label"], k["rewind"]) for k in controls] == [
-        (kind, "10.0% left", r) for kind in CONTROLS for r in ("0it", "1ep")]
+    assert [(k["control"], [m["label"] for m in k["masks"]], k["rewind"], k["group"]) for k in controls] == [
+        (kind, ["10.0% left"], r, f"{kind}: 10.0% left, rewind {r}") for kind in CONTROLS for r in ("0it", "1ep")]
     assert tasks.plan_controls(masks, form.check_params(_params(sdag, controls=False))["plan"]) == []
     assert tasks.ticket_label(masks[1], "1ep", "random_prune") == "random_prune: 10.0% left, rewind 1ep"
     json.dumps([tickets, controls])  # XCom-able
@@ -547,19 +549,22 @@ def test_tickets_per_task_is_an_execution_setting(sdag, form):
     assert form.check_params(resolve(sdag, {"tickets_per_task": 10}))["tickets_per_task"] == 10
 
 
-def test_one_ticket_per_task_is_todays_kwargs_and_names(sdag, form, tasks):
-    """tickets_per_task 1 (the default) maps exactly as before groups existed: one instance per ticket."""
+def test_one_ticket_per_task_is_a_group_of_one_named_after_its_ticket(sdag, form, tasks):
+    """tickets_per_task 1 (the default): one instance per ticket, in the plan's order, each a group of
+    one named after its ticket."""
     plan = form.check_params(_params(sdag))["plan"]
     masks = _masks(form, default_sparsities())
     tickets = tasks.plan_tickets(masks, plan, 1)
     assert tickets == tasks.plan_tickets(masks, plan)
     run = RunPlan.from_dict(plan)
     by_id = {m["mask_id"]: m for m in masks}
-    assert tickets == [{"mask": by_id[t.mask_id], "rewind": t.rewind} for t in run.tickets]
+    assert tickets == [{"masks": [by_id[t.mask_id]], "rewind": t.rewind, "group": tasks.ticket_label(by_id[t.mask_id], t.rewind)}
+                       for t in run.tickets]
     controls = tasks.plan_controls(masks, plan, 1)
-    assert controls == [{"mask": by_id[c.mask_id], "rewind": c.rewind, "control": c.control} for c in run.controls]
+    assert controls == [{"masks": [by_id[c.mask_id]], "rewind": c.rewind, "control": c.control,
+                         "group": tasks.ticket_label(by_id[c.mask_id], c.rewind, c.control)} for c in run.controls]
     assert len(tickets) == 100 and len(controls) == 30
-    assert tasks.ticket_label(tickets[0]["mask"], tickets[0]["rewind"]) == "80.0% left, rewind 0it"
+    assert tickets[0]["group"] == "80.0% left, rewind 0it"
 
 
 def test_groups_of_three_over_five_masks(sdag, form, tasks):
@@ -598,27 +603,29 @@ def test_default_experiment_in_groups_of_ten(sdag, form, tasks):
     assert tasks.group_label(masks[19:], "2ep", "random_prune") == "random_prune, rewind 2ep: mask 20 (1.2% left)"
 
 
-def test_group_task_calls_retrain_many_once(tasks, form, monkeypatch, caplog):
+def _fake_engine(monkeypatch, tasks, calls: list):
+    from lottery import late_reset
+
+    def fake_retrain(workdir, masks, rewind, *, control=None, threads=None, **_):
+        calls.append((workdir, list(masks), rewind, control, threads))
+        return [{"mask_id": m, "rewind": rewind, "control": control, "val_accuracy": 0.8, "best_val_accuracy": 0.81,
+                 "wall_s": 3.0, "skipped": i == 0 and len(masks) > 1, "ticket": f"/w/tickets/{m}__{rewind}",
+                 "curve": [1] * 100} for i, m in enumerate(masks)]
+
+    monkeypatch.setattr(late_reset, "retrain", fake_retrain)
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.setenv("LOTTERY_THREADS", "1")
+
+
+def test_group_task_calls_the_engine_once(tasks, form, monkeypatch, caplog):
     """A group's task: one engine call for all its tickets; skipped ones logged as already done; small XCom."""
     import logging
 
-    from lottery import late_reset
-
     calls = []
-
-    def fake_retrain_many(workdir, masks, rewind, *, control=None, threads=None, **_):
-        calls.append((workdir, list(masks), rewind, control, threads))
-        return [{"mask_id": m, "rewind": rewind, "control": control, "val_accuracy": 0.8, "best_val_accuracy": 0.81,
-                 "wall_s": 3.0, "skipped": i == 0, "ticket": f"/w/tickets/{m}__{rewind}", "curve": [1] * 100}
-                for i, m in enumerate(masks)]
-
-    monkeypatch.setattr(late_reset, "retrain_many", fake_retrain_many, raising=False)
-    monkeypatch.setattr(late_reset, "retrain", lambda *a, **k: pytest.fail("the group path called retrain"))
-    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
-    monkeypatch.setenv("LOTTERY_THREADS", "1")
+    _fake_engine(monkeypatch, tasks, calls)
     masks = _masks(form, [0.2, 0.36])
     caplog.set_level(logging.INFO)
-    out = tasks.run_tickets("/w", "1ep", None, masks, "rewind 1ep: masks 1-2 (80.0%…64.0% left)", "random_prune")
+    out = tasks.retrain("/w", masks, "1ep", "rewind 1ep: masks 1-2 (80.0%…64.0% left)", "random_prune")
     assert calls == [("/w", ["sp20.000", "sp36.000"], "1ep", "random_prune", 1)]
     assert [t["mask_id"] for t in out["tickets"]] == ["sp20.000", "sp36.000"] and "curve" not in out["tickets"][0]
     assert "random_prune: 80.0% left, rewind 1ep: already done" in caplog.text
@@ -626,16 +633,18 @@ def test_group_task_calls_retrain_many_once(tasks, form, monkeypatch, caplog):
     assert "rewind 1ep: masks 1-2 (80.0%…64.0% left): done in" in caplog.text and "1 trained, 1 already done" in caplog.text
 
 
-def test_one_ticket_task_calls_retrain_as_before(tasks, form, monkeypatch):
-    from lottery import late_reset
+def test_a_group_of_one_takes_the_same_path(tasks, form, monkeypatch, caplog):
+    """tickets_per_task 1: the same engine call with one mask, the same XCom, one end line (no group summary)."""
+    import logging
 
     calls = []
-    monkeypatch.setattr(late_reset, "retrain", lambda *a, **k: calls.append((a, k)) or {"val_accuracy": 0.8, "best_val_accuracy": 0.8})
-    monkeypatch.setattr(late_reset, "retrain_many", lambda *a, **k: pytest.fail("one ticket called retrain_many"), raising=False)
-    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
-    monkeypatch.setenv("LOTTERY_THREADS", "1")
-    tasks.run_tickets("/w", "1ep", _masks(form, [0.2])[0], None, None, "random_reinit")
-    assert calls == [(("/w", "sp20.000", "1ep"), {"control": "random_reinit", "threads": 1})]
+    _fake_engine(monkeypatch, tasks, calls)
+    caplog.set_level(logging.INFO)
+    [kwargs] = tasks.mapped_kwargs(_masks(form, [0.2]), [TicketSpec("sp20.000", "1ep", "random_reinit")])
+    out = tasks.retrain("/w", **kwargs)
+    assert calls == [("/w", ["sp20.000"], "1ep", "random_reinit", 1)]
+    assert out["group"] == "random_reinit: 80.0% left, rewind 1ep" and [t["mask_id"] for t in out["tickets"]] == ["sp20.000"]
+    assert caplog.text.count("random_reinit: 80.0% left, rewind 1ep: done in 3.0s") == 1 and "trained," not in caplog.text
 
 
 # ---- bench/run_breakdown.py: where each second of a training task goes ---------------------------
@@ -657,12 +666,21 @@ def _fake_run(tmp_path, per_task: int):
              for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
     kwargs = tasks.mapped_kwargs(masks, RunPlan.from_config(cfg).tickets, per_task)
     now = clock.time()
-    timings = {"imports_s": 3.0, "data_open_s": 1.0, "build_compile_s": 0.5, "start_s": 0.2, "epochs_s": 10.0, "eval_s": 1.0, "write_s": 0.3}
-    for spec in RunPlan.from_config(cfg).tickets:
-        result = {"wall_s": 13.0, "curve": [{"wall_s": 11.0}], "val_accuracy": 0.8}
-        if spec.rewind == "1ep":
-            result.update(timings=timings, backend="jax", rewind_step=100, curve=[{"wall_s": 11.0, "step": 1100}])
-        write_json(w.ticket(spec).result, result)
+    # each ticket: 3 s of imports (the group's first ticket only), 0.5 s build, 10 s epochs, 1 s evaluation, 0.3 s writing
+    phases = []
+    for group in kwargs:
+        specs = [TicketSpec(m["mask_id"], group["rewind"]) for m in group["masks"]]
+        phases += [{"unit": f"retrain {specs[0].name}", "phase": name, "seconds": s, "at": now}
+                   for name, s in (("imports", 3.0), ("build_compile", 0.5))]
+        for i, spec in enumerate(specs):
+            phases += [{"unit": f"retrain {spec.name}", "phase": name, "seconds": s, "at": now}
+                       for name, s in (("epochs", 10.0), ("eval", 1.0), ("write", 0.3))]
+            result = {"wall_s": 15.0 * (i + 1), "curve": [{"wall_s": 11.0}], "val_accuracy": 0.8}
+            if spec.rewind == "1ep":
+                result.update(backend="jax", rewind_step=100, curve=[{"wall_s": 11.0, "step": 1100}])
+            write_json(w.ticket(spec).result, result)
+    phases.append({"unit": "retrain sp50.000__0it", "phase": "epochs", "seconds": 99.0, "at": now - 3600})  # another run's
+    (tmp_path / "phases.jsonl").write_text("".join(json.dumps(line) + "\n" for line in phases))
     write_json(w.dense_result, {"wall_s": 20.0, "curve": [{"wall_s": 18.0}]})
     db = sqlite3.connect(tmp_path / "airflow.db")
     db.execute("create table dag_run (run_id, dag_id, start_date, end_date, state, conf)")
@@ -687,9 +705,12 @@ def test_run_breakdown_splits_task_seconds(tmp_path, per_task):
     b = run_breakdown.breakdown(_fake_run(tmp_path, per_task), None)
     assert b["tickets_per_task"] == per_task and b["tickets"] == 4
     late = b["seconds"]["late_reset"]
-    assert late["instances"] == 4 // per_task and late["trained"] == 4 and late["old"] == 2
-    assert late["task_s"] == 80.0 and late["engine_s"] == 4 * 13.0 + 2 * 3.0 and late["airflow_s"] == 80.0 - 58.0
-    assert late["epochs_s"] == 20.0 + 2 * 11.0 and late["imports_s"] == 6.0  # the curve's seconds for the old results
+    groups = 4 // per_task
+    assert late["instances"] == groups and late["trained"] == 4 and late["timed"]
+    assert late["task_s"] == 80.0 and late["engine_s"] == groups * 15.0 * per_task  # the last ticket's wall_s per group
+    assert late["airflow_s"] == 80.0 - late["engine_s"]
+    assert late["imports"] == 3.0 * groups and late["build_compile"] == 0.5 * groups and late["data_open"] == 0.0
+    assert late["epochs"] == 40.0 and late["eval"] == 4.0, "only the phases within the instances' run time"
     text = run_breakdown.to_markdown(b, 2)
     assert f"tickets_per_task {per_task}" in text and "| late_reset | " in text and "| train_dense | 1 | 1 |" in text
     # the compute floor: 2 tickets x 1,000 steps x batch 128 at 2,560 img/s = 100 s, + dense 25 s; wall 110 s
@@ -699,19 +720,29 @@ def test_run_breakdown_splits_task_seconds(tmp_path, per_task):
     print(floor)
 
 
-def test_run_breakdown_reads_results_without_timings(tmp_path):
-    """Older runs: no timings anywhere; epochs from the curve, the other parts '-'."""
+def test_run_breakdown_without_a_phase_listener(tmp_path):
+    """No phases reported: task time, Airflow's start and the engine's wall time only; the phases read '-'."""
     from bench import run_breakdown
 
     home = _fake_run(tmp_path, 1)
-    for path in (tmp_path / "w" / "tickets").glob("*/result.json"):
-        data = json.loads(path.read_text())
-        data.pop("timings", None)
-        path.write_text(json.dumps(data))
+    (home / "phases.jsonl").unlink()
     lines = run_breakdown.seconds_table(run_breakdown.breakdown(home, "r")["seconds"])
     row = next(line for line in lines if line.startswith("| late_reset"))
-    assert row == "| late_reset | 4 | 4 | 80.0 (100%) | 28.0 (35%) | - | - | - | - | 44.0 (55%) | - | - | 8.0 (10%) |", row
-    assert "5 results without `timings`" in lines[-1]
+    assert row == "| late_reset | 4 | 4 | 80.0 (100%) | 20.0 (25%) | - | - | - | - | - | - | - | - |", row
+    assert "LOTTERY_PHASE_LISTENER=bench.run_breakdown:record" in lines[-1]
+
+
+def test_the_phase_listener_appends_to_the_airflow_home(tmp_path, monkeypatch):
+    from bench import run_breakdown
+    from lottery.phases import phase
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("LOTTERY_PHASE_LISTENER", "bench.run_breakdown:record")
+    with phase("epochs", "retrain a"):
+        pass
+    with phase("eval", "retrain a"):
+        pass
+    assert [(p["unit"], p["phase"]) for p in run_breakdown.read_phases(tmp_path)] == [("retrain a", "epochs"), ("retrain a", "eval")]
 
 
 def test_clearing_a_ticket_with_downstream_reruns_the_report_and_the_check(dag):

@@ -158,7 +158,7 @@ def test_retrained_ticket_keeps_pruned_weights_at_exactly_zero(dense_workdir):
     from lottery.pruning import load_mask
 
     make_masks(dense_workdir)
-    result = retrain(dense_workdir, "sp90.000", "3it", threads=1)
+    [result] = retrain(dense_workdir, ["sp90.000"], "3it", threads=1)
     ticket = Path(result["ticket"])
     assert ticket.name == "sp90.000__3it"
     saved = json.loads((ticket / "result.json").read_text())
@@ -177,9 +177,9 @@ def test_retrained_ticket_keeps_pruned_weights_at_exactly_zero(dense_workdir):
 
 def test_rerunning_a_finished_ticket_is_a_noop(dense_workdir, caplog):
     make_masks(dense_workdir)
-    retrain(dense_workdir, 1, 2, threads=1)
+    retrain(dense_workdir, [1], 2, threads=1)
     with caplog.at_level("INFO", logger="lottery"):
-        again = retrain(dense_workdir, 1, 2, threads=1)
+        [again] = retrain(dense_workdir, [1], 2, threads=1)
     assert again["skipped"] is True and "already done" in caplog.text
 
 
@@ -195,7 +195,7 @@ def test_all_ones_mask_from_rewind_zero_reproduces_the_dense_run(tmp_path, data_
 
     ones = {p: np.ones(v.shape, bool) for p, v in prunable_weights(final).items()}
     save_mask(workdir / "masks" / "sp50.000.npz", ones, {"mask_id": "sp50.000", "report": {"kept": 1, "total": 1}})
-    result = retrain(workdir, 0, "0it", threads=1)
+    [result] = retrain(workdir, [0], "0it", threads=1)
     dense = dense_result(workdir)["curve"]
     ticket = json.loads((Path(result["ticket"]) / "result.json").read_text())["curve"]
     assert [r["step"] for r in ticket] == [r["step"] for r in dense]
@@ -212,14 +212,14 @@ def test_controls(dense_workdir):
     from lottery.pruning import load_mask, mask_report
 
     make_masks(dense_workdir)
-    pruned = retrain(dense_workdir, "sp50.000", "1ep", control="random_prune", threads=1)
+    [pruned] = retrain(dense_workdir, ["sp50.000"], "1ep", control="random_prune", threads=1)
     ticket = Path(pruned["ticket"])
     assert ticket.name == "sp50.000__1ep__random_prune"
     original, _ = load_mask(dense_workdir / "masks" / "sp50.000.npz")
     random_mask, _ = load_mask(ticket / "mask.npz")
     assert mask_report(random_mask)["layers"] == mask_report(original)["layers"]
     assert any(np.any(random_mask[p] != original[p]) for p in original)
-    reinit = retrain(dense_workdir, "sp50.000", "1ep", control="random_reinit", threads=1)
+    [reinit] = retrain(dense_workdir, ["sp50.000"], "1ep", control="random_reinit", threads=1)
     assert Path(reinit["ticket"]).name == "sp50.000__1ep__random_reinit"
     rows = summarize(dense_workdir)
     statuses = {(r["mask_id"], r["rewind"], r["control"]): r["status"] for r in rows}

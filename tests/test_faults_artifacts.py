@@ -421,21 +421,21 @@ def test_disk_full_during_a_checkpoint_write_on_a_small_tmpfs(clean, small_files
 def test_a_failure_note_that_cannot_be_written_does_not_hide_the_failure(clean, tmp_path, monkeypatch, caplog):
     """On a full disk the ticket's error.json cannot be written either: the ticket's own error
     (here a damaged mask) is what surfaces, and the lost note is logged."""
-    from lottery import late_reset
+    from lottery import late_reset, ticket
     from lottery.errors import CorruptArtifactError
 
     data_dir, done = clean
     workdir = _copy(done, tmp_path / "case")
     _truncate(workdir / "masks" / "sp50.000.npz")
-    real = late_reset.write_json
+    real = ticket.write_json
 
     def no_room_for_notes(path, *args, **kwargs):
         if Path(path).name == "error.json":
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(late_reset, "write_json", no_room_for_notes)
+    monkeypatch.setattr(ticket, "write_json", no_room_for_notes)
     with caplog.at_level("INFO", logger="lottery"), pytest.raises(CorruptArtifactError, match="sp50.000.npz"):
-        late_reset.retrain(workdir, 0, "1ep", threads=1)
+        late_reset.retrain(workdir, [0], "1ep", threads=1)
     assert "retrain sp50.000__1ep: could not record the failure" in caplog.text
     assert not (workdir / "tickets" / "sp50.000__1ep" / "error.json").exists()

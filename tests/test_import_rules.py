@@ -85,3 +85,41 @@ def test_deployment_names_are_defined_once():
         offenders += [f"{p.relative_to(ROOT)}:{n.lineno} spells {n.value!r}" for n in ast.walk(tree)
                       if isinstance(n, ast.Constant) and n.value in values]
     assert offenders == [], offenders
+
+
+def _lottery_imports(path: Path) -> set[str]:
+    """The lottery modules ``path`` imports, at any level (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("lottery"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lottery")}
+    return found
+
+
+def test_no_import_cycles_between_lottery_modules():
+    """No two modules of lottery/ import each other, directly or through others (an import inside a
+    function counts: it hides the cycle, it does not remove it)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in _sources("lottery")}
+    graph = {name: sorted(_lottery_imports(path) & set(modules) - {name}) for name, path in modules.items()}
+    packages = {name for name, path in modules.items() if path.name == "__init__.py"}
+    graph = {name: [d for d in deps if d not in packages] for name, deps in graph.items()}  # a package's own import is no edge
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    return path + [start]
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+        return None
+
+    cycles = {tuple(c) for name in graph if (c := cycle_from(name))}
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in sorted(cycles))
+    assert "lottery.ticket" in graph["lottery.packed"], "the checker sees imports"

@@ -189,7 +189,7 @@ TF_FREE = ["lottery/data/tfrecord.py", "lottery/data/example.py", "lottery/data/
            "lottery/files.py", "lottery/data/epochs.py", "lottery/data/arrays.py", "lottery/data/runtime.py",
            "lottery/data/fetch.py", "lottery/data/__init__.py", "lottery/data/workers.py", "lottery/data/hostaug.py", "lottery/input_bench.py", "lottery/models.py", "lottery/pruning.py",
            "lottery/training.py", "lottery/session.py", "lottery/dense.py", "lottery/masks.py", "lottery/late_reset.py",
-           "lottery/packed.py",
+           "lottery/packed.py", "lottery/ticket.py", "lottery/phases.py",
            "lottery/plan.py", "lottery/paths.py", "lottery/cli.py", "lottery/config.py"]
 
 

@@ -1,4 +1,4 @@
-"""Several tickets in one process (`retrain_many`): the same results as one process per ticket,
+"""Several tickets in one process (`retrain`): the same results as one process per ticket,
 resumable and idempotent ticket by ticket, bad groups refused before any training.
 
 Real TensorFlow and Keras on the CPU, a tiny learnable data set, short schedules.
@@ -19,7 +19,7 @@ import pytest
 
 from lottery.config import ExperimentConfig
 from lottery.dense import run_dense
-from lottery.late_reset import TIMING_KEYS, retrain, retrain_many
+from lottery.late_reset import retrain
 from lottery.masks import make_masks
 from tests.datasets import make_synthetic_shards
 from tests.lockholder import hold_lock
@@ -80,7 +80,7 @@ def assert_same_ticket(a: Path, b: Path) -> None:
 def test_a_group_trains_each_ticket_as_it_trains_alone(fresh, control):
     """One process, one compiled model, three tickets in turn == each ticket in its own model."""
     group, alone = fresh("group"), fresh("alone")
-    results = retrain_many(group, "all", "1ep", control=control, threads=1)
+    results = retrain(group, "all", "1ep", control=control, threads=1)
     assert [r["mask_id"] for r in results] == ["sp50.000", "sp80.000", "sp90.000"]
     assert not any(r["skipped"] for r in results)
     for index in (2, 0, 1):  # another order, each in a fresh model
@@ -94,16 +94,25 @@ def test_a_group_trains_each_ticket_as_it_trains_alone(fresh, control):
             assert (group / "tickets" / name / "mask.npz").read_bytes() == (alone / "tickets" / name / "mask.npz").read_bytes()
 
 
-def test_timings_are_recorded_and_the_shared_costs_go_to_the_first_ticket(fresh):
-    workdir = fresh("w")
-    results = retrain_many(workdir, [1, 2], "1ep", threads=1)
-    timings = [json.loads((Path(r["ticket"]) / "result.json").read_text())["timings"] for r in results]
-    assert [r["timings"] for r in results] == timings, "the small result carries them too"
-    for t in timings:
-        assert set(t) == set(TIMING_KEYS)
-        assert t["epochs_s"] > 0 and t["eval_s"] > 0 and t["write_s"] > 0 and t["start_s"] > 0
-    assert timings[0]["data_open_s"] > 0 and timings[0]["build_compile_s"] > 0
-    assert timings[1]["data_open_s"] == timings[1]["build_compile_s"] == timings[1]["imports_s"] == 0
+def test_phases_are_measured_by_a_listener_and_the_shared_costs_go_to_the_first_ticket(fresh):
+    """Where the seconds go is measured outside the engine (`lottery.phases`): nothing in result.json
+    but its wall time, counted from the group's start."""
+    from lottery.phases import listening
+
+    seen = []
+    with listening(lambda unit, name, seconds: seen.append((unit, name, seconds))):
+        results = retrain(fresh("w"), [1, 2], "1ep", threads=1)
+    first, second = (f"retrain {Path(r['ticket']).name}" for r in results)
+    phases = {(unit, name) for unit, name, _ in seen}
+    shared = ("imports", "data_open", "build_compile")
+    assert {(first, name) for name in shared} <= phases and not {(second, name) for name in shared} & phases
+    for unit in (first, second):
+        assert {(unit, name) for name in ("start", "epochs", "eval", "write")} <= phases, (unit, phases)
+    assert all(seconds >= 0 for *_, seconds in seen) and sum(s for u, n, s in seen if n == "epochs") > 0
+    records = [json.loads((Path(r["ticket"]) / "result.json").read_text()) for r in results]
+    assert not any("timings" in r for r in records + results)
+    assert 0 < records[0]["wall_s"] < records[1]["wall_s"], "wall_s counts from the group's start"
+    assert [r["wall_s"] for r in results] == [r["wall_s"] for r in records]
 
 
 def test_switching_tickets_does_not_retrace(fresh, monkeypatch):
@@ -128,7 +137,7 @@ def test_switching_tickets_does_not_retrace(fresh, monkeypatch):
     monkeypatch.setattr(keras.Model, "train_step", train_step)
     monkeypatch.setattr(training.TrainingRun, "run", run)
     workdir = fresh("w")
-    retrain_many(workdir, "all", "1ep", threads=1)
+    retrain(workdir, "all", "1ep", threads=1)
     assert len(seen) == 3
     assert len({model for model, _ in seen}) == 1, "one model for the group"
     assert all(fn is seen[0][1] for _, fn in seen), "one train function for the group"
@@ -149,12 +158,12 @@ def test_switching_tickets_does_not_retrace(fresh, monkeypatch):
 
 def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
     workdir = fresh("w")
-    first = retrain(workdir, "sp80.000", "1ep", threads=1)
+    first = retrain(workdir, ["sp80.000"], "1ep", threads=1)[0]
     done = Path(first["ticket"])
     mtimes = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
     caplog.clear()  # only the group's lines (an earlier test may have left the logger at INFO)
     with caplog.at_level("INFO", logger="lottery"):
-        results = retrain_many(workdir, "all", "1ep", threads=1)
+        results = retrain(workdir, "all", "1ep", threads=1)
     assert [r["skipped"] for r in results] == [False, True, False]
     assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == mtimes, "the done ticket is untouched"
     assert "retrain sp80.000__1ep: already done" in caplog.text
@@ -163,7 +172,7 @@ def test_a_group_with_tickets_done_trains_only_the_rest(fresh, caplog):
     ends = [line for line in caplog.text.splitlines() if ": done in" in line]
     epochs = [line for line in caplog.text.splitlines() if " epoch " in line]
     assert len(starts) == len(ends) == 2 and len(epochs) == 4, "a start and an end line per ticket, one per epoch"
-    again = retrain_many(workdir, "all", "1ep", threads=1)
+    again = retrain(workdir, "all", "1ep", threads=1)
     assert all(r["skipped"] for r in again)
 
 
@@ -187,10 +196,12 @@ def _wait_for_log(caplog, text: str, thread: threading.Thread, timeout: float = 
         time.sleep(0.05)
 
 
-def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, caplog):
+def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, caplog, monkeypatch):
     """A group meets a ticket whose training lock another process holds (another run of this
     config): it waits, and when that process has finished the ticket, takes its result and trains
-    only the rest."""
+    only the rest. The wait outlasts the data-lock bound: a training is not bounded by it."""
+    monkeypatch.setenv("LOTTERY_DATA_LOCK_TIMEOUT", "0.5")
+    monkeypatch.delenv("LOTTERY_TRAINING_LOCK_TIMEOUT", raising=False)
     workdir, other = fresh("w"), fresh("other")
     retrain(other, "sp80.000", "1ep", threads=1)  # what the other process will have made
     lock = workdir / ".locks" / "sp80.000__1ep.train.lock"
@@ -198,8 +209,9 @@ def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, 
     caplog.clear()  # only this group's lines (an earlier test may have left the logger at INFO)
     try:
         with caplog.at_level("INFO", logger="lottery"):
-            thread, out = _in_thread(retrain_many, workdir, [1, 2], "1ep", threads=1)
+            thread, out = _in_thread(retrain, workdir, [1, 2], "1ep", threads=1)
             _wait_for_log(caplog, "waiting for the test's holder", thread)
+            time.sleep(1.5)  # three times the data-lock bound
             shutil.copytree(other / "tickets" / "sp80.000__1ep", workdir / "tickets" / "sp80.000__1ep")
             done = {p.name: p.stat().st_mtime_ns for p in (workdir / "tickets" / "sp80.000__1ep").iterdir()}
             holder.kill()  # the other process has finished
@@ -209,6 +221,7 @@ def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, 
     assert "error" not in out, out.get("error")
     assert [r["skipped"] for r in out["result"]] == [True, False]
     assert f"got the lock {lock} after waiting" in caplog.text
+    assert "no time limit, LOTTERY_TRAINING_LOCK_TIMEOUT)" in caplog.text
     assert "retrain sp80.000__1ep: already done" in caplog.text and "retrain sp80.000__1ep: start" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in (workdir / "tickets" / "sp80.000__1ep").iterdir()} == done
     alone = fresh("alone")
@@ -216,7 +229,9 @@ def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, 
     assert_same_ticket(workdir / "tickets" / "sp90.000__1ep", alone / "tickets" / "sp90.000__1ep")
 
 
-def test_a_dense_run_another_process_trains_is_waited_for_not_trained_twice(fresh, data_dir, caplog):
+def test_a_dense_run_another_process_trains_is_waited_for_not_trained_twice(fresh, data_dir, caplog, monkeypatch):
+    monkeypatch.setenv("LOTTERY_DATA_LOCK_TIMEOUT", "0.5")  # a training wait is not bounded by it
+    monkeypatch.delenv("LOTTERY_TRAINING_LOCK_TIMEOUT", raising=False)
     workdir = fresh("w")
     result = workdir / "dense" / "result.json"
     finished = result.read_bytes()
@@ -228,6 +243,7 @@ def test_a_dense_run_another_process_trains_is_waited_for_not_trained_twice(fres
         with caplog.at_level("INFO", logger="lottery"):
             thread, out = _in_thread(run_dense, ExperimentConfig.from_dict(TINY), data_dir, workdir, threads=1)
             _wait_for_log(caplog, "waiting for the test's holder", thread)
+            time.sleep(1.5)  # three times the data-lock bound
             result.write_bytes(finished)  # the other process has finished
             holder.kill()
             thread.join(120)
@@ -238,10 +254,29 @@ def test_a_dense_run_another_process_trains_is_waited_for_not_trained_twice(fres
     assert {p.name: p.stat().st_mtime_ns for p in (workdir / "dense").iterdir() if p.name != "result.json"} == mtimes
 
 
+def test_a_training_wait_is_bounded_by_its_own_setting(fresh, monkeypatch):
+    """``LOTTERY_TRAINING_LOCK_TIMEOUT`` bounds the wait for another run's training, and the error
+    names it; a generous data-lock bound does not lengthen it."""
+    from lottery.locks import LockTimeout
+
+    monkeypatch.setenv("LOTTERY_DATA_LOCK_TIMEOUT", "600")
+    monkeypatch.setenv("LOTTERY_TRAINING_LOCK_TIMEOUT", "0.6")
+    workdir = fresh("w")
+    holder = hold_lock(workdir / ".locks" / "sp80.000__1ep.train.lock", 600)
+    try:
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match=r"waited 1 s for the test's holder .* raise LOTTERY_TRAINING_LOCK_TIMEOUT"):
+            retrain(workdir, [1], "1ep", threads=1)
+        assert time.monotonic() - started < 30
+    finally:
+        holder.kill()
+    assert not (workdir / "tickets" / "sp80.000__1ep").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncate model", "flip a byte of the metrics", "delete model", "truncate result"])
 def test_a_damaged_ticket_is_named_and_trained_again(fresh, caplog, damage):
     workdir = fresh("w")
-    first, other = retrain_many(workdir, "all", "1ep", threads=1)[:2]
+    first, other = retrain(workdir, "all", "1ep", threads=1)[:2]
     ticket, untouched = Path(first["ticket"]), Path(other["ticket"])
     result = json.loads((ticket / "result.json").read_text())
     assert set(result["files"]) == {"model.keras", "metrics.csv"}, "the result vouches for the ticket's files"
@@ -259,7 +294,7 @@ def test_a_damaged_ticket_is_named_and_trained_again(fresh, caplog, damage):
     mtimes = {p.name: p.stat().st_mtime_ns for p in untouched.iterdir()}
     caplog.clear()
     with caplog.at_level("INFO", logger="lottery"):
-        again = retrain_many(workdir, "all", "1ep", threads=1)
+        again = retrain(workdir, "all", "1ep", threads=1)
     assert [r["skipped"] for r in again] == [False, True, True]
     assert f"retrain {ticket.name}: damaged, training it again: " in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in untouched.iterdir()} == mtimes, "intact tickets are untouched"
@@ -267,7 +302,7 @@ def test_a_damaged_ticket_is_named_and_trained_again(fresh, caplog, damage):
     assert retrained["val_accuracy"] == result["val_accuracy"], "the same training again, bit for bit"
     assert [{k: v for k, v in row.items() if k not in CLOCK} for row in retrained["curve"]] == \
         [{k: v for k, v in row.items() if k not in CLOCK} for row in result["curve"]]
-    assert all(r["skipped"] for r in retrain_many(workdir, "all", "1ep", threads=1))
+    assert all(r["skipped"] for r in retrain(workdir, "all", "1ep", threads=1))
 
 
 @pytest.mark.parametrize("masks,control,message", [
@@ -283,7 +318,7 @@ def test_a_damaged_ticket_is_named_and_trained_again(fresh, caplog, damage):
 def test_bad_groups_are_refused_before_any_training(fresh, masks, control, message):
     workdir = fresh("w")
     with pytest.raises(ValueError, match=message):
-        retrain_many(workdir, masks, "1ep", control=control, threads=1)
+        retrain(workdir, masks, "1ep", control=control, threads=1)
     assert not (workdir / "tickets").exists(), "nothing trained, nothing written"
 
 
@@ -363,7 +398,7 @@ def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
 def test_a_group_that_cannot_open_its_data_reports_every_ticket(fresh, tmp_path):
     workdir = fresh("w")
     with pytest.raises(Exception, match="manifest"):
-        retrain_many(workdir, [0, 2], "1ep", threads=1, data_dir=tmp_path / "no-such-data")
+        retrain(workdir, [0, 2], "1ep", threads=1, data_dir=tmp_path / "no-such-data")
     for name in ("sp50.000__1ep", "sp90.000__1ep"):
         error = json.loads((workdir / "tickets" / name / "error.json").read_text())
         assert "no-such-data" in error["error"], error["error"]
@@ -373,9 +408,9 @@ def test_a_group_that_cannot_open_its_data_reports_every_ticket(fresh, tmp_path)
 def test_a_group_with_nothing_to_do_imports_no_keras(fresh):
     """The DAG reruns done groups: that costs no Keras import."""
     workdir = fresh("w")
-    retrain_many(workdir, [1], "1ep", threads=1)
-    code = ("import sys; from lottery.late_reset import retrain_many; "
-            f"r = retrain_many({str(workdir)!r}, ['sp80.000'], '1ep'); "
+    retrain(workdir, [1], "1ep", threads=1)
+    code = ("import sys; from lottery.late_reset import retrain; "
+            f"r = retrain({str(workdir)!r}, ['sp80.000'], '1ep'); "
             "assert r[0]['skipped'] and 'keras' not in sys.modules, sorted(m for m in sys.modules if 'keras' in m)[:3]")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -27,7 +27,7 @@ COMPARE = textwrap.dedent("""
     from pathlib import Path
     import keras, numpy as np
     from lottery import packed
-    from lottery.late_reset import retrain_many
+    from lottery.late_reset import retrain
     from lottery.models import prunable_weights
     from lottery.pruning import load_mask
 
@@ -60,7 +60,7 @@ COMPARE = textwrap.dedent("""
             copy = workdir.parent / f"{control}-{pack}"
             shutil.copytree(workdir, copy)
             before = len(traces)
-            runs[pack] = (copy, retrain_many(copy, "all", "1ep", control=control, pack=pack, threads=1))
+            runs[pack] = (copy, retrain(copy, "all", "1ep", control=control, pack=pack, threads=1))
             out.setdefault("_traces", []).append(len(traces) - before)
         for alone, together in zip(runs[1][1], runs[3][1]):
             a, b = Path(alone["ticket"]), Path(together["ticket"])
@@ -78,7 +78,8 @@ COMPARE = textwrap.dedent("""
                 "max_curve_loss_diff": max(abs(x[k] - y[k]) for x, y in zip(ra["curve"], rb["curve"]) for k in ("train_loss", "val_loss")),
                 "steps": [[r["step"] for r in ra["curve"]], [r["step"] for r in rb["curve"]]],
                 "lr": [[r["lr"] for r in ra["curve"]], [r["lr"] for r in rb["curve"]]],
-                "timings": sorted(rb["timings"]),
+                "wall_s": [ra["wall_s"], rb["wall_s"]],
+                "timings": "timings" in ra or "timings" in rb,
             }
     print("RESULT", json.dumps(out))
 """)
@@ -119,7 +120,7 @@ def _assert_close(out: dict) -> None:
         assert abs(c["val_accuracy"][0] - c["val_accuracy"][1]) <= ACCURACY_TOLERANCE, (name, c)
         assert c["max_curve_val_acc_diff"] <= ACCURACY_TOLERANCE, (name, c)
         assert c["steps"][0] == c["steps"][1] == [32, 48] and c["lr"][0] == c["lr"][1], (name, c)
-        assert "epochs_s" in c["timings"] and "build_compile_s" in c["timings"]
+        assert not c["timings"] and min(c["wall_s"]) > 0, (name, c)
 
 
 def test_a_packed_ticket_matches_its_training_alone(jax_env, jax_workdir, tmp_path):

@@ -25,18 +25,10 @@ from lottery.plan import RunPlan, check_data_size
 
 log = logging.getLogger("lottery.dag")
 
-
-
-def _label_template(prefix: str) -> str:
-    """A mapped instance's name from its kwargs: a group's ``group``, or one ticket's mask label and rewind."""
-    one = prefix + "{{ task.op_kwargs['mask']['label'] }}, rewind {{ task.op_kwargs['rewind'] }}"
-    return "{% if 'group' in task.op_kwargs %}{{ task.op_kwargs['group'] }}{% else %}" + one + "{% endif %}"
-
-
-# Mapped instances are named from their kwargs (rendered before the task runs): "5.0% left, rewind 2ep",
-# "random_prune: 5.0% left, rewind 2ep"; a group of tickets: "rewind 1ep: masks 1-10 (80.0%…10.7% left)".
-TICKET_LABEL = _label_template("")
-CONTROL_LABEL = _label_template("{{ task.op_kwargs['control'] }}: ")
+# Mapped late_reset / controls instances are named from their kwargs (rendered before the task runs):
+# a group of one "5.0% left, rewind 2ep", "random_prune: 5.0% left, rewind 2ep"; a larger group
+# "rewind 1ep: masks 1-10 (80.0%…10.7% left)".
+GROUP_LABEL = "{{ task.op_kwargs['group'] }}"
 # What a retraining result may carry through XCom.
 TICKET_KEYS = ("mask_id", "sparsity", "remaining", "rewind", "control", "val_accuracy", "best_val_accuracy", "skipped", "ticket")
 DENSE_KEYS = ("val_accuracy", "best_val_accuracy", "epochs", "steps", "skipped")
@@ -86,7 +78,7 @@ def queue_note() -> str:
 
 
 def ticket_label(mask: dict, rewind: str, control: str | None = None) -> str:
-    """The mapped instance's name, as TICKET_LABEL / CONTROL_LABEL render it."""
+    """One ticket's name: ``5.0% left, rewind 2ep``, ``random_prune: 5.0% left, rewind 2ep``."""
     label = f"{mask.get('label') or remaining_label(mask['remaining'])}, rewind {rewind}"
     return f"{control}: {label}" if control else label
 
@@ -194,65 +186,50 @@ def plan_controls(masks: list[dict], plan: dict, per_task: int = 1) -> list[dict
 
 
 def mapped_kwargs(masks: list[dict], specs, per_task: int = 1) -> list[dict[str, Any]]:
-    """The kwargs of the mapped late_reset / controls instances: one per ticket of the plan (``per_task``
-    1), or one per group of up to ``per_task`` consecutive masks of one rewind point and control kind."""
+    """The kwargs of the mapped late_reset / controls instances: groups of up to ``per_task``
+    consecutive masks of one rewind point and control kind, each with its name (``group``); with
+    ``per_task`` 1, a group of one per ticket of the plan, in the plan's order."""
     by_id = {m["mask_id"]: m for m in masks}
     if per_task <= 1:
-        return [{"mask": by_id[s.mask_id], "rewind": s.rewind, **({"control": s.control} if s.control else {})} for s in specs]
-    runs: dict[tuple, list[dict]] = {}  # (control, rewind) -> its masks, in the plan's order
-    for s in specs:
-        runs.setdefault((s.control, s.rewind), []).append(by_id[s.mask_id])
+        chunks = [(s.control, s.rewind, [by_id[s.mask_id]]) for s in specs]
+    else:
+        runs: dict[tuple, list[dict]] = {}  # (control, rewind) -> its masks, in the plan's order
+        for s in specs:
+            runs.setdefault((s.control, s.rewind), []).append(by_id[s.mask_id])
+        chunks = [(c, r, group[i:i + per_task]) for (c, r), group in runs.items() for i in range(0, len(group), per_task)]
     return [
-        {"masks": chunk, "rewind": rewind, **({"control": control} if control else {}), "group": group_label(chunk, rewind, control)}
-        for (control, rewind), group in runs.items()
-        for chunk in (group[i:i + per_task] for i in range(0, len(group), per_task))
+        {"masks": chunk, "rewind": rewind, **({"control": control} if control else {}),
+         "group": ticket_label(chunk[0], rewind, control) if per_task <= 1 else group_label(chunk, rewind, control)}
+        for control, rewind, chunk in chunks
     ]
 
 
-def retrain(workdir: str, mask: dict, rewind: str, control: str | None = None) -> dict[str, Any]:
-    """A ticket (``control`` None: the late_reset task) or a control (the controls task)."""
-    from lottery import late_reset
-
-    label = ticket_label(mask, rewind, control)
-    threads = training_threads("ticket")
-    log.info("%s: start  mask %s  rewind %s  threads %d  %s  workdir %s", label, mask["mask_id"], rewind, threads, queue_note(), workdir)
-    started = time.perf_counter()
-    result = engine_call(late_reset.retrain, workdir, mask["mask_id"], rewind, control=control, threads=threads)
-    _log_result(label, result, time.perf_counter() - started)
-    return _pick(result, TICKET_KEYS)
-
-
-def retrain_group(workdir: str, masks: list[dict], rewind: str, group: str, control: str | None = None) -> dict[str, Any]:
-    """A group of tickets (or controls) of one rewind point in one process: ``late_reset.retrain_many``,
-    which skips the tickets already done, so a cleared group trains only its unfinished tickets."""
+def retrain(workdir: str, masks: list[dict], rewind: str, group: str, control: str | None = None) -> dict[str, Any]:
+    """The late_reset task (``control`` None) and the controls task: the tickets of ``masks`` at one
+    rewind point in one process (`lottery.late_reset.retrain`, which skips the tickets already done,
+    so a cleared group trains only its unfinished tickets)."""
     from lottery import late_reset
 
     ids, threads = [m["mask_id"] for m in masks], training_threads("ticket")
-    log.info("%s: start  %d tickets (%s)  threads %d  %s  workdir %s", group, len(ids), ", ".join(ids), threads, queue_note(), workdir)
+    log.info("%s: start  masks %s  rewind %s  threads %d  %s  workdir %s", group, ", ".join(ids), rewind, threads,
+             queue_note(), workdir)
     started = time.perf_counter()
-    results = engine_call(late_reset.retrain_many, workdir, ids, rewind, control=control, threads=threads)
-    by_id = {r.get("mask_id") or i: r for i, r in zip(ids, results)}
-    for mask in masks:
-        _log_result(ticket_label(mask, rewind, control), by_id[mask["mask_id"]], by_id[mask["mask_id"]].get("wall_s"))
-    skipped = sum(bool(r.get("skipped")) for r in results)
-    log.info("%s: done in %.1fs  %d trained, %d already done", group, time.perf_counter() - started, len(results) - skipped, skipped)
-    return {"group": group, "tickets": [_pick(by_id[i], TICKET_KEYS) for i in ids]}
+    results = engine_call(late_reset.retrain, workdir, ids, rewind, control=control, threads=threads)
+    for mask, result in zip(masks, results):
+        _log_result(ticket_label(mask, rewind, control), result)
+    if len(results) > 1:
+        skipped = sum(bool(r.get("skipped")) for r in results)
+        log.info("%s: done in %.1fs  %d trained, %d already done", group, time.perf_counter() - started,
+                 len(results) - skipped, skipped)
+    return {"group": group, "tickets": [_pick(r, TICKET_KEYS) for r in results]}
 
 
-def run_tickets(workdir: str, rewind: str, mask: dict | None, masks: list[dict] | None, group: str | None,
-                control: str | None = None) -> dict[str, Any]:
-    """The late_reset / controls task: one ticket (``mask``) or a group of them (``masks``, named ``group``)."""
-    if masks is None:
-        return retrain(workdir, mask, rewind, control)
-    return retrain_group(workdir, masks, rewind, group, control)
-
-
-def _log_result(label: str, result: dict, seconds: float | None) -> None:
+def _log_result(label: str, result: dict) -> None:
     """One ticket's end line: its accuracy, or "already done"."""
     if result.get("skipped"):
         log.info("%s: already done (val_accuracy %.4f), nothing to do: %s", label, result["val_accuracy"], result.get("ticket"))
     else:
-        log.info("%s: done in %.1fs  val_accuracy %.4f (best %.4f)", label, seconds or 0.0,
+        log.info("%s: done in %.1fs  val_accuracy %.4f (best %.4f)", label, result["wall_s"],
                  result["val_accuracy"], result["best_val_accuracy"])
 
 
