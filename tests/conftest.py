@@ -63,6 +63,18 @@ def tier(item) -> str | None:
     return None
 
 
+def pytest_ignore_collect(collection_path, config):
+    """`-m unit` and `-m "not e2e"` (make test-unit, test-fast) do not import the modules they would
+    deselect whole: importing Airflow, Spark and Playwright costs more than the unit tests take."""
+    module = collection_path.stem
+    markexpr = config.getoption("markexpr", "").replace("'", '"').strip()
+    if markexpr == "unit" and module.startswith("test_") and module not in UNIT_MODULES:
+        return True
+    if markexpr == "not e2e" and module in E2E_MODULES:
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = tier(item)
@@ -79,6 +91,16 @@ def _unit_tests_start_no_process(request, monkeypatch):
                                  "(tests/conftest.py NOT_UNIT)")
         monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
     yield
+
+
+@pytest.fixture
+def tensorflow_runtime(monkeypatch):
+    """``lottery.data.runtime`` takes its TensorFlow branches in this (JAX) process: for tests of
+    TensorFlow's thread pools and devices, which do not go through Keras."""
+    from lottery.data import runtime
+
+    monkeypatch.setattr(runtime, "backend", lambda: "tensorflow")
+    return runtime
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -324,14 +324,15 @@ def test_dense_training_and_retraining_under_mirrored_strategy(tmp_path):
     config_path.write_text(json.dumps(TINY))
     workdir = tmp_path / "w"
     cmd, env = _dense_cli(data_dir, workdir, config_path)
-    env["LOTTERY_LOGICAL_CPUS"] = "2"
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    env["KERAS_BACKEND"] = "tensorflow"  # MirroredStrategy; test_jax_backend covers JAX's DataParallel
+    split = [sys.executable, "-m", "tests.logical_cpus", "2"]  # two logical CPU devices in the process
+    run = subprocess.run([*split, *cmd[2:]], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MirroredStrategy over 2 devices" in run.stderr
     result = json.loads((workdir / "dense" / "result.json").read_text())
     assert result["replicas"] == 2 and result["val_accuracy"] > 0.6
     for step in (["masks", "--workdir", str(workdir)], ["retrain", "--workdir", str(workdir), "--mask", "1", "--rewind", "1ep"]):
-        run = subprocess.run([sys.executable, "-m", "lottery", *step], env=env, capture_output=True, text=True)
+        run = subprocess.run([*split, "lottery", *step], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
     from lottery.models import prunable_weights
     from lottery.pruning import load_mask
