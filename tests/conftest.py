@@ -55,7 +55,8 @@ NOT_UNIT = {
 
 
 def tier(item) -> str | None:
-    module = item.module.__name__.rpartition(".")[2] if item.module else ""
+    module = getattr(item, "module", None)
+    module = module.__name__.rpartition(".")[2] if module else ""
     if module in E2E_MODULES:
         return "e2e"
     if module in UNIT_MODULES and item.originalname not in NOT_UNIT.get(module, ()):
