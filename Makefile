@@ -1,5 +1,7 @@
 # `make run`: install what is missing, then run the whole DAG on the bundled Fashion-MNIST.
-# `make test`: install, then run every test.
+# `make test`: install, then run every test. `make test-unit`: the unit tier (no subprocess, Spark or
+# Airflow; about a minute). `make test-fast`: all but the end-to-end modules (Airflow scheduler,
+# make run, clusters, browser). Tiers: the `unit` and `e2e` markers (tests/conftest.py).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproje
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: docs-img install venv system-deps test run ui clean cluster-up cluster-down
+.PHONY: docs-img install venv system-deps test test-unit test-fast run ui clean cluster-up cluster-down
 
 install: venv system-deps
 
@@ -39,8 +41,15 @@ system-deps:
 	@# The browser tests (tests/test_ui_browser.py) drive Debian's Chromium with Playwright (never `playwright install`).
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# pytest's exit status 5 (no test selected, e.g. a marker filter that matches nothing) is not a failure.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? = 5 ]
+
+test-unit: install
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS) || [ $$? = 5 ]
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # docs/img/report-tab.png, the README's picture of the report tab, taken by the browser tests.
 docs-img: install

@@ -25,8 +25,6 @@ def session(cfg: ExperimentConfig, threads: int | None) -> Iterator[int]:
 
     from lottery.data import runtime
 
-    if os.environ.get("LOTTERY_LOGICAL_CPUS"):  # test MirroredStrategy on a CPU machine
-        runtime.split_cpu(int(os.environ["LOTTERY_LOGICAL_CPUS"]))
     runtime.configure_threads(threads)
     runtime.enable_determinism()
     keras.mixed_precision.set_global_policy(cfg.precision_policy())

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lottery.deploy import airflow_home
+from tests.helpers import init_db_here, use_test_home
 
-HOME = airflow_home.use_test_home()  # before airflow is imported
+HOME = use_test_home()  # before airflow is imported
 
 from lottery.deploy.roots import allowed_artifact_roots, allowed_data_roots, parse_roots, path_problem, root_pattern  # noqa: E402
 
@@ -213,7 +213,7 @@ def test_a_run_through_a_symlink_out_of_the_root_fails_at_validate_config(tmp_pa
     try:
         before = sorted(outside.iterdir())
         (tmp_path / "art").symlink_to(outside)
-        airflow_home.init_db_here()
+        init_db_here()
         dag = DagBag(dag_folder=str(ROOT / "dags")).dags["lottery_ticket"]
         caplog.set_level(logging.INFO)
         run = dag.test(run_conf={"artifact_root": str(tmp_path / "art"), "tickets_per_task": 1})

@@ -24,20 +24,13 @@ from lottery.deploy.api import Api
 from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL
 from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
 from lottery.deploy.supervisor import alive, wait_until
+from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.slow
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379"
-TINY = {
-    "dataset_limit": 200,
-    "training_steps": "1ep",
-    "lr_milestones": [],
-    "batch_size": 32,
-    "rewind_points": ["0it", "2it"],
-    "sparsities": [0.5, 0.9],
-    "controls": False,
-}
+TINY = tiny_run(dataset_limit=200, sparsities=[0.5, 0.9], controls=False, drop=("control_sparsities",))
 TRAINING = {"train_dense", "late_reset", "controls"}
 RUN_TIMEOUT = 900
 

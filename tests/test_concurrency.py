@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lottery.deploy import airflow_home  # noqa: E402  (before airflow is imported)
+from tests.helpers import use_test_home  # noqa: E402  (before airflow is imported)
 
-HOME = airflow_home.use_test_home()
+HOME = use_test_home()
 
 from lottery.dag.preprocess import PreprocessOperator  # noqa: E402  (Airflow sets up its logging now, not under caplog)
 from lottery.errors import CorruptDataError  # noqa: E402

@@ -19,21 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from lottery.deploy import airflow_home
 from lottery.deploy.constants import DAG_ID
-from lottery.deploy.supervisor import free_port
+from tests.helpers import local_airflow, log_events, tiny_run, wait_for
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "dataset_limit": 200,
-    "training_steps": "1ep",
-    "lr_milestones": [],
-    "batch_size": 32,
-    "rewind_points": ["0it"],
-    "sparsities": [0.5],
-    "controls": False,
-}
+TINY = tiny_run(dataset_limit=200, rewind_points=["0it"], sparsities=[0.5], controls=False, drop=("control_sparsities",))
 SEEDS = (1, 2, 3, 1)  # the last repeats the first: the same config, the same work directory
 
 
@@ -44,18 +35,9 @@ def airflow(tmp_path, monkeypatch):
         if name.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(tmp_path))
-    home = tmp_path / "home"
-    airflow_home.init(home, parallelism=4, quiet=True)
-    local = airflow_home.LocalAirflow(home, free_port(), parallelism=4)
-    local.start("api-server", "scheduler", "dag-processor")
-    try:
-        api = local.api()
-        dag = api.wait_ready(local.supervisor)
-        if dag.get("is_paused"):
-            api.patch(f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
-        yield local, api
-    finally:
-        local.stop()
+    with local_airflow(tmp_path / "home", "api-server", "scheduler", "dag-processor", parallelism=4,
+                       unpause=True) as started:
+        yield started
 
 
 def task_log(home: Path, run_id: str, task_id: str) -> str:
@@ -78,24 +60,19 @@ def trigger(api, conf: dict) -> str:
 
 
 def events(log: str) -> list[str]:
-    """The messages of a task log (JSON lines)."""
-    out = []
-    for line in log.splitlines():
-        try:
-            out.append(str(json.loads(line).get("event", "")))
-        except ValueError:
-            pass
-    return out
+    """The messages of a task log."""
+    return [str(event.get("event", "")) for event in log_events(log)]
 
 
 def wait_for_runs(api, run_ids: list[str], timeout: float = 900) -> dict[str, str]:
-    started, states = time.monotonic(), {}
-    while time.monotonic() - started < timeout:
-        states = {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}")[1].get("state") for r in run_ids}
-        if all(s in ("success", "failed") for s in states.values()):
-            return states
-        time.sleep(2)
-    pytest.fail(f"the runs did not finish within {timeout:.0f} s: {states}")
+    def states() -> dict[str, str]:
+        return {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}")[1].get("state") for r in run_ids}
+
+    def finished() -> dict[str, str] | None:
+        now = states()
+        return now if all(s in ("success", "failed") for s in now.values()) else None
+
+    return wait_for(finished, timeout, "the runs to finish", interval=2, state=states)
 
 
 def test_runs_at_once_on_one_artifact_root_all_succeed_and_train_nothing_twice(airflow, tmp_path):

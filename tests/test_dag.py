@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from lottery.deploy import airflow_home  # noqa: E402  (before airflow is imported)
+from tests.helpers import init_db_here, use_test_home  # noqa: E402  (before airflow is imported)
 
-HOME = airflow_home.use_test_home()
+HOME = use_test_home()
 
 from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, default_sparsities, experiment_id  # noqa: E402
 from lottery.plan import RunPlan, TicketSpec  # noqa: E402
@@ -457,7 +457,7 @@ def sync_dag_to_db():
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
 
-    airflow_home.init_db_here()
+    init_db_here()
     manager = DagBundlesManager()
     manager.sync_bundles_to_db()
     for bundle in manager.get_all_dag_bundles():
@@ -499,7 +499,7 @@ def test_invalid_conf_refused_when_the_run_is_created(dag):
     """What the trigger form and the REST API do: create_dagrun validates the params first."""
     from airflow.sdk.exceptions import ParamValidationError
 
-    airflow_home.init_db_here()
+    init_db_here()
     with pytest.raises(ParamValidationError) as err:
         dag.test(run_conf={"rewind_points": "1ep"})  # a value of the wrong type: not a list
     assert "rewind_points" in str(err.value)

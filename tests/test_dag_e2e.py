@@ -13,35 +13,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from lottery.deploy import airflow_home  # noqa: E402  (before airflow is imported)
+from tests.helpers import init_db_here, tiny_run, use_test_home  # noqa: E402  (before airflow is imported)
 
-HOME = airflow_home.use_test_home()
+HOME = use_test_home()
 os.environ["AIRFLOW_CONN_SPARK_DEFAULT"] = json.dumps({"conn_type": "spark", "host": "local[2]"})
 os.environ["LOTTERY_RETRY_DELAY_S"] = "1"  # read when the DAG file is parsed
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "dataset_limit": 300,
-    "training_steps": "1ep",
-    "lr_milestones": [],
-    "batch_size": 32,
-    "rewind_points": ["0it", "2it"],
-    "sparsities": [0.5, 0.8],
-    "controls": True,
-    "control_sparsities": [0.8],
-    "queue": "gpu_e2e",
-    # Explicit: dag.test() runs the tasks in this process, where Airflow's process_params writes a
-    # run's conf into the DAG object's Param values, so a key left out inherits the previous run's.
-    "tickets_per_task": 1,
-}
+# tickets_per_task explicit: dag.test() runs the tasks in this process, where Airflow's process_params
+# writes a run's conf into the DAG object's Param values, so a key left out inherits the previous run's.
+TINY = tiny_run(queue="gpu_e2e", tickets_per_task=1)
 
 
 @pytest.fixture(scope="module")
 def dag():
     from airflow.dag_processing.dagbag import DagBag
 
-    airflow_home.init_db_here()
+    init_db_here()
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
     return bag.dags["lottery_ticket"]

@@ -243,7 +243,6 @@ def jax_env(tmp_path_factory):
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "LOTTERY_DECODED_CACHE": "1"}
-    env.pop("LOTTERY_LOGICAL_CPUS", None)
     env.pop("XLA_FLAGS", None)
     # the blocker works: TensorFlow is not importable in that Python, and jax is
     check = subprocess.run([python, "-c", "import importlib.util as u, jax; assert u.find_spec('tensorflow') is None; "
@@ -294,8 +293,8 @@ def test_cli_flow_on_jax_without_tensorflow(jax_env, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(JAX_CONFIG))
 
-    r = _run(python, env, "-m", "lottery", "dense", "--config", str(config), "--data", str(data),
-             "--workdir", str(workdir), "--threads", "1", LOTTERY_LOGICAL_CPUS="2")
+    r = _run(python, env, "-m", "tests.logical_cpus", "2", "lottery", "dense", "--config", str(config), "--data", str(data),
+             "--workdir", str(workdir), "--threads", "1")
     dense = json.loads((workdir / "dense" / "result.json").read_text())
     assert dense["replicas"] == 2, "keras.distribution.DataParallel over the two CPU devices"
     assert dense["epochs"] == 3 and dense["best_val_accuracy"] > 0.9, dense["curve"]

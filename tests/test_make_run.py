@@ -2,45 +2,19 @@
 on a throwaway Airflow home, a tiny config, tasks really running in parallel. About 2-3 minutes."""
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from lottery.deploy.airflow_home import default_backend
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import TINY_RUN, make_run
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "dataset_limit": 300,
-    "training_steps": "1ep",
-    "lr_milestones": [],
-    "batch_size": 32,
-    "rewind_points": ["0it", "2it"],
-    "sparsities": [0.5, 0.8],
-    "controls": True,
-    "control_sparsities": [0.8],
-}
-
-
-def run_script(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
-    env.pop("KERAS_BACKEND", None)  # make run's own choice (JAX where installed), not the test session's
-    env.setdefault("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(home.parent))  # this deployment lets the test write in its tmp_path
-    return subprocess.run(
-        [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", "2", "--conf", json.dumps(conf)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
 def test_invalid_conf_is_refused_by_the_rest_api(tmp_path):
-    out = run_script(tmp_path / "home", {**TINY, "artifact_root": str(tmp_path / "art"), "image_size": 3})
+    out = make_run(tmp_path / "home", {**TINY_RUN, "artifact_root": str(tmp_path / "art"), "image_size": 3})
     assert out.returncode == 2, out.stdout + out.stderr
     assert "the run was refused (HTTP 400): Invalid input for param image_size" in out.stderr
     assert not (tmp_path / "art").exists()
@@ -48,7 +22,7 @@ def test_invalid_conf_is_refused_by_the_rest_api(tmp_path):
 
 def test_run_experiment_with_the_scheduler(tmp_path):
     home, art = tmp_path / "home", tmp_path / "art"
-    out = run_script(home, {**TINY, "artifact_root": str(art)})
+    out = make_run(home, {**TINY_RUN, "artifact_root": str(art)})
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert "SUCCESS" in out.stdout

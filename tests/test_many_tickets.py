@@ -125,9 +125,9 @@ def test_switching_tickets_does_not_retrace(fresh, monkeypatch):
     traces, seen = [], []
     original_step, original_run = keras.Model.train_step, training.TrainingRun.run
 
-    def train_step(self, data):
+    def train_step(self, *args):  # (data) on TensorFlow, (state, data) on JAX
         traces.append(len(seen))  # how many tickets had finished when this trace happened
-        return original_step(self, data)
+        return original_step(self, *args)
 
     def run(self, start_step):
         history = original_run(self, start_step)

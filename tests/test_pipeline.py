@@ -292,14 +292,15 @@ def test_mirrored_strategy_with_two_logical_cpus():
         assert tf.config.threading.get_intra_op_parallelism_threads() == 2
         print("OK", type(v).__name__)
     """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "KERAS_BACKEND": "tensorflow"}  # MirroredStrategy is TensorFlow's
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
 
 
-def test_single_device_gets_a_null_scope_and_late_thread_config_warns(caplog):
+def test_single_device_gets_a_null_scope_and_late_thread_config_warns(caplog, tensorflow_runtime):
     tf.constant(1.0) + 1.0  # TF is initialised by now
     if len(tf.config.list_logical_devices("CPU")) == 1 and not tf.config.list_logical_devices("GPU"):
         assert runtime.num_replicas() == 1

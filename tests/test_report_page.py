@@ -17,15 +17,14 @@ from urllib.parse import quote
 import pytest
 
 from lottery.config import ExperimentConfig
-from lottery.deploy import airflow_home
 from lottery.deploy.constants import DAG_ID, REPO
-from lottery.deploy.supervisor import free_port, wait_until
 from lottery.plan import RunPlan
+from tests import helpers
+from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.slow
 
-TINY = {"training_steps": "1ep", "lr_milestones": [], "rewind_points": ["0it", "2it"], "sparsities": [0.5, 0.8],
-        "controls": True, "control_sparsities": [0.8]}
+TINY = tiny_run(drop=("dataset_limit", "batch_size"))
 OTHER_DAG = '''
 from airflow.sdk import dag, task
 
@@ -75,20 +74,11 @@ def airflow(tmp_path_factory):
     home, dags = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("dags")
     (dags / "lottery_ticket.py").symlink_to(REPO / "dags" / "lottery_ticket.py")
     (dags / "other_dag.py").write_text(OTHER_DAG)
-    port = free_port()
-    airflow_home.init(home, parallelism=2, port=port, quiet=True)
-    local = airflow_home.LocalAirflow(home, port, parallelism=2)
-    local.env = {k: v for k, v in local.env.items() if not k.startswith(("AIRFLOW_CONN_", "LOTTERY_TEST_AIRFLOW"))}
-    local.env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
-    local.start("api-server", "dag-processor")
-    try:
-        api = local.api()
-        api.wait_ready(local.supervisor)
-        wait_until(lambda: api.get("/api/v2/dags/other_dag")[0] == 200, 120, 2, what="other_dag to be parsed",
-                   supervisor=local.supervisor)
+    env = {"AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
+    with helpers.local_airflow(home, "api-server", "dag-processor", env=env) as (local, api):
+        helpers.wait_for(lambda: api.get("/api/v2/dags/other_dag")[0] == 200, 120, "other_dag to be parsed", interval=2,
+                         supervisor=local.supervisor)
         yield local, api
-    finally:
-        local.stop()
 
 
 def new_run(api, dag_id: str = DAG_ID, xcoms: dict | None = None) -> str:

@@ -16,19 +16,14 @@ import psutil
 import pytest
 
 from lottery.deploy.supervisor import ComponentFailed, Supervisor, alive
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return helpers.wait_for(predicate, timeout, what, interval=0.05)
 
 
 def child_script(tmp_path: Path, pid_file: str, title: str = "", session: bool = True) -> list[str]:

@@ -22,9 +22,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -32,8 +30,7 @@ import pytest
 
 from lottery.deploy import airflow_home
 from lottery.deploy.api import Api
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import event_time, log_events, start_make_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +48,6 @@ CONF = {
 }
 
 
-def start_make_run(home: Path, conf: dict, out: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
-    # the deployment's heartbeat timeout and retry delay (lottery/deploy/airflow_home.py, constants.py): the figures are its
-    env["LOTTERY_ALLOWED_ARTIFACT_ROOTS"] = str(home.parent)
-    return subprocess.Popen(
-        [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", "1",
-         "--conf", json.dumps(conf)],
-        cwd=ROOT, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT)
-
-
 class Probe:
     """What the test sees of a running make run: components, task processes, tickets, logs."""
 
@@ -69,16 +56,14 @@ class Probe:
         self.sessions: set[int] = set()  # every component is a session leader; its processes keep the session
 
     def wait(self, predicate, timeout: float, what: str, interval: float = 0.1):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        def check():
             self.note_components()
             value = predicate()
-            if value:
-                return value
-            if self.proc.poll() is not None:
+            if not value and self.proc.poll() is not None:
                 pytest.fail(f"make run ended (exit {self.proc.returncode}) while waiting for {what}:\n{self.text()[-4000:]}")
-            time.sleep(interval)
-        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{self.text()[-4000:]}")
+            return value
+
+        return wait_for(check, timeout, what, interval=interval, state=lambda: "\n" + self.text()[-4000:])
 
     def text(self) -> str:
         return self.out.read_text(errors="replace")
@@ -167,12 +152,10 @@ class Probe:
         """Ticket -> when (epoch seconds, from the task logs) each retry resumed it from its checkpoint."""
         seen: dict[str, list[float]] = {}
         for log in self.task_logs():
-            for line in log.read_text(errors="replace").splitlines():
-                if "resuming from the checkpoint" in line:
-                    event = json.loads(line)
+            for event in log_events(log.read_text(errors="replace")):
+                if "resuming from the checkpoint" in str(event.get("event", "")):
                     name = re.match(r"retrain (\S+): resuming", event["event"]).group(1)
-                    when = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-                    seen.setdefault(name, []).append(when)
+                    seen.setdefault(name, []).append(event_time(event))
         return seen
 
     def resumed_after(self, names: set[str], since: float) -> dict[str, float]:

@@ -21,7 +21,7 @@ import pytest
 
 from lottery.deploy import airflow_home
 from lottery.deploy.constants import DAG_ID, REPO
-from lottery.deploy.supervisor import free_port, wait_until
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +53,9 @@ except ImportError:
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
     home, art = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("artifacts")
-    port = free_port()
-    airflow_home.init(home, parallelism=2, port=port, quiet=True)
-    local = airflow_home.LocalAirflow(home, port, parallelism=2)
-    local.env = {k: v for k, v in local.env.items() if not k.startswith(("AIRFLOW_CONN_", "LOTTERY_TEST_AIRFLOW"))}
-    local.env.update(LOTTERY_ARTIFACT_ROOT=str(art), LOTTERY_RETRY_DELAY_S="1")  # read when the DAG is parsed
-    local.start("api-server", "scheduler", "dag-processor")
-    try:
-        api = local.api()
-        api.wait_ready(local.supervisor)
+    env = {"LOTTERY_ARTIFACT_ROOT": str(art), "LOTTERY_RETRY_DELAY_S": "1"}  # read when the DAG is parsed
+    with helpers.local_airflow(home, "api-server", "scheduler", "dag-processor", env=env) as (local, api):
         yield local, api, art
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +113,9 @@ def states(api, run_id: str) -> str:
 
 
 def wait_for(local, api, run_id: str, predicate, what: str, timeout: float = 300, interval: float = 2):
-    """``wait_until`` on this run; a timeout names every task's state."""
-    try:
-        return wait_until(predicate, timeout, interval, what=what, supervisor=local.supervisor)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}: {states(api, run_id)}") from None
+    """Wait on this run; a timeout names every task's state."""
+    return helpers.wait_for(predicate, timeout, what, interval=interval, state=lambda: states(api, run_id),
+                            supervisor=local.supervisor)
 
 
 def wait_for_ticket(local, api, run_id: str, state: str, what: str) -> None:
@@ -196,7 +185,7 @@ def test_trigger_from_the_form_with_changed_params(airflow, page):
     fill(page, "artifact_root", str(art))
     submit_trigger(page)
     sync_api.expect(page.get_by_text("Dag Run Triggered").first).to_be_visible()
-    runs = wait_until(lambda: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["dag_runs"], 30, what="the run")
+    runs = helpers.wait_for(lambda: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["dag_runs"], 30, "the run", interval=1)
     assert len(runs) == 1
     conf = runs[0]["conf"]
     assert conf["dataset_limit"] == 300 and conf["training_steps"] == "1ep" and conf["num_levels"] == 2, conf
@@ -217,7 +206,7 @@ def test_mapped_late_reset_instances_appear_with_readable_names(airflow, page):
         found = tickets(api, run_id)
         return len(found) == 4 and all(NAME.match(name or "") for name, _ in found.values()) and found
 
-    found = wait_until(named, 600, 3, what="the 4 mapped late_reset instances, named", supervisor=local.supervisor)
+    found = helpers.wait_for(named, 600, "the 4 mapped late_reset instances, named", interval=3, supervisor=local.supervisor)
     names = {name for name, _ in found.values()}
     assert len(names) == 4, found
     page.goto(run_url(local, run_id, "/tasks/late_reset/mapped"))
@@ -228,8 +217,8 @@ def test_mapped_late_reset_instances_appear_with_readable_names(airflow, page):
 def test_a_tickets_log_has_an_epoch_line(airflow, page):
     local, api, _ = airflow
     run_id = the_run(api)
-    wait_until(lambda: first_ticket_state(api, run_id) in ("success", "failed"), 600, 3,
-               what="the first ticket to finish", supervisor=local.supervisor)
+    helpers.wait_for(lambda: first_ticket_state(api, run_id) in ("success", "failed"), 600, "the first ticket to finish",
+                     interval=3, supervisor=local.supervisor)
     page.goto(run_url(local, run_id, "/tasks/late_reset/mapped/0"))
     sync_api.expect(page.get_by_text(re.compile(r"epoch 1/1 +step")).first).to_be_visible(timeout=60_000)
 
@@ -275,7 +264,7 @@ def clear_ticket(page, local, api, run_id: str) -> None:
         sync_api.expect(dialog.get_by_role("button", name="Confirm")).to_be_enabled()
         dialog.get_by_role("button", name="Confirm").click()
         try:
-            wait_until(lambda: first_ticket_state(api, run_id) != before, 20, 1, what="the clear to take")
+            helpers.wait_for(lambda: first_ticket_state(api, run_id) != before, 20, "the clear to take", interval=1)
             return
         except TimeoutError:
             continue

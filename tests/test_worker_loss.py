@@ -28,6 +28,7 @@ from lottery.deploy import cluster as cl
 from lottery.deploy.constants import DAG_ID, HEARTBEAT_CHECK_INTERVAL_S, REPO, TASK_HEARTBEAT_TIMEOUT_S
 from lottery.deploy.databases import REDIS_OWNER_KEY, redis_client
 from lottery.deploy.supervisor import alive
+from tests.helpers import wait_for as poll
 from tests.test_cluster_celery import PG_URL, REDIS_URL, _databases, _diagnose, _require_services
 
 pytestmark = pytest.mark.slow
@@ -111,16 +112,6 @@ def task_process(ti_id: str) -> psutil.Process | None:
         if f"airflow worker -- {ti_id}" in " ".join(p.info["cmdline"] or ()):
             return p
     return None
-
-
-def poll(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def kill_tree(pid: int) -> None:

@@ -33,7 +33,7 @@ from typing import Callable
 
 from lottery.deploy.api import Api
 from lottery.deploy.constants import (
-    ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, HEARTBEAT_CHECK_INTERVAL_S, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID,
+    HEARTBEAT_CHECK_INTERVAL_S, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID,
     TASK_HEARTBEAT_TIMEOUT_S,
 )
 from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
@@ -239,47 +239,6 @@ def running_ui(home: Path) -> int | None:
     if not all(alive(pid, started.get(name, 0.0)) for name, pid in pids.items()):
         return None
     return int(info["port"])
-
-
-# ---- tests ------------------------------------------------------------------------------------
-def use_test_home(prefix: str = "lottery-airflow-test-") -> Path:
-    """Tests: point this process's Airflow at a throwaway home (SQLite, this repo's DAG and plugins).
-
-    Call before anything imports ``airflow``; a second call in the same process returns the same
-    home. The database is not created here (``init_db_here``)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    # The test deployment lets runs write and read in the temp directory (pytest's tmp_path), as a
-    # deployment would list its volumes; set before the DAG file is parsed (lottery/deploy/roots.py).
-    for name in (ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV):
-        os.environ.setdefault(name, tempfile.gettempdir())
-    if os.environ.get("LOTTERY_TEST_AIRFLOW_HOME"):
-        return Path(os.environ["LOTTERY_TEST_AIRFLOW_HOME"])
-    if "airflow" in sys.modules:
-        raise RuntimeError("airflow was imported before use_test_home(): its configuration is already loaded")
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
-    write_config(home, parallelism=2, port=free_port())
-    env = environ(home)
-    os.environ.update({k: env[k] for k in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "PATH")})
-    os.environ["LOTTERY_TEST_AIRFLOW_HOME"] = str(home)
-    return home
-
-
-def init_db_here() -> None:
-    """Create (migrate) the database of this process's Airflow home, once per process."""
-    if os.environ.get("LOTTERY_TEST_AIRFLOW_DB") == os.environ.get("AIRFLOW_HOME"):
-        return
-    import logging
-
-    from airflow.utils import db
-
-    level = logging.root.level
-    db.initdb()
-    logging.root.setLevel(level)
-    os.environ["LOTTERY_TEST_AIRFLOW_DB"] = os.environ.get("AIRFLOW_HOME", "")
 
 
 def read_json(path: Path) -> dict:

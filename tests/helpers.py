@@ -1,0 +1,174 @@
+"""The tests' shared scaffolding: the tiny experiment, a throwaway Airflow home for this process,
+launchers for a local Airflow and for `make run`, one wait helper, one parser of Airflow's JSON
+task logs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, TypeVar
+
+import pytest
+
+from lottery.deploy import airflow_home
+from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV, DAG_ID, REPO
+from lottery.deploy.supervisor import free_port
+
+T = TypeVar("T")
+
+# The tiny experiment of the end-to-end tests (a run of the DAG: 300 Fashion-MNIST images, one
+# epoch, 2 masks x 2 rewind points, one control); tests change what they need with tiny_run(...).
+TINY_RUN = {
+    "dataset_limit": 300,
+    "training_steps": "1ep",
+    "lr_milestones": [],
+    "batch_size": 32,
+    "rewind_points": ["0it", "2it"],
+    "sparsities": [0.5, 0.8],
+    "controls": True,
+    "control_sparsities": [0.8],
+}
+
+
+def tiny_run(*, drop: tuple[str, ...] = (), **changes) -> dict:
+    """The tiny DAG run's config with ``changes``, without the keys in ``drop``."""
+    conf = {**json.loads(json.dumps(TINY_RUN)), **changes}
+    return {k: v for k, v in conf.items() if k not in drop}
+
+
+# ---- a throwaway Airflow home for this process (the DAG tested in-process) -------------------------
+def use_test_home(prefix: str = "lottery-airflow-test-") -> Path:
+    """Point this process's Airflow at a throwaway home (SQLite, this repo's DAG and plugins).
+
+    Call before anything imports ``airflow``; a second call in the same process returns the same
+    home. The database is not created here (``init_db_here``)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    # The test deployment lets runs write and read in the temp directory (pytest's tmp_path), as a
+    # deployment would list its volumes; set before the DAG file is parsed (lottery/deploy/roots.py).
+    for name in (ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_ROOTS_ENV):
+        os.environ.setdefault(name, tempfile.gettempdir())
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_HOME"):
+        return Path(os.environ["LOTTERY_TEST_AIRFLOW_HOME"])
+    if "airflow" in sys.modules:
+        raise RuntimeError("airflow was imported before use_test_home(): its configuration is already loaded")
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    airflow_home.write_config(home, parallelism=2, port=free_port())
+    env = airflow_home.environ(home)
+    os.environ.update({k: env[k] for k in ("AIRFLOW_HOME", "AIRFLOW_CONFIG", "PATH")})
+    os.environ["LOTTERY_TEST_AIRFLOW_HOME"] = str(home)
+    return home
+
+
+def init_db_here() -> None:
+    """Create (migrate) the database of this process's Airflow home, once per process."""
+    if os.environ.get("LOTTERY_TEST_AIRFLOW_DB") == os.environ.get("AIRFLOW_HOME"):
+        return
+    import logging
+
+    from airflow.utils import db
+
+    level = logging.root.level
+    db.initdb()
+    logging.root.setLevel(level)
+    os.environ["LOTTERY_TEST_AIRFLOW_DB"] = os.environ.get("AIRFLOW_HOME", "")
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+def without_test_airflow(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without this process's Airflow (its home, config, connections): for an Airflow or a
+    `make run` of its own."""
+    return {k: v for k, v in env.items() if not k.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW"))}
+
+
+@contextlib.contextmanager
+def local_airflow(home: Path, *components: str, parallelism: int = 2, env: Mapping[str, str] | None = None,
+                  unpause: bool = False) -> Iterator[tuple[airflow_home.LocalAirflow, object]]:
+    """``components`` of a `make ui`-style Airflow (``LocalAirflow``) on a fresh ``home``, with
+    ``env`` added to theirs, started and ready (the DAG parsed; unpaused if ``unpause``); stopped
+    afterwards. Yields (local, api)."""
+    port = free_port()
+    airflow_home.init(home, parallelism=parallelism, port=port, quiet=True)
+    local = airflow_home.LocalAirflow(home, port, parallelism=parallelism)
+    local.env = {k: v for k, v in local.env.items() if not k.startswith(("AIRFLOW_CONN_", "LOTTERY_TEST_AIRFLOW"))}
+    local.env.update(env or {})
+    local.start(*components)
+    try:
+        api = local.api()
+        dag = api.wait_ready(local.supervisor)
+        if unpause and dag.get("is_paused"):
+            api.patch(f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
+        yield local, api
+    finally:
+        local.stop()
+
+
+def make_run_command(home: Path, conf: dict, *, poll: int) -> tuple[list[str], dict[str, str]]:
+    """What `make run` runs (``python -m lottery.deploy.run``) on ``home``, with its own Airflow and
+    its own Keras backend; the test's tmp_path (``home``'s parent) is an allowed artifact root."""
+    env = without_test_airflow(os.environ)
+    env.pop("KERAS_BACKEND", None)  # make run's own choice (JAX where installed), not the test session's
+    env.setdefault("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(home.parent))
+    cmd = [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", str(poll),
+           "--conf", json.dumps(conf)]
+    return cmd, env
+
+
+def make_run(home: Path, conf: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd, env = make_run_command(home, conf, poll=2)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_make_run(home: Path, conf: dict, out: Path) -> subprocess.Popen:
+    """`make run` in the background, its output (stdout and stderr) in ``out``."""
+    cmd, env = make_run_command(home, conf, poll=1)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT)
+
+
+# ---- waiting --------------------------------------------------------------------------------------
+def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "a condition", *, interval: float = 0.5,
+             state: Callable[[], object] | None = None, supervisor=None) -> T:
+    """The first true value of ``predicate()``, polled every ``interval`` s. After ``timeout`` s the
+    test fails, naming ``what`` it waited for and the last state (``state()``, else the last value);
+    with a ``Supervisor``, as soon as one of its components died (it restarts those it should)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if supervisor is not None:
+            supervisor.watch()
+            if supervisor.dead():
+                pytest.fail(f"while waiting for {what}: component died: {', '.join(supervisor.dead())}; "
+                            f"last state: {state() if state is not None else value!r}"[-6000:])
+        if time.monotonic() >= deadline:
+            last = state() if state is not None else value
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last state: {last!r}"[-6000:])
+        time.sleep(interval)
+
+
+# ---- Airflow's task logs --------------------------------------------------------------------------
+def log_events(log: str) -> list[dict]:
+    """The events of an Airflow task log (one JSON object a line; other lines are skipped)."""
+    out = []
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            out.append(event)
+    return out
+
+
+def event_time(event: dict) -> float:
+    """An event's timestamp, in epoch seconds."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
