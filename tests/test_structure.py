@@ -36,8 +36,6 @@ def _os_replace_calls(path: Path) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="report.py, data/{epochs,manifest,tfrecord,verify}.py, deploy/{airflow_init,cluster}.py "
-                   "still write their own temp files; the one-write-path change removes them")
 def test_os_replace_only_in_lottery_files():
     offenders = [f"{_rel(p)}:{line}" for p in _sources(*PRODUCT_DIRS) if p != ROOT / "lottery" / "files.py"
                  for line in _os_replace_calls(p)]
@@ -122,7 +120,6 @@ def test_the_import_graph_sees_function_level_imports():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.xfail(strict=True, reason="lottery.late_reset <-> lottery.packed; the one-ticket-trainer change breaks it")
 def test_no_import_cycle_in_lottery():
     cycles = import_cycles(import_graph())
     assert cycles == [], f"import cycles between lottery's modules (function-level imports included): {cycles}"
