@@ -1,12 +1,11 @@
 """`input-bench`: is this machine's input stream fast enough for its model?  (docs/data-format.md)
 
     python -m lottery input-bench --data DIR [--split train] [--augmentation A] [--batch-size N]
-                                  [--seconds S] [--model M] [--workers W] [--loader workers|grain]
+                                  [--seconds S] [--model M] [--workers W]
     python -m lottery.input_bench ...          (the same)
 
 Prints the input stream's img/s alone (the backend's reader: tf.data on TensorFlow, the worker
-processes of `lottery.data.arrays` elsewhere; `--loader grain`: the same batches by Grain's
-`DataLoader`, `lottery.data.grainstream`).  With `--model`, also the training step's img/s on a
+processes of `lottery.data.arrays` elsewhere).  With `--model`, also the training step's img/s on a
 synthetic batch already on the device and on the real stream, and a one-line verdict.  The last
 line printed is exactly `input img/s: <number>`.
 """
@@ -26,17 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="also time this model's training step (e.g. resnet50)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data worker processes of the JAX-path reader (default: LOTTERY_DATA_WORKERS or the cores)")
-    parser.add_argument("--loader", default="workers", choices=("workers", "grain"),
-                        help="the JAX-path reader's process pool: its own worker pool, or Grain's DataLoader "
-                             "(needs the grain package) fed the same epoch plan")
     parser.add_argument("--cache", action="store_true", help="decode the split once into memory first")
     parser.add_argument("--precision", default="float32", help="Keras dtype policy for --model (e.g. mixed_bfloat16)")
     return parser
 
 
-def open_split(data: str, split: str, *, cache: bool = False, workers: int | None = None, loader: str = "workers"):
-    """The backend's reader of one split (tf.data on TensorFlow, the numpy worker pipeline else,
-    or Grain's loader of the same epoch plan)."""
+def open_split(data: str, split: str, *, cache: bool = False, workers: int | None = None):
+    """The backend's reader of one split (tf.data on TensorFlow, the numpy worker pipeline else)."""
     import keras
 
     if keras.backend.backend() == "tensorflow":
@@ -45,17 +40,7 @@ def open_split(data: str, split: str, *, cache: bool = False, workers: int | Non
         return ShardedDataset(data, split, cache=cache)
     from lottery.data.arrays import ArrayDataset
 
-    ds = ArrayDataset(data, split, cache=cache, workers=workers)
-    if loader == "grain":
-        if cache:
-            raise ValueError("--loader grain reads the shards: it has no --cache mode")
-        try:
-            from lottery.data.grainstream import GrainSplit
-        except ImportError as exc:
-            raise SystemExit(f"--loader grain needs Google's grain package (pip install grain): {exc}") from exc
-
-        return GrainSplit(ds, ds.workers)
-    return ds
+    return ArrayDataset(data, split, cache=cache, workers=workers)
 
 
 def stream_rate(ds, batch_size: int, augmentation: str, seconds: float, *, seed: int = 0) -> float:
@@ -116,12 +101,12 @@ def verdict(stream: float, synthetic: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import keras
 
-    ds = open_split(args.data, args.split, cache=args.cache, workers=args.workers, loader=args.loader)
+    ds = open_split(args.data, args.split, cache=args.cache, workers=args.workers)
     workers = getattr(ds, "workers", None)
     print(f"backend {keras.backend.backend()}  data {args.data} [{args.split}] {ds.num_examples} x "
           f"{'x'.join(map(str, ds.image_shape))} {ds.encoding}  augmentation {args.augmentation}  batch "
           f"{args.batch_size}  cores {len(os.sched_getaffinity(0))}"
-          + (f"  {args.loader} {workers}" if workers is not None else "  reader tf.data"), flush=True)
+          + (f"  workers {workers}" if workers is not None else "  reader tf.data"), flush=True)
     rate = stream_rate(ds, args.batch_size, args.augmentation, args.seconds)
     print(f"input stream: {rate:,.0f} img/s", flush=True)
     if args.model:
