@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from lottery.config import CONTROLS, Step
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, file_manifest, intact_result, read_json, remove_arrays, write_json
+from lottery.files import atomic_path, intact_result, output_records, read_json, remove_arrays, write_json
 from lottery.locks import wait_lock
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
@@ -296,7 +296,7 @@ class LateReset:
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
         """Write result.json (with the size and sha256 of each file the ticket made), drop the
         checkpoint and any old error, log the end line."""
-        result = {**result, "files": file_manifest(self.paths.dir, self.produced_files())}
+        result = {**result, **output_records(self.paths.dir, self.produced_files())}
         write_json(self.paths.result, result, sealed=True)
         remove_arrays(self.paths.checkpoint)
         self.paths.error.unlink(missing_ok=True)
