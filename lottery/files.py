@@ -305,7 +305,7 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
         with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", compression=method) as archive:
             for key, value in arrays.items():
                 member = io.BytesIO()
-                np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+                np.lib.format.write_array(member, np.asarray(value, order="C"), allow_pickle=False)
                 archive.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE), member.getvalue(), compress_type=method)
         # the record goes first: a crash between the two leaves a mismatch (refused), never a new
         # bundle vouched for by nothing
