@@ -8,9 +8,9 @@ earlier attempt was interrupted (unless it, or a rewind checkpoint before it, is
 starts over, saying so), and does nothing when the result exists and the files it lists (size and
 sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has its record in a
 sealed ``<stem>.json`` beside it (`lottery.files.save_arrays`); the result is sealed too
-(`lottery.files.write_json`). It trains
-under a lock (``.locks/dense.train.lock``, `lottery.locks`): another run of the same config, in the same
-work directory, waits for it and then finds it done instead of training it a second time.
+(`lottery.files.write_json`). It trains under a lock (``.locks/dense.train.lock``, `lottery.locks`):
+another run of the same config, in the same work directory, waits for it and then finds it done
+instead of training it a second time.
 """
 
 from __future__ import annotations

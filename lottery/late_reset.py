@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from lottery.config import CONTROLS, Step
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import atomic_path, intact_result, output_records, read_json, remove_arrays, write_json
+from lottery.files import atomic_path, intact_result, output_records, remove_arrays, write_json
 from lottery.locks import wait_lock
 from lottery.paths import TicketPaths, Workdir
 from lottery.plan import MaskSpec, RunPlan, TicketSpec
