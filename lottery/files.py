@@ -83,9 +83,9 @@ def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, An
 
 def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
     """A unit of work's sealed ``result.json`` when it and every file it lists (`output_records`,
-    relative to its directory) are intact; else None, after naming the damage in the log (``<label>: damaged,
-    training it again: ...``) and removing the result, so that nothing reads the unit as done while
-    it is recomputed."""
+    relative to its directory) are intact; else None, after naming the damage in the log
+    (``<label>: damaged, training it again: ...``) and removing the result, so that nothing reads
+    the unit as done while it is recomputed."""
     path = Path(path)
     if not path.exists():
         return None
@@ -306,7 +306,8 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
             for key, value in arrays.items():
                 member = io.BytesIO()
                 np.lib.format.write_array(member, np.asarray(value, order="C"), allow_pickle=False)
-                archive.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE), member.getvalue(), compress_type=method)
+                member_info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+                archive.writestr(member_info, member.getvalue(), compress_type=method)
         # the record goes first: a crash between the two leaves a mismatch (refused), never a new
         # bundle vouched for by nothing
         write_json(arrays_record_path(path), {"file": path.name, **file_record(tmp), "meta": meta}, sealed=True)
