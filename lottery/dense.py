@@ -6,10 +6,11 @@ Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`
 ``dense/metrics.csv`` (paths: lottery/paths.py); resumes from ``dense/checkpoint.npz`` when an
 earlier attempt was interrupted (unless it, or a rewind checkpoint before it, is damaged: then it
 starts over, saying so), and does nothing when the result exists and the files it lists (size and
-sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has a ``.sha256``
-beside it (`lottery.files.save_arrays`); the result is sealed (`lottery.files.write_json`). It trains
-under a lock (``.locks/dense.train.lock``, `lottery.locks`): another run of the same config, in the same
-work directory, waits for it and then finds it done instead of training it a second time.
+sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has its record in a
+sealed ``<stem>.json`` beside it (`lottery.files.save_arrays`); the result is sealed too
+(`lottery.files.write_json`). It trains under a lock (``.locks/dense.train.lock``, `lottery.locks`):
+another run of the same config, in the same work directory, waits for it and then finds it done
+instead of training it a second time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from lottery.config import ExperimentConfig, Step
 from lottery.errors import CorruptArtifactError, MissingArtifactError
-from lottery.files import (arrays_damage, atomic_path, damaged_files, file_manifest, intact_result, read_json,
+from lottery.files import (arrays_damage, atomic_path, file_damage, intact_result, output_records, read_json,
                            remove_arrays, write_json)
 from lottery.locks import wait_training_lock
 from lottery.paths import Workdir
@@ -61,7 +62,7 @@ def _train_and_record(cfg: ExperimentConfig, data_dir, workdir: Workdir, threads
         "backend": keras_backend(),
         "curve": history,
         "workdir": str(workdir),
-        "files": file_manifest(workdir.dense_dir, dense_files(workdir, cfg)),
+        **output_records(workdir.dense_dir, dense_files(workdir, cfg)),
     }
     write_json(workdir.dense_result, result, sealed=True)
     remove_arrays(workdir.dense_checkpoint)  # the final weights and rewind checkpoints supersede it
@@ -91,18 +92,21 @@ def _done_result(workdir: Workdir) -> dict[str, Any] | None:
 
 
 def verify_rewind_checkpoint(workdir: Workdir, label: str) -> None:
-    """Refuse a rewind checkpoint that no longer matches the dense run's record of it."""
-    verify_dense_file(workdir, workdir.rewind_checkpoint(label))
+    """Refuse a rewind checkpoint that no longer matches its record."""
+    path = workdir.rewind_checkpoint(label)
+    _refuse_damaged(workdir, path, arrays_damage(path))
 
 
 def verify_dense_file(workdir: Workdir, path) -> None:
-    """Refuse a file of the dense run (``path``) that no longer matches the dense run's record of it
-    (CorruptArtifactError naming it and the command that recomputes it)."""
-    name = path.relative_to(workdir.dense_dir).as_posix()
-    record = read_json(workdir.dense_result)["files"][name]
-    damaged = damaged_files(workdir.dense_dir, {name: record}, workdir.dense_result.name)
-    if damaged:
-        raise CorruptArtifactError(f"{workdir.dense_dir}/{damaged[0]}: "
+    """Refuse a file of the dense run (``path``) that no longer matches the dense run's record of it."""
+    record = read_json(workdir.dense_result, sealed=True)["files"][path.relative_to(workdir.dense_dir).as_posix()]
+    _refuse_damaged(workdir, path, file_damage(path, record, workdir.dense_result.name))
+
+
+def _refuse_damaged(workdir: Workdir, path, damage: str | None) -> None:
+    """CorruptArtifactError naming a damaged file of the dense run and the command that recomputes it."""
+    if damage:
+        raise CorruptArtifactError(f"{path}: {damage}: "
                                    f"rerun `python -m lottery dense --workdir {workdir}` to recompute it")
 
 
@@ -110,7 +114,7 @@ def dense_result(workdir: str | os.PathLike) -> dict[str, Any]:
     path = Workdir(workdir).dense_result
     if not path.exists():
         raise MissingArtifactError(f"{path} does not exist: the dense network has not been trained")
-    return read_json(path)
+    return read_json(path, sealed=True)
 
 
 def _train(cfg, workdir: Workdir, train, val, spe: int, threads, replicas: int, data_dir, progress: bool):

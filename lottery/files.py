@@ -4,7 +4,8 @@ Every file is written to a temporary name in the same directory, fsynced and ren
 (`atomic_path`), so a reader sees either nothing or the whole file; a whole directory (a dataset, an
 image export) is written into a staging sibling and swapped in by `publish_dir`. A file is vouched
 for by its record, ``{"bytes", "sha256"}`` (`file_record`), and checked against it by one function
-(`file_damage`). Array bundles are ``.npz`` files with a ``.sha256`` beside them.
+(`file_damage`). Array bundles (`save_arrays`) are deterministic ``.npz`` files whose record and
+meta are in a sealed ``<stem>.json`` beside them.
 
 Pure Python + numpy (no TensorFlow, no Keras): Spark executors and the data layer import it.
 """
@@ -64,11 +65,13 @@ def file_damage(path: str | os.PathLike, record: dict[str, Any], source: str) ->
     return None
 
 
-def file_manifest(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{name: record}`` of the files ``names`` under ``directory`` (those that exist): written into a
-    unit of work's result, so that "already done" can check every file it made."""
-    directory = Path(directory)
-    return {name: file_record(directory / name) for name in names if (directory / name).is_file()}
+def output_records(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Any]:
+    """What a unit of work's result lists of the files ``names`` under ``directory`` (those that
+    exist), so that "already done" can check every file it made: ``files``, ``{name: record}``, and
+    ``arrays``, the names of its array bundles (``.npz``: each vouched for by its own sealed record)."""
+    present = [name for name in names if (Path(directory) / name).is_file()]
+    return {"files": {name: file_record(Path(directory) / name) for name in present if not name.endswith(".npz")},
+            "arrays": [name for name in present if name.endswith(".npz")]}
 
 
 def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, Any]], source: str) -> list[str]:
@@ -79,16 +82,17 @@ def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, An
 
 
 def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
-    """A unit of work's ``result.json`` when it and every file it lists (``files``, relative to its
-    directory) are intact; else None, after naming the damage in the log (``<label>: damaged,
-    training it again: ...``) and removing the result, so that nothing reads the unit as done while
-    it is recomputed."""
+    """A unit of work's sealed ``result.json`` when it and every file it lists (`output_records`,
+    relative to its directory) are intact; else None, after naming the damage in the log
+    (``<label>: damaged, training it again: ...``) and removing the result, so that nothing reads
+    the unit as done while it is recomputed."""
     path = Path(path)
     if not path.exists():
         return None
     try:
-        result = read_json(path)
+        result = read_json(path, sealed=True)
         damaged = damaged_files(path.parent, result["files"], path.name)
+        damaged += [f"{name}: {damage}" for name in result["arrays"] if (damage := arrays_damage(path.parent / name))]
         float(result["val_accuracy"])
     except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
         damaged = [f"{path.name}: {exc}"]
@@ -219,9 +223,10 @@ def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> N
     write_text(path, text)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, *, sealed: bool = False) -> Any:
     """The JSON in ``path``; for a sealed object (`write_json`), its content without the seal once the
-    seal matches. Unreadable JSON or a seal that does not match raise CorruptArtifactError."""
+    seal matches. Unreadable JSON, a seal that does not match, or (``sealed``) none at all raise
+    CorruptArtifactError."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -236,6 +241,8 @@ def read_json(path: str | os.PathLike) -> Any:
                                        "delete it to recompute")
     elif isinstance(data, dict) and any(_looks_like_seal(value) for value in data.values()):
         raise CorruptArtifactError(f"{path}: its {SEAL} is under another name (damaged); delete it to recompute")
+    elif sealed:
+        raise CorruptArtifactError(f"{path} has no {SEAL} (not written sealed, or damaged); delete it to recompute")
     return data
 
 
@@ -276,70 +283,74 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[di
     write_text(path, csv_text(columns, rows))
 
 
-def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Save named arrays plus a JSON ``meta`` dict as one ``.npz``, atomically."""
-    keys = list(arrays)
-    payload = {f"a{i:04d}": np.asarray(arrays[k]) for i, k in enumerate(keys)}
-    payload["__meta__"] = np.array(json.dumps({"keys": keys, "meta": meta}, default=_json_default))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **payload)
-        # the checksum goes first: a crash between the two leaves a mismatch (refused), never a
-        # new checkpoint vouched for by nothing
-        write_text(checksum_path(path), f"{sha256_file(tmp)}  {Path(path).name}\n")
+# Array bundles (checkpoints, masks): a ``.npz`` whose bytes depend only on its arrays (members in
+# the given order, a fixed date), vouched for by the sealed ``<stem>.json`` beside it, which holds
+# its record and its ``meta``.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-def checksum_path(path: str | os.PathLike) -> Path:
-    """``<name>.sha256`` beside an array bundle, in ``sha256sum`` format (``sha256sum -c`` checks it)."""
+def arrays_record_path(path: str | os.PathLike) -> Path:
+    """``<stem>.json`` beside the array bundle ``path``: its record and meta, sealed."""
+    return Path(path).with_suffix(".json")
+
+
+def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any], *,
+                compress: bool = False) -> None:
+    """Save named arrays (one ``<key>.npy`` member each: ``np.load(path)[key]``) and, in the sealed
+    ``<stem>.json`` beside them, their record and ``meta``; the same arrays give the same bytes.
+    ``compress``: deflate the members (a mask's booleans shrink; weights barely do)."""
     path = Path(path)
-    return path.with_name(path.name + ".sha256")
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", compression=method) as archive:
+            for key, value in arrays.items():
+                member = io.BytesIO()
+                np.lib.format.write_array(member, np.asarray(value, order="C"), allow_pickle=False)
+                member_info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+                archive.writestr(member_info, member.getvalue(), compress_type=method)
+        # the record goes first: a crash between the two leaves a mismatch (refused), never a new
+        # bundle vouched for by nothing
+        write_json(arrays_record_path(path), {"file": path.name, **file_record(tmp), "meta": meta}, sealed=True)
+
+
+def _arrays_meta(path: Path) -> tuple[str | None, Any]:
+    """(what is wrong with the bundle ``path`` or None, its meta)."""
+    record_path = arrays_record_path(path)
+    try:
+        info = read_json(record_path, sealed=True)
+        record, meta = {"bytes": info["bytes"], "sha256": info["sha256"]}, info["meta"]
+    except (OSError, KeyError, TypeError, CorruptArtifactError) as exc:
+        return f"its record {record_path.name} is missing or unreadable ({type(exc).__name__}: {exc})", None
+    return file_damage(path, record, record_path.name), meta
 
 
 def arrays_damage(path: str | os.PathLike) -> str | None:
-    """What is wrong with the array bundle ``path`` (``"missing"``, ``"sha256 differs from …"``), or
-    None when it is intact (its ``.sha256`` matches)."""
+    """What is wrong with the array bundle ``path`` (``"missing"``, ``"its sha256 differs from
+    3it.json …"``), or None when it matches its sealed record."""
     path = Path(path)
-    if not path.is_file():
-        return MISSING
-    try:
-        _verify_checksum(path)
-    except CorruptArtifactError as exc:
-        return str(exc)
-    return None
+    return MISSING if not path.is_file() else _arrays_meta(path)[0]
 
 
 def remove_arrays(path: str | os.PathLike) -> None:
-    """Delete an array bundle and its checksum."""
+    """Delete an array bundle and its record."""
     Path(path).unlink(missing_ok=True)
-    checksum_path(path).unlink(missing_ok=True)
-
-
-def _verify_checksum(path: Path) -> None:
-    recorded = checksum_path(path)
-    try:
-        want = recorded.read_text().split()[0]
-    except (OSError, UnicodeDecodeError, IndexError) as exc:
-        raise CorruptArtifactError(f"{recorded} cannot be read ({exc}); delete {path} to recompute") from None
-    if sha256_file(path) != want:
-        raise CorruptArtifactError(f"{path}: sha256 differs from {recorded.name} (truncated or modified); "
-                                   "delete it to recompute")
+    arrays_record_path(path).unlink(missing_ok=True)
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load what :func:`save_arrays` wrote, checked against its ``.sha256``; a truncated or corrupted
-    file, or one without its ``.sha256``, raises CorruptArtifactError."""
+    """(arrays, meta) that :func:`save_arrays` wrote, once the file matches its record; a damaged
+    file, or one without its record, raises CorruptArtifactError naming it."""
     path = Path(path)
-    if path.exists():
-        _verify_checksum(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    damage, meta = _arrays_meta(path)
+    if damage:
+        raise CorruptArtifactError(f"{path}: {damage} (truncated or modified); delete it to recompute")
     try:
         with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["__meta__"]))
-            arrays = {key: data[f"a{i:04d}"] for i, key in enumerate(header["keys"])}
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, json.JSONDecodeError) as exc:
-        raise CorruptArtifactError(f"{path} is corrupted or truncated ({type(exc).__name__}: {exc}); delete it to recompute") from None
-    return arrays, header["meta"]
+            return {key: data[key] for key in data.files}, meta
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
+        raise CorruptArtifactError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to recompute") from None
 
 
 def _json_default(value: Any) -> Any:

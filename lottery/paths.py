@@ -11,6 +11,8 @@
                                         model.keras and (random_prune) mask.npz
     W/results.csv, W/report/            the report: report.md and accuracy_vs_sparsity.png
 
+Every .npz has its record and meta in a sealed <stem>.json beside it (`lottery.files.save_arrays`).
+
 In the manner of OpenLTH's ``paths.py``: properties, no I/O except `prepare`, `load` and `status`.
 No TensorFlow, Keras or NumPy at import time. Layout documented in docs/artifacts.md.
 """
@@ -33,7 +35,7 @@ TICKETS = "tickets"
 RESULT_JSON = "result.json"
 # The work directory's format (its files, their records and array bundles: docs/artifacts.md). Recorded
 # in run.json; a directory of another format is refused, never half read. Not part of the experiment id.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def dataset_id(data_dir: str | os.PathLike) -> str:

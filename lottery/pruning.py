@@ -16,24 +16,18 @@ under `dead_layers` so that callers can see (and report) it.
 Keras 3 / numpy only: no TensorFlow import, so this runs on the JAX backend.
 """
 
-import io
-import json
 import re
-import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from lottery.errors import CorruptArtifactError
-from lottery.files import file_damage, file_record, read_json, write_bytes, write_json
+from lottery.files import load_arrays, save_arrays
 from lottery.models import prunable_weights
 
 SCOPES = ("global", "layerwise")
 # Weight paths become zip member names in the .npz; keep them boring.
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
-# Fixed zip timestamp: the same mask always gives the same bytes (and sha256).
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 # --- magnitude pruning -------------------------------------------------------
@@ -189,78 +183,24 @@ def mask_report(mask, weights=None):
 # --- mask files --------------------------------------------------------------
 
 
-def _report_path(path):
-    return Path(path).with_suffix(".json")
-
-
-def _npz_bytes(mask):
-    """The .npz bytes: one bool array per weight path, fixed member order and dates."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path, layer in mask.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(layer, dtype=bool), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{path}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, member.getvalue())
-    return buffer.getvalue()
-
-
 def save_mask(path, mask, meta):
-    """Writes `mask` to `path` (.npz, keys = weight paths) and its report,
-    `meta` and the npz's record (`lottery.files.file_record`) to `<stem>.json`
-    (sealed: a changed byte in it is refused too); both atomically."""
+    """Writes `mask` to `path` (.npz, keys = weight paths, byte-for-byte
+    reproducible) with `meta` in its sealed `<stem>.json`
+    (`lottery.files.save_arrays`)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"mask files end in .npz; got {path}")
     for key in mask:
         if not _SAFE_PATH.match(key) or ".." in key.split("/"):
             raise ValueError(f"weight path {key!r} cannot be a mask file key")
-    json.dumps(meta)  # fail before writing anything if meta is not JSON
-    write_bytes(path, _npz_bytes(mask))
-    write_json(_report_path(path), {
-        "file": path.name,
-        **file_record(path),
-        "meta": meta,
-        "report": mask_report(mask),
-    }, sealed=True)
+    save_arrays(path, {key: np.asarray(layer, dtype=bool) for key, layer in mask.items()}, meta, compress=True)
 
 
 def load_mask(path):
-    """Reads a mask written by `save_mask`: returns (mask, meta). A missing
-    report, a checksum mismatch or an unreadable file raises
-    CorruptArtifactError naming the file."""
-    path = Path(path)
-    report_path = _report_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"mask file {path} does not exist")
-    try:
-        info = read_json(report_path)
-        record = {"bytes": info["bytes"], "sha256": info["sha256"]}
-        layers = info["report"]["layers"]
-        meta = info["meta"]
-    except (OSError, ValueError, KeyError, TypeError, CorruptArtifactError) as exc:
-        raise CorruptArtifactError(
-            f"mask report {report_path} is missing or unreadable ({type(exc).__name__}: {exc}); "
-            f"delete {path} and recompute"
-        ) from None
-    damage = file_damage(path, record, report_path.name)
-    if damage:
-        raise CorruptArtifactError(f"mask file {path}: {damage} (truncated or modified); delete it and recompute")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            mask = {key: np.asarray(data[key]) for key in layers}
-    except Exception as exc:  # zipfile, numpy format, missing keys: all mean a bad file
-        raise CorruptArtifactError(
-            f"mask file {path} cannot be read ({type(exc).__name__}: {exc}); delete it and recompute"
-        ) from None
-    for key, layer in mask.items():
-        if layer.dtype != bool or list(layer.shape) != layers[key]["shape"]:
-            raise CorruptArtifactError(
-                f"mask file {path}: {key!r} is {layer.dtype}{list(layer.shape)}, "
-                f"the report says bool{layers[key]['shape']}"
-            )
-    return mask, meta
+    """Reads a mask written by `save_mask`: returns (mask, meta). A file
+    that does not match its record, or has none, raises CorruptArtifactError
+    naming it."""
+    return load_arrays(path)
 
 
 # --- applying masks ----------------------------------------------------------

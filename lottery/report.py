@@ -84,7 +84,7 @@ def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str,
     # A damaged file marks its own row "corrupt", with the reason: the report is written whatever it finds.
     try:
         if paths.result.exists():
-            result = read_json(paths.result)
+            result = read_json(paths.result, sealed=True)
             values = {k: result[k] for k in ("remaining", "rewind_step", "val_accuracy", "best_val_accuracy")}
             row.update(values, status="ok")
         elif paths.error.exists():
@@ -131,7 +131,7 @@ def _dense_result(workdir: Workdir) -> dict | None:
     from lottery.files import read_json
 
     try:
-        return read_json(workdir.dense_result)
+        return read_json(workdir.dense_result, sealed=True)
     except Exception:  # missing or unreadable: the report says "not trained"
         return None
 

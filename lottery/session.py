@@ -75,7 +75,7 @@ def keras_backend() -> str:
 
 def small(result: dict[str, Any]) -> dict[str, Any]:
     """What may travel through XCom: no curves, no file manifest."""
-    return {k: v for k, v in result.items() if k not in ("curve", "rewind_steps", "files")}
+    return {k: v for k, v in result.items() if k not in ("curve", "rewind_steps", "files", "arrays")}
 
 
 def final_accuracy(history: list[dict]) -> dict[str, Any]:

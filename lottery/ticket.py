@@ -20,7 +20,7 @@ from typing import Any
 
 from lottery.config import ExperimentConfig, Step
 from lottery.errors import MissingArtifactError
-from lottery.files import atomic_path, file_manifest, intact_result, remove_arrays, write_json
+from lottery.files import atomic_path, intact_result, output_records, remove_arrays, write_json
 from lottery.paths import TicketPaths, Workdir
 from lottery.phases import phase
 from lottery.plan import MaskSpec, TicketSpec
@@ -118,7 +118,7 @@ class Ticket:
             self.save_model(model, start.mask)
         produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if self.control == "random_prune" else [])
         result = {**self.result_fields(start.report, spe, history), **extra,
-                  "files": file_manifest(self.paths.dir, [p.name for p in produced])}
+                  **output_records(self.paths.dir, [p.name for p in produced])}
         write_json(self.paths.result, result, sealed=True)
         remove_arrays(self.paths.checkpoint)
         self.paths.error.unlink(missing_ok=True)

@@ -84,7 +84,7 @@ def test_dense_writes_every_artifact(dense_workdir):
     assert result["rewind_steps"] == {"0it": 0, "3it": 3, "1ep": 8, "1ep4it": 12}
     assert result["val_accuracy"] > 0.6, "the synthetic task is learnable"
     assert json.loads((dense_workdir / "config.json").read_text())["training_steps"] == "3ep"
-    assert not (dense / "checkpoint.npz").exists()
+    assert not (dense / "checkpoint.npz").exists() and not (dense / "checkpoint.json").exists()
 
 
 def test_rerunning_a_finished_dense_run_is_a_noop(dense_workdir, data_dir, caplog):
@@ -256,9 +256,9 @@ def test_a_rewind_checkpoint_with_a_flipped_byte_is_refused(tmp_path, dense_work
     workdir = _masked_copy(tmp_path, dense_workdir)
     path = workdir / "dense" / "rewind" / "3it.npz"
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40  # same size: the dense run's sha256 record tells
+    data[len(data) // 2] ^= 0x40  # same size: its record's sha256 tells
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: its sha256 differs from result.json .*lottery dense"):
+    with pytest.raises(CorruptArtifactError, match=r"rewind/3it.npz: its sha256 differs from 3it.json .*lottery dense"):
         retrain(workdir, 0, "3it", threads=1)
     assert [r["status"] for r in summarize(workdir) if r["rewind"] == "3it" and r["mask_id"] == "sp50.000"] == ["failed"]
 
@@ -269,8 +269,8 @@ def test_a_damaged_dense_run_is_named_and_trained_again(tmp_path, dense_workdir,
     workdir = tmp_path / "copy"
     shutil.copytree(dense_workdir, workdir)
     before = json.loads((workdir / "dense" / "result.json").read_text())
-    assert set(before["files"]) == {"final.keras", "metrics.csv", "rewind/0it.npz", "rewind/3it.npz",
-                                    "rewind/1ep.npz", "rewind/1ep4it.npz"}
+    assert set(before["files"]) == {"final.keras", "metrics.csv"}
+    assert before["arrays"] == ["rewind/0it.npz", "rewind/3it.npz", "rewind/1ep.npz", "rewind/1ep4it.npz"]
     final = workdir / "dense" / "final.keras"
     final.write_bytes(final.read_bytes()[:100])
     with caplog.at_level("INFO", logger="lottery"):

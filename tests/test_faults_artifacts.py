@@ -122,9 +122,6 @@ def _content(path: Path):
         import keras
 
         return [np.asarray(w) for w in keras.models.load_model(path, compile=False).weights]
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files if k != "__meta__"}
     if path.name == "result.json":
         result = json.loads(path.read_text())
         result.pop("checksum", None)
@@ -166,7 +163,8 @@ KINDS = {
     "dense final.keras": ("dense/final.keras", "clean", "dense", DENSE_OUT, "recomputed"),
     "dense metrics.csv": ("dense/metrics.csv", "clean", "dense", DENSE_OUT, "recomputed"),
     "dense result.json": ("dense/result.json", "clean", "dense", DENSE_OUT, "recomputed"),
-    "rewind checkpoint": ("dense/rewind/3it.npz", "clean", "dense", (*DENSE_OUT, "dense/rewind/3it.npz"), "recomputed"),
+    "rewind checkpoint": ("dense/rewind/3it.npz", "clean", "dense", (*DENSE_OUT, "dense/rewind/3it."), "recomputed"),
+    "rewind checkpoint's record": ("dense/rewind/3it.json", "clean", "dense", (*DENSE_OUT, "dense/rewind/3it."), "recomputed"),
     "rewind checkpoint read by a ticket": ("dense/rewind/3it.npz", "clean", "ticket at 3it", ("tickets/sp50.000__3it",), "refused"),
     "dense resume checkpoint": ("dense/checkpoint.npz", "dense", "dense", ("dense/", "run.json"), "recomputed"),
     "mask": ("masks/sp50.000.npz", "clean", "masks", ("masks/sp50.000.",), "recomputed"),
@@ -224,8 +222,7 @@ def test_a_damaged_artifact_is_named_and_never_used(kind, damage, clean, interru
 
 def _unit_outputs(done: Path, may_change: tuple[str, ...]) -> list[str]:
     """The files of the clean run that the unit makes (those it may rewrite), to compare."""
-    files = [rel for rel in _mtimes(done) if rel.startswith(may_change) and rel != "run.json"
-             and not rel.endswith(".sha256")]  # an .npz's bytes hold the time it was written; its arrays are compared
+    files = [rel for rel in _mtimes(done) if rel.startswith(may_change) and rel != "run.json"]
     assert files, may_change
     return files
 
@@ -272,9 +269,27 @@ def test_every_single_bit_flip_of_a_sealed_result_is_refused(tmp_path):
     assert read_json(path)["val_accuracy"] == 0.48071234567890123
 
 
+def test_a_result_without_its_seal_is_refused(tmp_path, caplog):
+    """Every result is written sealed: one without its seal is damaged, however good it looks."""
+    from lottery.errors import CorruptArtifactError
+    from lottery.files import intact_result, read_json, write_json
+
+    path = tmp_path / "result.json"
+    result = {"val_accuracy": 0.5, "files": {}, "arrays": []}
+    write_json(path, result)
+    with pytest.raises(CorruptArtifactError, match="result.json has no checksum"):
+        read_json(path, sealed=True)
+    with caplog.at_level("INFO", logger="lottery"):
+        assert intact_result(path, "dense") is None
+    assert "dense: damaged, training it again: result.json: " in caplog.text and "has no checksum" in caplog.text
+    assert not path.exists(), "nothing reads it as done while the unit is recomputed"
+    write_json(path, result, sealed=True)
+    assert intact_result(path, "dense") == result
+
+
 def test_every_single_bit_flip_of_a_checkpoint_is_refused(tmp_path):
-    """Its .sha256 covers the zip's headers too (a CRC-32 per member covers only the members: a
-    flipped date in a header reads back as good)."""
+    """Its record's sha256 covers the zip's headers too (a CRC-32 per member covers only the
+    members: a flipped date in a header reads back as good)."""
     from lottery.errors import CorruptArtifactError
     from lottery.files import save_arrays
 
@@ -293,10 +308,10 @@ def test_every_single_bit_flip_of_a_checkpoint_is_refused(tmp_path):
             pass
     assert accepted == [], f"{len(accepted)} of {len(clean)} flips read as good"
     path.write_bytes(clean)
-    (tmp_path / "checkpoint.npz.sha256").unlink()
-    with pytest.raises(CorruptArtifactError, match=r"checkpoint.npz.sha256 cannot be read"):
+    (tmp_path / "checkpoint.json").unlink()
+    with pytest.raises(CorruptArtifactError, match=r"checkpoint.npz: its record checkpoint.json is missing"):
         load_arrays(path)  # nothing vouches for it: refused, not trusted on its CRC-32s
-    assert "cannot be read" in arrays_damage(path)
+    assert "checkpoint.json is missing" in arrays_damage(path)
 
 
 # ---- a full disk during a checkpoint write -----------------------------------------------------

@@ -169,8 +169,8 @@ def test_save_load_round_trip(tmp_path):
     assert list(loaded) == list(mask)
     assert all(loaded[p].dtype == bool and np.array_equal(loaded[p], mask[p]) for p in mask)
     info = json.loads(path.with_suffix(".json").read_text())
-    assert info["report"]["kept"] == sum(kept(mask).values())
-    assert len(info["sha256"]) == 64
+    assert info["meta"] == meta and info["bytes"] == path.stat().st_size
+    assert len(info["sha256"]) == 64 and info["checksum"].startswith("sha256:")
     # Keys with '/' are plain npz keys; the file is byte-for-byte reproducible.
     assert set(np.load(path).keys()) == set(mask)
     first = path.read_bytes()
@@ -179,7 +179,7 @@ def test_save_load_round_trip(tmp_path):
     assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate_and_rehash", "no_report"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate_and_rehash", "no_report", "unsealed_report"])
 def test_damaged_mask_is_refused(tmp_path, damage):
     path = tmp_path / "mask.npz"
     save_mask(path, magnitude_masks(make_weights(), 0.5), {})
@@ -189,12 +189,20 @@ def test_damaged_mask_is_refused(tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "flip":
         path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
-    elif damage == "truncate_and_rehash":  # the checksum matches, the zip is still broken
+    elif damage == "truncate_and_rehash":  # the record (sealed again) matches, the zip is still broken
         import hashlib
+
+        from lottery.files import write_json
+
         path.write_bytes(data[: len(data) // 2])
         info = json.loads(report.read_text())
         info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         info["bytes"] = path.stat().st_size
+        del info["checksum"]
+        write_json(report, info, sealed=True)
+    elif damage == "unsealed_report":  # the right record, but nothing vouches for the report itself
+        info = json.loads(report.read_text())
+        del info["checksum"]
         report.write_text(json.dumps(info))
     else:
         report.unlink()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from lottery.config import ExperimentConfig
+from lottery.files import write_json
+from lottery.paths import FORMAT_VERSION
 from lottery.plan import RunPlan, TicketSpec, mask_id
 from lottery.report import accuracy_table, matching_levels, write_report
 
@@ -23,8 +25,8 @@ REWINDS = ["0it", "1ep"]
 
 
 def _write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
+    """As the engine writes it: a result sealed, any other JSON plain."""
+    write_json(path, data, sealed=path.name == "result.json")
 
 
 def make_workdir(tmp_path: Path, *, dense=0.88, fail=(), skip=(), controls=()) -> Path:
@@ -32,7 +34,7 @@ def make_workdir(tmp_path: Path, *, dense=0.88, fail=(), skip=(), controls=()) -
     cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": [], "rewind_points": REWINDS, "sparsities": SPARSITIES})
     w = tmp_path / "lenet_300_100-abc"
     _write(w / "config.json", cfg.to_dict())
-    _write(w / "run.json", {"experiment_id": w.name, "data_dir": "/data/x", "dataset_id": "d1"})
+    _write(w / "run.json", {"experiment_id": w.name, "data_dir": "/data/x", "dataset_id": "d1", "format_version": FORMAT_VERSION})
     if dense is not None:
         _write(w / "dense" / "result.json", {"val_accuracy": dense, "best_val_accuracy": dense + 0.001, "epochs": 2})
     for s in SPARSITIES:
@@ -103,7 +105,7 @@ def test_damaged_results_are_listed_and_the_report_still_written(tmp_path):
     truncated = w / "tickets" / ticket_name(mask_id(0.5), "0it") / "result.json"
     truncated.write_text(truncated.read_text()[:20])
     no_accuracy = w / "tickets" / ticket_name(mask_id(0.8), "1ep") / "result.json"
-    no_accuracy.write_text(json.dumps({"remaining": 0.2}))
+    _write(no_accuracy, {"remaining": 0.2})
     out = write_report(w, run_id="manual__second")
     assert out["done"] == 4 and out["run_id"] == "manual__second"
     corrupt = [p for p in out["problems"] if ": corrupt: " in p]

@@ -18,6 +18,8 @@ import pytest
 
 from lottery.config import ExperimentConfig
 from lottery.deploy.constants import DAG_ID, REPO
+from lottery.files import write_json
+from lottery.paths import FORMAT_VERSION
 from lottery.plan import RunPlan
 from tests import helpers
 from tests.helpers import tiny_run
@@ -46,8 +48,8 @@ def write_workdir(path: Path) -> Path:
     plan = RunPlan.from_config(cfg)
     (path / "dense").mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (path / "run.json").write_text(json.dumps({"experiment_id": path.name}))
-    (path / "dense" / "result.json").write_text(json.dumps({"val_accuracy": 0.85, "best_val_accuracy": 0.86, "epochs": 1}))
+    (path / "run.json").write_text(json.dumps({"experiment_id": path.name, "format_version": FORMAT_VERSION}))
+    write_json(path / "dense" / "result.json", {"val_accuracy": 0.85, "best_val_accuracy": 0.86, "epochs": 1}, sealed=True)
     for i, spec in enumerate(plan.expected):
         ticket = path / "tickets" / spec.name
         if spec.name == "sp80.000__2it":
@@ -57,8 +59,8 @@ def write_workdir(path: Path) -> Path:
             (ticket / "error.json").write_text(json.dumps({"error": "CorruptArtifactError: sp50.000.npz is truncated"}))
             continue
         sparsity = {m.mask_id: m.sparsity for m in plan.masks}[spec.mask_id]
-        (ticket / "result.json").write_text(json.dumps({
-            "remaining": 1 - sparsity, "rewind_step": 0, "val_accuracy": 0.86 - 0.01 * i, "best_val_accuracy": 0.87}))
+        write_json(ticket / "result.json", {
+            "remaining": 1 - sparsity, "rewind_step": 0, "val_accuracy": 0.86 - 0.01 * i, "best_val_accuracy": 0.87}, sealed=True)
         (ticket / "model.keras").write_bytes(b"model of " + spec.name.encode())
     return path
 

@@ -166,7 +166,7 @@ def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict |
     from lottery.files import read_json
 
     try:
-        value = read_json(path)
+        value = read_json(path, sealed=True)
         if not isinstance(value, dict) or not isinstance(value.get("val_accuracy"), (int, float)):
             raise ValueError("no val_accuracy in it")
         return value
