@@ -318,3 +318,26 @@ def test_a_run_before_prepare_workdir(airflow, runs):
     status, body, _ = fetch(local, base(DAG_ID, runs["early"]), authed(api))
     html = body.decode()
     assert status == 200 and "has not created its work directory yet" in html and 'http-equiv="refresh"' in html
+
+
+def test_backfill_is_refused_with_the_reason_in_the_dags_docs(airflow):
+    """Backfill is off for an experiment DAG (schedule=None): the REST API refuses it in words, and
+    the DAG's docs in the UI say why and what to do instead."""
+    _, api = airflow
+    status, out = api.post("/api/v2/backfills", {"dag_id": DAG_ID, "from_date": "2026-01-01T00:00:00Z",
+                                                 "to_date": "2026-01-02T00:00:00Z", "reprocess_behavior": "failed"})
+    assert status == 422 and "non-periodic schedule that does not support backfills" in str(out), (status, out)
+    status, details = api.get(f"/api/v2/dags/{DAG_ID}/details")
+    assert status == 200 and details["timetable_summary"] in (None, "None"), details.get("timetable_summary")
+    assert "**Backfill is off**" in details["doc_md"] and "Clear only failed tasks" in details["doc_md"]
+
+
+def test_rerun_failed_refuses_a_run_whose_work_directory_is_gone(airflow, runs, capsys):
+    from lottery.deploy import rerun
+
+    _, api = airflow
+    status, out = api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(runs['gone'], safe='')}", {"state": "failed"})
+    assert status == 200, out
+    said: list[str] = []
+    assert rerun.rerun_failed(api, [runs["gone"]], None, None, say=said.append) == 1
+    assert len(said) == 1 and "not cleared: its work directory" in said[0] and "lenet_300_100-deleted is gone" in said[0], said
