@@ -314,7 +314,7 @@ def clear_only_failed_in_the_ui(page, local, run_id: str) -> None:
     page.keyboard.press("Shift+C")
     dialog = page.get_by_role("dialog")
     sync_api.expect(dialog.get_by_text(re.compile("Clear .*Run", re.I)).first).to_be_visible()
-    dialog.get_by_text("Clear only failed tasks", exact=True).click()
+    dialog.get_by_text("Clear only failed tasks", exact=True).first.click()
     sync_api.expect(dialog.get_by_role("button", name="Confirm")).to_be_enabled()
     dialog.get_by_role("button", name="Confirm").click()
 

@@ -10,6 +10,7 @@ resolves a download inside the work directory or returns None.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -210,18 +211,15 @@ def ticket_damage(workdir: str | os.PathLike, ticket: str) -> list[str]:
         stamp = tuple((name, *_stat(directory / name)) for name in sorted(record))
     except (LotteryError, OSError, AttributeError) as exc:
         return [f"{report.RESULT_JSON}: {exc}"]
-    key = (str(directory), json.dumps(record, sort_keys=True), stamp)
-    with _DAMAGE_LOCK:
-        if key in _DAMAGE:
-            return _DAMAGE[key]
+    return list(_damage(str(directory), json.dumps(record, sort_keys=True), stamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _damage(directory: str, record: str, stamp: tuple) -> tuple[str, ...]:
+    """``lottery.files.damaged_files``, once per (files' record, files' sizes and mtimes)."""
     from lottery.files import damaged_files
 
-    damage = damaged_files(directory, record)
-    with _DAMAGE_LOCK:
-        _DAMAGE[key] = damage
-        while len(_DAMAGE) > _DAMAGE_KEPT:
-            _DAMAGE.popitem(last=False)
-    return damage
+    return tuple(damaged_files(directory, json.loads(record)))
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -230,11 +228,6 @@ def _stat(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
-
-
-_DAMAGE: OrderedDict[tuple, list[str]] = OrderedDict()
-_DAMAGE_LOCK = threading.Lock()
-_DAMAGE_KEPT = 4096
 
 
 def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict | None:
