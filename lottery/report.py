@@ -414,8 +414,8 @@ def _problems_section(problems: list[str]) -> list[str]:
     if problems:
         out.extend(f"- {p}" for p in problems)
         out.append("")
-        out.append("Rerun them by clearing the failed task instances (or re-triggering the same config): "
-                   "finished combinations are not recomputed.")
+        out.append("Re-run them all once the cause is fixed: the run's *Clear Run*, *Clear only failed tasks* "
+                   "(or `python -m lottery rerun-failed --run-id <run id>`); finished combinations are not recomputed.")
     else:
         out.append("None: every combination finished.")
     out.append("")

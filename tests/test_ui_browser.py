@@ -225,7 +225,7 @@ def test_mapped_late_reset_instances_appear_with_readable_names(airflow, page):
     assert len(names) == 4, found
     page.goto(run_url(local, run_id, "/tasks/late_reset/mapped"))
     for name in names:
-        sync_api.expect(page.get_by_text(name, exact=True).first).to_be_visible()
+        sync_api.expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
 
 
 def test_a_tickets_log_has_an_epoch_line(airflow, page):
