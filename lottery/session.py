@@ -6,17 +6,12 @@ Keras and the data pipeline are imported inside the functions: importing this mo
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from lottery.config import ConfigError, ExperimentConfig
-
-# JAX logs "Unable to initialize backend 'tpu'" (INFO) in every task process of a machine without one:
-# never the user's concern, so it stays out of the task logs (a real backend failure still raises).
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 # Decoded training sets smaller than this are cached in memory (Fashion-MNIST: 47 MB).
 CACHE_LIMIT_BYTES = int(os.environ.get("LOTTERY_CACHE_LIMIT_BYTES", 4 << 30))
