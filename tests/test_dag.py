@@ -125,7 +125,8 @@ def test_tasks_and_dependencies(dag):
     assert "make_masks" in upstream["plan_tickets"] and "plan_tickets" in upstream["late_reset"]
     assert "make_masks" in upstream["plan_controls"] and "plan_controls" in upstream["controls"]
     assert {"late_reset", "controls", "prepare_workdir"} <= upstream["report"]
-    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config"}  # reads the work dir, not an XCom summary
+    # reads the work dir, not report's XCom; waits for the tickets also when report is not cleared
+    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "controls"}
     assert [t.task_id for t in dag.leaves] == ["check_results"]
 
 
