@@ -293,17 +293,31 @@ def break_tickets(workdir: Path, names) -> dict[Path, bytes]:
     return good
 
 
+def check_try(api, run_id: str) -> int:
+    return next(t["try_number"] for t in api.task_instances(run_id) if t["task_id"] == "check_results")
+
+
+def wait_rerun(local, api, run_id: str, before: int, what: str) -> str:
+    """The run's state once a clear has re-run it to the end: check_results (cleared by every kind of
+    clear) has a new try and the run has finished (a fast re-run may finish before a poll sees it run)."""
+    def finished() -> str | None:
+        state = run_state(api, run_id)
+        return state if state in ("success", "failed") and check_try(api, run_id) > before else None
+    return wait_for(local, api, run_id, finished, what)
+
+
 def fail_tickets(local, api, run_ids, names) -> None:
     """Clear the late_reset instances of ``names`` (with downstream) in each finished run: they fail."""
+    before = {}
     for run_id in run_ids:
+        before[run_id] = check_try(api, run_id)
         indices = ticket_indices(api, run_id, names)
         status, out = api.post(f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {
             "dag_run_id": run_id, "task_ids": [["late_reset", i] for i in indices], "include_downstream": True,
             "only_failed": False, "dry_run": False})
         assert status == 200, out
     for run_id in run_ids:
-        wait_for(local, api, run_id, lambda: run_state(api, run_id) not in ("success", "failed"), "the clear to take", 30, 1)
-        assert wait_for_run(local, api, run_id, "the run to fail") == "failed", states(api, run_id)
+        assert wait_rerun(local, api, run_id, before[run_id], "the run to fail") == "failed", states(api, run_id)
         failed = {i for i, (_, state) in tickets(api, run_id).items() if state == "failed"}
         assert failed == set(ticket_indices(api, run_id, names)), states(api, run_id)
 
@@ -347,8 +361,7 @@ def test_the_failed_tickets_of_a_run_rerun_with_one_clear(airflow, page):
     report_before = (workdir / "report" / "report.md").stat().st_mtime_ns
     tries = {t["task_id"]: t["try_number"] for t in api.task_instances(run_id) if t["map_index"] < 0}
     clear_only_failed_in_the_ui(page, local, run_id)
-    wait_for(local, api, run_id, lambda: run_state(api, run_id) not in ("success", "failed"), "the clear to take", 30, 1)
-    assert wait_for_run(local, api, run_id, "the run to finish after the clear") == "success", states(api, run_id)
+    assert wait_rerun(local, api, run_id, tries["check_results"], "the run after the clear") == "success", states(api, run_id)
     assert all((workdir / "tickets" / name / "result.json").is_file() for name in FAILING)
     assert mtimes(workdir / "tickets" / KEPT) == kept  # never trained again
     tis = {t["task_id"]: t for t in api.task_instances(run_id) if t["map_index"] < 0}
@@ -392,16 +405,16 @@ def test_failed_runs_rerun_through_rest_and_the_cli(airflow):
     finally:
         for mask, data in good.items():
             mask.write_bytes(data)
+    tries = {run_id: check_try(api, run_id) for run_id in [first, *others]}
     status, out = api.post(f"/api/v2/dags/{DAG_ID}/clearTaskInstances",
                            {"dag_run_id": first, "only_failed": True, "include_downstream": True, "dry_run": False})
     assert status == 200 and {t["task_id"] for t in out["task_instances"]} == {"late_reset", "check_results"}, out
-    assert wait_for_run(local, api, first, "the REST-cleared run") == "success", states(api, first)
+    assert wait_rerun(local, api, first, tries[first], "the REST-cleared run") == "success", states(api, first)
     done = mtimes(workdir / "tickets" / FAILING[0])
     cli = lottery_cli(local, "rerun-failed", "--since", since)
     assert cli.returncode == 0, cli
     assert "2 failed run(s)" in cli.stdout and all(f"{r}: cleared 2 failed task(s)" in cli.stdout for r in others), cli.stdout
     for run_id in others:
-        wait_for(local, api, run_id, lambda: run_state(api, run_id) not in ("success", "failed"), "the clear to take", 30, 1)
-        assert wait_for_run(local, api, run_id, "a CLI-cleared run") == "success", states(api, run_id)
+        assert wait_rerun(local, api, run_id, tries[run_id], "a CLI-cleared run") == "success", states(api, run_id)
     assert mtimes(workdir / "tickets" / FAILING[0]) == done  # trained once, by the first run
     assert {p: t for p, t in mtimes(workdir / "tickets").items() if FAILING[0] not in str(p)} == untouched
