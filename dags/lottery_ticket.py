@@ -2,7 +2,7 @@
 
 validate_config -> fetch_dataset -> preprocess (Spark, when the data needs writing) -> prepare_workdir -> train_dense -> make_masks
     -> late_reset[mask x rewind point, or groups of tickets_per_task masks]  (+ plan_controls -> controls[...])
-    -> report (all_done) -> check_results
+    -> report (all_done) -> check_results (all_done: rewrites the report from disk, fails when a ticket is not done)
 
 This file only wires the tasks: each task body calls one function of ``lottery.dag.tasks``, which
 calls one engine step. At parse time it imports nothing heavier than ``lottery.config``,
@@ -39,7 +39,19 @@ checkpoint at every rewind point, it is magnitude-pruned at every sparsity level
 (mask, rewind point) pair is retrained from its rewind point with the mask fixed (`late_reset`, one
 mapped task instance each: 20 levels x 5 rewind points = 100 by default). `report` collects every
 result (also when some failed) into `results.csv`, `accuracy_vs_sparsity.png` and `report.md`;
-`check_results` fails the run if any combination failed or is missing.
+`check_results` writes the report again from what is on disk and fails the run if any combination
+failed or is missing.
+
+**When tickets fail**: fix the cause, then on the failed run *Clear* → *Clear only failed tasks*
+(REST `clearTaskInstances` with `only_failed`; CLI `lottery rerun-failed --run-id <run id>`, or
+`--since <date>` for every failed run since then). Only the failed tickets train again, finished
+ones are never recomputed, and `check_results` judges (and the Report tab shows) a fresh report,
+so the run ends *success* when every ticket is done. Clear once the run has finished.
+
+**Backfill is off**: a run is one experiment chosen by its params, not a date interval
+(`schedule=None`), so Airflow greys out *Backfill* and refuses `POST /api/v2/backfills` (422,
+"non-periodic schedule"). A backfill would only start the same experiment again for each date;
+to re-run failed tickets, clear them as above.
 
 **Work directory**: `<artifact_root>/<experiment id>`; the id hashes the non-default config fields
 and the data set. Re-triggering the same config reuses everything already finished; another config
@@ -133,9 +145,9 @@ def report(workdir: str | None, plan: dict) -> dict[str, Any]:
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)
-def check_results(summary: dict | None) -> dict[str, Any]:
-    """Fail the run (after the report is written) when any combination failed or is missing."""
-    return tasks.check_results(summary)
+def check_results(workdir: str | None, plan: dict) -> dict[str, Any]:
+    """Rewrite the report from what is on disk, then fail the run when any combination failed or is missing."""
+    return tasks.check_results(workdir, plan)
 
 
 @dag(
@@ -180,7 +192,9 @@ def lottery_ticket():
     control_runs = controls.partial(workdir=workdir).expand_kwargs(plan_controls(masks, plan, per_task))
     summary = report(workdir, plan)
     [tickets, control_runs] >> summary
-    check_results(summary)
+    # The check waits for the tickets themselves, not only for the report: "Clear only failed tasks"
+    # leaves a successful report alone, and the check must judge the tickets it re-ran.
+    [tickets, control_runs, summary] >> check_results(workdir, plan)
 
 
 lottery_ticket()

@@ -89,18 +89,26 @@ def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
     path = Path(path)
     if not path.exists():
         return None
-    try:
-        result = read_json(path, sealed=True)
-        damaged = damaged_files(path.parent, result["files"], path.name)
-        damaged += [f"{name}: {damage}" for name in result["arrays"] if (damage := arrays_damage(path.parent / name))]
-        float(result["val_accuracy"])
-    except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        damaged = [f"{path.name}: {exc}"]
+    result, damaged = result_damage(path)
     if damaged:
         logging.getLogger("lottery").warning("%s: damaged, training it again: %s", label, "; ".join(damaged))
         path.unlink(missing_ok=True)
         return None
     return result
+
+
+def result_damage(path: str | os.PathLike) -> tuple[dict[str, Any] | None, list[str]]:
+    """A sealed ``result.json`` and what no longer matches it or the files it records, one line per
+    file (``[]`` when all is intact); the result is None when it cannot be read or trusted."""
+    path = Path(path)
+    try:
+        result = read_json(path, sealed=True)
+        damaged = damaged_files(path.parent, result["files"], path.name)
+        damaged += [f"{name}: {damage}" for name in result["arrays"] if (damage := arrays_damage(path.parent / name))]
+        float(result["val_accuracy"])
+    except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+        return None, [f"{path.name}: {exc}"]
+    return result, damaged
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -62,8 +62,19 @@ def result_rows(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list
     started_only = plan is None
     plan = plan or RunPlan.from_config(workdir.load()[0])
     specs = expected_tickets(workdir, plan, planned_controls=not started_only)
-    sparsity_of = {m.mask_id: m.sparsity for m in plan.masks}
-    return [result_row(workdir, spec, sparsity_of[spec.mask_id]) for spec in specs]
+    sparsity_of, left = {m.mask_id: m.sparsity for m in plan.masks}, mask_remaining(workdir)
+    return [result_row(workdir, spec, sparsity_of[spec.mask_id], left.get(spec.mask_id)) for spec in specs]
+
+
+def mask_remaining(workdir: Workdir) -> dict[str, float]:
+    """Each made mask's share of prunable weights left (``masks/index.json``), so that a ticket not
+    done yet shows the "weights left" its result will have; empty before make_masks."""
+    from lottery.files import read_json
+
+    try:
+        return {m["mask_id"]: float(m["remaining"]) for m in read_json(workdir.mask_index)}
+    except (CorruptArtifactError, OSError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
@@ -75,11 +86,12 @@ def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[d
     return rows
 
 
-def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float) -> dict[str, Any]:
+def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float, remaining: float | None = None) -> dict[str, Any]:
+    """``spec``'s row; ``remaining``: its mask's weights left, until its result says."""
     from lottery.files import read_json
 
     paths = workdir.ticket(spec)
-    row = {"mask_id": spec.mask_id, "sparsity": sparsity, "remaining": None, "rewind": spec.rewind, "rewind_step": None,
+    row = {"mask_id": spec.mask_id, "sparsity": sparsity, "remaining": remaining, "rewind": spec.rewind, "rewind_step": None,
            "control": spec.control or "", "status": "missing", "val_accuracy": None, "best_val_accuracy": None, "error": ""}
     # A damaged file marks its own row "corrupt", with the reason: the report is written whatever it finds.
     try:
@@ -248,7 +260,6 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     colors = [f"C{i % 10}" for i in range(len(labels))]
-    xs_all: list[float] = []
     for label, color in zip(labels, colors):
         for control in [""] + sorted({r["control"] for r in rows if r["control"]}):
             pts = sorted(
@@ -259,7 +270,6 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            xs_all.extend(xs)
             if control:
                 style, marker = _CONTROL_STYLE.get(control, ("--", "s"))
                 ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, linewidth=1.2, color=color,
@@ -270,6 +280,11 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
     if dense_acc is not None:
         ax.axhline(100 * dense_acc, color="black", linewidth=1.2, linestyle=":", label=f"dense ({100 * dense_acc:.2f}%)")
     ax.set_xscale("log")
+    # The axes span every planned ticket, done or not: the same in progress as when finished.
+    xs_all = [100 * (r["remaining"] if r["remaining"] is not None else 1 - r["sparsity"]) for r in rows]
+    if not any(r["status"] == "ok" for r in rows):
+        ax.text(0.5, 0.06, "no ticket results yet", transform=ax.transAxes, ha="center", va="bottom", color="gray",
+                bbox={"facecolor": "white", "edgecolor": "none"})
     if xs_all:
         lo, hi = min(xs_all), max(max(xs_all), 100.0)
         ax.set_xlim(hi * 1.15, lo / 1.15)  # reversed: sparser to the right
@@ -279,7 +294,6 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_xlim(110, 1)
-        ax.text(0.5, 0.5, "no results yet", transform=ax.transAxes, ha="center", va="center", color="gray")
     ax.set_xlabel("% of prunable weights remaining (log scale)")
     ax.set_ylabel("validation accuracy (%)")
     if title:
@@ -399,8 +413,8 @@ def _problems_section(problems: list[str]) -> list[str]:
     if problems:
         out.extend(f"- {p}" for p in problems)
         out.append("")
-        out.append("Rerun them by clearing the failed task instances (or re-triggering the same config): "
-                   "finished combinations are not recomputed.")
+        out.append("Re-run them all once the cause is fixed: the run's *Clear Run*, *Clear only failed tasks* "
+                   "(or `python -m lottery rerun-failed --run-id <run id>`); finished combinations are not recomputed.")
     else:
         out.append("None: every combination finished.")
     out.append("")

@@ -4,3 +4,4 @@
 _lottery_repo="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"
 eval "$("$_lottery_repo/.venv/bin/python" -m lottery.deploy.airflow_home env ${LOTTERY_AIRFLOW_HOME:+--home "$LOTTERY_AIRFLOW_HOME"})"
 unset _lottery_repo
+echo "airflow CLI -> AIRFLOW_HOME=$AIRFLOW_HOME (LOTTERY_AIRFLOW_HOME=<home> picks another)" >&2

@@ -125,7 +125,8 @@ def test_tasks_and_dependencies(dag):
     assert "make_masks" in upstream["plan_tickets"] and "plan_tickets" in upstream["late_reset"]
     assert "make_masks" in upstream["plan_controls"] and "plan_controls" in upstream["controls"]
     assert {"late_reset", "controls", "prepare_workdir"} <= upstream["report"]
-    assert upstream["check_results"] == {"report"}
+    # reads the work dir, not report's XCom; waits for the tickets also when report is not cleared
+    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "controls"}
     assert [t.task_id for t in dag.leaves] == ["check_results"]
 
 
@@ -746,7 +747,7 @@ def test_the_phase_listener_appends_to_the_airflow_home(tmp_path, monkeypatch):
 
 
 def test_clearing_a_ticket_with_downstream_reruns_the_report_and_the_check(dag):
-    """The README's "A failed ticket" steps: *Clear* with *Downstream* (the dialog's default;
+    """The README's "When tickets fail" steps for one ticket: *Clear* with *Downstream* (the dialog's default;
     ``include_downstream`` in the REST API, ``airflow tasks clear -d``) also clears ``report`` and
     ``check_results``, the run's only leaf, so the run's state follows the rerun ticket's result."""
     for task_id in ("late_reset", "controls", "train_dense"):

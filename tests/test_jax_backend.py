@@ -403,3 +403,15 @@ def test_seeding_and_saving_on_jax_import_no_tensorflow(tmp_path):
         out[how] = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert out["keras"]["tensorflow_loaded"] and not out["lottery"]["tensorflow_loaded"]
     assert out["lottery"]["sums"] == out["keras"]["sums"] and out["lottery"]["draw"] == out["keras"]["draw"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="no jax in this interpreter")
+def test_no_tpu_backend_line_in_a_process_that_imports_lottery():
+    """JAX's "Unable to initialize backend 'tpu'" (INFO) never reaches a task's log; it does without lottery."""
+    code = "import logging; logging.basicConfig(level=logging.INFO); {}import jax; jax.numpy.zeros(1)"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": ""}
+    runs = [subprocess.run([sys.executable, "-c", code.format(pre)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120) for pre in ("", "import lottery; ")]
+    if "Unable to initialize backend" not in runs[0].stderr:
+        pytest.skip("this JAX logs no backend line here")
+    assert runs[1].returncode == 0 and "Unable to initialize backend" not in runs[1].stderr, runs[1].stderr[-2000:]

@@ -191,3 +191,34 @@ def test_report_files_are_readable_like_the_plot(tmp_path, umask, mode):
         os.umask(old)
     modes = {key: Path(out[key]).stat().st_mode & 0o777 for key in ("report", "results_csv", "plot")}
     assert modes == {"report": mode, "results_csv": mode, "plot": mode}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_a_ticket_not_done_shows_the_weights_left_of_its_mask(tmp_path):
+    """Before its result exists, a ticket's "weights left" is its mask's (masks/index.json), the
+    value its result will carry, not 1 - the planned sparsity: the page does not change it when done."""
+    from lottery.report import result_rows
+
+    w = make_workdir(tmp_path, skip={(0.5, "0it", None)})
+    _write(w / "masks" / "index.json", [{"index": i, "mask_id": mask_id(s), "sparsity": s, "remaining": 1 - s + 0.0009}
+                                        for i, s in enumerate(SPARSITIES)])
+    row = next(r for r in result_rows(w) if r["status"] == "missing")
+    assert row["mask_id"] == mask_id(0.5) and row["remaining"] == pytest.approx(0.5009)
+    assert any(p.startswith(f"{mask_id(0.5)} (50.1% left), rewind 0it: missing") for p in write_report(w)["problems"])
+
+
+def test_the_plot_has_the_same_axes_in_progress_and_finished(tmp_path, monkeypatch):
+    """The x axis spans every planned ticket, with or without results: no 10^k ticks on an empty plot."""
+    from matplotlib.figure import Figure
+
+    from lottery.report import plot
+
+    drawn = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k))[1])
+    rows = [{"mask_id": mask_id(s), "sparsity": s, "remaining": 1 - s, "rewind": "0it", "control": "", "status": "ok",
+             "val_accuracy": 0.9} for s in SPARSITIES]
+    plot(rows, ["0it"], 0.9, tmp_path / "done.png")
+    plot([{**r, "status": "missing", "val_accuracy": None} for r in rows], ["0it"], 0.9, tmp_path / "empty.png")
+    (done,), (empty,) = (fig.axes for fig in drawn)
+    assert empty.get_xlim() == done.get_xlim() and list(empty.get_xticks()) == list(done.get_xticks()) == [100, 50, 20, 10, 5]
+    assert [t.get_text() for t in empty.texts] == ["no ticket results yet"] and not done.texts

@@ -18,7 +18,7 @@ import pytest
 
 from lottery.config import ExperimentConfig
 from lottery.deploy.constants import DAG_ID, REPO
-from lottery.files import write_json
+from lottery.files import output_records, write_json
 from lottery.paths import FORMAT_VERSION
 from lottery.plan import RunPlan
 from tests import helpers
@@ -59,9 +59,10 @@ def write_workdir(path: Path) -> Path:
             (ticket / "error.json").write_text(json.dumps({"error": "CorruptArtifactError: sp50.000.npz is truncated"}))
             continue
         sparsity = {m.mask_id: m.sparsity for m in plan.masks}[spec.mask_id]
-        write_json(ticket / "result.json", {
-            "remaining": 1 - sparsity, "rewind_step": 0, "val_accuracy": 0.86 - 0.01 * i, "best_val_accuracy": 0.87}, sealed=True)
         (ticket / "model.keras").write_bytes(b"model of " + spec.name.encode())
+        write_json(ticket / "result.json", {
+            "remaining": 1 - sparsity, "rewind_step": 0, "val_accuracy": 0.86 - 0.01 * i, "best_val_accuracy": 0.87,
+            **output_records(ticket, ["model.keras"])}, sealed=True)
     return path
 
 
@@ -106,12 +107,14 @@ def runs(airflow, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     good = write_workdir(root / "lenet_300_100-partial")
     outside = root / "secret.txt"
-    outside.write_text("not for the browser")
+    outside.write_text("model of sp50.000__0it")  # what its record says: refused for where it is, not what
     (good / "tickets" / "sp50.000__0it" / "model.keras").unlink()
     (good / "tickets" / "sp50.000__0it" / "model.keras").symlink_to(outside)  # a symlink out of the work dir
     damaged = write_workdir(root / "lenet_300_100-damaged")
     (damaged / "dense" / "result.json").write_text("{not json")
     (damaged / "tickets" / "sp50.000__0it" / "result.json").write_bytes(b"\x00\x01garbage")
+    truncated = good / "tickets" / "sp80.000__2it__random_prune" / "model.keras"
+    truncated.write_bytes(truncated.read_bytes()[:10])  # half its bytes: flagged, never served
     gone = write_workdir(root / "lenet_300_100-deleted")
     runs = {"gone": lottery_run(api, gone)}
     shutil.rmtree(gone)
@@ -145,7 +148,7 @@ def base(dag_id: str, run_id: str) -> str:
 
 def file_urls(run_id: str) -> list[str]:
     b = base(DAG_ID, run_id)
-    return [b + "plot.png", b + "plot.png?download=1", b + "results.csv", b + "model.keras?ticket=sp50.000__2it__random_prune"]
+    return [b + "plot.png", b + "plot.png?download=1", b + "results.csv", b + "model.keras?ticket=sp80.000__2it__random_prune"]
 
 
 # ---- the tests --------------------------------------------------------------------------------------
@@ -186,10 +189,15 @@ def test_the_page_of_a_partial_run(airflow, runs):
     html = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert "lenet_300_100-partial" in html and "85.00%" in html  # experiment id, dense accuracy
-    assert "Tickets (2 of 4 done)" in html and "Control random_prune (2 of 2 done)" in html
+    assert "Tickets (2 of 4 done)" in html and "Control random_prune (1 of 2 done)" in html
     assert 'class="match"' in html  # a ticket within a point of the dense network
-    assert "Failed or missing (2)" in html and "CorruptArtifactError: sp50.000.npz is truncated" in html
-    assert "sp80.000 (20% left), rewind 2it: <b>missing</b>" in html
+    # The run is in progress: the ticket without a result and without a finished task is queued, not a problem.
+    problems = html[html.index('id="problems-title"'):]
+    assert "Failed or missing (2)" in html and "CorruptArtifactError: sp50.000.npz is truncated" in problems
+    assert "Queued or running (1)" in html and "sp80.000 (20.00% left), rewind 2it: <b>queued</b>" in html
+    assert "sp80.000 (20.00% left), rewind 2it:" not in problems
+    assert "model.keras: 10 bytes, not 36" in problems and "<b>corrupt</b>" in problems
+    assert "The run is still in progress: once it has finished" in html and "lottery rerun-failed" not in html
     assert '<meta http-equiv="refresh"' in html  # queued: in progress
     assert 'src="plot.png?v=' in html and 'href="results.csv"' in html and "<option>sp80.000__0it</option>" in html
     assert "<code>training_steps=1ep</code>" in html
@@ -205,10 +213,25 @@ def test_downloads(airflow, runs):
     status, csv, headers = fetch(local, b + "results.csv", authed(api))
     lines = csv.decode().strip().splitlines()
     assert status == 200 and lines[0].startswith("mask_id,sparsity") and len(lines) == 1 + 8
-    assert sum(",failed," in line for line in lines) == 1 and sum(",missing," in line for line in lines) == 1
+    assert sum(",failed," in line for line in lines) == 1 and sum(",queued," in line for line in lines) == 1
+    assert sum(",corrupt," in line for line in lines) == 1
     status, model, headers = fetch(local, b + "model.keras?ticket=sp80.000__0it", authed(api))
     assert status == 200 and model == b"model of sp80.000__0it"
     assert "lenet_300_100-partial-sp80.000__0it-model.keras" in headers["content-disposition"]
+
+
+def test_a_truncated_model_is_flagged_and_refused(airflow, runs):
+    """Checked against its result.json's record of its size and sha256 (lottery.files.damaged_files)."""
+    local, api = airflow
+    b = base(DAG_ID, runs["good"])
+    html = fetch(local, b, authed(api))[1].decode()
+    damaged = html[html.index('id="corrupt"'):html.index("</div>", html.index('id="corrupt"'))]
+    assert "tickets/sp80.000__2it__random_prune: model.keras: 10 bytes, not 36" in damaged
+    assert "<option>sp80.000__2it__random_prune</option>" not in html
+    status, body, headers = fetch(local, b + "model.keras?ticket=sp80.000__2it__random_prune", authed(api))
+    assert status == 409 and headers["content-type"].startswith("text/html"), (status, body[:200])
+    assert "does not match its result.json (model.keras: 10 bytes, not 36)" in body.decode()
+    assert "refused the damaged model.keras of sp80.000__2it__random_prune" in local.supervisor.log("api-server").read_text()
 
 
 TICKET_TRICKS = [
@@ -286,3 +309,26 @@ def test_a_run_before_prepare_workdir(airflow, runs):
     status, body, _ = fetch(local, base(DAG_ID, runs["early"]), authed(api))
     html = body.decode()
     assert status == 200 and "has not created its work directory yet" in html and 'http-equiv="refresh"' in html
+
+
+def test_backfill_is_refused_with_the_reason_in_the_dags_docs(airflow):
+    """Backfill is off for an experiment DAG (schedule=None): the REST API refuses it in words, and
+    the DAG's docs in the UI say why and what to do instead."""
+    _, api = airflow
+    status, out = api.post("/api/v2/backfills", {"dag_id": DAG_ID, "from_date": "2026-01-01T00:00:00Z",
+                                                 "to_date": "2026-01-02T00:00:00Z", "reprocess_behavior": "failed"})
+    assert status == 422 and "non-periodic schedule that does not support backfills" in str(out), (status, out)
+    status, details = api.get(f"/api/v2/dags/{DAG_ID}/details")
+    assert status == 200 and details["timetable_summary"] in (None, "None"), details.get("timetable_summary")
+    assert "**Backfill is off**" in details["doc_md"] and "Clear only failed tasks" in details["doc_md"]
+
+
+def test_rerun_failed_refuses_a_run_whose_work_directory_is_gone(airflow, runs, capsys):
+    from lottery.deploy import rerun
+
+    _, api = airflow
+    status, out = api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(runs['gone'], safe='')}", {"state": "failed"})
+    assert status == 200, out
+    said: list[str] = []
+    assert rerun.rerun_failed(api, [runs["gone"]], None, None, say=said.append) == 1
+    assert len(said) == 1 and "not cleared: its work directory" in said[0] and "lenet_300_100-deleted is gone" in said[0], said

@@ -5,15 +5,18 @@
 In order, on one tiny run triggered from the form (300 images, 1 epoch, 2 masks x 2 rewind points,
 no controls): log in; a bad param refused; trigger with changed params; the mapped late_reset
 instances with readable names; a ticket's log with an epoch line; the report tab (plot loaded, the
-table), saved as docs/img/report-tab.png; a ticket made to fail (its mask damaged), cleared,
-failed (the run with it), repaired, cleared, recovered (the run with it). A failed test leaves a
-screenshot in build/ui-screenshots/.
-About 3 minutes on 2 cores, most of it the run.
+table), saved as docs/img/report-tab.png; three tickets made to fail (their masks damaged), the run failed, repaired, and the run's "Clear only
+failed tasks" re-running exactly those; two more runs of the same config, one ticket failed in each of
+the three, re-run through REST ``only_failed`` and ``lottery rerun-failed --since``. A failed test
+leaves a screenshot in build/ui-screenshots/.
 """
 
 import os
 import re
 import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -47,6 +50,7 @@ try:
     from playwright import sync_api
 except ImportError:
     pytest.fail("no playwright: `make install` installs it (requirements.txt)", pytrace=False)
+sync_api.expect.set_options(timeout=30_000)  # a loaded machine renders slowly; a real failure still fails
 
 
 # ---- Airflow and the browser ------------------------------------------------------------------------
@@ -247,52 +251,159 @@ def test_the_report_tab_shows_the_plot_and_the_table(airflow, page):
     page.set_viewport_size({"width": 1440, "height": 1000})
 
 
-def clear_ticket(page, local, api, run_id: str) -> None:
-    """Clear the first late_reset instance from its page, with its downstream tasks (the dialog's
-    default); done when Airflow has taken it back (its state left the finished one). The dialog is
-    opened again if the first try did not take. Call it on a finished run only: while the report
-    still runs, Airflow refuses the clear (409), and a clear that lands just as the run is being
-    marked failed can leave the ticket unscheduled in a failed run."""
-    before = first_ticket_state(api, run_id)
-    assert run_state(api, run_id) in ("success", "failed"), f"clearing while the run is unfinished: {states(api, run_id)}"
-    for _ in range(3):
-        page.goto(run_url(local, run_id, "/tasks/late_reset/mapped/0"))
-        sync_api.expect(page.get_by_text(re.compile(r"late_reset \[\d")).first).to_be_visible()
-        page.keyboard.press("Shift+C")  # the page's "Clear Task Instance" (an icon button; its tooltip names the key)
-        dialog = page.get_by_role("dialog")
-        sync_api.expect(dialog.get_by_text(re.compile("Clear Task Instance", re.I)).first).to_be_visible()
-        sync_api.expect(dialog.get_by_role("button", name="Confirm")).to_be_enabled()
-        dialog.get_by_role("button", name="Confirm").click()
-        try:
-            helpers.wait_for(lambda: first_ticket_state(api, run_id) != before, 20, "the clear to take", interval=1)
-            return
-        except TimeoutError:
-            continue
-    raise AssertionError(f"clearing late_reset[0] did not take (state still {before})")
+# The tickets made to fail (their masks damaged): three of the four; the fourth is never touched.
+FAILING = ("sp50.000__0it", "sp50.000__2it", "sp75.000__2it")
+KEPT = "sp75.000__0it"
 
 
-def test_a_failed_ticket_is_cleared_and_recovers(airflow, page):
+def the_workdir(art: Path) -> Path:
+    return next(p for p in art.iterdir() if p.name.startswith("lenet_300_100-"))
+
+
+def mtimes(directory: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def ticket_indices(api, run_id: str, names) -> list[int]:
+    """The map indices of the late_reset instances that train the tickets ``names`` (plan_tickets' XCom)."""
+    kwargs = api.xcom(run_id, "plan_tickets")
+    return [i for i, k in enumerate(kwargs) if f"{k['mask']['mask_id']}__{k['rewind']}" in names]
+
+
+def break_tickets(workdir: Path, names) -> dict[Path, bytes]:
+    """Delete the tickets ``names`` and damage their masks (a ticket then fails at once, without
+    retries, naming the mask); returns the masks' good bytes, to repair them."""
+    good = {}
+    for name in names:
+        shutil.rmtree(workdir / "tickets" / name)
+        mask = workdir / "masks" / f"{name.split('__')[0]}.npz"
+        good.setdefault(mask, mask.read_bytes())
+        mask.write_bytes(good[mask][:-40] + b"\0" * 40)
+    return good
+
+
+def check_try(api, run_id: str) -> int:
+    return next(t["try_number"] for t in api.task_instances(run_id) if t["task_id"] == "check_results")
+
+
+def wait_rerun(local, api, run_id: str, before: int, what: str) -> str:
+    """The run's state once a clear has re-run it to the end: check_results (cleared by every kind of
+    clear) has a new try and the run has finished (a fast re-run may finish before a poll sees it run)."""
+    def finished() -> str | None:
+        state = run_state(api, run_id)
+        return state if state in ("success", "failed") and check_try(api, run_id) > before else None
+    return wait_for(local, api, run_id, finished, what)
+
+
+def fail_tickets(local, api, run_ids, names) -> None:
+    """Clear the late_reset instances of ``names`` (with downstream) in each finished run: they fail."""
+    before = {}
+    for run_id in run_ids:
+        before[run_id] = check_try(api, run_id)
+        indices = ticket_indices(api, run_id, names)
+        status, out = api.post(f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {
+            "dag_run_id": run_id, "task_ids": [["late_reset", i] for i in indices], "include_downstream": True,
+            "only_failed": False, "dry_run": False})
+        assert status == 200, out
+    for run_id in run_ids:
+        assert wait_rerun(local, api, run_id, before[run_id], "the run to fail") == "failed", states(api, run_id)
+        failed = {i for i, (_, state) in tickets(api, run_id).items() if state == "failed"}
+        assert failed == set(ticket_indices(api, run_id, names)), states(api, run_id)
+
+
+def clear_only_failed_in_the_ui(page, local, run_id: str) -> None:
+    """The run's *Clear Run* (the icon button on its page; its tooltip names Shift+C), *Clear only
+    failed tasks*, *Confirm*."""
+    page.goto(run_url(local, run_id))
+    page.get_by_role("button", name=re.compile(r"^(Press shift\+c to clear|Clear Dag Run)$", re.I)).first.click()
+    dialog = page.get_by_role("dialog")
+    sync_api.expect(dialog.get_by_text(re.compile("Clear .*Run", re.I)).first).to_be_visible()
+    dialog.get_by_text("Clear only failed tasks", exact=True).first.click()
+    sync_api.expect(dialog.get_by_role("button", name="Confirm")).to_be_enabled()
+    dialog.get_by_role("button", name="Confirm").click()
+
+
+def report_tab(page, local, run_id: str):
+    page.goto(run_url(local, run_id, "/plugin/lottery-report"))
+    return page.frame_locator("iframe[title=Report]")
+
+
+def test_the_failed_tickets_of_a_run_rerun_with_one_clear(airflow, page):
+    """Three of four tickets fail (their masks damaged), the run fails; the cause is fixed and the
+    run's "Clear only failed tasks" re-runs exactly those three: the run ends success and its report
+    is written again (check_results rebuilds it from disk; ``report`` itself is not cleared)."""
     local, api, art = airflow
     run_id = the_run(api)
-    workdir = next(p for p in art.iterdir() if p.name.startswith("lenet_300_100-"))
-    mask, ticket = workdir / "masks" / "sp50.000.npz", workdir / "tickets" / "sp50.000__0it"
-    good = mask.read_bytes()
-    shutil.rmtree(ticket)  # retrain it ...
-    mask.write_bytes(good[:-40] + b"\0" * 40)  # ... from a damaged mask: it fails, without retries
+    workdir = the_workdir(art)
+    kept = mtimes(workdir / "tickets" / KEPT)
+    good = break_tickets(workdir, FAILING)
     try:
-        clear_ticket(page, local, api, run_id)
-        wait_for_ticket(local, api, run_id, "failed", "the damaged ticket to fail")
-        # The report and check_results run again after it (cleared with it): the run shows the failure.
-        assert wait_for_run(local, api, run_id, "the run to finish after the failed ticket") == "failed", states(api, run_id)
-        page.goto(run_url(local, run_id, "/plugin/lottery-report"))
-        frame = page.frame_locator("iframe[title=Report]")
+        fail_tickets(local, api, [run_id], FAILING)
+        frame = report_tab(page, local, run_id)
+        sync_api.expect(frame.locator("#problems-title")).to_have_text("Failed or missing (3)")
         sync_api.expect(frame.locator("#problems")).to_contain_text("CorruptArtifactError")
-        sync_api.expect(frame.locator("#problems a").first).to_have_attribute("href", re.compile(r"/tasks/late_reset/mapped/0$"))
+        sync_api.expect(frame.locator("#rerun")).to_contain_text("Clear only failed tasks")
+        sync_api.expect(frame.locator("#rerun a")).to_have_attribute("href", re.compile(rf"/runs/{re.escape(quote(run_id, safe=''))}$"))
     finally:
-        mask.write_bytes(good)
-    clear_ticket(page, local, api, run_id)
-    wait_for_ticket(local, api, run_id, "success", "the cleared ticket to recover")
-    assert wait_for_run(local, api, run_id, "the run to finish after the recovery") == "success", states(api, run_id)
-    assert (ticket / "result.json").is_file()
-    page.goto(run_url(local, run_id, "/tasks/late_reset/mapped/0"))
+        for mask, data in good.items():
+            mask.write_bytes(data)
+    report_before = (workdir / "report" / "report.md").stat().st_mtime_ns
+    tries = {t["task_id"]: t["try_number"] for t in api.task_instances(run_id) if t["map_index"] < 0}
+    clear_only_failed_in_the_ui(page, local, run_id)
+    assert wait_rerun(local, api, run_id, tries["check_results"], "the run after the clear") == "success", states(api, run_id)
+    assert all((workdir / "tickets" / name / "result.json").is_file() for name in FAILING)
+    assert mtimes(workdir / "tickets" / KEPT) == kept  # never trained again
+    tis = {t["task_id"]: t for t in api.task_instances(run_id) if t["map_index"] < 0}
+    # report was not cleared (it had succeeded): check_results rewrote the report from disk
+    assert tis["report"]["try_number"] == tries["report"] and tis["check_results"]["try_number"] == tries["check_results"] + 1
+    md = workdir / "report" / "report.md"
+    assert md.stat().st_mtime_ns > report_before and "## Failed or missing (0)" in md.read_text()
+    frame = report_tab(page, local, run_id)
+    sync_api.expect(frame.locator("#done")).to_have_text("4 of 4")
+    sync_api.expect(frame.locator("#problems-title")).to_have_text("Failed or missing (0)")
+    page.goto(run_url(local, run_id, f"/tasks/late_reset/mapped/{ticket_indices(api, run_id, FAILING)[0]}"))
     sync_api.expect(page.get_by_text(re.compile(r"epoch 1/1 +step")).first).to_be_visible(timeout=60_000)
+
+
+def lottery_cli(local, *args: str):
+    """``python -m lottery`` as the README shows it, on this Airflow's home."""
+    env = {**os.environ, "LOTTERY_AIRFLOW_HOME": str(local.home)}
+    return subprocess.run([sys.executable, "-m", "lottery", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_failed_runs_rerun_through_rest_and_the_cli(airflow):
+    """Three runs of one config (one work directory); one ticket fails in each. The first is re-run
+    with REST ``clearTaskInstances`` ``only_failed``, the other two with ``lottery rerun-failed
+    --since``: all end success, and the ticket trains once (the other runs find it done)."""
+    local, api, art = airflow
+    first = the_run(api)
+    conf = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(first, safe='')}")[1]["conf"]
+    since = datetime.now(timezone.utc).isoformat()
+    others = [api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})[1]["dag_run_id"]
+              for _ in range(2)]
+    busy = lottery_cli(local, "rerun-failed", "--run-id", others[0])  # while it runs: refused, with what to do
+    assert busy.returncode == 1 and "wait until it has finished" in busy.stdout, busy
+    for run_id in others:  # the same experiment: every unit is already done
+        assert wait_for_run(local, api, run_id, "the second run to finish", 600, 3) == "success", states(api, run_id)
+    workdir = the_workdir(art)
+    untouched = {p: t for p, t in mtimes(workdir / "tickets").items() if FAILING[0] not in str(p)}
+    good = break_tickets(workdir, FAILING[:1])
+    try:
+        fail_tickets(local, api, [first, *others], FAILING[:1])
+    finally:
+        for mask, data in good.items():
+            mask.write_bytes(data)
+    tries = {run_id: check_try(api, run_id) for run_id in [first, *others]}
+    status, out = api.post(f"/api/v2/dags/{DAG_ID}/clearTaskInstances",
+                           {"dag_run_id": first, "only_failed": True, "include_downstream": True, "dry_run": False})
+    assert status == 200 and {t["task_id"] for t in out["task_instances"]} == {"late_reset", "check_results"}, out
+    assert wait_rerun(local, api, first, tries[first], "the REST-cleared run") == "success", states(api, first)
+    done = mtimes(workdir / "tickets" / FAILING[0])
+    cli = lottery_cli(local, "rerun-failed", "--since", since)
+    assert cli.returncode == 0, cli
+    assert "2 failed run(s)" in cli.stdout and all(f"{r}: cleared 2 failed task(s)" in cli.stdout for r in others), cli.stdout
+    for run_id in others:
+        assert wait_rerun(local, api, run_id, tries[run_id], "a CLI-cleared run") == "success", states(api, run_id)
+    assert mtimes(workdir / "tickets" / FAILING[0]) == done  # trained once, by the first run
+    assert {p: t for p, t in mtimes(workdir / "tickets").items() if FAILING[0] not in str(p)} == untouched

@@ -234,10 +234,15 @@ def _log_result(label: str, result: dict) -> None:
 
 
 def report(workdir: str | None, plan: dict) -> dict[str, Any]:
+    """Write results.csv, the plot and report.md from what is on disk (failed and missing tickets listed)."""
     if not workdir:
         raise AirflowFailException("no work directory: the run failed before prepare_workdir (see the failed task above)")
     from lottery import report as reporting
+    from lottery.paths import Workdir
 
+    if not Workdir(workdir).config_json.exists():
+        raise AirflowFailException(f"the run's work directory {workdir} is gone (deleted, or not on this machine's disk): "
+                                   "nothing to report; trigger the same config again to recompute it")
     run = RunPlan.from_dict(plan)
     paths = engine_call(reporting.write_report, workdir, plan=run, run_id=get_current_context()["run_id"])
     log.info("results:\n%s", reporting.format_table(workdir, reporting.result_rows(workdir, plan=run)))
@@ -247,14 +252,17 @@ def report(workdir: str | None, plan: dict) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in paths.items()}
 
 
-def check_results(summary: dict | None) -> dict[str, Any]:
-    if not summary:
-        raise AirflowFailException("no report was written: an earlier task failed (see validate_config, preprocess, report)")
+def check_results(workdir: str | None, plan: dict) -> dict[str, Any]:
+    """Rebuild the report from disk, then fail when any combination failed or is missing. Never the
+    ``report`` task's XCom: after "Clear only failed tasks" (which leaves a successful ``report``
+    alone) the check judges, and the report shows, the tickets that were just retrained."""
+    summary = report(workdir, plan)
     problems = summary.get("problems", [])
     if problems:
         raise AirflowFailException(
             f"{len(problems)} of {summary.get('expected', '?')} combinations failed or are missing "
             f"(see {summary.get('report')}): " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "")
+            + ". Fix the cause, then clear the failed tasks of this run (README: When tickets fail)."
         )
     log.info("all %s combinations done; report %s", summary.get("expected"), summary.get("report"))
     return {"ok": True, "report": summary.get("report")}

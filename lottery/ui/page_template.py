@@ -18,7 +18,7 @@ PAGE = """<!doctype html>
  .corrupt { background: #fdecea; border: 1px solid #e99a92; padding: .6rem .8rem; }
  table { border-collapse: collapse; } td, th { border: 1px solid #d5d9e0; padding: .2rem .5rem; text-align: right; }
  th { background: #f3f5f8; } td.match { font-weight: bold; background: #e6f4ea; }
- td.failed, td.corrupt { color: #b3261e; } td.missing { color: #8a8f98; }
+ td.failed, td.corrupt, td.missing { color: #b3261e; } td.queued, td.running { color: #8a8f98; }
  img.plot { width: 100%; max-width: 720px; height: auto; border: 1px solid #d5d9e0; }
  ul.problems li { margin: .15rem 0; } code { font-size: .92em; }
 </style>
@@ -54,12 +54,20 @@ PAGE = """<!doctype html>
 {% elif m.matching %}{{ m.matching }} of {{ m.done }} levels match; the sparsest keeps {{ pct(m.sparsest_remaining) }} of the weights
 (<code>{{ m.sparsest_mask_id }}</code>){% else %}none of {{ m.done }} levels match{% endif %}</li>{% endfor %}</ul>{% endif %}
 {% endif %}
-<h2 id="problems-title">Failed or missing ({{ view.problems | length }})</h2>
-{% if view.problems %}<ul class="problems" id="problems">{% for p in view.problems %}<li>{{ p.what }}: <b>{{ p.status }}</b>
+{% macro tickets(items, css) %}<ul class="{{ css }}" id="{{ css }}">{% for p in items %}<li>{{ p.what }}: <b>{{ p.status }}</b>
 {% if p.detail %}<span class="muted">{{ p.detail }}</span>{% endif %}
 {% if p.instance %} &middot; <a target="_top" href="{{ log_url(p.instance) }}">log of {{ p.instance.task_id }}
 {%- if p.instance.map_index >= 0 %} [{{ p.instance.name or p.instance.map_index }}]{% endif %}</a> ({{ p.instance.state or "not started" }}){% endif %}
-</li>{% endfor %}</ul>{% else %}<p>None{% if view.rows %}: every combination so far finished{% endif %}.</p>{% endif %}
+</li>{% endfor %}</ul>{% endmacro %}
+{% if view.waiting %}<h2 id="waiting-title">Queued or running ({{ view.waiting | length }})</h2>{{ tickets(view.waiting, "waiting") }}{% endif %}
+<h2 id="problems-title">Failed or missing ({{ view.problems | length }})</h2>
+{% if view.problems %}{{ tickets(view.problems, "problems") }}
+<p id="rerun">{% if facts.finished %}To re-run every failed ticket at once: fix the cause, then on
+<a target="_top" href="{{ run_url }}">the run's page</a> press <b>Clear Run</b> and choose <b>Clear only failed tasks</b>
+(the CLI: <code>lottery rerun-failed --run-id {{ facts.run_id }}</code>). Finished tickets are not trained again, and the
+report is rewritten.{% else %}The run is still in progress: once it has finished, fix the cause and clear its failed tasks
+(<a target="_top" href="{{ run_url }}">the run's page</a>, <b>Clear Run</b>, <b>Clear only failed tasks</b>).{% endif %}</p>
+{% else %}<p>None{% if view.rows %}: every combination so far finished{% endif %}.</p>{% endif %}
 {% if view.experiment_id %}<h2>Experiment</h2>
 <p>Id <code id="experiment-id">{{ view.experiment_id }}</code>, work directory <code>{{ facts.workdir }}</code>.</p>
 {% if view.config %}<p>Non-default settings: {% for k, v in view.changed.items() %}<code>{{ k }}={{ v }}</code>{% if not loop.last %}, {% endif %}{% else %}none{% endfor %}.</p>

@@ -10,6 +10,7 @@ resolves a download inside the work directory or returns None.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,8 @@ log = logging.getLogger("lottery.ui")
 FINISHED_RUN_STATES = {"success", "failed"}
 # The ticket tasks whose mapped instances train the tickets (their task instance holds the log).
 TICKET_TASKS = ("late_reset", "controls")
+# A ticket without a result, by its task instance's state: still to come, or a problem.
+WAITING_STATES = {None, "none", "scheduled", "queued", "up_for_retry", "up_for_reschedule", "restarting", "deferred"}
 
 
 @dataclass
@@ -61,14 +64,24 @@ class RunFacts:
         return self.state in FINISHED_RUN_STATES
 
     def ticket_instance(self, spec: TicketSpec) -> TaskInstanceFacts | None:
-        """The mapped instance that trains ``spec`` (one ticket or its group), if it was created."""
+        """The mapped instance that trains ``spec`` (one ticket or its group), if it was created; named
+        by its map name (Airflow renders ``name`` only when the instance starts)."""
         task_id = "controls" if spec.control else "late_reset"
         for index, kwargs in enumerate(self.mapped_kwargs.get(task_id) or []):
             masks = kwargs.get("masks") or [kwargs.get("mask") or {}]
             if kwargs.get("rewind") == spec.rewind and kwargs.get("control") == spec.control and any(
                     m.get("mask_id") == spec.mask_id for m in masks):
-                return next((ti for ti in self.task_instances if ti.task_id == task_id and ti.map_index == index), None)
+                ti = next((ti for ti in self.task_instances if ti.task_id == task_id and ti.map_index == index), None)
+                if ti is not None and not ti.name:
+                    ti.name = kwargs.get("group") or _map_name(masks[0], spec)
+                return ti
         return None
+
+
+def _map_name(mask: dict, spec: TicketSpec) -> str:
+    """The name the DAG's map_index_template gives one ticket: "50.1% left, rewind 0it"."""
+    name = f"{mask.get('label') or mask.get('mask_id')}, rewind {spec.rewind}"
+    return f"{spec.control}: {name}" if spec.control else name
 
 
 @dataclass
@@ -94,7 +107,8 @@ class ReportView:
     corrupt: list[str] = field(default_factory=list)  # "<file>: <why>"
     problems: list[Problem] = field(default_factory=list)
     matching: dict[str, dict] = field(default_factory=dict)
-    models: list[str] = field(default_factory=list)  # ticket names with a model.keras to download
+    models: list[str] = field(default_factory=list)  # ticket names with a verified model.keras to download
+    waiting: list[Problem] = field(default_factory=list)  # queued or running tickets: not problems
 
     @property
     def dense_accuracy(self) -> float | None:
@@ -127,10 +141,30 @@ def build_view(facts: RunFacts) -> ReportView:
     view.rows = _rows(workdir, plan, view)
     view.dense = _read_json_or_note(workdir.dense_result, workdir, view)
     view.matching = report.matching_levels(view.rows, view.labels, view.dense_accuracy, report.MATCH_TOLERANCE)
-    view.problems = _ticket_problems(facts, view.rows) + view.problems
+    _progress(facts, view.rows)
+    tickets = _ticket_problems(facts, view.rows)
+    view.waiting = [p for p in tickets if p.status in ("queued", "running")]
+    failed_tasks = [p for p in view.problems if not (tickets and p.instance and p.instance.task_id == "check_results")]
+    view.problems = [p for p in tickets if p not in view.waiting] + failed_tasks
     done = [spec_name(r) for r in view.rows if r["status"] == "ok"]
     view.models = [name for name in done if ticket_file(workdir.path, name, done) is not None]
     return view
+
+
+def _progress(facts: RunFacts, rows: list[dict]) -> None:
+    """A ticket without a result is "queued" or "running" while its task instance is; "missing" only
+    when its instance finished (or the run did) without writing one."""
+    for row in rows:
+        if row["status"] != "missing":
+            continue
+        ti = facts.ticket_instance(TicketSpec(row["mask_id"], row["rewind"], row["control"] or None))
+        state = ti.state if ti is not None else None
+        if state == "running":
+            row["status"] = "running"
+        elif state in ("failed", "upstream_failed"):
+            row.update(status="failed", error=row["error"] or f"its task {state} without writing a result (see its log)")
+        elif state in WAITING_STATES and not facts.finished:
+            row["status"] = "queued"
 
 
 def spec_name(row: dict) -> str:
@@ -153,13 +187,45 @@ def _plan(facts: RunFacts, workdir: Workdir, view: ReportView) -> RunPlan | None
 
 def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, Any]]:
     """``report``'s rows; each damaged result file (a "corrupt" row) is also named at the top of the page."""
-    sparsity = {m.mask_id: m.sparsity for m in plan.masks}
+    sparsity, left = {m.mask_id: m.sparsity for m in plan.masks}, report.mask_remaining(workdir)
     rows = []
     for spec in report.expected_tickets(workdir, plan):
-        rows.append(report.result_row(workdir, spec, sparsity[spec.mask_id]))  # never raises: "corrupt" names the file
-        if rows[-1]["status"] == "corrupt":
-            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {rows[-1]['error']}")
+        row = report.result_row(workdir, spec, sparsity[spec.mask_id], left.get(spec.mask_id))  # never raises
+        if row["status"] == "ok" and (damage := ticket_damage(workdir.path, spec.name)):
+            row.update(status="corrupt", error="; ".join(damage))
+        if row["status"] == "corrupt":
+            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {row['error']}")
+        rows.append(row)
     return rows
+
+
+def ticket_damage(workdir: str | os.PathLike, ticket: str) -> list[str]:
+    """What no longer matches a ticket's ``result.json`` or the files it records (the engine's
+    verifier, ``lottery.files.result_damage``): ``["model.keras: 10 bytes, result.json says 36"]``;
+    [] when intact. Cached by the sizes and mtimes of the ticket's files, so that a page refresh
+    hashes only what changed."""
+    directory = Path(workdir, report.TICKETS, ticket)
+    try:
+        stamp = tuple((entry.name, *_stat(entry)) for entry in sorted(directory.iterdir()))
+    except OSError as exc:
+        return [f"{directory}: {exc}"]
+    return list(_damage(str(directory / report.RESULT_JSON), stamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _damage(result: str, stamp: tuple) -> tuple[str, ...]:
+    """``lottery.files.result_damage``, once per state of the ticket's files."""
+    from lottery.files import result_damage
+
+    return tuple(result_damage(result)[1])
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict | None:
@@ -184,7 +250,7 @@ def _ticket_problems(facts: RunFacts, rows: list[dict]) -> list[Problem]:
             continue
         spec = TicketSpec(row["mask_id"], row["rewind"], row["control"] or None)
         left = row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"]
-        what = f"{row['mask_id']} ({100 * left:.3g}% left), rewind {row['rewind']}"
+        what = f"{row['mask_id']} ({100 * left:.2f}% left), rewind {row['rewind']}"
         what += f", control {row['control']}" if row["control"] else ""
         out.append(Problem(what, row["status"], row.get("error") or "", facts.ticket_instance(spec)))
     return out

@@ -96,6 +96,11 @@ def ticket_model(dag_id: str, run_id: str, ticket: str = "") -> Response:
     if path is None:
         log.warning("report page: refused model.keras?ticket=%r of %s %s (not a model file of this run)", ticket, dag_id, run_id)
         return _not_found("no such file")
+    if ticket not in view.models:  # on disk, but it does not match its result.json (or the ticket is not done)
+        damage = "; ".join(report_data.ticket_damage(view.facts.workdir, ticket)) or "the ticket has no intact result"
+        log.warning("report page: refused the damaged model.keras of %s in %s %s: %s", ticket, dag_id, run_id, damage)
+        return _message_page(dag_id, run_id, f"Not served: the model.keras of ticket {ticket} does not match its "
+                             f"result.json ({damage}). Delete tickets/{ticket} and clear its task to train it again.", 409)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{view.experiment_id}-{ticket}-model.keras")
 
 
@@ -171,7 +176,7 @@ def _page(facts: RunFacts, view: ReportView | None, message: str = "", *, status
         plot_version=report_data.plot_key(view) if view and view.rows else "",
         tolerance=f"{100 * MATCH_TOLERANCE:g}", pct=_pct,
         config_json=json.dumps(view.config, indent=2, sort_keys=True) if view else "",
-        log_url=lambda ti: log_url(facts, ti),
+        log_url=lambda ti: log_url(facts, ti), run_url=run_url(facts),
     )
     return HTMLResponse(html, status_code=status)
 
@@ -186,9 +191,15 @@ def _not_found(why: str) -> Response:
     return Response(f"Not found: {why}\n", status_code=404, media_type="text/plain")
 
 
+def run_url(facts: RunFacts) -> str:
+    """The run's page in the UI: its *Clear Run* button re-runs the failed tasks (Airflow's own
+    action, under Airflow's own permissions)."""
+    return f"{ui_base()}/dags/{quote(facts.dag_id, safe='')}/runs/{quote(facts.run_id, safe='')}"
+
+
 def log_url(facts: RunFacts, ti: TaskInstanceFacts) -> str:
     """The task instance's page in the UI (its first tab is the log)."""
-    url = f"{ui_base()}/dags/{quote(facts.dag_id, safe='')}/runs/{quote(facts.run_id, safe='')}/tasks/{quote(ti.task_id, safe='')}"
+    url = f"{run_url(facts)}/tasks/{quote(ti.task_id, safe='')}"
     return url + (f"/mapped/{ti.map_index}" if ti.map_index >= 0 else "")
 
 
