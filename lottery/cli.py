@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from lottery import input_bench
+from lottery.deploy import rerun
 from lottery.config import CONTROLS, ConfigError, ExperimentConfig
 from lottery.errors import LotteryError
 
@@ -113,15 +114,6 @@ def cmd_report(args) -> None:
     print(json.dumps(paths, indent=2, default=str))
 
 
-def cmd_rerun_failed(args) -> int:
-    from lottery.deploy import airflow_home, rerun
-
-    home = (args.home or airflow_home.DEFAULT_HOME).resolve()
-    print(f"Airflow: {args.url or 'the make ui on ' + str(home)}")
-    api = rerun.connect(home, args.url)
-    return rerun.rerun_failed(api, args.run_id, args.since, args.until, dry_run=args.dry_run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lottery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,14 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     workdir_command("report", "write results.csv, accuracy_vs_sparsity.png and report.md", cmd_report)
 
     p = sub.add_parser("rerun-failed", help="re-run the failed tickets of finished runs (Airflow's Clear only failed tasks)")
-    runs = p.add_mutually_exclusive_group(required=True)
-    runs.add_argument("--run-id", action="append", default=[], help="a run of lottery_ticket (repeat for several)")
-    runs.add_argument("--since", help="every failed run triggered since this date (UTC): 2026-12-01 or 2026-12-01T08:00")
-    p.add_argument("--until", help="with --since: triggered until this date (UTC)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be cleared, clear nothing")
-    p.add_argument("--home", type=Path, help="the Airflow home of the running `make ui` (default: env LOTTERY_AIRFLOW_HOME, else .airflow)")
-    p.add_argument("--url", help="the api-server's URL instead (with LOTTERY_AIRFLOW_USER / LOTTERY_AIRFLOW_PASSWORD)")
-    p.set_defaults(func=cmd_rerun_failed)
+    rerun.add_arguments(p).set_defaults(func=rerun.run)
 
     p = sub.add_parser("input-bench", help="measure the input stream's img/s (and a model's train-step rate with --model)")
     input_bench.add_arguments(p).set_defaults(func=input_bench.run)

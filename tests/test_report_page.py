@@ -196,7 +196,7 @@ def test_the_page_of_a_partial_run(airflow, runs):
     assert "Failed or missing (2)" in html and "CorruptArtifactError: sp50.000.npz is truncated" in problems
     assert "Queued or running (1)" in html and "sp80.000 (20.00% left), rewind 2it: <b>queued</b>" in html
     assert "sp80.000 (20.00% left), rewind 2it:" not in problems
-    assert "model.keras: 10 bytes, not 36" in problems and "<b>corrupt</b>" in problems
+    assert "model.keras: 10 bytes, result.json says 36" in problems and "<b>corrupt</b>" in problems
     assert "The run is still in progress: once it has finished" in html and "lottery rerun-failed" not in html
     assert '<meta http-equiv="refresh"' in html  # queued: in progress
     assert 'src="plot.png?v=' in html and 'href="results.csv"' in html and "<option>sp80.000__0it</option>" in html
@@ -226,11 +226,11 @@ def test_a_truncated_model_is_flagged_and_refused(airflow, runs):
     b = base(DAG_ID, runs["good"])
     html = fetch(local, b, authed(api))[1].decode()
     damaged = html[html.index('id="corrupt"'):html.index("</div>", html.index('id="corrupt"'))]
-    assert "tickets/sp80.000__2it__random_prune: model.keras: 10 bytes, not 36" in damaged
+    assert "tickets/sp80.000__2it__random_prune: model.keras: 10 bytes, result.json says 36" in damaged
     assert "<option>sp80.000__2it__random_prune</option>" not in html
     status, body, headers = fetch(local, b + "model.keras?ticket=sp80.000__2it__random_prune", authed(api))
     assert status == 409 and headers["content-type"].startswith("text/html"), (status, body[:200])
-    assert "does not match its result.json (model.keras: 10 bytes, not 36)" in body.decode()
+    assert "does not match its result.json (model.keras: 10 bytes, result.json says 36)" in body.decode()
     assert "refused the damaged model.keras of sp80.000__2it__random_prune" in local.supervisor.log("api-server").read_text()
 
 

@@ -10,6 +10,7 @@ triggered), which every run has.
 
 from __future__ import annotations
 
+import argparse
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,27 @@ from lottery.deploy.constants import DAG_ID
 from lottery.errors import LotteryError
 
 RUNS = f"/api/v2/dags/{DAG_ID}/dagRuns"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line of ``python -m lottery rerun-failed``."""
+    runs = parser.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--run-id", action="append", default=[], help="a run of lottery_ticket (repeat for several)")
+    runs.add_argument("--since", help="every failed run triggered since this date (UTC): 2026-12-01 or 2026-12-01T08:00")
+    parser.add_argument("--until", help="with --since: triggered until this date (UTC)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be cleared, clear nothing")
+    parser.add_argument("--home", type=Path, help="the Airflow home of the running `make ui` (default: env "
+                        "LOTTERY_AIRFLOW_HOME, else .airflow)")
+    parser.add_argument("--url", help="the api-server's URL instead (with LOTTERY_AIRFLOW_USER / LOTTERY_AIRFLOW_PASSWORD)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from lottery.deploy import airflow_home
+
+    home = (args.home or airflow_home.DEFAULT_HOME).resolve()
+    print(f"Airflow: {args.url or 'the make ui on ' + str(home)}")
+    return rerun_failed(connect(home, args.url), args.run_id, args.since, args.until, dry_run=args.dry_run)
 
 
 def connect(home: Path, url: str | None) -> Api:
