@@ -33,12 +33,8 @@ from lottery.errors import CorruptArtifactError
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # A file's record, the one format that vouches for a file (a shard in a data set's manifest, the
@@ -47,14 +43,12 @@ MISSING = "missing"
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The record of the file ``path``: ``{"bytes", "sha256"}``."""
     return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def file_damage(path: str | os.PathLike, record: dict[str, Any], source: str) -> str | None:
     """What is wrong with ``path`` against its ``record`` (kept in ``source``, named in the message),
-    or None when it matches: ``"missing"``, ``"1,024 bytes, result.json says 2,048"``, ``"its sha256
-    differs from result.json (same size, 2,048 bytes)"``. The size first: it is cheap."""
+    or None when it matches. The size first: it is cheap."""
     path = Path(path)
     if not path.is_file():
         return MISSING
@@ -66,26 +60,23 @@ def file_damage(path: str | os.PathLike, record: dict[str, Any], source: str) ->
 
 
 def output_records(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Any]:
-    """What a unit of work's result lists of the files ``names`` under ``directory`` (those that
-    exist), so that "already done" can check every file it made: ``files``, ``{name: record}``, and
-    ``arrays``, the names of its array bundles (``.npz``: each vouched for by its own sealed record)."""
+    """What a result lists of the files ``names`` under ``directory`` (those that exist), so that
+    "already done" can check every file it made: records, and the array bundles (sealed apart)."""
     present = [name for name in names if (Path(directory) / name).is_file()]
     return {"files": {name: file_record(Path(directory) / name) for name in present if not name.endswith(".npz")},
             "arrays": [name for name in present if name.endswith(".npz")]}
 
 
 def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, Any]], source: str) -> list[str]:
-    """What no longer matches ``manifest`` (kept in ``source``) under ``directory``, one line per file:
-    ``"model.keras: missing"``, ``"metrics.csv: its sha256 differs from result.json ..."``."""
+    """What no longer matches ``manifest`` (kept in ``source``) under ``directory``, one line per file."""
     return [f"{name}: {damage}" for name, record in manifest.items()
             if (damage := file_damage(Path(directory) / name, record, source))]
 
 
 def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
-    """A unit of work's sealed ``result.json`` when it and every file it lists (`output_records`,
-    relative to its directory) are intact; else None, after naming the damage in the log
-    (``<label>: damaged, training it again: ...``) and removing the result, so that nothing reads
-    the unit as done while it is recomputed."""
+    """A unit of work's sealed ``result.json`` when it and every file it lists are intact; else
+    None, after logging the damage and removing the result, so that nothing reads the unit as done
+    while it is recomputed."""
     path = Path(path)
     if not path.exists():
         return None
@@ -114,33 +105,21 @@ def result_damage(path: str | os.PathLike) -> tuple[dict[str, Any] | None, list[
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (best effort: not every filesystem supports it)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        _fsync(path)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _aside_path(target: str | os.PathLike) -> Path:
-    """Where `publish_dir` moves the old copy of ``target`` while it swaps: ``<name>.old-<12 hex>``
-    beside it (the Spark job removes such leftovers of an interrupted swap)."""
+    """Where `publish_dir` moves the old ``target`` while it swaps (the Spark job removes leftovers)."""
     target = Path(target)
     return target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:12]}")
 
 
 def publish_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Put the finished directory ``staging`` in place of ``target``, atomically for readers.
-
-    ``staging`` must be a sibling of ``target`` (same filesystem). Its entries and the rename are
-    fsynced. An existing ``target`` is renamed aside, the staging directory renamed in, and the
-    old copy deleted; if the second rename fails, the old copy is put back. A reader sees the old
-    directory or the new one, never a mix. Raises OSError when ``target`` appears (non-empty)
-    between the check and the rename: callers that race other writers catch it.
-    """
+    """Put the finished directory ``staging`` (a sibling) in place of ``target``: a reader sees the
+    old directory or the new one, never a mix; the old one is put back if the swap fails. OSError
+    when ``target`` appears (non-empty) meanwhile: callers that race other writers catch it."""
     staging, target = Path(staging), Path(target)
     fsync_dir(staging)
     if not target.exists():
@@ -174,12 +153,9 @@ def new_file_mode() -> int:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp<suffix>``: a writer that picks
-    the format by the suffix still finds it); when the block succeeds, fsync it and rename it onto
-    ``path``; the temporary file is removed whatever happens.
-
-    The file gets ``mode``, by default the mode a plain ``open()`` would give it (``new_file_mode``),
-    not mkstemp's 0600: a report, a result or a model is as readable as the plot beside it."""
+    """Yield a temporary path beside ``path`` (with its suffix: writers pick the format by it); when
+    the block succeeds, fsync it and rename it onto ``path``; it is removed whatever happens. The
+    file gets ``mode``, by default that of a plain ``open()``, not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -188,7 +164,7 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
     try:
         yield tmp_path
         os.chmod(tmp_path, new_file_mode() if mode is None else mode)
-        _fsync_file(tmp_path)
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     except OSError as exc:
@@ -197,7 +173,7 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None) -> Iterator
         tmp_path.unlink(missing_ok=True)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -223,8 +199,7 @@ _BLANK_SEAL = "sha256:" + "0" * 64
 
 
 def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> None:
-    """``data`` as JSON, atomically; ``sealed`` (a dict): with its own checksum, which `read_json`
-    verifies, so that a changed byte is refused rather than read as another value."""
+    """``data`` as JSON, atomically; ``sealed`` (a dict): with its own checksum (`SEAL`)."""
     text = _json_text({**data, SEAL: _BLANK_SEAL} if sealed else data)
     if sealed:
         text = text.replace(f'"{_BLANK_SEAL}"', f'"sha256:{_sha256_text(text)}"', 1)
@@ -232,9 +207,8 @@ def write_json(path: str | os.PathLike, data: Any, *, sealed: bool = False) -> N
 
 
 def read_json(path: str | os.PathLike, *, sealed: bool = False) -> Any:
-    """The JSON in ``path``; for a sealed object (`write_json`), its content without the seal once the
-    seal matches. Unreadable JSON, a seal that does not match, or (``sealed``) none at all raise
-    CorruptArtifactError."""
+    """The JSON in ``path``, without its seal once that matches; CorruptArtifactError for bad JSON,
+    a seal that does not match, or (``sealed``) none at all."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -287,7 +261,6 @@ def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
 
 
 def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    """``csv_text``, written atomically."""
     write_text(path, csv_text(columns, rows))
 
 
@@ -304,9 +277,8 @@ def arrays_record_path(path: str | os.PathLike) -> Path:
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any], *,
                 compress: bool = False) -> None:
-    """Save named arrays (one ``<key>.npy`` member each: ``np.load(path)[key]``) and, in the sealed
-    ``<stem>.json`` beside them, their record and ``meta``; the same arrays give the same bytes.
-    ``compress``: deflate the members (a mask's booleans shrink; weights barely do)."""
+    """Save named arrays (``np.load(path)[key]``) and their record and ``meta`` in the sealed
+    ``<stem>.json``; the same arrays give the same bytes. ``compress``: for masks (weights barely shrink)."""
     path = Path(path)
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with atomic_path(path) as tmp:
@@ -333,8 +305,7 @@ def _arrays_meta(path: Path) -> tuple[str | None, Any]:
 
 
 def arrays_damage(path: str | os.PathLike) -> str | None:
-    """What is wrong with the array bundle ``path`` (``"missing"``, ``"its sha256 differs from
-    3it.json …"``), or None when it matches its sealed record."""
+    """What is wrong with the array bundle ``path``, or None when it matches its sealed record."""
     path = Path(path)
     return MISSING if not path.is_file() else _arrays_meta(path)[0]
 
@@ -346,8 +317,7 @@ def remove_arrays(path: str | os.PathLike) -> None:
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays, meta) that :func:`save_arrays` wrote, once the file matches its record; a damaged
-    file, or one without its record, raises CorruptArtifactError naming it."""
+    """(arrays, meta) that `save_arrays` wrote; CorruptArtifactError when it does not match its record."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

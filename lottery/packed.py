@@ -1,22 +1,15 @@
 """Packed training: the tickets of one rewind point trained side by side in one compiled step.
 
 Tickets that share a rewind point share their start weights, optimizer state and data order: only
-the mask differs (and, for ``random_reinit``, the start weights). On the JAX backend a *pack* of
-tickets trains as one program: every variable (weights, BatchNorm statistics, optimizer iterations
-and slots, and the masks, which the optimizer holds: `lottery.pruning.MaskConstraint`) is stacked
-with a leading ticket axis, and one ``jax.jit(jax.vmap(step))`` trains them all on the shared batch:
-``model.stateless_call`` and ``optimizer.stateless_apply`` under ``vmap``. A LeNet step at batch 128
+the mask differs (and, for ``random_reinit``, the start weights). On the JAX backend every variable
+of a *pack* (the masks included: the optimizer holds them) is stacked with a leading ticket axis,
+and one ``jax.jit(jax.vmap(step))`` trains them all on the shared batch. A LeNet step at batch 128
 is bound by dispatch on a GPU, not arithmetic: a pack of 20 costs about one step.
 
-Each ticket's artifacts are written exactly as when it trains alone: at every epoch end its slice of
-the stacked state goes into the host model and through the same `epoch_saver` (metrics.csv, the
-epoch checkpoint, so a killed pack resumes ticket by ticket); at the end its model.keras and
-result.json. A ticket trained packed matches its unpacked training within floating-point
-reassociation (docs/packing.md says how close).
-
-Pack size (`pack_size`): ``pack`` / ``--pack N`` / ``LOTTERY_PACK``, else from the accelerator's
-free memory and an estimate of one ticket's bytes; 1 (sequential) on CPU and on other backends.
-A pack that does not fit (XLA ``RESOURCE_EXHAUSTED``) is halved and retried, with a log line.
+Each ticket's artifacts are written exactly as when it trains alone (its slice of the state goes
+through the host model and the same `epoch_saver`, so a killed pack resumes ticket by ticket); it
+matches its unpacked training within floating-point reassociation (docs/packing.md). A pack that
+does not fit (XLA ``RESOURCE_EXHAUSTED``) is halved and retried, with a log line.
 
 No TensorFlow here; jax is imported only on the JAX backend (inside the functions).
 """

@@ -3,15 +3,10 @@
 A mask is a dict `{variable.path: np.ndarray[bool]}` (True = kept) over the
 prunable weights of `lottery.models.prunable_weights`.
 
-Counting rule: in every pruning group (all layers together for the global
-scope, or one layer) exactly `round(rate * group size)` weights are removed:
-the smallest magnitudes, found with a stable argsort so that ties (e.g. the
-exact zeros of an already pruned ticket) are broken by position and can never
-change the counts.
-
-Dead layers: like OpenLTH, global pruning does not protect any layer; at very
-high sparsity a layer can lose every weight. `mask_report` lists such layers
-under `dead_layers` so that callers can see (and report) it.
+In every pruning group (all layers, or one layer) exactly `round(rate * size)`
+weights are removed, ranked by a stable argsort: ties (the zeros of an already
+pruned ticket) are broken by position and never change the counts. Like OpenLTH,
+global pruning protects no layer; `mask_report` lists the dead ones.
 
 Keras 3 / numpy only: no TensorFlow import, so this runs on the JAX backend.
 """
@@ -34,8 +29,6 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 
 def _numpy(value):
-    if isinstance(value, np.ndarray):
-        return value
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
@@ -56,24 +49,11 @@ def _prune_group(magnitudes, rate, paths):
 
 def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
                     output_factor=1.0, prior_mask=None):
-    """Masks that remove the smallest-magnitude weights.
-
-    Args:
-        weights: {path: array} of the weights to rank (numpy or Keras variables).
-        sparsity: fraction of weights removed, in [0, 1].
-        scope: "global": one magnitude ranking across all layers;
-            "layerwise": each layer pruned at `sparsity` on its own.
-        output_path: the output layer's kernel path. With `output_factor != 1`
-            it is pruned by its own ranking at `min(1, output_factor * sparsity)`
-            and (global scope) left out of the global ranking.
-        output_factor: see `output_path`.
-        prior_mask: optional mask of an earlier pruning round: its removed
-            weights rank below every surviving weight, so they stay removed
-            (a ValueError if the new rate would bring any back).
-
-    Returns:
-        {path: bool array} in the order of `weights`, True = kept.
-    """
+    """{path: bool array, True = kept} in the order of `weights` (numpy or Keras variables),
+    removing the fraction `sparsity` of smallest magnitudes: across all layers ("global" scope) or
+    in each layer. The output layer (`output_path`) is ranked on its own at
+    `min(1, output_factor * sparsity)` when `output_factor != 1`. The weights `prior_mask`
+    removed rank below every other, so they stay removed (ValueError if any would come back)."""
     sparsity = float(sparsity)
     output_factor = float(output_factor)
     _check_arguments(weights, sparsity, scope, output_path, output_factor)
@@ -184,9 +164,7 @@ def mask_report(mask, weights=None):
 
 
 def save_mask(path, mask, meta):
-    """Writes `mask` to `path` (.npz, keys = weight paths, byte-for-byte
-    reproducible) with `meta` in its sealed `<stem>.json`
-    (`lottery.files.save_arrays`)."""
+    """`mask` as a reproducible .npz keyed by weight path, `meta` in its sealed `<stem>.json`."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"mask files end in .npz; got {path}")
@@ -196,32 +174,20 @@ def save_mask(path, mask, meta):
     save_arrays(path, {key: np.asarray(layer, dtype=bool) for key, layer in mask.items()}, meta, compress=True)
 
 
-def load_mask(path):
-    """Reads a mask written by `save_mask`: returns (mask, meta). A file
-    that does not match its record, or has none, raises CorruptArtifactError
-    naming it."""
-    return load_arrays(path)
+load_mask = load_arrays  # (mask, meta) of a `save_mask` file, verified against its record
 
 
 # --- applying masks ----------------------------------------------------------
 
 
 class MaskConstraint(keras.constraints.Constraint):
-    """Keeps pruned weights at exactly +0.0.
+    """Keeps pruned weights at exactly +0.0: Keras 3 optimizers apply `variable.constraint` after
+    every update, whatever the optimizer does. Set on the variable, not in the layer's config, so
+    it is not serialised: `apply_mask` re-attaches it after loading.
 
-    Keras 3 optimizers apply `variable.constraint` after every update inside
-    the train step, so this holds whatever the optimizer does (momentum,
-    weight decay, Adam moments). Set on the variable itself, never in a
-    layer's config: it is not serialised with the model and must be
-    re-attached (`apply_mask`) after loading.
-
-    The mask is *state* of the compiled step, not a constant: a boolean
-    `keras.Variable` (`self.keep`) that `set` assigns. Once a model is
-    compiled, `apply_mask` creates it as an optimizer variable (the optimizer
-    applies the constraint, and on JAX only the variables it holds are inputs
-    of the compiled step), so the tickets of a group switch masks without
-    retracing. `is_mask_state` tells checkpoints to leave it out.
-    """
+    The mask is state of the compiled step (`self.keep`, a boolean variable that `set` assigns),
+    created as an optimizer variable once the model is compiled (on JAX only the optimizer's
+    variables are inputs of the step), so tickets switch masks without retracing."""
 
     def __init__(self, mask, inner=None, keep=None):
         self.inner = inner  # a constraint the variable had before; applied first
@@ -272,10 +238,8 @@ def _mask_constraint(model, variable, layer):
 
 
 def apply_mask(model, mask):
-    """Zeroes the pruned weights of `model` and keeps them at 0.0 during training.
-
-    Applying another mask to the same model later assigns the same mask
-    variables: a compiled train step keeps working, with the new mask."""
+    """Zeroes the pruned weights of `model` and keeps them at 0.0 during training; a later mask
+    assigns the same mask variables, so a compiled train step keeps working."""
     variables = prunable_weights(model)
     unknown = sorted(set(mask) - set(variables))
     if unknown:

@@ -1,26 +1,18 @@
 """The numpy input pipeline: `ShardedDataset`'s streams without TensorFlow (docs/data-format.md).
 
 `ArrayDataset(data_dir, split, cache=...)` has `ShardedDataset`'s interface and epoch plan
-(`lottery.data.epochs`), so for the same `(seed, epoch)` it yields the same examples in the same
-order with the same augmentation parameters:
+(`lottery.data.epochs`): for the same `(seed, epoch)`, the same examples in the same order with
+the same augmentation parameters.
 
-* `cache=True`: the split is decoded once (Pillow, `lottery.data.example`) into a uint8
-  `[N, H, W, C]` array, shared with `ShardedDataset` through `<data_dir>/.decoded/` (png and raw
-  decode to the same pixels in both; a jpeg split decoded by Pillow is kept under its own name,
-  `<split>-<dataset_id>-pillow.npz`, since TensorFlow's jpeg decoder gives slightly different
-  pixels); an epoch is the same permutation, cut into the same batches;
-* `cache=False`: the epoch is the same positions in the same order as tf.data reads them (file
-  order, deterministic interleave over `interleave_cycle` shards, windowed shuffle:
-  `epochs.streamed_epoch`); each batch is read, decoded, augmented and normalised by one of
-  `workers` processes (`lottery.data.workers`, default `LOTTERY_DATA_WORKERS` or the task's cores;
-  0: in this process), `prefetch` batches per worker in flight, yielded in order;
-* augmentations: `none` and `crop_flip` give bit-identical batches to `ShardedDataset`;
-  `random_resized_crop` cuts the same boxes (scale, aspect ratio, position, flip: the epoch plan's)
-  with Pillow's C resize (`lottery.data.hostaug`): the same distribution, not the same pixels.
+* `cache=True`: the split is decoded once into a uint8 array shared with `ShardedDataset` through
+  `<data_dir>/.decoded/` (a jpeg split decoded by Pillow is kept under its own name: TensorFlow's
+  jpeg decoder gives slightly different pixels);
+* `cache=False`: the positions tf.data reads (`epochs.streamed_epoch`), each batch read, decoded,
+  augmented and normalised by one of `workers` processes (`lottery.data.workers`; 0: this one);
+* `none` and `crop_flip` give bit-identical batches to `ShardedDataset`; `random_resized_crop`
+  cuts the same boxes with Pillow's resize (`hostaug`): the same distribution, not the same pixels.
 
-The streams are `keras.utils.PyDataset`s (what `model.fit` / `model.evaluate` take on every
-Keras backend), re-iterable, with a `take(n)` like `tf.data.Dataset.take`.  Batches are
-`(float32 [B, H, W, C], int32 [B])` numpy arrays.
+The streams are re-iterable `keras.utils.PyDataset`s (every Keras backend) with a `take(n)`.
 """
 from __future__ import annotations
 
@@ -45,11 +37,8 @@ log = logging.getLogger("lottery.data")
 
 
 class ArrayDataset(SplitReader):
-    """One split of a dataset directory as numpy batch streams (no TensorFlow).
-
-    Attributes as `ShardedDataset`: `manifest`, `split`, `num_examples`, `image_shape` (H, W, C),
-    `num_classes`, `classes`, `encoding`, `mean`, `std`, `files`.
-    """
+    """One split of a dataset directory as numpy batch streams (no TensorFlow); attributes as
+    `ShardedDataset`'s."""
 
     prefetch = 2  # batches in flight per worker
 
@@ -74,10 +63,8 @@ class ArrayDataset(SplitReader):
         return images, labels
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole split decoded, in file order: uint8 `[N, H, W, C]`, int32 `[N]` (host memory).
-
-        Kept on disk beside the shards (shared with `ShardedDataset` for png/raw), so the many
-        processes of one experiment decode each split once."""
+        """The whole split decoded, in file order: uint8 `[N, H, W, C]`, int32 `[N]`; kept on disk
+        beside the shards, so the many processes of one experiment decode each split once."""
         if self._arrays is None and (loaded := self._load_decoded()) is not None:
             images, labels = loaded
             self._arrays = (images, labels.astype(np.int32, copy=False))
@@ -131,10 +118,8 @@ class ArrayDataset(SplitReader):
     # ------------------------------------------------------------------ streams
     def batches(self, batch_size: int, *, seed: int, epoch: int, augmentation: str = "none",
                 skip_batches: int = 0) -> "Batches":
-        """The training stream of one epoch: `(float32 [B, H, W, C], int32 [B])` batches,
-        shuffled/augmented as a pure function of `(seed, epoch)`, normalised, drop_remainder,
-        the first `skip_batches` batches skipped.  The same examples in the same order as
-        `ShardedDataset.batches`; decoded and augmented by the worker processes (cache=False)."""
+        """The training stream of one epoch, as `ShardedDataset.batches`: shuffled and augmented as a
+        pure function of `(seed, epoch)`, normalised, drop_remainder, `skip_batches` skipped."""
         batch_size, skip_batches = check_batch_args(batch_size, augmentation, skip_batches)
         n_batches = self.num_examples // batch_size
         skip = min(skip_batches, n_batches)
@@ -171,8 +156,7 @@ class ArrayDataset(SplitReader):
         return counts
 
     def _run(self, tasks, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The batches of `tasks` (`workers.WorkerPool.run`'s), by the worker pool, or in this
-        process when `workers` is 0 (the same values either way)."""
+        """The batches of `tasks`, by the worker pool, or in this process when `workers` is 0."""
         if self.workers > 0:
             if self._pool is None:
                 self._pool = WorkerPool(self.files, encoding=self.encoding, shape=self.image_shape, scale=self._scale,
@@ -233,10 +217,12 @@ class ArrayDataset(SplitReader):
 
 # ---------------------------------------------------------------------- batch streams for Keras
 class Batches(keras.utils.PyDataset):
-    """A finite, re-iterable stream of `(x, y)` numpy batches that `model.fit` / `evaluate` take."""
+    """A finite, re-iterable stream of `(x, y)` numpy batches that `model.fit` / `evaluate` take,
+    made by `source` (a function of the batch index, or of the index to start a stream at)."""
 
-    def __init__(self, length: int):
+    def __init__(self, source: Callable, length: int):
         super().__init__(workers=1, use_multiprocessing=False)
+        self._source = source
         self._length = max(int(length), 0)
 
     def __len__(self) -> int:
@@ -252,7 +238,8 @@ class Batches(keras.utils.PyDataset):
 
     def take(self, count: int) -> "Batches":
         """The first `count` batches (all of them when `count` is negative or too large)."""
-        raise NotImplementedError
+        count = int(count)
+        return type(self)(self._source, self._length if count < 0 else min(count, self._length))
 
     def __iter__(self):
         for i in range(self._length):
@@ -262,16 +249,8 @@ class Batches(keras.utils.PyDataset):
 class IndexedBatches(Batches):
     """Batches computed independently by index (a split held in memory)."""
 
-    def __init__(self, batch: Callable[[int], tuple[np.ndarray, np.ndarray]], length: int):
-        super().__init__(length)
-        self._batch = batch
-
     def __getitem__(self, index: int):
-        return self._batch(self._check(index))
-
-    def take(self, count: int) -> "IndexedBatches":
-        count = int(count)
-        return IndexedBatches(self._batch, self._length if count < 0 else min(count, self._length))
+        return self._source(self._check(index))
 
 
 class StreamedBatches(Batches):
@@ -279,15 +258,14 @@ class StreamedBatches(Batches):
     one reader; any other index starts a new reader there (correct, but reads from the start)."""
 
     def __init__(self, stream: Callable[[int], Iterator], length: int):
-        super().__init__(length)
-        self._stream = stream
+        super().__init__(stream, length)
         self._reader: Iterator | None = None
         self._next = 0
 
     def __getitem__(self, index: int):
         index = self._check(index)
         if self._reader is None or index != self._next:
-            self._reader = self._stream(index)
+            self._reader = self._source(index)
             self._next = index
         try:
             batch = next(self._reader)
@@ -299,16 +277,12 @@ class StreamedBatches(Batches):
         return batch
 
     def __iter__(self):
-        reader = self._stream(0)  # an iterator of its own: two loops over one stream do not interfere
+        reader = self._source(0)  # an iterator of its own: two loops over one stream do not interfere
         for _ in range(self._length):
             try:
                 yield next(reader)
             except StopIteration:
                 raise DataFormatError("the shards ended early: fewer records than the manifest says") from None
-
-    def take(self, count: int) -> "StreamedBatches":
-        count = int(count)
-        return StreamedBatches(self._stream, self._length if count < 0 else min(count, self._length))
 
 
 # ---------------------------------------------------------------------- numpy augmentations

@@ -1,17 +1,11 @@
 """The epoch plan: the TensorFlow-free half of a split reader, shared by both input pipelines.
 
-`lottery.data.pipeline.ShardedDataset` (tf.data) and `lottery.data.arrays.ArrayDataset` (numpy,
-for the JAX backend on machines without TensorFlow) both derive from `SplitReader`, so they read
-the same manifest the same way and follow the same *epoch plan*:
-
-* every random choice of an epoch (shard order, shuffle keys, the permutation of a cached split,
-  augmentation parameters) is drawn with numpy from `SeedSequence([seed, epoch, stream])`
-  (`epoch_rng`) and indexed by the element's position in the epoch;
-* `augment_params` gives the per-position augmentation parameters;
-* `cached_epoch` gives the batches (as indices into the decoded split) of a cached epoch;
-* `decoded_path` / `load_decoded` / `save_decoded`: the decoded split kept on disk beside the
-  shards (`<data_dir>/.decoded/<split>-<dataset_id>.npz`), written by whichever reader decodes
-  first and read by both.
+`lottery.data.pipeline.ShardedDataset` (tf.data) and `lottery.data.arrays.ArrayDataset` (numpy)
+both derive from `SplitReader`, so they read the same manifest the same way and follow the same
+epoch plan: every random choice of an epoch (shard order, shuffle keys, the permutation of a cached
+split, augmentation parameters) is drawn with numpy from `SeedSequence([seed, epoch, stream])`
+(`epoch_rng`) and indexed by the element's position in the epoch. The decoded split is kept on
+disk beside the shards, written by whichever reader decodes first and read by both.
 
 Nothing here imports TensorFlow (or Keras).
 """
@@ -62,13 +56,9 @@ def check_batch_args(batch_size, augmentation: str, skip_batches) -> tuple[int, 
 
 def augment_params(augmentation: str, n: int, image_shape, seed: int, epoch: int) -> np.ndarray | None:
     """Per-position augmentation parameters of one epoch of `n` elements, or None for "none".
-
-    * `crop_flip`: int32 `[n, 3]` = (row offset, column offset) into the image zero-padded by
-      `CROP_PAD` on every side, each in `[0, 2 * CROP_PAD]`, and a 0/1 horizontal flip;
-    * `random_resized_crop` (Inception / torchvision RandomResizedCrop): float32 `[n, 4]` boxes
-      `[y1, x1, y2, x2]` in normalised coordinates (`tf.image.crop_and_resize` convention); a
-      flipped crop is a mirrored box (`x1 > x2`).
-    """
+    `crop_flip`: int32 `[n, 3]`, (row, column) offsets into the image padded by `CROP_PAD` and a
+    0/1 flip; `random_resized_crop` (torchvision's): float32 `[n, 4]` boxes `[y1, x1, y2, x2]` in
+    `tf.image.crop_and_resize` coordinates, a flipped crop being a mirrored box (`x1 > x2`)."""
     h, w = int(image_shape[0]), int(image_shape[1])
     if augmentation == "none":
         return None
@@ -113,13 +103,9 @@ def augment_params(augmentation: str, n: int, image_shape, seed: int, epoch: int
 
 def cached_epoch(n: int, batch_size: int, seed: int, epoch: int, skip_batches: int,
                  params: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The batches of one epoch over a split held in memory (`cache=True`).
-
-    The epoch is a full permutation of the `n` examples, cut into `n // batch_size` batches
-    (drop_remainder), the first `skip_batches` skipped.  Returns `order` int64
-    `[batches, batch_size]` (indices into the decoded split) and the matching augmentation
-    parameters `[batches, batch_size, k]` (`k = 0` for no augmentation).
-    """
+    """The batches of one epoch over a split held in memory: a permutation of the `n` examples cut
+    into `n // batch_size` batches, `skip_batches` skipped, as `order` `[batches, batch_size]` and
+    the matching augmentation parameters `[batches, batch_size, k]` (`k = 0`: none)."""
     n_batches = n // batch_size
     skip = min(int(skip_batches), n_batches)
     nb = n_batches - skip
@@ -190,11 +176,7 @@ def streamed_epoch(seed: int, epoch: int, counts, cycle_length: int, window: int
 
 class SplitReader:
     """The TF-free part of one split of a dataset directory: manifest, checks, epoch plan and
-    the decoded-split disk cache.
-
-    Attributes: `data_dir`, `manifest`, `split`, `cache`, `files`, `num_examples`, `image_shape`
-    (H, W, C), `classes`, `num_classes`, `encoding`, `mean`, `std` (float64, per channel).
-    """
+    the decoded-split disk cache."""
 
     shuffle_window = 8192      # records shuffled together when cache=False
     interleave_cycle = 16      # shards read concurrently when cache=False
@@ -239,7 +221,6 @@ class SplitReader:
                 np.asarray(-self.mean / std, dtype=np.float32))
 
     def _augment_params(self, augmentation: str, seed: int, epoch: int) -> np.ndarray | None:
-        """Per-position augmentation parameters of one epoch ([N, k] array) or None."""
         return augment_params(augmentation, self.num_examples, self.image_shape, seed, epoch)
 
     # ------------------------------------------------------------------ decoded split on disk
@@ -253,7 +234,6 @@ class SplitReader:
         return self.data_dir / ".decoded" / f"{self.split}-{self.manifest['dataset_id']}{self.decoded_suffix}.npz"
 
     def _load_decoded(self):
-        """`(uint8 images [N, H, W, C], int32 labels [N])` from the disk cache, or None."""
         path = self._decoded_path()
         if path is None or not path.is_file():
             return None

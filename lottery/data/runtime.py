@@ -2,22 +2,14 @@
 
 Call `configure_threads` (and, in tests, `split_cpu`) before the backend runs its first op.
 
-* TensorFlow backend (`keras.backend.backend() == "tensorflow"`): TF's intra/inter-op pools and
-  the tf.data pools of `ShardedDataset`, `tf.config.experimental.enable_op_determinism()`, one
-  process-wide `tf.distribute.MirroredStrategy` when there is more than one replica device.
-* Any other backend (JAX; TensorFlow need not be installed, this module imports it only on the
-  TensorFlow backend): XLA reads its options from `XLA_FLAGS` when JAX creates its backends, so
-  these functions act before the first JAX computation:
-  - `configure_threads(n)` records `n` (the numpy input pipeline's thread count); XLA:CPU sizes
-    its own pool to the cores the process may run on (limit it with `taskset -c` / a cgroup),
-    so there is nothing else to set: it says so in the log;
-  - `enable_determinism()`: XLA:CPU is run-to-run deterministic already; on a GPU,
-    `LOTTERY_XLA_DETERMINISTIC=1` adds `--xla_gpu_deterministic_ops=true` to `XLA_FLAGS`.  It is
-    not the default because XLA:GPU then refuses to compile select-and-scatter, the gradient of
-    max pooling (conv2/4/6, vgg16), which has no deterministic GPU implementation;
-  - `split_cpu(n)`: `n` CPU devices (`jax_num_cpu_devices`), for tests of data parallelism;
-  - `distribution_scope()`: a `keras.distribution.DataParallel` scope over all devices when JAX
-    sees more than one (accelerators, else CPUs), else a null context; `num_replicas()`.
+TensorFlow backend: TF's thread pools and tf.data's, op determinism, one process-wide
+`MirroredStrategy` when there is more than one replica device. JAX (TensorFlow need not be
+installed): XLA reads `XLA_FLAGS` when JAX creates its backends, so these act before the first
+computation. XLA:CPU sizes its pool to the cores the process may run on (limit it with
+`taskset -c`) and is deterministic already; on a GPU, `LOTTERY_XLA_DETERMINISTIC=1` adds
+`--xla_gpu_deterministic_ops=true`, not the default because XLA:GPU then refuses to compile
+select-and-scatter, the gradient of max pooling (conv2/4/6, vgg16). Several devices: a
+`keras.distribution.DataParallel` scope.
 """
 from __future__ import annotations
 
@@ -29,10 +21,7 @@ import sys
 log = logging.getLogger("lottery.data")
 
 _data_threads: int | None = None
-_strategy = None
-_strategy_devices: tuple[str, ...] | None = None
-_distribution = None
-_distribution_devices: tuple[str, ...] | None = None
+_replicated: tuple[tuple[str, ...], object] | None = None  # (devices, MirroredStrategy or DataParallel)
 
 XLA_DETERMINISTIC_ENV = "LOTTERY_XLA_DETERMINISTIC"
 XLA_GPU_DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -65,9 +54,8 @@ def jax_initialised() -> bool:
 
 
 def add_xla_flags(*flags: str) -> bool:
-    """Append `flags` to `XLA_FLAGS` unless JAX is already initialised (then: False).
-
-    A flag the environment already sets (by name) is left as the user set it."""
+    """Append `flags` to `XLA_FLAGS` unless JAX is already initialised (then: False); a flag the
+    environment already sets (by name) is left as the user set it."""
     if jax_initialised():
         return False
     current = os.environ.get("XLA_FLAGS", "").split()
@@ -81,13 +69,8 @@ def add_xla_flags(*flags: str) -> bool:
 # ---------------------------------------------------------------------------------------- threads
 def configure_threads(n: int | None = None) -> int:
     """Size the backend's thread pools (and the input pipeline's) to `n` (default: the number of
-    CPUs).  Returns `n`.
-
-    TensorFlow: intra- and inter-op pools and the tf.data pools of `ShardedDataset`.  Must run
-    before TensorFlow initialises; if it is too late, logs a warning and keeps the existing pools
-    (the tf.data pool size is still applied to datasets built afterwards).  JAX: see the module
-    docstring (XLA:CPU follows the process's CPU affinity).
-    """
+    CPUs); returns `n`. Once TensorFlow is initialised it is too late for its pools (a warning);
+    tf.data's size still applies to datasets built afterwards."""
     global _data_threads
     n = int(n) if n else (os.cpu_count() or 1)
     if n < 1:
@@ -118,9 +101,7 @@ def data_threads() -> int | None:
 
 # ---------------------------------------------------------------------------------------- determinism
 def enable_determinism() -> None:
-    """Deterministic kernels: `tf.config.experimental.enable_op_determinism()` on TensorFlow; on
-    JAX, `--xla_gpu_deterministic_ops=true` when `LOTTERY_XLA_DETERMINISTIC=1` (see the module
-    docstring), else nothing (XLA:CPU is deterministic)."""
+    """Deterministic kernels (see the module docstring)."""
     if _tensorflow():
         import tensorflow as tf
 
@@ -136,10 +117,7 @@ def enable_determinism() -> None:
 
 # ---------------------------------------------------------------------------------------- devices
 def split_cpu(n: int) -> list:
-    """Configure `n` logical CPU devices (for testing data parallelism on one machine).
-
-    Must run before the backend initialises (RuntimeError otherwise).  Returns the devices.
-    """
+    """`n` logical CPU devices, for tests of data parallelism; before the backend initialises."""
     if not _tensorflow():
         import jax
 
@@ -178,41 +156,35 @@ def _replica_devices() -> tuple[str, ...]:
     return ()
 
 
+def _replicate(make, name: str):
+    """The process-wide ``make(devices)`` over the replica devices (made again when they change),
+    or None for a single device."""
+    global _replicated
+    devices = _replica_devices()
+    if not devices:
+        return None
+    if _replicated is None or _replicated[0] != devices:
+        _replicated = (devices, make(devices=list(devices)))
+        log.info("%s over %d devices: %s", name, len(devices), ", ".join(devices))
+    return _replicated[1]
+
+
 def get_strategy():
-    """The process-wide `MirroredStrategy` over all GPUs (or all logical CPUs when there is no
-    GPU and `split_cpu` made several), or None for a single device or another backend."""
-    global _strategy, _strategy_devices
+    """The `MirroredStrategy` over all GPUs (or the logical CPUs `split_cpu` made), or None."""
     if not _tensorflow():
         return None
     import tensorflow as tf
 
-    devices = _replica_devices()
-    if not devices:
-        return None
-    if _strategy is None or _strategy_devices != devices:
-        _strategy = tf.distribute.MirroredStrategy(devices=list(devices))
-        _strategy_devices = devices
-        log.info("MirroredStrategy over %d devices: %s", len(devices), ", ".join(devices))
-    return _strategy
+    return _replicate(tf.distribute.MirroredStrategy, "MirroredStrategy")
 
 
 def get_distribution():
-    """The process-wide `keras.distribution.DataParallel` over all devices JAX sees when there
-    are more than one (non-TensorFlow backends), else None.
-
-    A batch whose size does not divide evenly over the devices (the last, partial evaluation
-    batch) is replicated instead of split: every device computes all of it."""
-    global _distribution, _distribution_devices
+    """The `keras.distribution.DataParallel` over all devices JAX sees (non-TensorFlow backends),
+    or None. A batch that does not divide over the devices (the last evaluation batch) is
+    replicated instead of split."""
     if _tensorflow():
         return None
-    devices = _replica_devices()
-    if not devices:
-        return None
-    if _distribution is None or _distribution_devices != devices:
-        _distribution = _data_parallel_class()(devices=list(devices))
-        _distribution_devices = devices
-        log.info("keras.distribution.DataParallel over %d devices: %s", len(devices), ", ".join(devices))
-    return _distribution
+    return _replicate(lambda devices: _data_parallel_class()(devices=devices), "keras.distribution.DataParallel")
 
 
 def _data_parallel_class():
