@@ -2,15 +2,9 @@
 
     run_dense(cfg, data_dir, workdir) -> small result dict (what XCom may carry)
 
-Writes ``dense/result.json``, ``dense/final.keras``, ``dense/rewind/<label>.npz`` and
-``dense/metrics.csv`` (paths: lottery/paths.py); resumes from ``dense/checkpoint.npz`` when an
-earlier attempt was interrupted (unless it, or a rewind checkpoint before it, is damaged: then it
-starts over, saying so), and does nothing when the result exists and the files it lists (size and
-sha256) are intact; trains again, saying so, when they are not. Every ``.npz`` has its record in a
-sealed ``<stem>.json`` beside it (`lottery.files.save_arrays`); the result is sealed too
-(`lottery.files.write_json`). It trains under a lock (``.locks/dense.train.lock``, `lottery.locks`):
-another run of the same config, in the same work directory, waits for it and then finds it done
-instead of training it a second time.
+Resumes from ``dense/checkpoint.npz`` after an interruption (starting over, saying so, when it or
+a rewind checkpoint before it is damaged); does nothing when the result and the files it lists are
+intact. It trains under a lock: another run of the same config waits for it, then finds it done.
 """
 
 from __future__ import annotations

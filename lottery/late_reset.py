@@ -4,17 +4,13 @@ mask fixed. One ticket per (mask, rewind point); the random controls are tickets
 
     retrain(workdir, [mask, ...] | "all", rewind[, control=..., pack=...]) -> one small result per ticket
 
-Every caller (the DAG's late_reset and controls tasks, ``lottery retrain``) passes a group: one
-ticket is a group of one. A ticket done (its result.json and every file it lists intact) is not
-trained again; one that another run of the same config trains is waited for (its lock:
-`lottery.locks.wait_training_lock`) and then found done.
+A ticket done (its result and every file it lists intact) is not trained again; one that another
+run of the same config trains is waited for (its lock) and then found done.
 
-The group opens the data, builds and compiles the model once, then hands its tickets to a training
-strategy. `train_in_turn` (here) trains them one after another in that model: each ticket restores
-every variable from its rewind checkpoint (or its own checkpoint), reseeds, and assigns its mask to
-the mask variables of the compiled step (`lottery.pruning.MaskConstraint`), so the step is traced
-once and each ticket's result is bit for bit the one it gets alone. On the JAX backend with a pack
-size above 1, `lottery.packed.train_packed` trains them side by side instead.
+A group opens the data, builds and compiles the model once. `train_in_turn` trains its tickets one
+after another, each restoring every variable and assigning its mask to the mask variables of the
+compiled step, so the step is traced once and each result is bit for bit the one it gets alone. On
+the JAX backend with a pack size above 1, `lottery.packed.train_packed` trains them side by side.
 """
 
 from __future__ import annotations

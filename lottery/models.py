@@ -1,20 +1,14 @@
 """Model registry for lottery-ticket experiments (Keras 3 only, any backend).
 
-Every builder returns a functional `keras.Model` that outputs logits (no
-softmax; the trainer uses `from_logits=True`).  Every layer has an explicit
-name, so `variable.path` is identical each time a model is built: masks and
-rewind checkpoints are keyed by these paths.
+Every builder returns a functional `keras.Model` that outputs logits. Every
+layer has an explicit name, so `variable.path` is identical each time a model
+is built: masks and rewind checkpoints are keyed by these paths.
 
-Models:
-
-* `lenet_300_100`, `conv2`, `conv4`, `conv6`: Frankle & Carbin (2019), Fig. 2.
-  Gaussian Glorot initialisation, as in that paper.
-* `resnet20`, `vgg16`: the CIFAR networks of Frankle et al. (2019) and OpenLTH
-  (`cifar_resnet_20`, `cifar_vgg_16`). He (kaiming) normal initialisation with
-  fan-in, as OpenLTH's `kaiming_normal`; BatchNorm with PyTorch's momentum and
-  epsilon, gamma = 1, beta = 0.
-* `resnet50`, `mobilenetv2`: `keras.applications` (Keras' own initialisers),
-  `weights=None`, logits; inputs of at least 32x32.
+* `lenet_300_100`, `conv2`, `conv4`, `conv6`: Frankle & Carbin (2019), Fig. 2,
+  Gaussian Glorot initialisation.
+* `resnet20`, `vgg16`: OpenLTH's CIFAR networks, kaiming normal (fan-in),
+  BatchNorm with PyTorch's momentum and epsilon.
+* `resnet50`, `mobilenetv2`: `keras.applications`, `weights=None`, logits.
 
 No model has dropout: training must be exactly reproducible.
 """
@@ -240,21 +234,14 @@ def build_model(name, input_shape, num_classes, *, seed):
 
 
 def set_random_seed(seed: int) -> None:
-    """`keras.utils.set_random_seed`, without importing TensorFlow on JAX (see below)."""
     keras_without_tensorflow()
     keras.utils.set_random_seed(seed)
 
 
 def keras_without_tensorflow() -> None:
-    """On JAX, keep Keras from importing TensorFlow merely because it is installed.
-
-    Keras 3.15 imports it whenever it is installed: in `keras.utils.set_random_seed` (to seed
-    `tf.random`) and in `model.save` (to test objects against `tf.TensorShape`): 3.3 s on a quiet
-    2-core CPU, 12 s under load, in every JAX task process, for a module nothing of a JAX run
-    uses (only `lottery.data.pipeline` uses TensorFlow, and the JAX path reads with numpy). In a
-    JAX process that has not imported TensorFlow, Keras' lazy handle is marked unavailable, so it
-    skips those steps; a process that imported TensorFlow is left as it is. Tested by
-    tests/test_jax_backend.py (same draws, same saved model, TensorFlow never imported)."""
+    """On JAX, keep Keras from importing TensorFlow merely because it is installed: Keras 3.15
+    does in `set_random_seed` and `model.save` (3 to 12 s in every JAX task process, for nothing a
+    JAX run uses). A process that imported TensorFlow already is left as it is."""
     import sys
 
     if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:

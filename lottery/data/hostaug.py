@@ -1,16 +1,10 @@
 """Per-image decoding and augmentation on the host, straight from a record's bytes (numpy + Pillow).
 
-What the JAX path's data workers (`lottery.data.workers`) and the in-process numpy stream run for
-each example: parse the `tf.train.Example`, decode the image, augment it with the parameters the
-epoch plan drew for its position (`lottery.data.epochs.augment_params`), normalise it into the
-output batch (`pixel * scale + offset`, float32).
-
-* `none` and `crop_flip`: the same float32 values as `ShardedDataset` (tf.data) computes;
-* `random_resized_crop`: the epoch plan's box, cut and resized by Pillow's C resampler
-  (`Image.resize(size, BILINEAR, box=...)`, on the decoded image; a JPEG whose crop is at least
-  twice the output size is decoded at a reduced scale first, `Image.draft`), flipped when the box is
-  mirrored.  The crops (scale, aspect ratio, position, flip) are the tf.data path's; the pixels
-  differ from `tf.image.crop_and_resize` by the interpolation (pixel centres vs corners).
+What the numpy input pipeline runs for each example, with the parameters the epoch plan drew for
+its position. `none` and `crop_flip` give the same float32 values as `ShardedDataset`;
+`random_resized_crop` cuts the epoch plan's box with Pillow's resampler (a large JPEG crop is
+decoded at a reduced scale first), so its pixels differ from `tf.image.crop_and_resize` by the
+interpolation (pixel centres vs corners).
 
 No TensorFlow, no Keras: the worker processes import only this, the record format and numpy.
 """

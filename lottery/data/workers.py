@@ -1,22 +1,15 @@
 """Data worker processes for the numpy (JAX-path) input pipeline: decode + augment in parallel.
 
-`WorkerPool(files, ...)` starts `n` processes (`python -m lottery.data.workers`, importing only
-numpy, Pillow and the record format: no Keras, no TensorFlow) and feeds them *tasks*: a batch
-(or a chunk of one), given as positions `(shard index, record index)` and the epoch plan's augmentation
-parameters of those positions.  A worker reads the records itself (`tfrecord.read_record_at`,
-both CRCs checked), decodes and augments them (`lottery.data.hostaug`) and writes the normalised
-float32 batch into a slot of a shared memory block (a `memfd` the parent hands over with
-`SCM_RIGHTS`); the labels come back on its socket.  A batch is split into up to `n` chunks (one
-task each), so all workers help with every batch, the first one of a stream too.  `run(tasks)` keeps up to `depth` batches per
-worker in flight and yields the batches in task order, whatever the worker count: every value of
-a batch is a function of its positions and parameters only.
+`WorkerPool` starts processes that import no Keras or TensorFlow and feeds them *tasks*: a chunk
+of a batch as record positions and their augmentation parameters. A worker reads and checks the
+records itself, decodes and augments them, and writes the float32 batch into a shared memory block
+(a `memfd` handed over with `SCM_RIGHTS`); the labels come back on its socket. Every batch is split
+over all workers, and `run` yields the batches in task order: each value depends only on its
+positions and parameters, whatever the worker count.
 
-Failures: an exception in a worker (a corrupt shard: `CorruptDataError` naming the file and the
-byte offset) is raised in the parent, as the same exception type when it unpickles; a worker that
-dies is a `RuntimeError` naming its pid and exit status.  Lifetime: workers ignore SIGINT (the
-parent handles Ctrl-C and closes them), exit when their socket reaches end of file (the parent
-closed it or died), and a watchdog thread in each ends it within `WATCHDOG_S` once its parent pid
-changes (SIGKILL of the parent); the pool is closed at interpreter exit.
+A worker's exception is raised in the parent (as its own type when it unpickles); a dead worker is a
+`RuntimeError` naming its pid. Workers ignore SIGINT, exit at end of file on their socket, and a
+watchdog ends each within `WATCHDOG_S` once its parent is gone (SIGKILL of the parent).
 """
 from __future__ import annotations
 

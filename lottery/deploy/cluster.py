@@ -57,7 +57,7 @@ from lottery.deploy.constants import (
     DAG_ID, DEFAULT_QUEUE, GPU_QUEUE, HEARTBEAT_CHECK_INTERVAL_S, POOL_SLOTS, REPO, TASK_HEARTBEAT_TIMEOUT_S,
 )
 from lottery.deploy.databases import (
-    claim_redis_db, create_database, database_url, drop_database, pg_connect, release_redis_db,
+    claim_redis_db, create_database, database_exists, database_url, drop_database, release_redis_db,
 )
 from lottery.files import write_text
 from lottery.deploy.supervisor import Supervisor, alive, free_port, stop_groups, venv_bin, wait_until
@@ -519,16 +519,6 @@ def down(home: Path, state: State | None, *, drop: bool, pg_url: str = "", datab
         print(f"database {state.database} kept: `down --drop` drops it")
     print(f"stopped {stopped} processes")
     return 0
-
-
-def database_exists(pg_url: str, name: str) -> bool:
-    conn = pg_connect(pg_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            return cur.fetchone() is not None
-    finally:
-        conn.close()
 
 
 def workers_command(args: argparse.Namespace, home: Path) -> int:

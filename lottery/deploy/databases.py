@@ -3,6 +3,7 @@ Redis database number (the Celery broker), each claimed for one cluster and rele
 
 from __future__ import annotations
 
+from contextlib import closing
 from urllib.parse import urlsplit, urlunsplit
 
 REDIS_OWNER_KEY = "lottery-cluster-local:owner"
@@ -21,27 +22,27 @@ def pg_connect(pg_url: str, dbname: str = "postgres"):
     return conn
 
 
+def _execute(pg_url: str, statement: str, *args) -> tuple | None:
+    """Run one statement on the server's ``postgres`` database; its first row, if it returns rows."""
+    with closing(pg_connect(pg_url)) as conn, conn.cursor() as cur:
+        cur.execute(statement, args or None)
+        return cur.fetchone() if cur.description else None
+
+
+def database_exists(pg_url: str, name: str) -> bool:
+    return _execute(pg_url, "SELECT 1 FROM pg_database WHERE datname = %s", name) is not None
+
+
 def create_database(pg_url: str, name: str) -> bool:
     """Create database ``name`` unless it exists; True when it was created."""
-    conn = pg_connect(pg_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone():
-                return False
-            cur.execute(f'CREATE DATABASE "{name}"')
-            return True
-    finally:
-        conn.close()
+    if database_exists(pg_url, name):
+        return False
+    _execute(pg_url, f'CREATE DATABASE "{name}"')
+    return True
 
 
 def drop_database(pg_url: str, name: str) -> None:
-    conn = pg_connect(pg_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
+    _execute(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def database_url(pg_url: str, name: str, driver: str = "postgresql+psycopg2") -> str:

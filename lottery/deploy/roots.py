@@ -9,13 +9,11 @@ the workers, which whoever may trigger the DAG cannot change (README, "Security"
 * ``LOTTERY_ALLOWED_DATA_ROOTS``: the directories an image-folder ``dataset`` may be in or under.
   Default: none, so only the bundled ``fashion_mnist`` is read.
 
-``validate_config`` (``path_problem``) refuses a path, naming the allowed roots in words, when its
-spelling is not a plain absolute path under a root (``root_pattern``: ``..`` or ``.`` components,
-``//``, control characters, another directory that merely starts with a root's name
-(``artifacts-old``) or looks like it (a Cyrillic ``а``)), or when it resolves (``os.path.realpath``:
-symlinks, ``..``, ``/proc/self/root``) outside every resolved root, which catches a symlink inside a
-root that points out of it. The trigger form names the roots in its help; it does not check the path
-(its JSON-schema check would stop at the first bad field and answer with a regex).
+``path_problem`` refuses a path, naming the allowed roots, when it is not spelled as a plain
+absolute path under a root (``..``, ``//``, control characters, ``artifacts-old``, a Cyrillic ``а``)
+or when it resolves outside every resolved root (a symlink inside a root that points out of it).
+The trigger form only names the roots: its JSON-schema check would stop at the first bad field and
+answer with a regex.
 
 Pure Python: the DAG file imports it at parse time.
 """
