@@ -228,6 +228,14 @@ def read_json(path: str | os.PathLike, *, sealed: bool = False) -> Any:
     return data
 
 
+def json_or(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when it is missing or unreadable (a best-effort note)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
 def _looks_like_seal(value: Any) -> bool:
     """A seal whose key was damaged (an unsealed object has no such value at its top level)."""
     return isinstance(value, str) and len(value) == len(_BLANK_SEAL) and value.startswith("sha256:")

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from lottery.deploy import airflow_home
+from lottery.files import json_or
 from lottery.deploy.api import Api
 from tests.helpers import event_time, log_events, start_make_run, wait_for
 
@@ -69,7 +70,7 @@ class Probe:
         return self.out.read_text(errors="replace")
 
     def note_components(self) -> dict[str, int]:
-        pids = airflow_home.read_json(self.home / airflow_home.COMPONENTS_FILE).get("pids", {})
+        pids = json_or(self.home / airflow_home.COMPONENTS_FILE, {}).get("pids", {})
         self.sessions.update(pids.values())
         return pids
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lottery.errors import MissingDataError
-from lottery.files import publish_dir, write_text
+from lottery.files import json_or, publish_dir, write_text
 from lottery.locks import lock_path, wait_lock
 
 log = logging.getLogger("lottery.data")
@@ -99,16 +99,8 @@ def load_fashion_mnist_arrays(split: str, limit: int | None = None,
     return images, labels
 
 
-def _read_marker(out_dir: Path) -> dict | None:
-    try:
-        with open(out_dir / MARKER, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _is_complete(out_dir: Path, limit: int | None) -> dict | None:
-    marker = _read_marker(out_dir)
+    marker = json_or(out_dir / MARKER)
     if marker and marker.get("version") == EXPORT_VERSION and marker.get("limit") == limit:
         return marker
     return None
@@ -159,7 +151,7 @@ def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None
         log.info("Fashion-MNIST already exported to %s (limit=%s): %s", out_dir, limit,
                  {s: marker["counts"][s] for s in _FILES})
         return _summary(out_dir, marker, already=True, duration=time.monotonic() - start)
-    if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
+    if out_dir.exists() and any(out_dir.iterdir()) and json_or(out_dir / MARKER) is None:
         raise FileExistsError(f"{out_dir}: exists, is not empty and is not a Fashion-MNIST export; "
                               f"refusing to replace it")
 

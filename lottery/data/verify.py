@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from lottery.files import write_text
+from lottery.files import json_or, write_text
 
 from .manifest import check_shard, shard_version
 
@@ -26,10 +26,7 @@ STAMP_NAME = ".verified.json"
 
 
 def _read_stamp(data_dir: Path, dataset_id: str) -> dict:
-    try:
-        stamp = json.loads((data_dir / STAMP_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    stamp = json_or(data_dir / STAMP_NAME, {})
     if not isinstance(stamp, dict) or stamp.get("dataset_id") != dataset_id or not isinstance(stamp.get("shards"), dict):
         return {}
     return stamp["shards"]

@@ -37,6 +37,7 @@ from lottery.deploy.constants import (
     TASK_HEARTBEAT_TIMEOUT_S,
 )
 from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
+from lottery.files import json_or
 
 DEFAULT_HOME = Path(os.environ.get("LOTTERY_AIRFLOW_HOME", REPO / ".airflow"))
 USER = "admin"
@@ -110,14 +111,14 @@ def write_config(home: Path, *, parallelism: int | None = None, port: int = DEFA
         cfg.write(f)
     os.chmod(path, 0o600)
     passwords = home / "passwords.json"
-    if not passwords.exists() or USER not in read_json(passwords):
+    if not passwords.exists() or USER not in json_or(passwords, {}):
         passwords.write_text(json.dumps({USER: secrets.token_urlsafe(12)}) + "\n")
         os.chmod(passwords, 0o600)
     return path
 
 
 def password(home: Path) -> str:
-    return read_json(Path(home) / "passwords.json")[USER]
+    return json_or(Path(home) / "passwords.json", {})[USER]
 
 
 def default_backend() -> str:
@@ -232,20 +233,13 @@ class LocalAirflow:
 
 def running_ui(home: Path) -> int | None:
     """The API port of the components (a `make ui`) running on this home, if any."""
-    info = read_json(Path(home) / COMPONENTS_FILE)
+    info = json_or(Path(home) / COMPONENTS_FILE, {})
     pids, started = info.get("pids", {}), info.get("started", {})
     if not pids or not info.get("port"):
         return None
     if not all(alive(pid, started.get(name, 0.0)) for name, pid in pids.items()):
         return None
     return int(info["port"])
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

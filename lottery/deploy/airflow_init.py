@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lottery.files import write_text
+from lottery.files import json_or, write_text
 from lottery.deploy.constants import POOL, POOL_DESCRIPTION, POOL_SLOTS, SPARK_CONN_ID
 
 
@@ -66,10 +66,7 @@ def write_admin_password(user: str, password: str) -> Path:
 
     path = Path(conf.get("core", "simple_auth_manager_passwords_file"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        passwords = json.loads(path.read_text())
-    except (OSError, ValueError):
-        passwords = {}
+    passwords = json_or(path, {})
     passwords[user] = password
     write_text(path, json.dumps(passwords) + "\n", mode=0o600)
     return path
