@@ -124,7 +124,6 @@ class Workdir:
     masks_dir = _under("path", "masks")
     mask_index = _under("path", "masks", "index.json")
     tickets_dir = _under("path", TICKETS)
-    report_dir = _under("path", "report")
     report_md = _under("path", "report", REPORT_NAME)
     plot_png = _under("path", "report", PLOT_NAME)
 

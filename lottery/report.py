@@ -156,15 +156,11 @@ def write_report(
     tolerance: float = MATCH_TOLERANCE,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Write results.csv, the plot and report.md for work directory ``workdir``.
+    """Write results.csv, the plot and report.md for ``workdir``; returns their paths and a summary.
 
-    ``plan``: the tickets and controls that were planned (default: see ``summarize``); those
-    without a result are reported as missing. Returns the paths (``results_csv``, ``plot``,
-    ``report``) and a summary: ``expected`` (number of planned tickets), ``done``, ``problems``
-    (one line per failed or missing ticket), ``matching`` (per rewind point, the sparsest
-    matching level) and ``dense_val_accuracy``. ``run_id``: the DAG run the report describes;
-    report.md names it and the time it was written, so that an old report is not taken for a new one.
-    """
+    ``plan``: the tickets and controls that were planned (default: see ``summarize``); those without
+    a result are reported as missing. ``run_id``: the DAG run the report describes; report.md names
+    it and when it was written, so that an old report is not taken for a new one."""
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
     rows = summarize(workdir, plan)

@@ -20,6 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from lottery.config import ConfigError
 from lottery.dag.params import FASHION_MNIST, check_params, remaining_label
 from lottery.deploy.constants import POOL_SLOTS
+from lottery.deploy.supervisor import cores
 from lottery.errors import is_permanent
 from lottery.plan import RunPlan, check_data_size
 
@@ -37,20 +38,13 @@ MASK_KEYS = ("index", "mask_id", "sparsity", "remaining")
 
 # ---- helpers ----------------------------------------------------------------------------------
 def training_threads(kind: str) -> int:
-    """TF threads for one training task: the cores divided among the training tasks that run at once.
-
-    ``LOTTERY_THREADS`` wins. The dense network trains alone and gets every core. A ticket shares the
-    machine with the other tasks of its worker: ``[core] parallelism`` for the LocalExecutor,
-    ``[celery] worker_concurrency`` for Celery workers (and never more than the pool's slots).
-    """
+    """TF threads for one training task: the cores divided among the training tasks that run at once
+    (``LOTTERY_THREADS`` wins). The dense network trains alone; a ticket shares the machine with the
+    other tasks of its worker (its executor's slots, never more than the pool's)."""
     if os.environ.get("LOTTERY_THREADS"):
         return max(1, int(os.environ["LOTTERY_THREADS"]))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
     if kind == "dense":
-        return cores
+        return cores()
     from airflow.sdk import conf
 
     executor = conf.get("core", "executor", fallback="LocalExecutor")
@@ -58,7 +52,7 @@ def training_threads(kind: str) -> int:
         slots = conf.getint("celery", "worker_concurrency", fallback=16)
     else:
         slots = conf.getint("core", "parallelism", fallback=32)
-    return max(1, cores // max(1, min(slots, POOL_SLOTS)))
+    return max(1, cores() // max(1, min(slots, POOL_SLOTS)))
 
 
 def engine_call(fn, *args, **kwargs):

@@ -133,17 +133,10 @@ def _clean_stale_tmp(out_dir: Path) -> None:
 
 def export_fashion_mnist(out_dir: str | os.PathLike, *, limit: int | None = None,
                          source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR, progress: bool = True) -> dict:
-    """Write Fashion-MNIST as `out_dir/{train,val}/<NN_class>/<index>.png` (val = t10k).
-
-    `limit` keeps the first N images of each split.  Idempotent: when `out_dir` already holds a
-    complete export with the same limit, returns at once ("already exported"); one export at a time
-    per `out_dir` (a concurrent caller waits for it, `lottery.locks`, then finds it done).  Atomic: written
-    into a temporary sibling `.<name>.tmp-<pid>` and renamed; an existing export with another
-    limit is replaced, any other non-empty `out_dir` raises FileExistsError.
-
-    Returns `{"out_dir", "train", "val", "per_class": {split: [...]}, "classes", "class_names",
-    "limit", "already_exported", "duration_s"}`.
-    """
+    """Write Fashion-MNIST as `out_dir/{train,val}/<NN_class>/<index>.png` (val = t10k), the first
+    `limit` images of each split. A complete export with the same limit is kept ("already
+    exported"); a concurrent caller waits for the one in progress, then finds it done. An export
+    with another limit is replaced atomically; any other non-empty `out_dir` is a FileExistsError."""
     start = time.monotonic()
     out_dir = Path(out_dir)
     marker = _is_complete(out_dir, limit)

@@ -35,13 +35,8 @@ log = logging.getLogger("lottery.data")
 
 
 class ShardedDataset(SplitReader):
-    """One split of a dataset directory as tf.data streams.
-
-    Attributes: `manifest`, `split`, `num_examples`, `image_shape` (H, W, C), `num_classes`,
-    `classes`, `encoding`, `mean`, `std`, `files`.  The manifest handling, the epoch plan and the
-    decoded-split disk cache are `lottery.data.epochs.SplitReader`'s (shared with the numpy
-    `ArrayDataset`).
-    """
+    """One split of a dataset directory as tf.data streams; the manifest, the epoch plan and the
+    decoded-split disk cache are `SplitReader`'s (shared with the numpy `ArrayDataset`)."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, cache: bool = False):
         super().__init__(data_dir, split, cache=cache)

@@ -5,15 +5,10 @@ service (docker/airflow-init.sh runs it after ``airflow db migrate``; the loopba
 same script). Idempotent, in one interpreter (each ``airflow`` CLI call costs seconds):
 
 * pool ``POOL`` with ``$LOTTERY_POOL_SLOTS`` slots (default 20: one per GPU worker);
-* connection ``spark_default`` -> ``$SPARK_MASTER_URL`` (default ``spark://spark-master:7077``);
-  an existing connection keeps its extras (deploy mode, spark binary) and gets the master;
-* the password of the simple auth manager's admin user, from ``$AIRFLOW_ADMIN_PASSWORD``, in
-  ``[core] simple_auth_manager_passwords_file`` (without it the API server generates one and
-  prints it in its log);
-* ``$LOTTERY_ARTIFACT_ROOT`` exists and is writable (it is the volume every worker shares).
-
-The project-local home of ``make run`` (``lottery.deploy.airflow_home``) uses ``ensure_pool`` and
-``point_spark_default`` too.
+* connection ``spark_default`` -> ``$SPARK_MASTER_URL``, keeping an existing one's extras;
+* the admin user's password from ``$AIRFLOW_ADMIN_PASSWORD`` (without it the API server generates
+  one and prints it in its log);
+* ``$LOTTERY_ARTIFACT_ROOT`` exists and is writable (the volume every worker shares).
 """
 from __future__ import annotations
 

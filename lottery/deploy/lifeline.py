@@ -1,19 +1,15 @@
-"""A task process stops when the Airflow task supervisor that forked it is gone (issue 11, fault 3).
+"""A task process stops when the Airflow task supervisor that forked it is gone.
 
-Airflow's task supervisor (a LocalExecutor worker, a Celery pool process) forks the task process
-and puts it in a process group of its own. When the supervisor is SIGKILLed, nothing tells the task:
-it trained on as an orphan, wrote its result after everything else had stopped, and on a GPU box
-held a GPU that nothing accounted for. Here the task process asks Linux for a signal when its parent
-dies (``prctl(PR_SET_PDEATHSIG, SIGUSR2)``); its handler SIGKILLs the task's process group (the task
-and what it started). Not SIGTERM: Airflow's task runner only calls the operator's ``on_kill`` on
-SIGTERM and leaves the exit to its supervisor -- which is gone (measured: the orphan trained on).
-The retry resumes from the last epoch checkpoint (written atomically).
+Airflow's task supervisor forks the task process into a process group of its own; when the
+supervisor is SIGKILLed nothing tells the task, which would train on as an orphan (holding a GPU
+nothing accounts for). So the task process asks Linux for a signal when its parent dies
+(``PR_SET_PDEATHSIG``) and its handler SIGKILLs the task's process group. Not SIGTERM: Airflow's
+task runner leaves the exit on SIGTERM to its supervisor, which is gone. The retry resumes from the
+last epoch checkpoint.
 
-``plugins/lottery_lifeline.py`` calls ``stop_with_parent`` as the task runner starts (its
-``on_starting`` listener hook, which only a forked task process reaches: ``dag.test()`` runs in
-the caller's process and is left alone). Linux sends the signal when the *thread* that forked the
-process ends; Airflow forks from its supervisor's main thread, which lives as long as the process.
-A no-op elsewhere (macOS, Windows).
+``plugins/lottery_lifeline.py`` calls ``stop_with_parent`` as a forked task process starts
+(``dag.test()`` runs in the caller's process and is left alone). Linux signals when the forking
+*thread* ends: Airflow forks from its supervisor's main thread. A no-op off Linux.
 """
 
 from __future__ import annotations

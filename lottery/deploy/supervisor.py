@@ -1,20 +1,13 @@
 """One process supervisor for ``make run``, ``make ui`` and ``make cluster-up``.
 
-Each component is a child process in a process group of its own (so that stopping it also stops
-what it forked: LocalExecutor workers, Celery pool processes, Spark executors), with its output in
-``<log_dir>/<name>.log``. Waits fail early, naming the log, when a component dies.
-
-Airflow puts every task process in a process group of its own (``setpgid`` in its task supervisor,
-so that it can signal the task's own children): a signal to the component's group misses it. The
-supervisor therefore notes, at each ``watch()``, every process below each component (psutil), and
-``stop()`` signals those too -- including what a dead component left behind. A component started
-with ``restart=True`` is started again when it dies, at most ``restart_limit`` times within
-``restart_window`` seconds, one log line each; past the limit ``watch()`` raises ``ComponentFailed``
-naming its log. What a dead component left running (a LocalExecutor worker still supervising its
-task) is kept until it is idle, so a restarted scheduler loses no training in progress.
-
-``stop_groups`` also stops components started by an earlier process (``make cluster-down``):
-a pid is only signalled while its start time matches, so a reused pid is never hit.
+Each component is a child process in a process group of its own (stopping it stops what it
+forked), with its output in ``<log_dir>/<name>.log``. Waits fail early, naming the log, when a
+component dies. Airflow puts every task process in a group of its own, which a signal to the
+component's group misses: ``watch()`` notes every process below each component and ``stop()``
+signals those too. A component started with ``restart=True`` is restarted when it dies, up to
+``restart_limit`` times within ``restart_window`` seconds; what a dead one left running (a
+LocalExecutor worker supervising its task) is kept until idle, so no training is lost. A pid is
+only signalled while its start time matches, so a reused pid is never hit.
 """
 
 from __future__ import annotations
@@ -80,9 +73,8 @@ def alive(pid: int, created: float = 0.0) -> bool:
 
 
 class Supervisor:
-    """Start components, watch them (restarting those started with ``restart=True``), wait for
-    them, stop them all with everything below them. ``on_change`` is called after each start (the
-    caller records the pids: ``components.json``, ``cluster.json``); ``say`` prints a restart line."""
+    """Start, watch, wait for and stop components. ``on_change`` is called after each start (the
+    caller records the pids); ``say`` prints a restart line."""
 
     def __init__(self, log_dir: Path, *, on_change: Callable[[], None] | None = None,
                  restart_limit: int = RESTART_LIMIT, restart_window: float = RESTART_WINDOW_S,
@@ -235,10 +227,9 @@ def descendants(pid: int) -> dict[int, float]:
 def stop_groups(pids: dict[str, int], started: dict[str, float], *,
                 procs: dict[str, subprocess.Popen] | None = None, timeout: float = 30,
                 extra: dict[int, float] | None = None) -> None:
-    """SIGTERM to each live process group (workers first, Spark last) and to every process below
-    them that left the group (Airflow's task processes) or that ``extra`` names (pid -> start time:
-    what the caller saw below its components), then SIGKILL to what is left. ``procs``: the children
-    of this process, if any."""
+    """SIGTERM to each live process group (workers first, Spark last), to every process below them
+    that left the group and to ``extra`` (pid -> start time), then SIGKILL to what is left.
+    ``procs``: the children of this process, if any."""
     procs = procs or {}
 
     def running(name: str) -> bool:

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,8 @@ def _fmt_counts(d: dict) -> str:
 
 
 def summarize_skips(skipped: list[dict]) -> str:
-    by_code: dict[str, int] = {}
-    for s in skipped:
-        code = s["reason"].split(":", 1)[0]
-        by_code[code] = by_code.get(code, 0) + 1
-    return ", ".join(f"{c} {n}" for c, n in sorted(by_code.items(), key=lambda kv: -kv[1]))
+    """Skips by reason code, the most common first."""
+    return _fmt_counts(dict(Counter(s["reason"].split(":", 1)[0] for s in skipped).most_common()))
 
 
 def _skip_lines(skipped: list[dict], limit: int = MAX_LISTED_SKIPS) -> str:

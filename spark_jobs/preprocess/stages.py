@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -76,12 +77,9 @@ def decide_transform(spark, cfg: JobConfig, sample: list[str]) -> tuple[Transfor
             info["channels"] = (f"{channels} (majority of a header sample: {gray} grayscale, "
                                 f"{len(ok) - gray} color of {len(ok)} readable files)")
         if a.image_size is None:
-            sizes: dict[tuple[int, int], int] = {}
-            for _, size in ok:
-                sizes[tuple(size)] = sizes.get(tuple(size), 0) + 1
+            sizes = Counter(tuple(size) for _, size in ok)
             if len(sizes) > 1:
-                top = ", ".join(f"{w}x{h} ({n})" for (w, h), n in
-                                sorted(sizes.items(), key=lambda kv: -kv[1])[:5])
+                top = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(5))
                 raise DataError(f"the images have different sizes (sample of {len(ok)}: {top}): "
                                 f"pass --image-size S to resize them")
             native = next(iter(sizes))
