@@ -1,10 +1,8 @@
 """Cluster policy of the lottery-ticket project: route a run's training tasks to the run's queue.
 
-Airflow imports ``airflow_local_settings`` from the plugins folder (it is on ``sys.path``) in every
-component. An operator's ``queue`` is not a templated field, so a per-run queue cannot come from a
-param in the DAG file; the way Airflow offers is ``task_instance_mutation_hook``, which the scheduler
-calls with the ``DagRun`` whenever it creates (or re-creates, e.g. when clearing or expanding a
-mapped task) a task instance -- the natural place to read ``dag_run.conf``.
+An operator's ``queue`` is not a templated field, so a per-run queue cannot come from a param in
+the DAG file; Airflow's way is ``task_instance_mutation_hook``, which the scheduler calls with the
+``DagRun`` whenever it creates (or re-creates) a task instance.
 
 Rule: in the DAGs listed in ``LOTTERY_QUEUE_DAGS`` (default ``lottery_ticket``), a task instance
 whose task is declared on the GPU queue (``LOTTERY_GPU_QUEUE``, default ``gpu``) is moved to

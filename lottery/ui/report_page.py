@@ -6,11 +6,9 @@
     /lottery/dags/<dag id>/runs/<run id>/results.csv           one row per expected ticket
     /lottery/dags/<dag id>/runs/<run id>/model.keras?ticket=<ticket name>
 
-Access: every route depends on the api-server's own ``requires_access_dag("GET", RUN)`` (the JWT in
-the ``Authorization`` header or the UI's session cookie; the configured auth manager decides), as
-the app's dependency, so no route can forget it: no token is 401, a bad one 403, a user who may not
-read the DAG's runs 403. No OpenAPI or docs pages. Files are served only from the run's own work
-directory (``report_data.ticket_file`` / ``inside``); anything else is a logged 404.
+Access: the api-server's own ``requires_access_dag("GET", RUN)`` is the app's dependency, so no
+route can forget it (no token 401, a bad one or no permission 403). Files are served only from the
+run's own work directory; anything else is a logged 404.
 """
 
 from __future__ import annotations
