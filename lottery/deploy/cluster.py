@@ -181,9 +181,8 @@ class ClusterError(RuntimeError):
 
 
 class Cluster:
-    """Start, check and stop the loopback cluster. ``start()`` returns when every component is up
-    and the DAG is parsed; ``stop()`` always stops every process group it started. ``attach()``
-    takes over a cluster that another process started (``restart-worker``, ``add-worker``)."""
+    """Start, check and stop the loopback cluster; ``attach()`` takes over one that another process
+    started (``restart-worker``, ``add-worker``)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
@@ -230,8 +229,8 @@ class Cluster:
         return self.state
 
     def stop(self, drop: bool | None = None) -> None:
-        """Stop every process group (SIGTERM, then SIGKILL), release the Redis database, and drop
-        the metadata database when it was a throwaway one (or ``drop``)."""
+        """Stop every process, release the Redis database, drop the metadata database when it was a
+        throwaway one (or ``drop``)."""
         if self.state is None:
             return
         for name, pid in self.state.pids.items():
@@ -406,9 +405,8 @@ def cleanup(state: State, *, drop: bool | None = None) -> tuple[list[str], bool]
 
 
 def stop_worker_tree(pid: int, timeout: float = 30) -> None:
-    """Stop a worker and everything it started: its process group, and the task processes that
-    Airflow puts in process groups of their own (their supervisor is in the worker's group).
-    SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    """Stop a worker's process group and those of the task processes Airflow put in groups of their
+    own; SIGTERM, then SIGKILL after ``timeout`` seconds."""
     import psutil
 
     try:
