@@ -114,22 +114,18 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, A
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _read_varint(buf, pos, end)
-        elif wire == 1:
-            if pos + 8 > end:
-                raise DataFormatError("malformed protobuf: truncated fixed64")
-            value = bytes(buf[pos:pos + 8])
-            pos += 8
+        elif wire in (1, 5):  # fixed64, fixed32
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise DataFormatError(f"malformed protobuf: truncated fixed{8 * size}")
+            value = bytes(buf[pos:pos + size])
+            pos += size
         elif wire == 2:
             length, pos = _read_varint(buf, pos, end)
             if pos + length > end:
                 raise DataFormatError("malformed protobuf: length-delimited field runs past the end")
             value = (pos, pos + length)
             pos += length
-        elif wire == 5:
-            if pos + 4 > end:
-                raise DataFormatError("malformed protobuf: truncated fixed32")
-            value = bytes(buf[pos:pos + 4])
-            pos += 4
         else:
             raise DataFormatError(f"malformed protobuf: unsupported wire type {wire}")
         yield field, wire, value
