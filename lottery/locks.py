@@ -1,10 +1,8 @@
 """Waiting for a writer of shared data: an flock held for the write, waited for with a bound.
 
-Runs that share an artifact root share its data (``sources/``, ``data/``): the first one writes
-it, the others wait for it and then find it done. ``wait_lock`` polls a non-blocking flock (so the
-wait is bounded and can say who it waits for), logs when it starts waiting and how long it
-waited, and records its holder (pid, host, what, since) in the lock file for the next waiter's
-log line. The lock dies with its holder's process: a killed writer never blocks anyone.
+Runs that share an artifact root share its data: the first one writes it, the others wait for it
+and then find it done. ``wait_lock`` polls a non-blocking flock, so the wait is bounded and its log
+line can name the holder (recorded in the lock file). A killed writer never blocks anyone.
 
 Writing data takes minutes (``LOTTERY_DATA_LOCK_TIMEOUT``, 30 min by default); a training takes
 hours: waiting for one (``wait_training_lock``) is bounded by ``LOTTERY_TRAINING_LOCK_TIMEOUT`` when
