@@ -177,12 +177,9 @@ class ArrayDataset(SplitReader):
             self._pool = None
 
     def eval_batches(self, batch_size: int) -> "Batches":
-        """File order, no augmentation, normalised, the last partial batch kept.
-
-        Under a multi-device `keras.distribution` whose devices do not divide the last batch, that
-        batch comes first (same examples, same metrics): Keras lays every batch of an `evaluate`
-        out like the first one, and `lottery.data.runtime`'s DataParallel replicates a batch it
-        cannot split."""
+        """File order, no augmentation, normalised, the last partial batch kept. When the devices of
+        a `keras.distribution` do not divide the last batch, it comes first: Keras lays every batch
+        of an `evaluate` out like the first, and the runtime's DataParallel replicates such a batch."""
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

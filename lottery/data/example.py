@@ -67,11 +67,8 @@ def _feature_float(values: Sequence[float]) -> bytes:
 
 
 def serialize_example(features: Mapping[str, Any]) -> bytes:
-    """Serialise `{key: list of bytes | list of int | list of float}` as a tf.train.Example.
-
-    The value type picks the list kind (bytes/str -> BytesList, int -> Int64List, float ->
-    FloatList).  Keys are written in sorted order, so the output is deterministic.
-    """
+    """Serialise `{key: list of bytes | list of int | list of float}` as a tf.train.Example, the
+    value type picking the list kind; keys in sorted order, so the output is deterministic."""
     entries = []
     for key in sorted(features):
         values = features[key]

@@ -28,11 +28,8 @@ MANIFEST_NAME = "manifest.json"
 
 
 class ChannelStats:
-    """Per-channel pixel count, sum and sum of squares (float64, raw 0..255 values).
-
-    Mergeable (`merge`, `+`), so Spark partitions can each compute one and reduce them.
-    `mean()` and `std()` (population std) are on the [0, 1] scale, i.e. of x / 255.
-    """
+    """Per-channel pixel count, sum and sum of squares (float64, 0..255), mergeable so that Spark
+    partitions can reduce them; `mean()` and `std()` are of x / 255."""
 
     def __init__(self, channels: int, count=None, sum=None, sumsq=None):  # noqa: A002 - the field names
         self.channels = int(channels)
@@ -115,11 +112,8 @@ def build_manifest(*, classes: Sequence[str], image_shape: Sequence[int], encodi
                    splits: Mapping[str, Mapping], stats: ChannelStats, options: Mapping,
                    skipped: Sequence[Mapping] = (), spark_version: str | None = None,
                    duration_s: float = 0.0, created_at: str | None = None) -> dict:
-    """The manifest dict with every key of the contract.
-
-    `splits` is `{name: {"count": int, "per_class": [int per class], "shards": [shard entries]}}`;
-    `stats` are the training split's pixel statistics.  fingerprint and dataset_id are computed here.
-    """
+    """The manifest dict with every key of the contract (docs/data-format.md); `stats` are the
+    training split's pixel statistics."""
     splits = {name: {"count": int(s["count"]), "per_class": [int(v) for v in s["per_class"]],
                      "shards": [dict(sh) for sh in s["shards"]]} for name, s in splits.items()}
     fingerprint = dataset_fingerprint(classes, image_shape, encoding, splits)
@@ -311,11 +305,8 @@ def check_shard(path: Path, entry: Mapping, split: str, recorded: list | None = 
 
 
 def verify_dataset(data_dir: str | os.PathLike, *, check_records: bool = False) -> dict:
-    """Check every shard's existence, size and sha256 (`check_shard`; and, with check_records, every
-    record's CRCs).
-
-    Returns the manifest; raises MissingDataError or CorruptDataError naming the file.
-    """
+    """Check every shard's size and sha256 (and, with check_records, every record's CRCs); returns
+    the manifest, or raises MissingDataError or CorruptDataError naming the file."""
     manifest = read_manifest(data_dir)
     for split in manifest["splits"]:
         for entry, path in zip(manifest["splits"][split]["shards"], shard_paths(data_dir, manifest, split)):

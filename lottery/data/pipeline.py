@@ -89,10 +89,8 @@ class ShardedDataset(SplitReader):
         return tf.cast(images, tf.float32) * self._scale + self._offset
 
     def _cached_arrays(self):
-        """Decode the whole split once into uint8 [N, H, W, C] / int32 [N] tensors (host memory).
-
-        The decoded arrays are also kept on disk beside the shards, so the hundred processes of one
-        experiment decode each split once, not once each."""
+        """Decode the whole split once into host-memory tensors, kept on disk beside the shards so
+        that the hundred processes of one experiment decode each split once, not once each."""
         if self._cached is None and (loaded := self._load_decoded()) is not None:
             images, labels = loaded
             with tf.device("/CPU:0"):

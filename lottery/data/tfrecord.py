@@ -63,11 +63,7 @@ def frame_record(record: bytes) -> bytes:
 
 
 class TFRecordWriter:
-    """Write TFRecord files (uncompressed). Context manager; `.write(record)`.
-
-    Also keeps a running sha256 (`.sha256()`), the byte count (`.bytes`) and the number of
-    records (`.records`) of what was written.
-    """
+    """Write a TFRecord file (uncompressed), keeping its sha256, byte and record counts."""
 
     def __init__(self, path: str | os.PathLike | BinaryIO):
         if hasattr(path, "write"):
@@ -109,10 +105,8 @@ class TFRecordWriter:
 
 
 def read_records(path: str | os.PathLike, *, verify: bool = True) -> Iterator[bytes]:
-    """Yield the records of one TFRecord file, checking both CRCs of every record.
-
-    Raises `CorruptDataError` ("<file>: ... at byte offset N") on a CRC mismatch or truncation.
-    """
+    """Yield the records of one TFRecord file; `CorruptDataError` naming the byte offset on a CRC
+    mismatch or truncation."""
     path = str(path)
     with open(path, "rb", buffering=1 << 20) as f:
         offset = 0
@@ -188,10 +182,7 @@ def read_record_at(f: BinaryIO, path: str, offset: int) -> bytes:
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> dict:
-    """Write serialised Examples to one TFRecord file atomically (`lottery.files.atomic_path`).
-
-    Returns the manifest's shard entry `{file, records, sha256, bytes}` (file = basename).
-    """
+    """Write serialised Examples to one TFRecord file atomically; returns its manifest entry."""
     path = Path(path)
     with atomic_path(path) as tmp, TFRecordWriter(tmp) as w:
         for r in records:

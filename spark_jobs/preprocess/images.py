@@ -122,11 +122,8 @@ def load_image(data: bytes, t: Transform | None = None):
 
 
 def to_channels(im, channels: int):
-    """Convert any Pillow mode to "L" (channels=1) or "RGB" (channels=3).
-
-    16-bit grayscale keeps its high byte (as Pillow does for 16-bit RGB PNGs); alpha is dropped;
-    palette, CMYK and YCbCr go through Pillow's conversions; color -> gray is ITU-R 601-2 luma.
-    """
+    """Convert any Pillow mode to "L" (channels=1) or "RGB" (channels=3): 16-bit grayscale keeps
+    its high byte (as Pillow does for 16-bit RGB), alpha is dropped, gray is ITU-R 601-2 luma."""
     from PIL import Image
 
     mode = im.mode

@@ -22,11 +22,8 @@ def shard_key(rel: str) -> str:
 
 def assign(rel: str, *, derived_val: bool, val_fraction: float, seed: int) -> tuple[str, str | None]:
     """(split, class folder or None) of a path relative to the input root ("train/cls/x.jpg").
-
-    With `derived_val`, a file of train/ goes to "val" when the hash of its path relative to
-    train/ (salted with the seed) falls below `val_fraction`: a file's split never depends on
-    the other files, so adding files does not reshuffle the rest.
-    """
+    With `derived_val`, a train/ file goes to "val" by a seeded hash of its path, so adding files
+    does not reshuffle the rest."""
     parts = rel.split("/")
     top = parts[0]
     cls = parts[1] if len(parts) >= 3 else None
