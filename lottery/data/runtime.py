@@ -10,7 +10,7 @@ Call `configure_threads` (and, in tests, `split_cpu`) before the backend runs it
   these functions act before the first JAX computation:
   - `configure_threads(n)` records `n` (the numpy input pipeline's thread count); XLA:CPU sizes
     its own pool to the cores the process may run on (limit it with `taskset -c` / a cgroup),
-    so there is nothing else to set: it says so in the log;
+    so there is nothing else to set: it says so in the debug log;
   - `enable_determinism()`: XLA:CPU is run-to-run deterministic already; on a GPU,
     `LOTTERY_XLA_DETERMINISTIC=1` adds `--xla_gpu_deterministic_ops=true` to `XLA_FLAGS`.  It is
     not the default because XLA:GPU then refuses to compile select-and-scatter, the gradient of
@@ -94,7 +94,7 @@ def configure_threads(n: int | None = None) -> int:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _data_threads = n
     if not _tensorflow():
-        log.info("configure_threads(%d) on the %s backend: XLA:CPU sizes its thread pool to the cores this "
+        log.debug("configure_threads(%d) on the %s backend: XLA:CPU sizes its thread pool to the cores this "
                  "process may run on (limit them with taskset -c / a cgroup); nothing else to set", n, backend())
         return n
     import tensorflow as tf
