@@ -25,6 +25,7 @@ from lottery.data.arrays import ArrayDataset
 from lottery.data.epochs import interleave_positions
 from lottery.data.pipeline import ShardedDataset
 from tests.datasets import make_synthetic_shards
+from tests.helpers import tiny_training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 6, 3)  # non-square RGB, so axis mix-ups show
@@ -258,9 +259,8 @@ def _run(python, env, *args, timeout=300, **extra_env):
     return r
 
 
-JAX_CONFIG = {"training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-              "lr_milestones": [], "rewind_points": ["0it", "1ep"], "sparsities": [0.5, 0.9],
-              "augmentation": "none", "jit_compile": True}
+JAX_CONFIG = tiny_training(lr_milestones=[], augmentation="none", jit_compile=True,
+                           drop=("nesterov", "weight_decay", "warmup_steps"))
 
 CHECK_TICKETS = textwrap.dedent("""
     import json, sys
