@@ -20,6 +20,7 @@ from lottery.deploy.constants import ALLOWED_ARTIFACT_ROOTS_ENV, ALLOWED_DATA_RO
 from lottery.deploy.supervisor import free_port
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny experiment of the end-to-end tests (a run of the DAG: 300 Fashion-MNIST images, one
 # epoch, 2 masks x 2 rewind points, one control); tests change what they need with tiny_run(...).
@@ -35,10 +36,28 @@ TINY_RUN = {
 }
 
 
+# The tiny training of the engine's tests (256 synthetic 8x8 images / batch 32 = 8 iterations an
+# epoch, 3 epochs; tests.datasets.make_synthetic_shards); tests change what they need with tiny_training(...).
+TINY_TRAINING = {
+    "training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+    "weight_decay": 5e-4, "warmup_steps": "4it", "lr_milestones": ["2ep"], "rewind_points": ["0it", "1ep"],
+    "sparsities": [0.5, 0.9],
+}
+
+
+def tiny_training(*, drop: tuple[str, ...] = (), **changes) -> dict:
+    """The tiny training config with ``changes``, without the keys in ``drop``."""
+    return _changed(TINY_TRAINING, drop, changes)
+
+
+def _changed(conf: dict, drop: tuple[str, ...], changes: dict) -> dict:
+    conf = {**json.loads(json.dumps(conf)), **changes}
+    return {k: v for k, v in conf.items() if k not in drop}
+
+
 def tiny_run(*, drop: tuple[str, ...] = (), **changes) -> dict:
     """The tiny DAG run's config with ``changes``, without the keys in ``drop``."""
-    conf = {**json.loads(json.dumps(TINY_RUN)), **changes}
-    return {k: v for k, v in conf.items() if k not in drop}
+    return _changed(TINY_RUN, drop, changes)
 
 
 # ---- a throwaway Airflow home for this process (the DAG tested in-process) -------------------------
@@ -133,6 +152,90 @@ def start_make_run(home: Path, conf: dict, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT)
 
 
+# ---- the loopback cluster (make cluster-up's processes on this machine) ----------------------------
+PG_URL = "postgresql://postgres@127.0.0.1:5432"
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+def require_cluster_services() -> None:
+    """The loopback cluster's PostgreSQL (trust auth) and Redis answer, else the test fails saying which."""
+    from lottery.deploy.databases import pg_connect, redis_client
+
+    try:
+        pg_connect(PG_URL).close()
+    except Exception as exc:
+        pytest.fail(f"the cluster test needs PostgreSQL at {PG_URL} (trust auth): {exc}")
+    try:
+        r = redis_client(REDIS_URL, 0)
+        r.ping()
+        r.close()
+    except Exception as exc:
+        pytest.fail(f"the cluster test needs Redis at {REDIS_URL}: {exc}")
+
+
+def cluster_databases() -> set[str]:
+    """The databases of the cluster's PostgreSQL."""
+    from lottery.deploy.databases import pg_connect
+
+    conn = pg_connect(PG_URL)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def cluster_diagnosis(cluster, api=None, run_id: str | None = None) -> str:
+    """For a failure message: the run's task instances (with the failed ones' errors) and the last
+    lines of every component's log."""
+    lines = []
+    if api is not None and run_id:
+        for t in api.task_instances(run_id):
+            lines.append(f"  {t['task_id']}[{t.get('map_index')}]: {t.get('state')} queue={t.get('queue')} host={t.get('hostname')}")
+            if t.get("state") == "failed":
+                lines.append(f"    {api.task_error(run_id, t)}")
+    lines.append(cluster.supervisor.tails(12))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def loopback_cluster(home: Path, **settings) -> Iterator:
+    """A ``lottery.deploy.cluster.Cluster`` on ``home`` (artifacts beside it), on the local
+    PostgreSQL and Redis, with ``settings`` (``cluster.Settings``) changed; started (the test fails
+    with the components' logs if it does not come up). Afterwards stopped (``Cluster.stop``), and
+    so is any worker the cluster CLI added or restarted (those are only in the cluster's record)."""
+    from lottery.deploy import cluster as cl
+    from lottery.deploy.supervisor import alive
+
+    require_cluster_services()
+    settings = {"artifact_root": home.parent / "artifacts", "pg_url": PG_URL, "redis_url": REDIS_URL,
+                "default_concurrency": 2, "gpu_threads": 1, "triggerer": False, **settings}
+    cluster = cl.Cluster(cl.Settings(home=home, **settings))
+    try:
+        try:
+            cluster.start(timeout=600)
+        except (TimeoutError, RuntimeError) as exc:
+            pytest.fail(f"the cluster did not come up: {exc}\n{cluster_diagnosis(cluster)}")
+        yield cluster
+    finally:
+        record = cl.load_state(home)
+        cluster.stop(drop=True)
+        if record is not None and any(alive(pid, record.started.get(n, 0.0)) for n, pid in record.pids.items()):
+            cl.down(home, record, drop=True)
+
+
+def finished_run(api, run_id: str, timeout: float, *, interval: float = 5.0, supervisor=None,
+                 diagnose: Callable[[], str] | None = None) -> dict:
+    """The DAG run ``run_id`` (REST API) once it has succeeded or failed."""
+    def finished() -> dict | None:
+        status, run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+        assert status == 200, run
+        return run if run["state"] in ("success", "failed") else None
+
+    return wait_for(finished, timeout, f"DAG run {run_id} to end", interval=interval, state=diagnose, supervisor=supervisor)
+
+
 # ---- waiting --------------------------------------------------------------------------------------
 def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "a condition", *, interval: float = 0.5,
              state: Callable[[], object] | None = None, supervisor=None) -> T:
@@ -153,6 +256,22 @@ def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "a c
             last = state() if state is not None else value
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last state: {last!r}"[-6000:])
         time.sleep(interval)
+
+
+# ---- killed processes -----------------------------------------------------------------------------
+def kill_at(cmd: list[str], env: Mapping[str, str], checkpoint: Path, *paths: Path, timeout: float = 600) -> None:
+    """Start ``cmd`` (``python -m MODULE ...``), held for good once it has written ``checkpoint``
+    (tests/stop_at.py), and SIGKILL it there, once ``paths`` exist too (or it ended, or time ran out)."""
+    python, flag, *module = cmd
+    assert flag == "-m", cmd
+    proc = subprocess.Popen([python, "-m", "tests.stop_at", str(checkpoint), *module], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None or all(p.exists() for p in (checkpoint, *paths)), timeout,
+                 f"{checkpoint} written", interval=0.05)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- Airflow's task logs --------------------------------------------------------------------------

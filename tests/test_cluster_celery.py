@@ -20,42 +20,17 @@ from pathlib import Path
 import pytest
 
 from lottery.deploy import cluster as cl
-from lottery.deploy.api import Api
 from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL
 from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
-from lottery.deploy.supervisor import alive, wait_until
-from tests.helpers import tiny_run
+from lottery.deploy.supervisor import alive
+from tests.helpers import (PG_URL, REDIS_URL, cluster_databases, cluster_diagnosis, finished_run, loopback_cluster, tiny_run,
+                           wait_for)
 
 pytestmark = pytest.mark.slow
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432"
-REDIS_URL = "redis://127.0.0.1:6379"
 TINY = tiny_run(dataset_limit=200, sparsities=[0.5, 0.9], controls=False, drop=("control_sparsities",))
 TRAINING = {"train_dense", "late_reset", "controls"}
 RUN_TIMEOUT = 900
-
-
-def _require_services() -> None:
-    try:
-        pg_connect(PG_URL).close()
-    except Exception as exc:
-        pytest.fail(f"the cluster test needs PostgreSQL at {PG_URL} (trust auth): {exc}")
-    try:
-        r = redis_client(REDIS_URL, 0)
-        r.ping()
-        r.close()
-    except Exception as exc:
-        pytest.fail(f"the cluster test needs Redis at {REDIS_URL}: {exc}")
-
-
-def _databases() -> set[str]:
-    conn = pg_connect(PG_URL)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database")
-            return {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
 
 
 def _celery_results(database: str) -> int:
@@ -68,51 +43,24 @@ def _celery_results(database: str) -> int:
         conn.close()
 
 
-def _diagnose(cluster: cl.Cluster, api: Api | None, run_id: str | None) -> str:
-    lines = []
-    if api is not None and run_id:
-        for t in api.task_instances(run_id):
-            lines.append(f"  {t['task_id']}[{t.get('map_index')}]: {t.get('state')} queue={t.get('queue')} host={t.get('hostname')}")
-            if t.get("state") == "failed":
-                lines.append(f"    {api.task_error(run_id, t)}")
-    lines.append(cluster.supervisor.tails(12))
-    return "\n".join(lines)
-
-
 @pytest.mark.timeout(1800)
 def test_dag_run_on_celery_workers_with_a_gpu_queue(tmp_path):
-    _require_services()
-    cluster = cl.Cluster(cl.Settings(
-        home=tmp_path / "home", artifact_root=tmp_path / "artifacts", pg_url=PG_URL, database=None,
-        redis_url=REDIS_URL, redis_db=5, gpu_workers=1, default_concurrency=2, gpu_threads=1,
-        spark=True, spark_cores=1, spark_memory="1g", triggerer=False,
-    ))
-    api, run_id, state = None, None, None
     started = time.monotonic()
-    try:
-        try:
-            state = cluster.start(timeout=600)
-        except (TimeoutError, RuntimeError) as exc:
-            pytest.fail(f"the cluster did not come up: {exc}\n{_diagnose(cluster, None, None)}")
+    with loopback_cluster(tmp_path / "home", database=None, redis_db=5, gpu_workers=1, spark=True, spark_cores=1,
+                          spark_memory="1g") as cluster:
+        state = cluster.state
         up_s = time.monotonic() - started
-        assert state.database.startswith("lottery_cluster_") and state.database in _databases()
+        assert state.database.startswith("lottery_cluster_") and state.database in cluster_databases()
 
         # ---- trigger through the public REST API with a JWT from /auth/token ----
         api = cluster.api()
         status, run = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": TINY})
         assert status in (200, 201), run
         run_id = run["dag_run_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while True:
-            status, run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
-            assert status == 200, run
-            if run["state"] in ("success", "failed"):
-                break
-            assert not cluster.supervisor.dead(), f"a component died: {cluster.supervisor.dead()}\n{_diagnose(cluster, api, run_id)}"
-            assert time.monotonic() < deadline, f"run not done after {RUN_TIMEOUT}s\n{_diagnose(cluster, api, run_id)}"
-            time.sleep(5)
+        run = finished_run(api, run_id, RUN_TIMEOUT, supervisor=cluster.supervisor,
+                           diagnose=lambda: cluster_diagnosis(cluster, api, run_id))
         run_s = time.monotonic() - started - up_s
-        assert run["state"] == "success", _diagnose(cluster, api, run_id)
+        assert run["state"] == "success", cluster_diagnosis(cluster, api, run_id)
 
         # ---- who ran what, on which queue ----
         tis = api.task_instances(run_id)
@@ -130,8 +78,8 @@ def test_dag_run_on_celery_workers_with_a_gpu_queue(tmp_path):
                                                "late_reset", "report", "check_results"}
         # every executed task went through the Celery result backend on the same Postgres database
         # (a Celery task ends, and stores its result, just after its task instance does)
-        wait_until(lambda: _celery_results(state.database) >= len(ran), 60,
-                      what=f"{len(ran)} successful Celery results in celery_taskmeta")
+        wait_for(lambda: _celery_results(state.database) >= len(ran), 60,
+                 f"{len(ran)} successful Celery results in celery_taskmeta")
 
         # ---- what the run produced ----
         prepared = api.xcom(run_id, "prepare_workdir")
@@ -148,16 +96,13 @@ def test_dag_run_on_celery_workers_with_a_gpu_queue(tmp_path):
         assert any((tmp_path / "home" / "spark" / "work").glob("app-*/*/stderr"))
         print(f"\ncluster up in {up_s:.0f}s, DAG run {run_s:.0f}s; {len(ran)} tasks; "
               f"broker {state.redis_url}/{state.redis_db}, database {state.database}")
-    finally:
-        cluster.stop()
 
     # ---- the finalizer left nothing behind ----
-    if state is not None:
-        assert state.database not in _databases()
-        r = redis_client(REDIS_URL, state.redis_db)
-        try:
-            assert r.get(REDIS_OWNER_KEY) is None
-        finally:
-            r.close()
-        assert not [n for n, pid in state.pids.items() if alive(pid, state.started.get(n, 0))]
-        assert not (tmp_path / "home" / cl.STATE_FILE).exists()
+    assert state.database not in cluster_databases()
+    r = redis_client(REDIS_URL, state.redis_db)
+    try:
+        assert r.get(REDIS_OWNER_KEY) is None
+    finally:
+        r.close()
+    assert not [n for n, pid in state.pids.items() if alive(pid, state.started.get(n, 0))]
+    assert not (tmp_path / "home" / cl.STATE_FILE).exists()

@@ -5,10 +5,8 @@ Real TensorFlow and Keras, a tiny learnable data set in the real shard format, s
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +20,12 @@ from lottery.report import summarize
 from lottery.config import ExperimentConfig
 from lottery.errors import CorruptArtifactError, WorkdirMismatchError
 from tests.datasets import make_synthetic_shards
+from tests.helpers import kill_at, tiny_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # 256 images / batch 32 = 8 iterations per epoch; 3 epochs = 24 iterations.
-TINY = {
-    "training_steps": "3ep",
-    "batch_size": 32,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 5e-4,
-    "warmup_steps": "4it",
-    "lr_milestones": ["2ep"],
-    "rewind_points": ["0it", "3it", "1ep", "1ep4it"],
-    "sparsities": [0.5, 0.9],
-}
+TINY = tiny_training(rewind_points=["0it", "3it", "1ep", "1ep4it"])
 
 
 @pytest.fixture(scope="module")
@@ -288,24 +275,16 @@ def _dense_cli(data_dir, workdir, config_path):
 
 
 @pytest.mark.slow
-def test_a_killed_dense_run_resumes_to_the_same_result(tmp_path):
-    """SIGKILL after the first epoch's checkpoint, rerun: the same final weights, bit for bit."""
-    data_dir = make_synthetic_shards(tmp_path, 4096, 256, shape=(8, 8, 1), num_classes=3)
+def test_a_killed_dense_run_resumes_to_the_same_result(tmp_path, data_dir, dense_workdir):
+    """SIGKILL after the first epoch's checkpoint, rerun: the same final weights, bit for bit, as
+    the run never killed (``dense_workdir``: the same config and data)."""
     config_path = tmp_path / "cfg.json"
-    config_path.write_text(json.dumps({**TINY, "batch_size": 16, "training_steps": "6ep", "lr": 0.01,
-                                       "rewind_points": ["0it", "1ep"], "lr_milestones": ["4ep"]}))
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    config_path.write_text(json.dumps(TINY))
+    killed, whole = tmp_path / "killed", dense_workdir
     cmd, env = _dense_cli(data_dir, killed, config_path)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = killed / "dense" / "checkpoint.npz"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at(cmd, env, checkpoint)
     assert checkpoint.exists() and not (killed / "dense" / "result.json").exists(), "the run was not killed mid-training"
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    cmd, env = _dense_cli(data_dir, whole, config_path)
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     a = _load_model(killed / "dense" / "final.keras")
     b = _load_model(whole / "dense" / "final.keras")
@@ -331,9 +310,10 @@ def test_dense_training_and_retraining_under_mirrored_strategy(tmp_path):
     assert "MirroredStrategy over 2 devices" in run.stderr
     result = json.loads((workdir / "dense" / "result.json").read_text())
     assert result["replicas"] == 2 and result["val_accuracy"] > 0.6
-    for step in (["masks", "--workdir", str(workdir)], ["retrain", "--workdir", str(workdir), "--mask", "1", "--rewind", "1ep"]):
-        run = subprocess.run([*split, "lottery", *step], env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
+    make_masks(workdir)  # no training: in this process
+    step = ["retrain", "--workdir", str(workdir), "--mask", "1", "--rewind", "1ep"]
+    run = subprocess.run([*split, "lottery", *step], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     from lottery.models import prunable_weights
     from lottery.pruning import load_mask
 

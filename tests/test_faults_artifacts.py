@@ -23,15 +23,12 @@ import pytest
 from lottery import cli
 from lottery.files import arrays_damage, load_arrays
 from tests.datasets import make_synthetic_shards
+from tests.helpers import tiny_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # 256 images / batch 32 = 8 iterations per epoch, 3 epochs; tickets rewind to 0it.
-TINY = {
-    "training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-    "weight_decay": 5e-4, "warmup_steps": "4it", "lr_milestones": ["2ep"], "rewind_points": ["0it", "3it", "1ep"],
-    "sparsities": [0.5, 0.9],
-}
+TINY = tiny_training(rewind_points=["0it", "3it", "1ep"])
 CLOCK = ("images_per_s", "wall_s", "timings")  # what differs between two identical trainings
 WHERE = ("workdir", "ticket")  # a result's own directory (the copies live elsewhere)
 TICKET = "tickets/sp50.000__0it"

@@ -21,6 +21,7 @@ from lottery.data.hostaug import crop_box, resized_crop
 from lottery.data.manifest import read_manifest
 from lottery.data.tfrecord import read_records
 from tests.datasets import make_synthetic_shards
+from tests.helpers import wait_for
 from tests.test_jax_backend import jax_env  # noqa: F401 - the TensorFlow-free Python fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +120,9 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_dead(pids, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(map(_alive, pids)):
-        time.sleep(0.05)
+    """The processes of ``pids`` still alive (none, or the test fails naming them) after ``seconds``."""
+    wait_for(lambda: not any(map(_alive, pids)), seconds, "the data workers to exit", interval=0.05,
+             state=lambda: [p for p in pids if _alive(p)])
     return [p for p in pids if _alive(p)]
 
 

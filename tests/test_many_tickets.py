@@ -7,7 +7,6 @@ Real TensorFlow and Keras on the CPU, a tiny learnable data set, short schedules
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -21,18 +20,14 @@ from lottery.config import ExperimentConfig
 from lottery.dense import run_dense
 from lottery.late_reset import retrain
 from lottery.masks import make_masks
-from tests.datasets import make_synthetic_shards
+from tests.helpers import kill_at, tiny_training, wait_for
 from tests.lockholder import hold_lock
 from tests.test_experiment import data_dir  # noqa: F401  (the fixture: 256 + 96 images, 8x8x1, 3 classes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # 256 images / batch 32 = 8 iterations per epoch; 3 epochs; tickets rewind to 1ep: 2 epochs each.
-TINY = {
-    "training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-    "weight_decay": 5e-4, "warmup_steps": "4it", "lr_milestones": ["2ep"], "rewind_points": ["0it", "1ep"],
-    "sparsities": [0.5, 0.8, 0.9],
-}
+TINY = tiny_training(sparsities=[0.5, 0.8, 0.9])
 # What differs between two identical trainings: the clock.
 CLOCK = ("images_per_s", "wall_s")
 
@@ -190,10 +185,10 @@ def _in_thread(function, *args, **kwargs) -> tuple[threading.Thread, dict]:
 
 
 def _wait_for_log(caplog, text: str, thread: threading.Thread, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in caplog.text:
-        assert thread.is_alive() and time.monotonic() < deadline, f"no {text!r} in the log:\n{caplog.text[-3000:]}"
-        time.sleep(0.05)
+    def logged() -> bool:
+        assert thread.is_alive() or text in caplog.text, f"no {text!r} in the log:\n{caplog.text[-3000:]}"
+        return text in caplog.text
+    wait_for(logged, timeout, f"{text!r} in the log", interval=0.05, state=lambda: caplog.text[-3000:])
 
 
 def test_a_ticket_another_process_trains_is_waited_for_not_trained_twice(fresh, caplog, monkeypatch):
@@ -335,26 +330,23 @@ def test_the_cli_refuses_a_bad_group_naming_the_value(fresh, capsys):
 
 
 def _cli(workdir: Path, *args: str) -> tuple[list[str], dict]:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": "tensorflow"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the session's backend, `make run`'s
     return [sys.executable, "-m", "lottery", "retrain", "--workdir", str(workdir), "--threads", "1", *args], env
 
 
-def kill_when(cmd: list[str], env: dict, *paths: Path, timeout: float = 600) -> None:
-    """Start ``cmd`` and SIGKILL it as soon as every one of ``paths`` exists (or it ends, or time runs out)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline and not all(p.exists() for p in paths):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+@pytest.fixture(scope="module")
+def group_process(tmp_path_factory, masked_workdir):
+    """(work directory, completed process): every ticket at 1ep trained by one `retrain` process."""
+    workdir = tmp_path_factory.mktemp("group") / "w"
+    shutil.copytree(masked_workdir, workdir)
+    cmd, env = _cli(workdir, "--mask", "0,1,2", "--rewind", "1ep")
+    return workdir, subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
 @pytest.mark.slow
-def test_one_process_per_ticket_and_one_group_process_agree_bit_for_bit(fresh):
+def test_one_process_per_ticket_and_one_group_process_agree_bit_for_bit(fresh, group_process):
     """The acceptance test: `retrain --mask 0,1,2` == three `retrain --mask i` processes."""
-    group, alone = fresh("group"), fresh("alone")
-    cmd, env = _cli(group, "--mask", "0,1,2", "--rewind", "1ep")
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (group, run), alone = group_process, fresh("alone")
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["mask_id"] for r in json.loads(run.stdout)] == ["sp50.000", "sp80.000", "sp90.000"]
     for index in ("2", "0", "1"):
@@ -367,19 +359,13 @@ def test_one_process_per_ticket_and_one_group_process_agree_bit_for_bit(fresh):
 
 
 @pytest.mark.slow
-def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
+def test_a_killed_group_reruns_only_its_missing_tickets(fresh, group_process):
     """SIGKILL once the first ticket is done and the second has an epoch checkpoint; the rerun
     leaves the first untouched, resumes the second, trains the third: all as an unbroken group."""
-    data = make_synthetic_shards(tmp_path, 4096, 96, shape=(8, 8, 1), num_classes=3)
-    cfg = ExperimentConfig.from_dict({**TINY, "batch_size": 16, "training_steps": "4ep", "lr": 0.01, "lr_milestones": []})
-    killed = tmp_path / "killed"
-    run_dense(cfg, data, killed, threads=1)
-    make_masks(killed)
-    whole = tmp_path / "whole"
-    shutil.copytree(killed, whole)
+    killed = fresh("killed")
     cmd, env = _cli(killed, "--mask", "all", "--rewind", "1ep")
     tickets = killed / "tickets"
-    kill_when(cmd, env, tickets / "sp50.000__1ep" / "result.json", tickets / "sp80.000__1ep" / "checkpoint.npz")
+    kill_at(cmd, env, tickets / "sp80.000__1ep" / "checkpoint.npz", tickets / "sp50.000__1ep" / "result.json")
     assert (tickets / "sp80.000__1ep" / "checkpoint.npz").exists(), "not killed mid-way: make the epochs longer"
     assert not (tickets / "sp80.000__1ep" / "result.json").exists() and not (tickets / "sp90.000__1ep").exists()
     done = tickets / "sp50.000__1ep"
@@ -389,8 +375,7 @@ def test_a_killed_group_reruns_only_its_missing_tickets(tmp_path):
     assert [r["skipped"] for r in json.loads(rerun.stdout)] == [True, False, False]
     assert "retrain sp80.000__1ep: resuming from the checkpoint" in rerun.stderr
     assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == mtimes, "the finished ticket is untouched"
-    cmd, env = _cli(whole, "--mask", "all", "--rewind", "1ep")
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    whole, _ = group_process
     for name in ("sp50.000__1ep", "sp80.000__1ep", "sp90.000__1ep"):
         assert_same_ticket(tickets / name, whole / "tickets" / name)
 

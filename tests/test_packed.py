@@ -11,13 +11,11 @@ import textwrap
 import pytest
 
 from tests.datasets import make_fashion_mnist_shards
+from tests.helpers import kill_at, tiny_training
 from tests.test_jax_backend import _run, jax_env  # noqa: F401  (the fixture)
-from tests.test_many_tickets import kill_when
 
 # 512 Fashion-MNIST images / batch 32 = 16 iterations per epoch; tickets rewind to 1ep: 2 epochs.
-CONFIG = {"training_steps": "3ep", "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-          "weight_decay": 5e-4, "lr_milestones": ["2ep"], "rewind_points": ["0it", "1ep"],
-          "sparsities": [0.5, 0.8, 0.9], "augmentation": "none", "jit_compile": True}
+CONFIG = tiny_training(sparsities=[0.5, 0.8, 0.9], augmentation="none", jit_compile=True, drop=("warmup_steps",))
 # Within floating-point reassociation: what docs/packing.md reports (measured: about 3e-8).
 WEIGHT_TOLERANCE = 1e-5
 ACCURACY_TOLERANCE = 1e-3
@@ -144,20 +142,15 @@ def test_a_pack_that_does_not_fit_is_halved(jax_env, jax_workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_pack_reruns_only_its_missing_tickets(jax_env, tmp_path):
+def test_a_killed_pack_reruns_only_its_missing_tickets(jax_env, jax_workdir, tmp_path):
     """Packs of 2 over 3 tickets: SIGKILL once the first pack is done and the second has an epoch
     checkpoint; the rerun leaves the first pack's tickets untouched and resumes the third."""
     python, env = jax_env
-    data = make_fashion_mnist_shards(tmp_path, 4096, 256)
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({**CONFIG, "batch_size": 16, "training_steps": "4ep", "lr": 0.01, "lr_milestones": []}))
     workdir = tmp_path / "w"
-    _run(python, env, "-m", "lottery", "dense", "--config", str(config), "--data", str(data), "--workdir", str(workdir),
-         "--threads", "1")
-    _run(python, env, "-m", "lottery", "masks", "--workdir", str(workdir))
+    shutil.copytree(jax_workdir, workdir)
     cmd = [python, "-m", "lottery", "retrain", "--workdir", str(workdir), "--mask", "all", "--rewind", "1ep", "--pack", "2"]
     tickets = workdir / "tickets"
-    kill_when(cmd, env, tickets / "sp80.000__1ep" / "result.json", tickets / "sp90.000__1ep" / "checkpoint.npz")
+    kill_at(cmd, env, tickets / "sp90.000__1ep" / "checkpoint.npz", tickets / "sp80.000__1ep" / "result.json")
     assert (tickets / "sp90.000__1ep" / "checkpoint.npz").exists() and not (tickets / "sp90.000__1ep" / "result.json").exists()
     mtimes = {p: p.stat().st_mtime_ns for name in ("sp50.000__1ep", "sp80.000__1ep") for p in (tickets / name).iterdir()}
     r = _run(python, env, *cmd[1:], timeout=600)

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from lottery.data import read_manifest
 from tests.test_spark_preprocess import (FAST_JVM, check, check_fashion_mnist_output, fashion_mnist_root,
                                          leftovers, spark_env, spark_submit)
 from spark_jobs.preprocess.spark import build_py_files
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,13 @@ def _free_port() -> int:
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def logged() -> bool:
         content = log.read_text(errors="replace") if log.exists() else ""
-        if text in content:
-            return
-        if proc.poll() is not None:
+        if text not in content and proc.poll() is not None:
             pytest.fail(f"{log.name}: process exited with {proc.returncode} before '{text}':\n{content[-4000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"{log.name}: no '{text}' after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+        return text in content
+    wait_for(logged, timeout, f"'{text}' in {log.name}",
+             state=lambda: log.read_text(errors="replace")[-4000:] if log.exists() else "")
 
 
 def _stop(proc: subprocess.Popen) -> None:

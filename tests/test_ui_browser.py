@@ -5,7 +5,7 @@
 In order, on one tiny run triggered from the form (300 images, 1 epoch, 2 masks x 2 rewind points,
 no controls): log in; a bad param refused; trigger with changed params; the mapped late_reset
 instances with readable names; a ticket's log with an epoch line; the report tab (plot loaded, the
-table), saved as docs/img/report-tab.png; three tickets made to fail (their masks damaged), the run failed, repaired, and the run's "Clear only
+table), saved in build/ui-screenshots/; three tickets made to fail (their masks damaged), the run failed, repaired, and the run's "Clear only
 failed tasks" re-running exactly those; two more runs of the same config, one ticket failed in each of
 the three, re-run through REST ``only_failed`` and ``lottery rerun-failed --since``. A failed test
 leaves a screenshot in build/ui-screenshots/.
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = Path(os.environ.get("LOTTERY_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = REPO / "build" / "ui-screenshots"
-REPORT_TAB_PNG = REPO / "docs" / "img" / "report-tab.png"
 # What the form is changed to: the tiny experiment of the other end-to-end tests, in fields a user edits.
 FORM = {"dataset_limit": "300", "training_steps": "1ep", "batch_size": "32", "lr_milestones": "2it",
         "rewind_points": "0it\n2it", "num_levels": "2", "prune_rate": "0.5"}
@@ -242,12 +241,8 @@ def test_the_report_tab_shows_the_plot_and_the_table(airflow, page):
                            " return i && i.complete && i.naturalWidth > 0; }")
     assert plot.evaluate("img => img.naturalWidth") > 0
     page.set_viewport_size({"width": 1440, "height": 1350})  # the plot and the table in one picture
-    # The README's picture: rewritten on request only (each run has another run id and time), so
-    # that `make test` leaves the tree clean; `make docs-img` updates it.
-    shot = REPORT_TAB_PNG if os.environ.get("LOTTERY_UPDATE_DOCS_IMG") == "1" or not REPORT_TAB_PNG.exists() \
-        else SCREENSHOTS / REPORT_TAB_PNG.name
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shot))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # the README's picture comes from a real run: `make docs-img`
+    page.screenshot(path=str(SCREENSHOTS / "report-tab.png"))
     page.set_viewport_size({"width": 1440, "height": 1000})
 
 

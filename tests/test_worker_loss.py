@@ -28,8 +28,8 @@ from lottery.deploy import cluster as cl
 from lottery.deploy.constants import DAG_ID, HEARTBEAT_CHECK_INTERVAL_S, REPO, TASK_HEARTBEAT_TIMEOUT_S
 from lottery.deploy.databases import REDIS_OWNER_KEY, redis_client
 from lottery.deploy.supervisor import alive
+from tests.helpers import REDIS_URL, cluster_databases, cluster_diagnosis, finished_run, loopback_cluster, without_test_airflow
 from tests.helpers import wait_for as poll
-from tests.test_cluster_celery import PG_URL, REDIS_URL, _databases, _diagnose, _require_services
 
 pytestmark = pytest.mark.slow
 
@@ -50,29 +50,15 @@ RESUMED = re.compile(r"retrain (\S+): resuming from the checkpoint at step (\d+)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    _require_services()
     home = tmp_path_factory.mktemp("cluster") / "home"
-    c = cl.Cluster(cl.Settings(
-        home=home, artifact_root=home.parent / "artifacts", pg_url=PG_URL,
-        database=f"lottery_cluster_test_{uuid.uuid4().hex[:8]}",  # kept by a plain `down`, as `make cluster-up`'s
-        redis_url=REDIS_URL, redis_db=6, gpu_workers=2, default_concurrency=2, gpu_threads=1,
-        spark=False, triggerer=False,
-    ))
-    try:
-        c.start(timeout=600)
-    except (TimeoutError, RuntimeError) as exc:
-        c.stop(drop=True)
-        pytest.fail(f"the cluster did not come up: {exc}\n{c.supervisor.tails(12)}")
-    yield c
-    state = cl.load_state(c.home)  # workers added by the CLI are only in the record
-    if state is not None:
-        cl.down(c.home, state, drop=True)
-    c.stop(drop=True)
+    with loopback_cluster(home, database=f"lottery_cluster_test_{uuid.uuid4().hex[:8]}",  # kept by a plain `down`
+                          redis_db=6, gpu_workers=2, spark=False) as c:
+        yield c
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "lottery.deploy.cluster", *args, "--home", str(home)],
-                         capture_output=True, text=True, cwd=REPO, env=cl.clean_environ(), timeout=300)
+                         capture_output=True, text=True, cwd=REPO, env=without_test_airflow(os.environ), timeout=300)
     assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out
 
@@ -130,7 +116,7 @@ def test_a_ticket_of_a_killed_gpu_worker_resumes_on_the_other(cluster):
     status, run = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": CONF})
     assert status in (200, 201), run
     run_id = run["dag_run_id"]
-    diagnose = lambda: _diagnose(cluster, api, run_id)  # noqa: E731
+    diagnose = lambda: cluster_diagnosis(cluster, api, run_id)  # noqa: E731
 
     # ---- ticket A (map index 0) trains and has an epoch checkpoint ----
     a = poll(lambda: (t := ticket(api, run_id, 0)) and t["state"] == "running" and t, 600, "ticket A running")
@@ -184,10 +170,7 @@ def test_a_ticket_of_a_killed_gpu_worker_resumes_on_the_other(cluster):
     cli(home, "restart-worker", lost_worker)
     assert re.search(rf"{lost_worker}\s+pid \d+\s+running", cli(home, "status").stdout)
 
-    deadline = time.monotonic() + 600
-    while (run := api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1])["state"] not in ("success", "failed"):
-        assert time.monotonic() < deadline, f"run not done\n{diagnose()}"
-        time.sleep(3)
+    run = finished_run(api, run_id, 600, interval=3, diagnose=diagnose)
     assert run["state"] == "success", diagnose()
 
     # ---- A: retried once, on the other worker, from its last epoch checkpoint ----
@@ -232,10 +215,10 @@ def test_workers_added_and_restarted_by_the_cli_are_seen_by_status_and_down(clus
     pids = dict(record.pids)
     cli(home, "down")
     assert not [n for n, pid in pids.items() if alive(pid, record.started.get(n, 0))]
-    assert state.database in _databases()
+    assert state.database in cluster_databases()
     assert "stopped; database" in subprocess.run(
         [sys.executable, "-m", "lottery.deploy.cluster", "status", "--home", str(home)],
-        capture_output=True, text=True, cwd=REPO, env=cl.clean_environ()).stdout
+        capture_output=True, text=True, cwd=REPO, env=without_test_airflow(os.environ)).stdout
     r = redis_client(REDIS_URL, state.redis_db)
     try:
         assert r.get(REDIS_OWNER_KEY) is None  # the Redis claim is released by `down`
@@ -243,5 +226,5 @@ def test_workers_added_and_restarted_by_the_cli_are_seen_by_status_and_down(clus
         r.close()
     # ... so that `down --drop` after it drops the database
     assert f"dropped database {state.database}" in cli(home, "down", "--drop").stdout
-    assert state.database not in _databases()
+    assert state.database not in cluster_databases()
     assert not (home / cl.STATE_FILE).exists()

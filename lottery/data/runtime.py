@@ -77,7 +77,7 @@ def configure_threads(n: int | None = None) -> int:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _data_threads = n
     if not _tensorflow():
-        log.info("configure_threads(%d) on the %s backend: XLA:CPU sizes its thread pool to the cores this "
+        log.debug("configure_threads(%d) on the %s backend: XLA:CPU sizes its thread pool to the cores this "
                  "process may run on (limit them with taskset -c / a cgroup); nothing else to set", n, backend())
         return n
     import tensorflow as tf

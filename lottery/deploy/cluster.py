@@ -122,18 +122,13 @@ class State:
         return f"http://127.0.0.1:{self.port}"
 
 
-def clean_environ() -> dict[str, str]:
-    """This process's environment without Airflow or project settings (a test session may hold
-    another Airflow home's, or a connection override)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_", "SPARK_", "PYSPARK_"))}
-
-
 def cluster_env(home: Path, *, port: int, sql_alchemy_conn: str, result_backend: str, broker_url: str,
                 artifact_root: Path) -> dict[str, str]:
     """The environment every Airflow process of the cluster shares: docker-compose.yaml's
     ``x-airflow-env`` with loopback addresses (tests/test_compose.py compares the two)."""
     home = Path(home).resolve()
-    env = clean_environ()
+    # without this process's Airflow or project settings (another Airflow home's, a connection override)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LOTTERY_", "SPARK_", "PYSPARK_"))}
     env.update(
         AIRFLOW_HOME=str(home),
         AIRFLOW_CONFIG=str(home / "airflow.cfg"),
