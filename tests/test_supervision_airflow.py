@@ -29,24 +29,16 @@ import psutil
 import pytest
 
 from lottery.deploy import airflow_home
-from lottery.files import json_or
 from lottery.deploy.api import Api
-from tests.helpers import event_time, log_events, start_make_run, wait_for
+from lottery.files import json_or
+from tests.helpers import event_time, log_events, start_make_run, tiny_run, wait_for
 
 pytestmark = pytest.mark.slow
 
 # Tickets of ~5-20 s each (12 short epochs: an epoch checkpoint exists mid-ticket), two
 # training task instances at a time (tickets_per_task 2: 8 instances of 2 tickets).
-CONF = {
-    "dataset_limit": 2000,
-    "training_steps": "12ep",
-    "lr_milestones": [],
-    "batch_size": 32,
-    "rewind_points": ["0it", "2it"],
-    "sparsities": [0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95],
-    "controls": False,
-    "tickets_per_task": 2,
-}
+CONF = tiny_run(dataset_limit=2000, training_steps="12ep", sparsities=[0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95],
+                 controls=False, tickets_per_task=2, drop=("control_sparsities",))
 
 
 class Probe:
