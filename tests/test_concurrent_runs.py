@@ -64,7 +64,9 @@ def events(log: str) -> list[str]:
     return [str(event.get("event", "")) for event in log_events(log)]
 
 
-def wait_for_runs(api, run_ids: list[str], timeout: float = 900) -> dict[str, str]:
+def wait_for_runs(local, api, run_ids: list[str], timeout: float = 900) -> dict[str, str]:
+    """Every run finished; meanwhile the components are watched, as `make ui` does (a dead one is
+    restarted, or the test fails naming it)."""
     def states() -> dict[str, str]:
         return {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}")[1].get("state") for r in run_ids}
 
@@ -72,7 +74,7 @@ def wait_for_runs(api, run_ids: list[str], timeout: float = 900) -> dict[str, st
         now = states()
         return now if all(s in ("success", "failed") for s in now.values()) else None
 
-    return wait_for(finished, timeout, "the runs to finish", interval=2, state=states)
+    return wait_for(finished, timeout, "the runs to finish", interval=2, state=states, supervisor=local.supervisor)
 
 
 def test_runs_at_once_on_one_artifact_root_all_succeed_and_train_nothing_twice(airflow, tmp_path):
@@ -81,7 +83,7 @@ def test_runs_at_once_on_one_artifact_root_all_succeed_and_train_nothing_twice(a
     triggered = time.monotonic()
     run_ids = [trigger(api, {**TINY, "seed": seed, "artifact_root": str(root)}) for seed in SEEDS]
     assert api.get(f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["total_entries"] == len(SEEDS)
-    states = wait_for_runs(api, run_ids)
+    states = wait_for_runs(local, api, run_ids)
     wall = time.monotonic() - triggered
     logs = {r: {t: task_log(local.home, r, t) for t in ("fetch_dataset", "preprocess", "train_dense", "late_reset")}
             for r in run_ids}

@@ -68,7 +68,9 @@ def _sections(home: Path, parallelism: int, port: int, keep: Callable[[str, str,
             "execution_api_server_url": f"http://127.0.0.1:{port}/execution/",
             "fernet_key": keep("core", "fernet_key", lambda: urlsafe_b64encode(os.urandom(32)).decode()),
         },
-        "database": {"sql_alchemy_conn": f"sqlite:///{home / 'airflow.db'}"},
+        # SQLite takes one writer at a time: wait up to 30 s for the lock (sqlite3's default is 5 s, which
+        # several runs starting at once exceed, and a scheduler that meets "database is locked" exits).
+        "database": {"sql_alchemy_conn": f"sqlite:///{home / 'airflow.db'}?timeout=30"},
         "api": {
             "host": "127.0.0.1",
             "port": str(port),
