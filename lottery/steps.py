@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Strict
+from pydantic import AfterValidator, Field, Strict
 
 STEP_HELP = "a step string like '4ep', '500it' or '2ep100it'"
 _STEP_RE = re.compile(r"^\s*(?:(\d+)\s*ep)?\s*(?:(\d+)\s*it)?\s*$")
@@ -70,6 +70,9 @@ def _nonzero(text: str) -> str:
 
 
 # A step string, kept as written (the id compares canonical spellings); a list of distinct ones; a length > 0.
-StepText = Annotated[str, Strict(), AfterValidator(_valid)]
+# The trigger form refuses what is no step string at all before the run is created (validate_config
+# checks the rest: zero lengths, repeats, points past the end of training).
+STEP_PATTERN = r"^\s*(\d+\s*ep\s*(\d+\s*it)?|\d+\s*it)\s*$"
+StepText = Annotated[str, Strict(), AfterValidator(_valid), Field(json_schema_extra={"pattern": STEP_PATTERN})]
 StepList = Annotated[tuple[StepText, ...], AfterValidator(lambda texts: distinct(texts, Step.parse))]
 Length = Annotated[StepText, AfterValidator(_nonzero)]

@@ -22,6 +22,7 @@ from tests.helpers import init_db_here, use_test_home  # noqa: E402  (before air
 HOME = use_test_home()
 
 from lottery.config import CONTROLS, MODEL_NAMES, ConfigError, ExperimentConfig, default_sparsities, experiment_id  # noqa: E402
+from lottery.steps import STEP_PATTERN  # noqa: E402
 from lottery.plan import RunPlan, TicketSpec  # noqa: E402
 
 DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
@@ -215,6 +216,10 @@ def test_form_metadata(dag):
 # Refused by the form (Airflow's Param validation, before the run exists): a value of the wrong type,
 # not one of a field's choices, or an execution setting out of range.
 INVALID = [
+    ("training_steps", "8 epochs"),
+    ("training_steps", ""),
+    ("warmup_steps", "soon"),
+    ("rewind_points", ["1 epoch"]),
     ("dataset", ""),
     ("dataset", 3),
     ("dataset_limit", 5),
@@ -261,21 +266,17 @@ INVALID = [
 INVALID_VALUES = [
     ("dataset", "relative/path"),
     ("dataset", "/nonexistent/images"),
-    ("training_steps", "8 epochs"),
-    ("training_steps", ""),
     ("training_steps", "0ep"),
     ("batch_size", 0),
     ("lr", 0),
     ("lr", -0.1),
     ("momentum", 1.0),
     ("weight_decay", -0.1),
-    ("warmup_steps", "soon"),
     ("lr_milestones", ["4 epochs"]),
     ("lr_gamma", 0),
     ("lr_gamma", 1.5),
     ("seed", -1),
     ("rewind_points", []),
-    ("rewind_points", ["1 epoch"]),
     ("rewind_points", ["1ep", "1ep"]),
     ("sparsities", [1.0]),
     ("sparsities", [0]),
@@ -314,25 +315,26 @@ def test_invalid_value_refused_by_validate_config_naming_the_field(sdag, form, f
 
 def test_every_bad_value_is_named_at_once_in_words(sdag, form):
     """Four bad fields (a REST conf, say): the form lets them through, validate_config names all four."""
-    conf = {"lr": 0, "seed": -1, "rewind_points": ["0it", "1 epoch"], "artifact_root": "/etc"}
+    conf = {"lr": 0, "seed": -1, "rewind_points": ["0it", "0it"], "artifact_root": "/etc"}
     with pytest.raises(ConfigError) as err:
         form.check_params(resolve(sdag, conf), conf)
     assert sorted(err.value.fields) == sorted(conf)
     message = str(err.value)
     assert message.startswith("4 config errors: ")
     assert "'lr' = 0: must be greater than 0" in message and "'seed' = -1: must be greater than or equal to 0" in message
-    assert "'rewind_points' = '1 epoch': must be a step string like '4ep', '500it' or '2ep100it'" in message
+    assert "'rewind_points' = ['0it', '0it']: '0it' repeats '0it'" in message
     assert f"in or under an allowed root: {', '.join(form.ARTIFACT_ROOTS)}" in message
     assert "does not match" not in message and "(?!" not in message
 
 
 def test_form_shows_each_config_field_as_declared(dag):
-    """The form's config params come from ExperimentConfig's fields: default, title, help, type and choices."""
+    """The form's config params come from ExperimentConfig's fields: default, title, help, type, choices
+    and a step string's shape."""
     for name, field in ExperimentConfig.model_fields.items():
         param = dag.params.get_param(name)
         schema = param.schema
         assert schema["title"] == field.title and param.description == field.description, name
-        assert "pattern" not in schema and "minimum" not in schema, name
+        assert schema.get("pattern") in (None, STEP_PATTERN) and "minimum" not in schema, name  # only a step string's shape
     assert dag.params.get_param("mixed_precision").schema["enum"] == [False, True, "bfloat16", "float16"]
     assert dag.params.get_param("lr_milestones").schema["type"] == ["null", "array"]
     assert dag.params["rewind_points"] == list(ExperimentConfig().rewind_points)

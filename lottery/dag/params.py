@@ -40,10 +40,11 @@ def _form_type(schema: dict[str, Any]) -> dict[str, Any]:
     validation stops at the first)."""
     branches = sorted(schema.get("anyOf", [schema]), key=lambda b: b["type"] != "null")
     out = {"type": branches[0]["type"] if len(branches) == 1 else [b["type"] for b in branches]}
+    out.update({k: v for k, v in schema.items() if k == "pattern"})  # a step string's shape
     if any("enum" in b for b in branches):  # a boolean beside a list of choices: its values are choices too
         out["enum"] = [v for b in branches for v in b.get("enum", [False, True] if b["type"] == "boolean" else [])]
     if "items" in schema:
-        out["items"] = {k: v for k, v in schema["items"].items() if k in ("type", "enum")}
+        out["items"] = {k: v for k, v in schema["items"].items() if k in ("type", "enum", "pattern")}
     return out
 
 
