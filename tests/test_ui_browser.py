@@ -262,7 +262,7 @@ def mtimes(directory: Path) -> dict[Path, int]:
 def ticket_indices(api, run_id: str, names) -> list[int]:
     """The map indices of the late_reset instances that train the tickets ``names`` (plan_tickets' XCom)."""
     kwargs = api.xcom(run_id, "plan_tickets")
-    return [i for i, k in enumerate(kwargs) if f"{k['mask']['mask_id']}__{k['rewind']}" in names]
+    return [i for i, k in enumerate(kwargs) if f"{k['masks'][0]['mask_id']}__{k['rewind']}" in names]
 
 
 def break_tickets(workdir: Path, names) -> dict[Path, bytes]:
