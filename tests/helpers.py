@@ -135,6 +135,7 @@ def make_run_command(home: Path, conf: dict, *, poll: int) -> tuple[list[str], d
     its own Keras backend; the test's tmp_path (``home``'s parent) is an allowed artifact root."""
     env = without_test_airflow(os.environ)
     env.pop("KERAS_BACKEND", None)  # make run's own choice (JAX where installed), not the test session's
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # make run's own cache in its home, not the test session's
     env.setdefault("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(home.parent))
     cmd = [sys.executable, "-m", "lottery.deploy.run", "--home", str(home), "--parallelism", "2", "--poll", str(poll),
            "--conf", json.dumps(conf)]
