@@ -1,10 +1,12 @@
 """``python -m lottery``: every step of the experiment by hand (or from SLURM, cron, a notebook).
 
     python -m lottery fetch fashion-mnist --out data/fashion-mnist-images
-    python -m lottery dense --config cfg.json --data DATA_DIR --workdir W
+    python -m lottery replicates --config cfg.json --data DATA_DIR --root R   (the work dir of each replicate)
+    python -m lottery dense --config cfg.json --data DATA_DIR --workdir W [--replicate K]
     python -m lottery masks --workdir W
     python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
     python -m lottery retrain --workdir W --mask 0,3,7 --rewind 1ep [--pack N]   (or --mask all)
+    python -m lottery imp --workdir W --rewind 1ep [--levels K]   (iterative pruning: one chain)
     python -m lottery summarize --workdir W
     python -m lottery input-bench --data DATA_DIR [--augmentation random_resized_crop] [--model resnet50]
     python -m lottery rerun-failed --run-id RUN_ID [--run-id ...] | --since 2026-12-01 [--until ...] [--dry-run]
@@ -70,11 +72,18 @@ def cmd_id(args) -> None:
     print(Workdir.for_experiment(args.root, _config(args), args.data).name)
 
 
+def cmd_replicates(args) -> None:
+    from lottery.paths import prepare_replicates
+
+    replicate_set, workdirs = prepare_replicates(args.root, _config(args), args.data)
+    print(json.dumps({"replicate_set": str(replicate_set) if replicate_set else None, "workdirs": [str(w) for w in workdirs]}, indent=2))
+
+
 def cmd_dense(args) -> None:
     from lottery.dense import run_dense
     from lottery.paths import Workdir
 
-    cfg = _config(args)
+    cfg = _config(args).replicate(args.replicate)
     workdir = args.workdir or Workdir.for_experiment(args.root, cfg, args.data)
     result = run_dense(cfg, args.data, workdir, threads=_threads(args), progress=sys.stdout.isatty())
     print(json.dumps(result, indent=2, default=str))
@@ -96,6 +105,14 @@ def cmd_retrain(args) -> None:
     results = retrain(args.workdir, masks, args.rewind, control=controls, threads=_threads(args),
                       data_dir=args.data, progress=sys.stdout.isatty(), pack=args.pack)
     print(json.dumps(results if group else results[0], indent=2, default=str))
+
+
+def cmd_imp(args) -> None:
+    from lottery.imp import run_chain
+
+    results = run_chain(args.workdir, args.rewind, levels=args.levels, threads=_threads(args), data_dir=args.data,
+                        progress=sys.stdout.isatty())
+    print(json.dumps(results, indent=2, default=str))
 
 
 def cmd_summarize(args) -> None:
@@ -143,23 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(p, workdir_required=False)
     p.set_defaults(func=cmd_id, root=Path("."))
 
+    p = sub.add_parser("replicates", help="prepare the work directory of every replicate, and their replicate set; print them")
+    experiment_args(p, workdir_required=False)
+    p.set_defaults(func=cmd_replicates, root=Path("."))
+
     p = sub.add_parser("dense", help="train the dense network, saving rewind checkpoints and the final weights")
     experiment_args(p, workdir_required=True)
+    p.add_argument("--replicate", type=int, default=0, help="which replicate (0-based: seed + K) of a config with replicates")
     p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
     p.set_defaults(func=cmd_dense)
 
     workdir_command("masks", "magnitude-prune the final dense weights at every sparsity level", cmd_masks)
 
-    p = workdir_command("retrain", "late reset: retrain (mask, rewind point) tickets or controls, in one process", cmd_retrain)
-    p.add_argument("--mask", required=True,
-                   help="mask index (0-based) or id such as sp20.000; several, comma-separated (0,3,7), or 'all'")
-    p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
-    p.add_argument("--control", help=f"run a random control instead of the tickets: {', '.join(CONTROLS)}")
-    p.add_argument("--pack", type=int, help="tickets trained side by side (JAX backend; default: env LOTTERY_PACK, "
-                                             "else from the accelerator's memory, 1 on CPU)")
-    p.add_argument("--data", help="data directory (default: the one the dense run used)")
-    p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
-
+    _training_commands(workdir_command)
     workdir_command("summarize", "print the accuracy table and write results.csv", cmd_summarize)
     workdir_command("report", "write results.csv, accuracy_vs_sparsity.png and report.md", cmd_report)
 
@@ -169,6 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("input-bench", help="measure the input stream's img/s (and a model's train-step rate with --model)")
     input_bench.add_arguments(p).set_defaults(func=input_bench.run)
     return parser
+
+
+def _training_commands(workdir_command) -> None:
+    """The subcommands that retrain tickets: ``retrain`` (one-shot tickets and controls) and ``imp`` (a chain)."""
+    for name, help, func in (("retrain", "late reset: retrain (mask, rewind point) tickets or controls, in one process", cmd_retrain),
+                             ("imp", "iterative pruning: run or resume the chain of levels of one rewind point", cmd_imp)):
+        p = workdir_command(name, help, func)
+        p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
+        p.add_argument("--data", help="data directory (default: the one the dense run used)")
+        p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
+        if name == "imp":
+            p.add_argument("--levels", type=int, help="run the chain up to this level (1-based; default: every level)")
+            continue
+        p.add_argument("--mask", required=True,
+                       help="mask index (0-based) or id such as sp20.000; several, comma-separated (0,3,7), or 'all'")
+        p.add_argument("--control", help=f"run a random control instead of the tickets: {', '.join(CONTROLS)}")
+        p.add_argument("--pack", type=int, help="tickets trained side by side (JAX backend; default: env LOTTERY_PACK, "
+                                                 "else from the accelerator's memory, 1 on CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,10 @@ PRUNING_SCOPES = ("global", "layerwise")
 AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop")
 PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 CONTROLS = ("random_reinit", "random_prune")
+PRUNING_SCHEDULES = ("one_shot", "iterative")
+REWIND_MODES = ("full", "weights", "learning_rate")
+MAX_REPLICATES = 10
+MAX_ITERATIVE_LEVELS = 100  # a chain trains its levels one after another
 
 
 # Unset lr_milestones: one drop at 4ep, or at two thirds of training when training is shorter (``milestone_iterations``).
@@ -100,6 +104,9 @@ class ExperimentConfig(BaseModel):
         '"float16" (with loss scaling); true means "float16"')
     jit_compile: Bool = _field(False, "XLA jit_compile", TRAIN)
     seed: Int = _field(0, "Seed", TRAIN, ge=0, le=2**31 - 1)
+    replicates: Int = _field(1, "Replicates", TRAIN, "Independent experiments with seeds seed, seed+1, ...: each its own dense "
+                             "network, masks and tickets (and experiment id); the report shows mean ± std over them.",
+                             ge=1, le=MAX_REPLICATES)
     rewind_points: StepList = _field(("0it", "100it", "250it", "1ep", "2ep"), "Rewind points", PRUNE, "Where the pruned network "
                                   "is reset to (late resetting), one step string per line; `0it` is the original lottery ticket. "
                                   "Must be before the end of training.", min_length=1)
@@ -110,6 +117,14 @@ class ExperimentConfig(BaseModel):
                              "removes 1 - (1 - prune_rate)^k of the weights.", ge=1, le=100)
     prune_rate: Fraction = _field(DEFAULT_PRUNE_RATE, "Pruning rate per level", PRUNE, "Used when `sparsities` is empty (0.2: 20% "
                                   "of the remaining weights per level).")
+    pruning_schedule: Literal[PRUNING_SCHEDULES] = _field("one_shot", "Pruning schedule", PRUNE, "one_shot: every level "
+                                                           "pruned from the dense network's final weights. iterative (IMP): per "
+                                                           "rewind point a chain of levels, each pruned from the previous level's "
+                                                           "trained weights.")
+    rewind_mode: Literal[REWIND_MODES] = _field("full", "Rewind mode", PRUNE, "full: weights, optimizer state and schedule "
+                                                "position of the rewind point. weights (OpenLTH): the weights, a fresh optimizer at "
+                                                "the rewind point's learning rate. learning_rate (Renda et al.): the final trained "
+                                                "weights, a fresh optimizer, the schedule replayed from the rewind point.")
     pruning_scope: Literal[PRUNING_SCOPES] = _field("global", "Pruning scope", PRUNE)
     output_layer_prune_factor: Float = _field(0.5, "Output layer prune factor", PRUNE, "The output layer is pruned at this "
                                               "fraction of the rate.", gt=0, le=1)
@@ -151,7 +166,9 @@ class ExperimentConfig(BaseModel):
         levels = ("sparsities", "num_levels", "prune_rate")
         checks = [(("lr_milestones", "training_steps"), self._check_milestones),
                   (("rewind_points", "training_steps"), self._check_rewinds), (levels, self._check_levels),
-                  (("control_kinds", "controls"), self._check_control_kinds), (("control_sparsities", "controls", *levels), self.control_levels)]
+                  (("control_kinds", "controls"), self._check_control_kinds), (("control_sparsities", "controls", *levels), self.control_levels),
+                  (("pruning_schedule", *levels), self._check_iterative), (("rewind_mode", "rewind_points"), self._check_rewind_mode),
+                  (("seed", "replicates"), self._check_replicate_seeds)]
         return [error for reads, check in checks if not failed.intersection(reads) for error in errors_of(check)]
 
     def _check_milestones(self) -> None:
@@ -170,6 +187,26 @@ class ExperimentConfig(BaseModel):
         levels = self.levels()
         if not all(0 < s < 1 for s in levels) or len(set(levels)) < len(levels):  # rounded to 6 places
             raise ConfigError("num_levels", self.num_levels, f"at prune_rate {self.prune_rate:g} some levels round to 0, 1 or each other")
+
+    def _check_iterative(self) -> None:
+        if self.pruning_schedule != "iterative":
+            return
+        levels = self.levels()
+        field = "sparsities" if self.sparsities else "num_levels"
+        if len(levels) > MAX_ITERATIVE_LEVELS:
+            raise ConfigError(field, len(levels), f"is more than {MAX_ITERATIVE_LEVELS} levels: an iterative chain trains them one after another")
+        if list(levels) != sorted(levels):
+            raise ConfigError("sparsities", list(levels), "must increase for pruning_schedule iterative (each level prunes the one before)")
+
+    def _check_rewind_mode(self) -> None:
+        for text in self.rewind_points:
+            if self.rewind_mode == "learning_rate" and Step.parse(text) == Step(0, 0):
+                raise ConfigError("rewind_points", text, "is the start of training: rewind_mode learning_rate replays the "
+                                  "schedule from a rewind point, and from 0 there is nothing to replay (use rewind_mode full)")
+
+    def _check_replicate_seeds(self) -> None:
+        if self.seed + self.replicates - 1 > 2**31 - 1:
+            raise ConfigError("seed", self.seed, f"+ {self.replicates - 1} (the last replicate's seed) is above 2**31 - 1")
 
     def _check_control_kinds(self) -> None:
         if self.controls and not self.control_kinds:
@@ -221,6 +258,14 @@ class ExperimentConfig(BaseModel):
         """The sparsity levels: ``sparsities`` when given, else ``num_levels`` derived at ``prune_rate``."""
         return tuple(self.sparsities) or tuple(derived_sparsities(self.num_levels, self.prune_rate))
 
+    def level_rates(self) -> tuple[float, ...]:
+        """Iterative pruning: the share of the remaining weights each level removes: ``prune_rate``
+        when the levels are derived from it, else ``1 - (1 - s_k) / (1 - s_{k-1})`` (``s_0`` = 0)."""
+        if not self.sparsities:
+            return (self.prune_rate,) * self.num_levels
+        before = (0.0, *self.sparsities[:-1])
+        return tuple(1 - (1 - s) / (1 - b) for b, s in zip(before, self.sparsities))
+
     def control_levels(self) -> tuple[float, ...]:
         """The levels the controls run at: each wanted ``control_sparsities`` value mapped to the
         nearest level (empty list: every level; ``()`` when ``controls`` is false). A value further
@@ -238,6 +283,16 @@ class ExperimentConfig(BaseModel):
                                   f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})")
             out += [] if nearest in out else [nearest]
         return tuple(out)
+
+    def replicate(self, index: int) -> ExperimentConfig:
+        """Replicate ``index`` (0-based) of this experiment: seed ``seed + index``, one replicate. An
+        experiment of its own, with its own id; replicate 0 is the experiment itself."""
+        if not 0 <= index < self.replicates:
+            raise ValueError(f"replicate {index} is out of range: this experiment has {self.replicates} (0..{self.replicates - 1})")
+        return self.model_copy(update={"seed": self.seed + index, "replicates": 1})
+
+    def replicate_configs(self) -> list[ExperimentConfig]:
+        return [self.replicate(i) for i in range(self.replicates)]
 
     def id_fields(self) -> dict[str, Any]:
         """The fields the experiment id hashes: those that differ from their defaults, canonicalised (``lottery.ids``)."""

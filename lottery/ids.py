@@ -16,7 +16,8 @@ from typing import Any
 
 from lottery.steps import Step
 
-NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities")
+# replicates: each replicate is an experiment of its own (its seed), so the count only adds experiments.
+NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities", "replicates")
 # Unset lr_milestones hash as this list (the default drop at 4ep, which unset equals wherever that list is valid).
 UNSET_MILESTONES = ["4ep"]
 _FLOATS = ("lr", "momentum", "weight_decay", "lr_gamma", "output_layer_prune_factor")

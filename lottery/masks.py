@@ -29,6 +29,9 @@ def make_masks(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     if not workdir.dense_result.exists():
         raise MissingArtifactError(f"{workdir.final_model} does not exist yet: train the dense network first (lottery dense)")
     plan = RunPlan.from_config(cfg)
+    if plan.iterative:  # each chain prunes its own levels from the level before (lottery.imp)
+        log.info("masks: iterative pruning: the chain of each rewind point makes its own masks (python -m lottery imp)")
+        return [{"index": m.index, "mask_id": m.mask_id, "sparsity": m.sparsity, "remaining": 1 - m.sparsity} for m in plan.masks]
     descriptors, todo = _existing_masks(workdir, plan)
     if todo:
         descriptors += _compute_masks(workdir, cfg, todo)

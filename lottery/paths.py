@@ -8,8 +8,15 @@
     W/dense/rewind/<label>.npz          weights + optimizer state at each rewind point
     W/masks/<mask id>.npz, index.json   one magnitude mask per sparsity level
     W/tickets/<ticket name>/            result.json, error.json, checkpoint.npz, metrics.csv,
-                                        model.keras and (random_prune) mask.npz
+                                        model.keras and mask.npz (random_prune: its random mask;
+                                        an iterative level: the level's magnitude mask)
     W/results.csv, W/report/            the report: report.md and accuracy_vs_sparsity.png
+
+Replicates (``replicates: N``): each replicate is an experiment of its own, ``<artifact root>/<its id>``,
+and the report over them lives in ``<artifact root>/<id of replicate 0>-x<N>/`` (`ReplicateSet`):
+
+    S/replicates.json                   the config, and each replicate's experiment id and work dir
+    S/results.csv, S/report/            the report over the replicates (mean ± std per combination)
 
 Every .npz has its record and meta in a sealed <stem>.json beside it (`lottery.files.save_arrays`).
 
@@ -79,6 +86,56 @@ class WorkdirStatus:
         total = len(self.done) + len(self.failed) + len(self.missing)
         text = f"dense {'done' if self.dense_done else 'not done'}, {len(self.done)} of {total} tickets done"
         return text + (f", {len(self.failed)} failed" if self.failed else "")
+
+
+class ReplicateSet:
+    """``<artifact root>/<id of replicate 0>-x<N>``: the report of an experiment's N replicates (each
+    replicate's own artifacts stay in its own work directory)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def for_experiment(cls, artifact_root: str | os.PathLike, cfg: ExperimentConfig, data_dir: str | os.PathLike) -> ReplicateSet:
+        first = experiment_id(cfg.replicate(0), dataset_id(data_dir))
+        return cls(Path(artifact_root) / f"{first}-x{cfg.replicates}")
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    replicates_json = _under("path", "replicates.json")
+    results_csv = _under("path", RESULTS_CSV)
+    report_md = _under("path", "report", REPORT_NAME)
+    plot_png = _under("path", "report", PLOT_NAME)
+
+    @staticmethod
+    def holds_set(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a replicate set's directory (not one experiment's work directory)."""
+        return (Path(path) / "replicates.json").exists()
+
+    def prepare(self, cfg: ExperimentConfig, workdirs: list[Workdir]) -> ReplicateSet:
+        """Write ``replicates.json``: the config (with its replicate count) and each replicate's work dir."""
+        from lottery.files import write_json
+
+        write_json(self.replicates_json, {"config": cfg.to_dict(), "experiment_ids": [w.name for w in workdirs],
+                                          "workdirs": [str(w) for w in workdirs], "format_version": FORMAT_VERSION})
+        return self
+
+    def load(self) -> tuple[ExperimentConfig, list[Workdir]]:
+        """The experiment's config (``replicates`` = N) and its replicates' work directories, in order."""
+        from lottery.files import read_json
+
+        if not self.replicates_json.exists():
+            raise MissingArtifactError(f"{self.path} has no replicates.json: not a replicate set")
+        info = read_json(self.replicates_json)
+        return ExperimentConfig.from_dict(info["config"]), [Workdir(p) for p in info["workdirs"]]
 
 
 class Workdir:
@@ -192,10 +249,20 @@ class Workdir:
 
     def status(self, plan: RunPlan) -> WorkdirStatus:
         """Which of the plan's tickets and controls are done, failed or missing (files only)."""
-        masks = self.mask_index.exists() and all(self.mask_file(m.mask_id).exists() for m in plan.masks)
+        masks = plan.iterative or (self.mask_index.exists() and all(self.mask_file(m.mask_id).exists() for m in plan.masks))
         status = WorkdirStatus(dense_done=self.dense_result.exists(), masks_done=masks)
         for spec in plan.expected:
             paths = self.ticket(spec)
             bucket = status.done if paths.result.exists() else status.failed if paths.error.exists() else status.missing
             bucket.append(spec)
         return status
+
+
+def prepare_replicates(artifact_root: str | os.PathLike, cfg: ExperimentConfig,
+                       data_dir: str | os.PathLike) -> tuple[ReplicateSet | None, list[Workdir]]:
+    """Each replicate's work directory (``cfg.replicate(i)``, prepared) and, for more than one, the
+    replicate set whose report covers them all (None for one replicate: its work directory is the report's)."""
+    workdirs = [Workdir.for_experiment(artifact_root, rep, data_dir).prepare(rep, data_dir) for rep in cfg.replicate_configs()]
+    if cfg.replicates == 1:
+        return None, workdirs
+    return ReplicateSet.for_experiment(artifact_root, cfg, data_dir).prepare(cfg, workdirs), workdirs

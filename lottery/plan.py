@@ -5,6 +5,7 @@
     plan.rewinds    the canonical rewind labels ("0it", "100it", "1ep", ...)
     plan.tickets    every (mask, rewind) pair, mask-major
     plan.controls   the random controls: kind-major, then mask, then rewind
+    plan.chains     iterative pruning: the rewind points, one chain of levels each (() for one-shot)
     plan.expected   tickets + controls: what the report expects to find
 
 The DAG passes ``plan.to_dict()`` between tasks (only the config travels; the rest is derived), so
@@ -70,6 +71,15 @@ class RunPlan:
     rewinds: tuple[str, ...]
     tickets: tuple[TicketSpec, ...]
     controls: tuple[TicketSpec, ...]
+
+    @property
+    def iterative(self) -> bool:
+        """Iterative magnitude pruning: mask k is level k of a chain, one chain per rewind point."""
+        return self.config.pruning_schedule == "iterative"
+
+    @property
+    def chains(self) -> tuple[str, ...]:
+        return self.rewinds if self.iterative else ()
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> RunPlan:

@@ -32,10 +32,12 @@ def _numpy(value):
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
-def _prune_group(magnitudes, rate, paths):
-    """Masks for one group of layers pruned together at `rate`."""
+def _prune_group(magnitudes, rate, paths, of_remaining=False):
+    """Masks for one group of layers pruned together at `rate`: of all its weights, or with
+    `of_remaining` of those still kept (magnitude >= 0; a prior mask's removed weights are -1)."""
     flat = np.concatenate([magnitudes[p].ravel() for p in paths])
-    num_remove = int(round(rate * flat.size))
+    removed_before = int(np.sum(flat < 0)) if of_remaining else 0
+    num_remove = removed_before + int(round(rate * (flat.size - removed_before))) if of_remaining else int(round(rate * flat.size))
     keep = np.ones(flat.size, dtype=bool)
     order = np.argsort(flat, kind="stable")
     keep[order[:num_remove]] = False
@@ -70,6 +72,22 @@ def magnitude_masks(weights, sparsity, *, scope="global", output_path=None,
                 f"sparsity {sparsity} is below the prior mask's in {revived}: weights would come back"
             )
     return {p: masks[p] for p in paths}
+
+
+def iterative_masks(weights, prior_mask, rate, *, scope="global", output_path=None, output_factor=1.0):
+    """One level of iterative magnitude pruning: of the weights `prior_mask` kept (None: all), remove
+    `round(rate * kept)` with the smallest magnitude in `weights` (the previous level's trained
+    weights) in each group: across all layers ("global") or in each layer, the output layer
+    (`output_path`) ranked on its own at `min(1, output_factor * rate)` when the factor is not 1.
+    The result is a subset of `prior_mask`."""
+    rate, output_factor = float(rate), float(output_factor)
+    _check_arguments(weights, rate, scope, output_path, output_factor)
+    magnitudes = _magnitudes(weights, prior_mask)
+    masks = {}
+    for group_paths, group_rate in _ranking_groups(list(weights), rate, scope, output_path, output_factor):
+        if group_paths:
+            masks.update(_prune_group(magnitudes, group_rate, group_paths, of_remaining=True))
+    return {p: masks[p] for p in weights}
 
 
 def _check_arguments(weights, sparsity, scope, output_path, output_factor):

@@ -67,11 +67,24 @@ class Ticket:
         """What its log lines (and its phases) start with."""
         return f"retrain {self.name}"
 
+    @property
+    def iterative(self) -> bool:
+        return self.cfg.pruning_schedule == "iterative"
+
+    @property
+    def mask_path(self):
+        """Where the ticket's mask is: ``masks/<mask id>.npz`` (one-shot), or the ``mask.npz`` of its
+        level of the chain of its rewind point (iterative; a control reads its ticket's)."""
+        if not self.iterative:
+            return self.workdir.mask_file(self.mask.mask_id)
+        return self.workdir.ticket(TicketSpec(self.mask.mask_id, self.rewind)).mask
+
     def check_inputs(self) -> None:
-        for needed, step_name in ((self.workdir.mask_file(self.mask.mask_id), "masks"),
-                                  (self.workdir.rewind_checkpoint(self.rewind), "dense")):
+        chain = f"imp --workdir {self.workdir} --rewind {self.rewind} --levels {self.mask.index + 1}"
+        for needed, command in ((self.mask_path, chain if self.iterative else f"masks --workdir {self.workdir}"),
+                                (self.workdir.rewind_checkpoint(self.rewind), f"dense --workdir {self.workdir}")):
             if not needed.exists():
-                raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery {step_name} --workdir {self.workdir}` first")
+                raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery {command}` first")
 
     def done_result(self) -> dict[str, Any] | None:
         """The small result of a ticket already done (with its "already done" log line), or None.
@@ -116,7 +129,8 @@ class Ticket:
         of each file the ticket made), drop the checkpoint and any old error, log the end line."""
         with phase("write", self.label):
             self.save_model(model, start.mask)
-        produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if self.control == "random_prune" else [])
+        own_mask = self.control == "random_prune" or (self.iterative and not self.control)
+        produced = [self.paths.model, self.paths.metrics] + ([self.paths.mask] if own_mask else [])
         result = {**self.result_fields(start.report, spe, history), **extra,
                   **output_records(self.paths.dir, [p.name for p in produced])}
         write_json(self.paths.result, result, sealed=True)
@@ -131,35 +145,58 @@ class Ticket:
         """The ticket's mask; for ``random_prune``, a random one with the same count in every layer."""
         from lottery.pruning import load_mask, random_prune_like
 
-        mask, _ = load_mask(self.workdir.mask_file(self.mask.mask_id))
+        mask, _ = load_mask(self.mask_path)
         if self.control == "random_prune":
             mask = random_prune_like(mask, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, "random_prune"))
         return mask
 
     def start_point(self, model, train) -> tuple[int, list[dict]]:
-        """Resume from the ticket's checkpoint, or rewind (``random_reinit``: then draw fresh weights)."""
-        from lottery.training import load_checkpoint, resume_point
+        """Resume from the ticket's checkpoint, or rewind as ``rewind_mode`` says: ``full`` restores the
+        rewind checkpoint's weights and optimizer state (slots and iteration: the schedule's
+        position); ``weights`` its weights with fresh (zero) optimizer slots at the rewind step's
+        learning rate; ``learning_rate`` the final trained weights (`final_weights`) with fresh slots,
+        the schedule replayed from the rewind step. ``random_reinit`` then draws fresh weights."""
+        from lottery.training import assign_saved_weights, load_checkpoint, reset_optimizer_slots, resume_point
 
         resumed = resume_point(self.paths.checkpoint, model, f"retrain {self.name}", self.paths.metrics)
         if resumed:
             log.info("retrain %s: resuming from the checkpoint at step %d", self.name, resumed[0])
             return resumed
-        meta = load_checkpoint(self.workdir.rewind_checkpoint(self.rewind), model)
+        meta = load_checkpoint(self.workdir.rewind_checkpoint(self.rewind), model)  # the iteration: the rewind step
+        mode = self.cfg.rewind_mode
+        if mode == "learning_rate":
+            assign_saved_weights(model, self.final_weights())
+        if mode != "full":
+            reset_optimizer_slots(model.optimizer)
         if self.control == "random_reinit":
             self._reinitialize(model, train)
         return meta["step"], []
 
+    def final_weights(self):
+        """The trained weights learning-rate rewinding starts from: those the ticket's mask was pruned
+        from (the dense network's final weights; for iterative level k > 1, level k-1's), verified."""
+        from lottery.dense import verify_dense_file
+        from lottery.plan import RunPlan
+
+        if not self.iterative or self.mask.index == 0:
+            verify_dense_file(self.workdir, self.workdir.final_model)
+            return self.workdir.final_model
+        before = self.workdir.ticket(TicketSpec(RunPlan.from_config(self.cfg).masks[self.mask.index - 1].mask_id, self.rewind))
+        if intact_result(before.result, f"retrain {before.dir.name}") is None:
+            raise MissingArtifactError(f"{before.dir} is not done (or damaged): the level before {self.name} "
+                                       f"(`python -m lottery imp --workdir {self.workdir} --rewind {self.rewind}`)")
+        return before.model
+
     def _reinitialize(self, model, train) -> None:
         """Freshly drawn weights and optimizer slots; the schedule keeps its position (the rewind step)."""
         import keras
-        import numpy as np
+
+        from lottery.training import reset_optimizer_slots
 
         fresh = build_model(self.cfg, train, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, self.rewind, "random_reinit"))
         for target, source in zip(model.weights, fresh.weights):
             target.assign(keras.ops.convert_to_numpy(source))
-        for variable in model.optimizer.variables:
-            if variable.path.endswith(("_momentum", "_velocity")):
-                variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+        reset_optimizer_slots(model.optimizer)
 
     def apply_ticket_mask(self, model, mask: dict) -> dict:
         """Zero the pruned weights (and check that they are: the invariant the experiment rests on)."""
@@ -200,6 +237,9 @@ class Ticket:
             "rewind": self.rewind,
             "rewind_step": Step.parse(self.rewind).iterations(spe),
             "control": self.control,
+            "schedule": self.cfg.pruning_schedule,
+            **({"level": self.mask.index + 1} if self.iterative else {}),
+            "rewind_mode": self.cfg.rewind_mode,
             "backend": keras_backend(),
             **final_accuracy(history),
             "curve": history,

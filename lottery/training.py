@@ -121,6 +121,27 @@ def optimizer_state(optimizer) -> list:
     return [v for v in optimizer.variables if not is_mask_state(v)]
 
 
+def assign_saved_weights(model: keras.Model, path: str | Path) -> None:
+    """The weights of the ``.keras`` file ``path`` (the same architecture) into ``model``'s variables;
+    its optimizer is left alone (``model.load_weights`` would load the file's optimizer state too)."""
+    saved = keras.models.load_model(path, compile=False)
+    if len(saved.weights) != len(model.weights):
+        raise ValueError(f"{path} has {len(saved.weights)} variables, the model {len(model.weights)}")
+    for target, source in zip(model.weights, saved.weights):
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(f"{path}: {source.path} has shape {tuple(source.shape)}, the model expects {tuple(target.shape)}")
+        target.assign(ops.convert_to_numpy(source))
+
+
+def reset_optimizer_slots(optimizer) -> None:
+    """A fresh optimizer at the same iteration: its slots (SGD momentum, Adam moments) set to zero;
+    the iteration counter (the learning-rate schedule's position) and any loss scale are kept."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for variable in optimizer_state(inner):
+        if variable.path.endswith(("_momentum", "_velocity", "_velocity_hat")):
+            variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+
+
 def _optimizer_key(variable) -> str:
     # "sgd_1/fc1_kernel_momentum" -> "optimizer:fc1_kernel_momentum": Keras numbers optimizer names
     # per process, so the optimizer's own name is not part of the key.

@@ -87,6 +87,14 @@ INVALID = [
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"jit_compile": "true"}, "jit_compile"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**31 - 1, "replicates": 2}, "seed"),  # the last replicate's seed
+    ({"replicates": 0}, "replicates"),
+    ({"replicates": 11}, "replicates"),
+    ({"pruning_schedule": "gradual"}, "pruning_schedule"),
+    ({"pruning_schedule": "iterative", "sparsities": [0.5, 0.2]}, "sparsities"),  # a chain's levels increase
+    ({"pruning_schedule": "iterative", "sparsities": [k / 1000 for k in range(1, 102)]}, "sparsities"),  # > 100 levels
+    ({"rewind_mode": "optimizer"}, "rewind_mode"),
+    ({"rewind_mode": "learning_rate"}, "rewind_points"),  # 0it is among the default points: nothing to replay
 ]
 
 
