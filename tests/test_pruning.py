@@ -10,6 +10,7 @@ from lottery.models import build_model, output_kernel_path, prunable_weights
 from lottery.pruning import (
     MaskConstraint,
     apply_mask,
+    iterative_masks,
     load_mask,
     magnitude_masks,
     mask_report,
@@ -113,6 +114,47 @@ def test_prior_mask_keeps_pruned_weights_pruned():
     assert total - sum(kept(second).values()) == round(0.6 * total)
     with pytest.raises(ValueError, match="come back"):
         magnitude_masks(trained, 0.3, prior_mask=first)
+
+
+def _train_a_little(weights, mask, seed):
+    """Stand-in for a level's retraining: the kept weights move, the pruned ones stay 0."""
+    rng = np.random.default_rng(seed)
+    return {p: np.where(mask[p], w + rng.normal(scale=0.5, size=w.shape), 0.0).astype(np.float32) for p, w in weights.items()}
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_iterative_levels_remove_the_rate_of_the_remaining_weights_exactly(scope):
+    """Frankle & Carbin's LeNet recipe: 20% of the remaining weights a level, the output layer at 10%."""
+    weights, out = make_weights(), "output/kernel"
+    rest = [p for p in weights if p != out]
+    groups = [rest] if scope == "global" else [[p] for p in rest]
+    mask = {p: np.ones(w.shape, bool) for p, w in weights.items()}
+    for level in range(1, 9):
+        trained = _train_a_little(weights, mask, seed=level)
+        new = iterative_masks(trained, mask if level > 1 else None, 0.2, scope=scope, output_path=out, output_factor=0.5)
+        assert all(not np.any(new[p] & ~mask[p]) for p in weights), "a level's mask is a subset of the level before's"
+        for group in groups:
+            before, after = sum(int(mask[p].sum()) for p in group), sum(int(new[p].sum()) for p in group)
+            assert before - after == round(0.2 * before), (level, group)
+        assert mask[out].sum() - new[out].sum() == round(0.1 * mask[out].sum())
+        # The smallest surviving magnitudes of the trained weights went: among the weights kept before.
+        for group in groups:
+            pruned_now = np.concatenate([np.abs(trained[p][mask[p] & ~new[p]]) for p in group])
+            kept_now = np.concatenate([np.abs(trained[p][new[p]]) for p in group])
+            assert pruned_now.max() <= kept_now.min()
+        mask = new
+    total = sum(w.size for p, w in weights.items() if p != out)
+    left = sum(int(mask[p].sum()) for p in rest) / total
+    assert left == pytest.approx(0.8**8, abs=0.01)
+
+
+def test_iterative_masks_rank_the_given_weights_not_the_first_ones():
+    weights = make_weights()
+    first = iterative_masks(weights, None, 0.5)
+    trained = _train_a_little(weights, first, seed=7)
+    from_trained = iterative_masks(trained, first, 0.5)
+    from_start = iterative_masks({p: np.where(first[p], w, 0) for p, w in weights.items()}, first, 0.5)
+    assert any(np.any(from_trained[p] != from_start[p]) for p in weights)
 
 
 def test_bad_arguments():
