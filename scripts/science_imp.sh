@@ -10,6 +10,7 @@
 set -euo pipefail
 ROOT=$1 DATA=$2
 shift 2
+mkdir -p "$ROOT"
 PY=${PYTHON:-python}
 THREADS=${LOTTERY_THREADS:-1}
 export LOTTERY_THREADS=$THREADS
