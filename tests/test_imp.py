@@ -88,16 +88,17 @@ def test_each_level_is_pruned_from_the_level_before_s_trained_weights(chain):
         assert all(np.count_nonzero(np.asarray(v)) for v in model.weights if v.path.endswith("bias"))
 
 
-def test_a_finished_chain_is_a_noop_and_a_damaged_level_is_trained_again(chain, caplog):
+@pytest.mark.parametrize("damaged", ["model.keras", "mask.npz"])
+def test_a_finished_chain_is_a_noop_and_a_damaged_level_is_trained_again(chain, caplog, damaged):
     files = {k: _level(chain, k) / "result.json" for k in (1, 2, 3)}
     before = {k: (f.stat().st_mtime_ns, json.loads(f.read_text())["val_accuracy"]) for k, f in files.items()}
     assert all(r["skipped"] for r in run_chain(chain, 1, levels=3, threads=1))
-    model = _level(chain, 2) / "model.keras"
-    model.write_bytes(model.read_bytes()[:-10])
+    target = _level(chain, 2) / damaged
+    target.write_bytes(target.read_bytes()[:-10])
     with caplog.at_level("INFO", logger="lottery"):
         again = run_chain(chain, "1ep", levels=3, threads=1)
     assert [r["skipped"] for r in again] == [True, False, True]
-    assert "model.keras" in caplog.text and "level 2/3" in caplog.text
+    assert f"{damaged}" in caplog.text and "damaged" in caplog.text and "level 2/3" in caplog.text
     after = {k: (f.stat().st_mtime_ns, json.loads(f.read_text())["val_accuracy"]) for k, f in files.items()}
     assert after[1] == before[1] and after[3] == before[3]
     assert after[2][1] == before[2][1] and after[2][0] > before[2][0]  # retrained, to the same result
