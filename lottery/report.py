@@ -1,9 +1,14 @@
 """The experiment's report: the entry points the DAG, the CLI and notebooks call.
 
-    write_report(W[, plan=..., run_id=...]) -> {"results_csv", "plot", "report", "problems", ...}
-    summarize(W[, plan]) -> rows        one row per expected ticket; writes W/results.csv
-    result_rows(W[, plan]) -> rows      the same rows, nothing written
-    format_table(W[, rows]) -> text     the accuracy table for logs and the terminal
+    write_report(P[, plan=..., run_id=...]) -> {"results_csv", "plot", "report", "problems", ...}
+    summarize(P[, plan]) -> rows        one row per expected ticket; writes P/results.csv
+    result_rows(P[, plan]) -> rows      the same rows, nothing written
+    format_table(P[, rows]) -> text     the accuracy table for logs and the terminal
+
+``P`` is an experiment's work directory, or a replicate set's directory (``ReplicateSet``: an
+experiment run with ``replicates`` > 1): then the rows are one per replicate and combination
+(with ``replicate`` and ``experiment_id``), ``summarize`` also writes ``summary.csv`` and the
+report shows ``mean ± std (n)`` per combination (``lottery.replicate_report``).
 
 The report of one work directory: ``lottery.workdir_report`` (its pieces are public here too:
 ``plot``, ``accuracy_table``, ``matching_levels``, ...).
@@ -16,7 +21,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lottery import workdir_report
+from lottery import replicate_report, workdir_report
+from lottery.paths import ReplicateSet
 from lottery.plan import RunPlan
 from lottery.workdir_report import (  # noqa: F401 - public here
     MATCH_TOLERANCE,
@@ -41,24 +47,34 @@ def write_report(
     run_id: str | None = None,
 ) -> dict[str, Any]:
     """Write results.csv, the plot and report.md for the work directory ``path``; returns their
-    paths and a summary (``workdir_report.write_workdir_report``).
+    paths and a summary (``workdir_report.write_workdir_report``). For a replicate set: each
+    replicate's own report, then the set's, with summary.csv (``replicate_report.write_set_report``).
 
     ``plan``: the tickets and controls that were planned (default: those of the work directory's
     config, with the controls that were started); those without a result are reported as missing.
     ``run_id``: the DAG run the report describes; report.md names it and when it was written."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.write_set_report(path, plan=plan, tolerance=tolerance, run_id=run_id)
     return workdir_report.write_workdir_report(path, plan=plan, tolerance=tolerance, run_id=run_id)
 
 
 def result_rows(path: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
     """One row per expected ticket with its status (reads the results; writes nothing)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.load_results(path, plan).flat_rows()
     return workdir_report.result_rows(path, plan)
 
 
 def summarize(path: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
-    """`result_rows`, also written to ``results.csv``."""
+    """`result_rows`, also written to ``results.csv`` (a replicate set: and ``summary.csv``)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.summarize_set(path, plan).flat_rows()
     return workdir_report.summarize(path, plan)
 
 
 def format_table(path: str | os.PathLike, rows: list[dict[str, Any]] | None = None) -> str:
-    """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top."""
+    """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top; a
+    replicate set: ``mean ± std (n)`` per cell (``rows``: its rows, as ``result_rows`` gives them)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.format_set_table(path, rows)
     return workdir_report.format_table(path, rows)

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lottery.config import CONTROLS
 from lottery.errors import CorruptArtifactError
@@ -116,7 +116,7 @@ def format_table(workdir: str | os.PathLike, rows: list[dict[str, Any]] | None =
     rows = result_rows(workdir) if rows is None else rows  # printing a table never rewrites results.csv
     labels = cfg.rewind_labels()
     lines = []
-    dense = _dense_result(workdir)
+    dense = dense_result(workdir)
     if dense:
         lines.append(f"dense network: val accuracy {100 * dense['val_accuracy']:.2f}%")
     for control in sorted({r["control"] for r in rows}, key=lambda c: (c != "", c)):
@@ -139,7 +139,7 @@ def _text_row(subset: list[dict], mid: str, labels: list[str]) -> str:
     return f"{100 * first['sparsity']:8.2f}% {100 * left:6.2f}% " + " ".join(values)
 
 
-def _dense_result(workdir: Workdir) -> dict | None:
+def dense_result(workdir: Workdir) -> dict | None:
     """The dense run's result, or None when it is not trained (or its result cannot be read)."""
     from lottery.files import read_json
 
@@ -165,16 +165,16 @@ def write_workdir_report(
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
     rows = summarize(workdir, plan)
-    dense = _dense_result(workdir)  # None when not trained (yet): the report says so
+    dense = dense_result(workdir)  # None when not trained (yet): the report says so
     dense_acc = dense["val_accuracy"] if dense else None
     labels = cfg.rewind_labels()
     plot(rows, labels, dense_acc, workdir.plot_png, title=f"{cfg.model}  ({workdir.name})")
-    problems = [_problem_line(r) for r in rows if r["status"] != "ok"]
+    problems = [problem_line(r) for r in rows if r["status"] != "ok"]
     matching = matching_levels(rows, labels, dense_acc, tolerance)
-    written = _utc_now()
+    written = utc_now()
     text = render_markdown(
         workdir=workdir, cfg=cfg, run_info=run_info, rows=rows, labels=labels, dense=dense,
-        tolerance=tolerance, matching=matching, problems=problems, described=_described(run_id, written),
+        tolerance=tolerance, matching=matching, problems=problems, described=described(run_id, written),
     )
     from lottery.files import write_text
 
@@ -196,19 +196,19 @@ def write_workdir_report(
     }
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _described(run_id: str | None, written: str) -> str:
+def described(run_id: str | None, written: str) -> str:
     return f"Written {written}" + (f" for DAG run `{run_id}`." if run_id else " (outside a DAG run).")
 
 
 # ---- pieces (public for tests and notebooks) ---------------------------------------------------
-def _problem_line(row: dict) -> str:
-    what = f"{row['mask_id']} ({_left(row)} left), rewind {row['rewind']}"
+def problem_line(row: dict) -> str:
+    what = f"{row['mask_id']} ({weights_left(row)} left), rewind {row['rewind']}"
     if row.get("control"):
         what += f", control {row['control']}"
     line = f"{what}: {row['status']}"
@@ -217,14 +217,14 @@ def _problem_line(row: dict) -> str:
     return line
 
 
-def _left(row: dict) -> str:
+def weights_left(row: dict) -> str:
     remaining = row.get("remaining")
     if remaining is None:
         remaining = 1 - row["sparsity"]
-    return _pct(remaining)
+    return pct(remaining)
 
 
-def _pct(fraction: float) -> str:
+def pct(fraction: float) -> str:
     pct = 100 * fraction
     return f"{pct:.1f}%" if pct >= 0.95 else f"{pct:.2g}%"
 
@@ -247,41 +247,73 @@ def matching_levels(rows: list[dict], labels: list[str], dense_acc: float | None
     return out
 
 
-def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Val accuracy vs % of weights remaining (log x axis, reversed), one line per rewind point."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str | os.PathLike, *, title: str = "",
+         dense_std: float | None = None) -> Path:
+    """Val accuracy vs % of weights remaining (log x axis, reversed), one line per rewind point.
 
-    fig = Figure(figsize=(8, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    Rows with a ``std`` (the mean over replicates, ``lottery.replicate_report``) get a shaded band
+    of mean ± std around their line (tickets only; controls stay plain dashed lines);
+    ``dense_std`` shades the dense reference alike."""
+    fig, ax = new_figure()
     colors = [f"C{i % 10}" for i in range(len(labels))]
     for label, color in zip(labels, colors):
         for control in [""] + sorted({r["control"] for r in rows if r["control"]}):
-            pts = sorted(
-                ((100 * r["remaining"], 100 * r["val_accuracy"]) for r in rows
-                 if r["rewind"] == label and r["control"] == control and r["status"] == "ok"),
-                reverse=True,
-            )
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            if control:
-                style, marker = _CONTROL_STYLE.get(control, ("--", "s"))
-                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, linewidth=1.2, color=color,
-                        alpha=0.8, label=f"{control}, rewind {label}")
-            else:
-                ax.plot(xs, ys, linestyle="-", marker="o", markersize=4, linewidth=1.8, color=color,
-                        label=f"rewind {label}")
+            line = [r for r in rows if r["rewind"] == label and r["control"] == control and r["status"] == "ok"]
+            if line:
+                _draw_line(ax, line, color, control, label)
     if dense_acc is not None:
-        ax.axhline(100 * dense_acc, color="black", linewidth=1.2, linestyle=":", label=f"dense ({100 * dense_acc:.2f}%)")
-    ax.set_xscale("log")
-    # The axes span every planned ticket, done or not: the same in progress as when finished.
-    xs_all = [100 * (r["remaining"] if r["remaining"] is not None else 1 - r["sparsity"]) for r in rows]
+        spread = f" ± {100 * dense_std:.2f}" if dense_std is not None else ""
+        ax.axhline(100 * dense_acc, color="black", linewidth=1.2, linestyle=":", label=f"dense ({100 * dense_acc:.2f}{spread}%)")
+        if dense_std is not None:
+            ax.axhspan(100 * (dense_acc - dense_std), 100 * (dense_acc + dense_std), color="black", alpha=0.08, linewidth=0)
     if not any(r["status"] == "ok" for r in rows):
         ax.text(0.5, 0.06, "no ticket results yet", transform=ax.transAxes, ha="center", va="bottom", color="gray",
                 bbox={"facecolor": "white", "edgecolor": "none"})
+    return save_figure(fig, ax, path, [_remaining(r) for r in rows], title=title, legend_columns=2 if len(labels) > 3 else 1)
+
+
+def _draw_line(ax, line: list[dict], color: str, control: str, label: str) -> None:
+    """One rewind point's tickets (or one control kind's), sparser to the right; with their band."""
+    line = sorted(line, key=lambda r: -r["remaining"])
+    xs, ys = [100 * r["remaining"] for r in line], [100 * r["val_accuracy"] for r in line]
+    if control:
+        style, marker = _CONTROL_STYLE.get(control, ("--", "s"))
+        ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, linewidth=1.2, color=color,
+                alpha=0.8, label=f"{control}, rewind {label}")
+        return
+    ax.plot(xs, ys, linestyle="-", marker="o", markersize=4, linewidth=1.8, color=color, label=f"rewind {label}")
+    draw_band(ax, line, color)
+
+
+def draw_band(ax, line: list[dict], color: str) -> None:
+    """The shaded mean ± std of the points of ``line`` that have a std (none: nothing drawn)."""
+    spread = [(100 * r["remaining"], 100 * r["val_accuracy"], 100 * r["std"]) for r in line if r.get("std") is not None]
+    if spread:
+        xs, means, stds = zip(*spread)
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                        color=color, alpha=0.18, linewidth=0)
+
+
+def _remaining(row: dict) -> float:
+    return 100 * (row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"])
+
+
+def new_figure():
+    """A figure on the Agg canvas (no pyplot: safe in any process) and its one axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_figure(fig, ax, path: str | os.PathLike, xs_all: list[float], *, title: str = "", legend_columns: int = 1) -> Path:
+    """Label the axes, spread the x axis over ``xs_all`` (% of weights left, every planned ticket,
+    done or not: the same axes in progress as when finished) and write the PNG atomically."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
     if xs_all:
         lo, hi = min(xs_all), max(max(xs_all), 100.0)
         ax.set_xlim(hi * 1.15, lo / 1.15)  # reversed: sparser to the right
@@ -297,7 +329,7 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
         ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best", ncol=2 if len(labels) > 3 else 1)
+        ax.legend(fontsize=7, loc="best", ncol=legend_columns)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -306,9 +338,10 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
 
 
 def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", dense_acc: float | None = None,
-                   tolerance: float = MATCH_TOLERANCE) -> str:
+                   tolerance: float = MATCH_TOLERANCE, cell: Callable[[dict], str] | None = None) -> str:
     """Markdown table: one row per sparsity level, one column per rewind point (val accuracy %).
-    Bold = matches the dense accuracy within ``tolerance``; failed and missing cells say so."""
+    Bold = matches the dense accuracy within ``tolerance``; failed and missing cells say so.
+    ``cell``: the text of a done cell (default: its accuracy in %, two decimals)."""
     subset = [r for r in rows if r["control"] == control]
     by_mask: dict[str, dict[str, dict]] = {}
     for r in sorted(subset, key=lambda r: r["sparsity"] if not _isnan(r["sparsity"]) else 2.0):
@@ -328,11 +361,11 @@ def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", de
             elif r["status"] != "ok":
                 values.append(r["status"])
             else:
-                cell = f"{100 * r['val_accuracy']:.2f}"
+                text = cell(r) if cell else f"{100 * r['val_accuracy']:.2f}"
                 if dense_acc is not None and r["val_accuracy"] >= dense_acc - tolerance:
-                    cell = f"**{cell}**"
-                values.append(cell)
-        lines.append(f"| {100 * first['sparsity']:.2f}% | {_left(known)} | " + " | ".join(values) + " |")
+                    text = f"**{text}**"
+                values.append(text)
+        lines.append(f"| {100 * first['sparsity']:.2f}% | {weights_left(known)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -342,7 +375,7 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
     out = [f"# Lottery-ticket experiment `{Workdir(workdir).name}`", ""]
     if described:
         out += [described, ""]
-    out += _settings_section(cfg, run_info, labels)
+    out += settings_section(cfg, run_info, labels)
     out += _tickets_section(rows, labels, dense, tolerance)
     if dense:
         out += _matching_section(labels, matching)
@@ -352,13 +385,13 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
         out.append("")
         out.append(accuracy_table(rows, labels, control=control, dense_acc=dense_acc, tolerance=tolerance))
         out.append("")
-    out += _problems_section(problems)
+    out += problems_section(problems)
     out.append(f"Files: `{RESULTS_CSV}` (one row per combination), `{TICKETS}/<mask>__<rewind>[__<control>]/{RESULT_JSON}`.")
     out.append("")
     return "\n".join(out)
 
 
-def _settings_section(cfg, run_info: dict, labels: list[str]) -> list[str]:
+def settings_section(cfg, run_info: dict, labels: list[str]) -> list[str]:
     out = [f"Model `{cfg.model}`, {cfg.training_steps} of training, batch {cfg.batch_size}, {cfg.optimizer} "
            f"lr {cfg.lr:g}; {len(cfg.levels())} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
            f"{len(labels)} rewind points ({', '.join(labels)})."]
@@ -398,14 +431,14 @@ def _matching_section(labels: list[str], matching: dict) -> list[str]:
             out.append(f"- rewind {label}: no results")
         elif m["matching"]:
             out.append(f"- rewind {label}: {m['matching']} of {m['done']} levels match; the sparsest matching ticket "
-                       f"keeps {_pct(m['sparsest_remaining'])} of the weights (`{m['sparsest_mask_id']}`)")
+                       f"keeps {pct(m['sparsest_remaining'])} of the weights (`{m['sparsest_mask_id']}`)")
         else:
             out.append(f"- rewind {label}: none of {m['done']} levels match")
     out.append("")
     return out
 
 
-def _problems_section(problems: list[str]) -> list[str]:
+def problems_section(problems: list[str]) -> list[str]:
     out = [f"## Failed or missing ({len(problems)})", ""]
     if problems:
         out.extend(f"- {p}" for p in problems)

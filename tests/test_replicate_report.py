@@ -1,0 +1,172 @@
+"""The report over replicates and the comparison of experiments, on hand-made results (no training).
+
+A replicate set as the engine leaves it: ``ReplicateSet.prepare`` (replicates.json) over work
+directories with config.json, run.json, a sealed dense result.json and sealed ticket result.json
+files (some replicates failed or missing)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from lottery.config import ExperimentConfig
+from lottery.files import write_json
+from lottery.paths import FORMAT_VERSION, ReplicateSet, Workdir
+from lottery.plan import TicketSpec, mask_id
+from lottery.replicate_report import aggregate, load_results, stats
+from lottery.report import format_table, result_rows, write_report
+
+SPARSITIES = [0.5, 0.8]
+REWINDS = ["0it", "1ep"]
+BASE = {"training_steps": "2ep", "lr_milestones": [], "rewind_points": REWINDS, "sparsities": SPARSITIES}
+
+
+def make_workdir(path: Path, cfg: ExperimentConfig, accuracies: dict, *, dense: float | None, dataset_id: str = "d1",
+                 fail=(), controls: dict | None = None) -> Workdir:
+    """``accuracies``: (sparsity, rewind) -> val accuracy; a pair left out is missing, one in ``fail`` failed."""
+    write_json(path / "config.json", cfg.to_dict())
+    write_json(path / "run.json", {"experiment_id": path.name, "data_dir": "/data/x", "dataset_id": dataset_id,
+                                   "format_version": FORMAT_VERSION})
+    if dense is not None:
+        write_json(path / "dense" / "result.json", {"val_accuracy": dense, "best_val_accuracy": dense, "epochs": 2}, sealed=True)
+    for key, acc in {**accuracies, **{(s, r, c): a for (s, r, c), a in (controls or {}).items()}}.items():
+        s, r, control = (*key, None)[:3]
+        ticket = path / "tickets" / TicketSpec(mask_id(s), r, control).name
+        if key in fail:
+            write_json(ticket / "error.json", {"error": "CorruptArtifactError: bad checksum\ntrace"})
+            continue
+        write_json(ticket / "result.json", {"val_accuracy": acc, "best_val_accuracy": acc + 0.001, "remaining": 1 - s,
+                                            "rewind_step": 0 if r == "0it" else 10, "sparsity": s, "rewind": r,
+                                            "control": control, "mask_id": mask_id(s)}, sealed=True)
+    return Workdir(path)
+
+
+def make_set(root: Path, per_replicate: list[dict], dense: list[float | None], *, fail=None, **changes) -> Path:
+    """A replicate set of ``len(per_replicate)`` replicates; ``fail``: replicate index -> failed pairs."""
+    cfg = ExperimentConfig.from_dict({**BASE, **changes, "replicates": len(per_replicate)})
+    workdirs = [make_workdir(root / f"lenet_300_100-r{i}", cfg.replicate(i), accs, dense=dense[i], fail=(fail or {}).get(i, ()))
+                for i, accs in enumerate(per_replicate)]
+    return ReplicateSet(root / "lenet_300_100-r0-x3").prepare(cfg, workdirs).path
+
+
+def three_replicates(root: Path, **kwargs) -> Path:
+    """Every ticket at 0.80, 0.82 and 0.84 (+ 0.01 for 1ep, - 0.1 x sparsity): mean 0.82, std 0.02 at the base."""
+    per = [{(s, r): base + (0.01 if r == "1ep" else 0) - 0.1 * s for s in SPARSITIES for r in REWINDS}
+           for base in (0.80, 0.82, 0.84)]
+    return make_set(root, per, [0.86, 0.87, 0.88], **kwargs)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- the statistics ------------------------------------------------------------------------------
+def test_stats_mean_and_sample_standard_deviation():
+    assert stats([0.80, 0.82, 0.84]) == pytest.approx({"mean": 0.82, "std": 0.02, "n": 3})
+    assert stats([0.80, None, 0.84]) == pytest.approx({"mean": 0.82, "std": 0.0282842712, "n": 2})  # n - 1
+    assert stats([0.8]) == {"mean": 0.8, "std": None, "n": 1}  # one value: no sample spread, not 0
+    assert stats([None, None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_aggregate_counts_only_the_replicates_done():
+    def row(acc, status="ok", error=""):
+        return {"mask_id": "sp50.000", "sparsity": 0.5, "remaining": 0.5, "rewind": "0it", "control": "", "status": status,
+                "val_accuracy": acc, "best_val_accuracy": acc, "error": error}
+
+    (combined,) = aggregate([[row(0.80)], [row(None, "failed", "OOM")], [row(0.84)]])
+    assert combined["val_accuracy"] == pytest.approx(0.82) and combined["n"] == 2 and combined["replicates"] == 3
+    assert combined["status"] == "ok" and combined["values"] == [0.80, None, 0.84]
+    assert combined["not_done"] == [{"replicate": 1, "status": "failed", "error": "OOM"}]
+    (nothing,) = aggregate([[row(None, "missing")], [row(None, "failed", "OOM")], []])
+    assert nothing["n"] == 0 and nothing["val_accuracy"] is None and nothing["status"] == "failed"
+    assert [d["status"] for d in nothing["not_done"]] == ["missing", "failed", "missing"]  # absent from a replicate: missing
+
+
+# ---- the set's report ------------------------------------------------------------------------------
+def test_set_report_mean_std_files_and_problems(tmp_path):
+    s = three_replicates(tmp_path, fail={1: {(0.8, "1ep")}})
+    out = write_report(s, run_id="manual__set")
+    summary = {(r["mask_id"], r["rewind"]): r for r in read_csv(s / "summary.csv")}
+    base = summary[(mask_id(0.5), "0it")]
+    assert float(base["mean_val_accuracy"]) == pytest.approx(0.82 - 0.05) and float(base["std_val_accuracy"]) == pytest.approx(0.02)
+    assert base["n"] == "3" and base["replicates"] == "3" and base["not_done"] == ""
+    failed = summary[(mask_id(0.8), "1ep")]
+    assert failed["n"] == "2" and failed["not_done"] == "1:failed"
+    assert float(failed["mean_val_accuracy"]) == pytest.approx(0.82 + 0.01 - 0.08)  # of replicates 0 and 2
+    rows = read_csv(out["results_csv"])
+    assert len(rows) == 3 * 4 and list(rows[0])[:2] == ["replicate", "experiment_id"]
+    assert {(r["replicate"], r["experiment_id"]) for r in rows} == {(str(i), f"lenet_300_100-r{i}") for i in range(3)}
+    assert out["expected"] == 12 and out["done"] == 11 and out["replicates"] == 3 and out["combinations"] == 4
+    assert out["problems"] == [f"replicate 1 (lenet_300_100-r1): {mask_id(0.8)} (20.0% left), rewind 1ep: failed: "
+                               "CorruptArtifactError: bad checksum"]
+    assert out["dense_val_accuracy"] == pytest.approx(0.87) and out["dense_std"] == pytest.approx(0.01)
+    md = Path(out["report"]).read_text()
+    assert md.startswith("# Lottery-ticket experiment `lenet_300_100-r0-x3`: 3 replicates")
+    assert "| 50.00% | 50.0% | 77.00 ± 2.00 (3) | 78.00 ± 2.00 (3) |" in md
+    assert "| 80.00% | 20.0% | 74.00 ± 2.00 (3) | 75.00 ± 2.83 (2) |" in md
+    assert "**Dense network**: val accuracy (%) 87.00 ± 1.00 (3)" in md and "manual__set" in md
+    assert "## Failed or missing (1)" in md and "replicate 1 (lenet_300_100-r1): sp80.000" in md
+    png = Path(out["plot"]).read_bytes()
+    assert out["plot"] == str(s / "report" / "accuracy_vs_sparsity.png") and png[:4] == b"\x89PNG" and len(png) > 10_000
+    for i, own in enumerate(out["replicate_reports"]):  # each replicate's own report, in its work directory
+        assert own == str(tmp_path / f"lenet_300_100-r{i}" / "report" / "report.md") and Path(own).is_file()
+        assert (tmp_path / f"lenet_300_100-r{i}" / "results.csv").is_file()
+
+
+def test_matching_is_judged_on_the_means(tmp_path):
+    """A ticket matches when its mean is within the tolerance of the dense mean, whatever single
+    replicates do: 0.86 / 0.875 / 0.89 matches the dense 0.88 (mean 0.875); 0.89 / 0.84 / 0.84 does
+    not (mean 0.857), though its first replicate alone is above the dense network."""
+    values = {(0.5, "0it"): (0.86, 0.875, 0.89), (0.8, "0it"): (0.89, 0.84, 0.84)}
+    per = [{key: v[i] for key, v in values.items()} for i in range(3)]
+    s = make_set(tmp_path, per, [0.875, 0.88, 0.885], rewind_points=["0it"])
+    out = write_report(s)
+    assert out["matching"]["0it"] == {"matching": 1, "done": 2, "sparsest_mask_id": mask_id(0.5), "sparsest_remaining": 0.5}
+    md = Path(out["report"]).read_text()
+    assert "| 50.00% | 50.0% | **87.50 ± 1.50 (3)** |" in md and "| 80.00% | 20.0% | 85.67 ± 2.89 (3) |" in md
+    assert ("rewind 0it: 1 of 2 levels match; the sparsest matching ticket keeps 50.0% of the weights "
+            "(`sp50.000`: 87.50 ± 1.50 (3) against the dense 88.00 ± 0.50 (3))") in md
+
+
+def test_one_replicate_without_results(tmp_path):
+    """A replicate with no dense run and no tickets: means over the others, each of its tickets a problem."""
+    per = [{(s, r): 0.8 for s in SPARSITIES for r in REWINDS}, {}, {(s, r): 0.82 for s in SPARSITIES for r in REWINDS}]
+    s = make_set(tmp_path, per, [0.85, None, 0.87])
+    out = write_report(s)
+    assert out["dense_val_accuracy"] == pytest.approx(0.86) and out["done"] == 8 and len(out["problems"]) == 4
+    assert all(p.startswith("replicate 1 (lenet_300_100-r1): ") and p.endswith(": missing") for p in out["problems"])
+    md = Path(out["report"]).read_text()
+    assert "| 1 | 1 | `lenet_300_100-r1` | not trained | 0 of 4 |" in md
+    assert "81.00 ± 1.41 (2)" in md
+
+
+def test_the_entry_points_read_a_set(tmp_path):
+    s = three_replicates(tmp_path)
+    rows = result_rows(s)
+    assert len(rows) == 12 and rows[0]["replicate"] == 0 and rows[-1]["experiment_id"] == "lenet_300_100-r2"
+    table = format_table(s, rows)
+    assert "77.00 ± 2.00 (3)" in table and "dense network: 87.00 ± 1.00 (3)" in table
+    assert format_table(s) == table
+    results = load_results(s)
+    assert results.replicates == 3 and results.run_info["dataset_id"] == "d1"
+
+
+def test_a_work_directory_alone_is_one_replicate(tmp_path):
+    cfg = ExperimentConfig.from_dict(BASE)
+    w = make_workdir(tmp_path / "w", cfg, {(0.5, "0it"): 0.8}, dense=0.85)
+    (row, *_) = load_results(w).summary
+    assert row["n"] == 1 and row["std"] is None and row["replicates"] == 1
+
+
+def test_cli_report_and_summarize_on_a_set(tmp_path, capsys):
+    import json
+
+    from lottery.cli import main
+
+    s = three_replicates(tmp_path)
+    assert main(["report", "--workdir", str(s)]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(s / "report" / "report.md")
+    assert main(["summarize", "--workdir", str(s)]) == 0
+    printed = capsys.readouterr().out
+    assert "77.00 ± 2.00 (3)" in printed and f"wrote {s / 'results.csv'}" in printed and (s / "summary.csv").is_file()
