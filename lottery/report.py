@@ -4,6 +4,7 @@
     summarize(P[, plan]) -> rows        one row per expected ticket; writes P/results.csv
     result_rows(P[, plan]) -> rows      the same rows, nothing written
     format_table(P[, rows]) -> text     the accuracy table for logs and the terminal
+    compare([P1, P2, ...], DIR) -> {"plot", "table", ...}   several experiments in one plot and table
 
 ``P`` is an experiment's work directory, or a replicate set's directory (``ReplicateSet``: an
 experiment run with ``replicates`` > 1): then the rows are one per replicate and combination
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lottery import compare as comparison
 from lottery import replicate_report, workdir_report
 from lottery.paths import ReplicateSet
 from lottery.plan import RunPlan
@@ -78,3 +80,10 @@ def format_table(path: str | os.PathLike, rows: list[dict[str, Any]] | None = No
     if ReplicateSet.holds_set(path):
         return replicate_report.format_set_table(path, rows)
     return workdir_report.format_table(path, rows)
+
+
+def compare(paths: list[str | os.PathLike], out_dir: str | os.PathLike, *, rewinds: list[str] | None = None) -> dict[str, Any]:
+    """``DIR/comparison.png`` and ``DIR/comparison.md``: the experiments at ``paths`` (work
+    directories or replicate sets, on the same data set and model) in one plot and table, each
+    labelled by what differs in its config (``lottery.compare``)."""
+    return comparison.compare(paths, out_dir, rewinds=rewinds)

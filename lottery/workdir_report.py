@@ -269,7 +269,7 @@ def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str
     if not any(r["status"] == "ok" for r in rows):
         ax.text(0.5, 0.06, "no ticket results yet", transform=ax.transAxes, ha="center", va="bottom", color="gray",
                 bbox={"facecolor": "white", "edgecolor": "none"})
-    return save_figure(fig, ax, path, [_remaining(r) for r in rows], title=title, legend_columns=2 if len(labels) > 3 else 1)
+    return save_figure(fig, ax, path, [percent_left(r) for r in rows], title=title, legend_columns=2 if len(labels) > 3 else 1)
 
 
 def _draw_line(ax, line: list[dict], color: str, control: str, label: str) -> None:
@@ -294,7 +294,8 @@ def draw_band(ax, line: list[dict], color: str) -> None:
                         color=color, alpha=0.18, linewidth=0)
 
 
-def _remaining(row: dict) -> float:
+def percent_left(row: dict) -> float:
+    """% of the prunable weights a row's ticket keeps (its mask's, or 1 - sparsity until known)."""
     return 100 * (row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"])
 
 

@@ -170,3 +170,73 @@ def test_cli_report_and_summarize_on_a_set(tmp_path, capsys):
     assert main(["summarize", "--workdir", str(s)]) == 0
     printed = capsys.readouterr().out
     assert "77.00 ± 2.00 (3)" in printed and f"wrote {s / 'results.csv'}" in printed and (s / "summary.csv").is_file()
+
+
+# ---- comparing experiments ------------------------------------------------------------------------
+def two_schedules(root: Path, **second) -> tuple[Path, Path]:
+    """A one-shot work directory and an iterative replicate set of the same model and data."""
+    one_shot = make_workdir(root / "lenet_300_100-oneshot", ExperimentConfig.from_dict(BASE),
+                            {(s, r): 0.85 - 0.05 * s for s in SPARSITIES for r in REWINDS}, dense=0.86).path
+    per = [{(s, r): base - 0.02 * s for s in SPARSITIES for r in REWINDS} for base in (0.84, 0.86, 0.88)]
+    iterative = make_set(root / "iterative", per, [0.85, 0.86, 0.87], pruning_schedule="iterative", **second)
+    return one_shot, iterative
+
+
+def test_compare_writes_the_plot_and_table_labelled_by_what_differs(tmp_path):
+    from lottery.report import compare
+
+    one_shot, iterative = two_schedules(tmp_path, rewind_mode="weights")
+    out = compare([one_shot, iterative], tmp_path / "cmp")
+    assert out["plot"] == str(tmp_path / "cmp" / "comparison.png") and out["table"] == str(tmp_path / "cmp" / "comparison.md")
+    assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG" and Path(out["plot"]).stat().st_size > 10_000
+    labels = [e["label"] for e in out["experiments"]]
+    assert labels == ["pruning_schedule=one_shot, rewind_mode=full", "pruning_schedule=iterative, rewind_mode=weights"]
+    assert [e["replicates"] for e in out["experiments"]] == [1, 3]
+    md = Path(out["table"]).read_text()
+    assert "| sparsity | weights left | pruning_schedule=one_shot, rewind_mode=full | pruning_schedule=iterative, rewind_mode=weights |" in md
+    assert "| 50.00% | 50.0% | 82.50 ± – (1) | **85.00 ± 2.00 (3)** |" in md  # 0.825 < 0.86 - 0.01; 0.85 >= 0.86 - 0.01
+    assert "## Rewind 0it" in md and "## Rewind 1ep" in md and "| 3 | 86.00 ± 1.00 (3) |" in md and "| 1 | 86.00 ± – (1) |" in md
+    only = compare([one_shot, iterative], tmp_path / "cmp1", rewinds=["1ep"])
+    assert "## Rewind 0it" not in Path(only["table"]).read_text()
+
+
+def test_compare_refuses_other_models_and_data_sets(tmp_path):
+    from lottery.errors import NotComparableError
+    from lottery.report import compare
+
+    one_shot, _ = two_schedules(tmp_path)
+    conv = make_workdir(tmp_path / "conv2-x", ExperimentConfig.from_dict({**BASE, "model": "conv2"}), {(0.5, "0it"): 0.7}, dense=0.8).path
+    with pytest.raises(NotComparableError, match=f"cannot compare {one_shot} \\(model lenet_300_100\\) with {conv} \\(model conv2\\)"):
+        compare([one_shot, conv], tmp_path / "cmp")
+    other_data = make_workdir(tmp_path / "lenet_300_100-d2", ExperimentConfig.from_dict(BASE), {(0.5, "0it"): 0.7}, dense=0.8,
+                              dataset_id="d2").path
+    with pytest.raises(NotComparableError, match=f"{one_shot} \\(data set d1\\) with {other_data} \\(data set d2\\)"):
+        compare([one_shot, other_data], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_labels_of_the_same_config_are_the_directory_names():
+    from lottery.compare import experiment_labels
+
+    cfg = ExperimentConfig.from_dict(BASE)
+    assert experiment_labels([cfg, cfg], ["a", "b"]) == ["a", "b"]
+    assert experiment_labels([cfg, cfg.replace(seed=3), cfg.replace(seed=3)], ["a", "b", "c"]) == ["seed=0", "seed=3 (b)", "seed=3 (c)"]
+    assert experiment_labels([cfg, cfg.replace(sparsities=[0.2, 0.5, 0.8, 0.9, 0.95])], ["a", "b"]) == [
+        "sparsities=0.5,0.8", "sparsities=5 levels to 0.95"]
+
+
+def test_cli_compare(tmp_path, capsys):
+    import json
+
+    from lottery.cli import main
+
+    one_shot, iterative = two_schedules(tmp_path)
+    assert main(["report", "--compare", str(one_shot), str(iterative), "--out", str(tmp_path / "cmp")]) == 0
+    assert json.loads(capsys.readouterr().out)["table"] == str(tmp_path / "cmp" / "comparison.md")
+    conv = make_workdir(tmp_path / "conv2-x", ExperimentConfig.from_dict({**BASE, "model": "conv2"}), {(0.5, "0it"): 0.7}, dense=0.8).path
+    assert main(["report", "--compare", str(one_shot), str(conv), "--out", str(tmp_path / "cmp2")]) == 2
+    assert "error: cannot compare" in capsys.readouterr().err
+    assert main(["report", "--compare", str(one_shot), str(iterative)]) == 2
+    assert "error: --compare needs --out DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other
+        main(["report", "--workdir", str(one_shot), "--compare", str(one_shot), str(iterative), "--out", str(tmp_path)])
