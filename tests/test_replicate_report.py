@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lottery.config import ExperimentConfig
-from lottery.files import write_json
+from lottery.files import output_records, write_json
 from lottery.paths import FORMAT_VERSION, ReplicateSet, Workdir
 from lottery.plan import TicketSpec, mask_id
 from lottery.replicate_report import aggregate, load_results, stats
@@ -22,22 +22,29 @@ BASE = {"training_steps": "2ep", "lr_milestones": [], "rewind_points": REWINDS, 
 
 
 def make_workdir(path: Path, cfg: ExperimentConfig, accuracies: dict, *, dense: float | None, dataset_id: str = "d1",
-                 fail=(), controls: dict | None = None) -> Workdir:
-    """``accuracies``: (sparsity, rewind) -> val accuracy; a pair left out is missing, one in ``fail`` failed."""
+                 fail=()) -> Workdir:
+    """``accuracies``: (sparsity, rewind[, control]) -> val accuracy; a pair left out is missing, one in
+    ``fail`` failed. Each result records the model.keras beside it, as the engine's do."""
     write_json(path / "config.json", cfg.to_dict())
     write_json(path / "run.json", {"experiment_id": path.name, "data_dir": "/data/x", "dataset_id": dataset_id,
                                    "format_version": FORMAT_VERSION})
     if dense is not None:
-        write_json(path / "dense" / "result.json", {"val_accuracy": dense, "best_val_accuracy": dense, "epochs": 2}, sealed=True)
-    for key, acc in {**accuracies, **{(s, r, c): a for (s, r, c), a in (controls or {}).items()}}.items():
+        (path / "dense").mkdir(parents=True)
+        (path / "dense" / "final.keras").write_bytes(b"dense model of " + path.name.encode())
+        write_json(path / "dense" / "result.json", {"val_accuracy": dense, "best_val_accuracy": dense, "epochs": 2,
+                                                    **output_records(path / "dense", ["final.keras"])}, sealed=True)
+    for key, acc in accuracies.items():
         s, r, control = (*key, None)[:3]
         ticket = path / "tickets" / TicketSpec(mask_id(s), r, control).name
         if key in fail:
             write_json(ticket / "error.json", {"error": "CorruptArtifactError: bad checksum\ntrace"})
             continue
+        ticket.mkdir(parents=True)
+        (ticket / "model.keras").write_bytes(b"model of " + ticket.name.encode())
         write_json(ticket / "result.json", {"val_accuracy": acc, "best_val_accuracy": acc + 0.001, "remaining": 1 - s,
                                             "rewind_step": 0 if r == "0it" else 10, "sparsity": s, "rewind": r,
-                                            "control": control, "mask_id": mask_id(s)}, sealed=True)
+                                            "control": control, "mask_id": mask_id(s),
+                                            **output_records(ticket, ["model.keras"])}, sealed=True)
     return Workdir(path)
 
 
@@ -240,3 +247,78 @@ def test_cli_compare(tmp_path, capsys):
     assert "error: --compare needs --out DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one or the other
         main(["report", "--workdir", str(one_shot), "--compare", str(one_shot), str(iterative), "--out", str(tmp_path)])
+
+
+# ---- the Report tab of a run with replicates ------------------------------------------------------
+def set_facts(s: Path, state: str = "failed", **kwargs):
+    from lottery.ui.report_data import RunFacts
+
+    workdirs = [str(s.parent / f"lenet_300_100-r{i}") for i in range(3)]
+    plan = {"config": {**BASE, "replicates": 3, "controls": False}}
+    return RunFacts("lottery_ticket", "manual__set", state, {}, plan=plan, workdir=workdirs[0], report_dir=str(s),
+                    workdirs=workdirs, **kwargs)
+
+
+def test_report_tab_of_a_set_shows_mean_std_n_and_names_the_replicates(tmp_path):
+    from lottery.ui import report_data, report_page
+
+    s = three_replicates(tmp_path, fail={1: {(0.8, "1ep")}})
+    view = report_data.build_view(set_facts(s))
+    assert view.replicates == 3 and view.experiment_id == s.name and view.corrupt == [] and view.notice == ""
+    assert view.dense_accuracy == pytest.approx(0.87) and view.dense_std == pytest.approx(0.01)
+    assert view.done == 11 and view.expected == 12 and len(view.replicate_rows) == 12
+    (table,) = report_page.tables(view)
+    cells = [[c["text"] for c in line["cells"]] for line in table["lines"]]
+    assert cells == [["77.00 ± 2.00 (3)", "78.00 ± 2.00 (3)"], ["74.00 ± 2.00 (3)", "75.00 ± 2.83 (2)"]]
+    assert table["lines"][1]["cells"][1]["title"] == "sp80.000__1ep: replicate 0 73.00%, replicate 1 failed, replicate 2 77.00%"
+    assert [(p.what, p.status) for p in view.problems] == [
+        ("replicate 1 (lenet_300_100-r1): sp80.000 (20.00% left), rewind 1ep", "failed")]
+    html = report_page._page(view.facts, view).body.decode()  # noqa: SLF001 - the route's own rendering
+    assert "87.00 ± 1.00 (3)" in html and "77.00 ± 2.00 (3)" in html and 'id="replicate-dirs"' in html
+    assert view.models == []  # each replicate's models: in its own work directory
+
+
+def test_report_tab_of_a_set_uses_the_reports_plot_until_a_result_changes(tmp_path):
+    import os
+
+    from lottery.ui import report_data
+
+    s = three_replicates(tmp_path)
+    view = report_data.build_view(set_facts(s, "success"))
+    assert report_data.report_plot_file(view) is None  # no report yet: drawn
+    assert report_data.plot_png(view)[:4] == b"\x89PNG"
+    write_report(s, plan=None)
+    assert report_data.report_plot_file(view) == (s / "report" / "accuracy_vs_sparsity.png").resolve()
+    later = (s / "report" / "accuracy_vs_sparsity.png").stat().st_mtime + 10
+    os.utime(tmp_path / "lenet_300_100-r2" / "tickets" / "sp50.000__0it" / "result.json", (later, later))
+    assert report_data.report_plot_file(view) is None
+
+
+def test_report_tab_of_a_set_in_progress_damaged_or_gone(tmp_path):
+    from lottery.ui import report_data
+
+    per = [{(s, r): 0.8 for s in SPARSITIES for r in REWINDS} for _ in range(2)] + [{(0.5, "0it"): 0.8}]
+    s = make_set(tmp_path, per, [0.85, 0.86, None])
+    (tmp_path / "lenet_300_100-r1" / "tickets" / "sp50.000__0it" / "model.keras").write_bytes(b"x")
+    view = report_data.build_view(set_facts(s, "running"))
+    assert view.corrupt == ["replicate 1 (lenet_300_100-r1): tickets/sp50.000__0it: model.keras: 1 bytes, result.json says 22"]
+    assert [(p.what, p.status) for p in view.problems] == [
+        ("replicate 1 (lenet_300_100-r1): sp50.000 (50.00% left), rewind 0it", "corrupt")]
+    assert [p.what for p in view.waiting] == [f"{m} ({left} left), rewind {r}, replicate 2" for m, left, r in (
+        ("sp50.000", "50.00%", "1ep"), ("sp80.000", "20.00%", "0it"), ("sp80.000", "20.00%", "1ep"))]
+    first = view.rows[0]
+    assert first["n"] == 2 and first["values"] == [0.8, None, 0.8] and view.dense["n"] == 2
+    finished = report_data.build_view(set_facts(s, "failed"))
+    assert not finished.waiting and sum(p.status == "missing" for p in finished.problems) == 3
+    gone = report_data.build_view(set_facts(tmp_path / "nowhere"))
+    assert "no longer exists" in gone.notice and gone.rows == []
+
+
+def test_report_tab_of_one_replicate_is_the_work_directorys(tmp_path):
+    from lottery.ui import report_data
+    from lottery.ui.report_data import RunFacts
+
+    w = make_workdir(tmp_path / "w", ExperimentConfig.from_dict(BASE), {(0.5, "0it"): 0.8}, dense=0.85)
+    facts = RunFacts("lottery_ticket", "r", "success", {}, workdir=str(w), report_dir=str(w), workdirs=[str(w)])
+    view = report_data.build_view(facts)
+    assert view.replicates == 1 and "n" not in view.rows[0] and view.done == 1
