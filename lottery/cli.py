@@ -7,7 +7,9 @@
     python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
     python -m lottery retrain --workdir W --mask 0,3,7 --rewind 1ep [--pack N]   (or --mask all)
     python -m lottery imp --workdir W --rewind 1ep [--levels K]   (iterative pruning: one chain)
-    python -m lottery summarize --workdir W
+    python -m lottery summarize --workdir W        (W: a work directory, or a replicate set's directory)
+    python -m lottery report --workdir W           (results.csv, the plot, report.md; a set: mean ± std, summary.csv)
+    python -m lottery report --compare W1 W2 ... --out DIR [--rewind 0it,1ep]   (one plot and table of several experiments)
     python -m lottery input-bench --data DATA_DIR [--augmentation random_resized_crop] [--model resnet50]
     python -m lottery rerun-failed --run-id RUN_ID [--run-id ...] | --since 2026-12-01 [--until ...] [--dry-run]
 """
@@ -116,18 +118,27 @@ def cmd_imp(args) -> None:
 
 
 def cmd_summarize(args) -> None:
-    from lottery.paths import Workdir
+    from lottery.paths import ReplicateSet, Workdir
     from lottery.report import format_table, summarize
 
     rows = summarize(args.workdir)
     print(format_table(args.workdir, rows))
-    print(f"\nwrote {Workdir(args.workdir).results_csv}")
+    if ReplicateSet.holds_set(args.workdir):
+        print(f"\nwrote {ReplicateSet(args.workdir).results_csv} and {ReplicateSet(args.workdir).summary_csv}")
+    else:
+        print(f"\nwrote {Workdir(args.workdir).results_csv}")
 
 
 def cmd_report(args) -> None:
     from lottery import report
 
-    paths = report.write_report(args.workdir)
+    if args.compare:
+        if args.out is None:
+            raise ValueError("--compare needs --out DIR (where comparison.png and comparison.md are written)")
+        rewinds = [r.strip() for r in args.rewind.split(",")] if args.rewind else None
+        paths = report.compare(args.compare, args.out, rewinds=rewinds)
+    else:
+        paths = report.write_report(args.workdir)
     print(json.dumps(paths, indent=2, default=str))
 
 
@@ -173,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     workdir_command("masks", "magnitude-prune the final dense weights at every sparsity level", cmd_masks)
 
     _training_commands(workdir_command)
-    workdir_command("summarize", "print the accuracy table and write results.csv", cmd_summarize)
-    workdir_command("report", "write results.csv, accuracy_vs_sparsity.png and report.md", cmd_report)
+    workdir_command("summarize", "print the accuracy table and write results.csv (a replicate set: and summary.csv)",
+                    cmd_summarize)
+    _report_command(sub)
 
     p = sub.add_parser("rerun-failed", help="re-run the failed tickets of finished runs (Airflow's Clear only failed tasks)")
     rerun.add_arguments(p).set_defaults(func=rerun.run)
@@ -182,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("input-bench", help="measure the input stream's img/s (and a model's train-step rate with --model)")
     input_bench.add_arguments(p).set_defaults(func=input_bench.run)
     return parser
+
+
+def _report_command(sub) -> None:
+    p = sub.add_parser("report", help="write results.csv, accuracy_vs_sparsity.png and report.md of a work directory or "
+                                      "replicate set; or compare experiments in one plot and table")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--workdir", type=Path, help="an experiment's work directory, or a replicate set's directory "
+                                                    "(the report over its replicates: mean ± std)")
+    group.add_argument("--compare", nargs="+", type=Path, metavar="W", help="two or more work directories or replicate "
+                       "sets of the same data set and model: DIR/comparison.png and DIR/comparison.md")
+    p.add_argument("--out", type=Path, metavar="DIR", help="with --compare: where the comparison is written")
+    p.add_argument("--rewind", help="with --compare: only these rewind points, comma-separated (default: every one)")
+    p.set_defaults(func=cmd_report)
 
 
 def _training_commands(workdir_command) -> None:

@@ -34,6 +34,10 @@ class MissingArtifactError(PermanentError):
     """A step needs the output of an earlier step that has not been produced yet."""
 
 
+class NotComparableError(PermanentError):
+    """Experiments asked to be compared that are on different data sets or models."""
+
+
 class _DataError(PermanentError, ValueError):
     def __init__(self, message: str, *, path: str | os.PathLike | None = None):
         super().__init__(message)

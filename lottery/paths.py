@@ -16,7 +16,12 @@ Replicates (``replicates: N``): each replicate is an experiment of its own, ``<a
 and the report over them lives in ``<artifact root>/<id of replicate 0>-x<N>/`` (`ReplicateSet`):
 
     S/replicates.json                   the config, and each replicate's experiment id and work dir
-    S/results.csv, S/report/            the report over the replicates (mean ± std per combination)
+    S/results.csv                       one row per replicate and combination
+    S/summary.csv                       mean, std and n per combination
+    S/report/                           report.md and accuracy_vs_sparsity.png (mean ± std)
+
+A comparison of experiments (``python -m lottery report --compare``) writes ``comparison.png`` and
+``comparison.md`` into the directory it is given (`Comparison`).
 
 Every .npz has its record and meta in a sealed <stem>.json beside it (`lottery.files.save_arrays`).
 
@@ -36,6 +41,7 @@ from lottery.errors import MissingArtifactError, WorkdirMismatchError
 from lottery.plan import RunPlan, TicketSpec
 
 RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
 PLOT_NAME = "accuracy_vs_sparsity.png"
 REPORT_NAME = "report.md"
 TICKETS = "tickets"
@@ -111,7 +117,8 @@ class ReplicateSet:
         return self.path.name
 
     replicates_json = _under("path", "replicates.json")
-    results_csv = _under("path", RESULTS_CSV)
+    results_csv = _under("path", RESULTS_CSV, doc="one row per replicate and combination")
+    summary_csv = _under("path", SUMMARY_CSV, doc="mean, std and n per combination")
     report_md = _under("path", "report", REPORT_NAME)
     plot_png = _under("path", "report", PLOT_NAME)
 
@@ -136,6 +143,16 @@ class ReplicateSet:
             raise MissingArtifactError(f"{self.path} has no replicates.json: not a replicate set")
         info = read_json(self.replicates_json)
         return ExperimentConfig.from_dict(info["config"]), [Workdir(p) for p in info["workdirs"]]
+
+
+class Comparison:
+    """The directory a comparison of experiments is written to (``lottery.compare``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    plot_png = _under("path", "comparison.png")
+    table_md = _under("path", "comparison.md")
 
 
 class Workdir:

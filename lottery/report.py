@@ -1,421 +1,89 @@
-"""The experiment's report: the results table, the accuracy-vs-sparsity plot and ``report.md``.
+"""The experiment's report: the entry points the DAG, the CLI and notebooks call.
 
-    summarize(W[, plan]) -> rows        one row per expected ticket; writes W/results.csv
-    format_table(W[, rows]) -> text     the accuracy table for logs and the terminal
-    write_report(W[, plan=...]) -> {"results_csv", "plot", "report", "problems", ...}
+    write_report(P[, plan=..., run_id=...]) -> {"results_csv", "plot", "report", "problems", ...}
+    summarize(P[, plan]) -> rows        one row per expected ticket; writes P/results.csv
+    result_rows(P[, plan]) -> rows      the same rows, nothing written
+    format_table(P[, rows]) -> text     the accuracy table for logs and the terminal
+    compare([P1, P2, ...], DIR) -> {"plot", "table", ...}   several experiments in one plot and table
 
-``write_report`` writes ``results.csv``, ``report/accuracy_vs_sparsity.png`` and
-``report/report.md`` (paths: lottery/paths.py). It never fails because results are missing:
-failed and missing (mask, rewind point[, control]) tickets are listed in the report and returned as
-``problems``. The ``plan`` says which tickets and controls are expected.
+``P`` is an experiment's work directory, or a replicate set's directory (``ReplicateSet``: an
+experiment run with ``replicates`` > 1): then the rows are one per replicate and combination
+(with ``replicate`` and ``experiment_id``), ``summarize`` also writes ``summary.csv`` and the
+report shows ``mean ± std (n)`` per combination (``lottery.replicate_report``).
 
-The plot follows the lottery-ticket papers: x = % of prunable weights remaining on a log axis,
-reversed so that sparser networks are to the right; one line per rewind point; the dense network's
-accuracy as a horizontal reference; controls dashed, in the colour of their rewind point.
+The report of one work directory: ``lottery.workdir_report`` (its pieces are public here too:
+``plot``, ``accuracy_table``, ``matching_levels``, ...).
 
-Matplotlib runs on the Agg canvas directly (no pyplot, no global backend): safe in any process.
 No TensorFlow, Keras or NumPy import.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-from pathlib import Path
 from typing import Any
 
-from lottery.config import CONTROLS
-from lottery.errors import CorruptArtifactError
-from lottery.files import atomic_path
-from lottery.paths import PLOT_NAME, RESULT_JSON, RESULTS_CSV, TICKETS, Workdir
-from lottery.plan import RunPlan, TicketSpec
-
-log = logging.getLogger("lottery")
-
-# A ticket "matches" the dense network when its final val accuracy is at most this far below it.
-MATCH_TOLERANCE = 0.01
-RESULT_COLUMNS = ("mask_id", "sparsity", "remaining", "rewind", "rewind_step", "control", "status",
-                  "val_accuracy", "best_val_accuracy", "error")
-_CONTROL_STYLE = {"random_reinit": ("--", "x"), "random_prune": ((0, (5, 2, 1, 2)), "^")}
-
-
-# ---- the results table --------------------------------------------------------------------------
-def expected_tickets(workdir: Workdir, plan: RunPlan, *, planned_controls: bool = True) -> list[TicketSpec]:
-    """The plan's tickets, then its controls and any control found on disk, kind by kind (in
-    ``CONTROLS`` order), mask by mask, rewind by rewind. ``planned_controls=False``: only the
-    controls that were started (the CLI runs controls on request only)."""
-    wanted = set(workdir.started_controls()) | set(plan.controls if planned_controls else ())
-    controls = [
-        spec for kind in CONTROLS for m in plan.masks for r in plan.rewinds
-        if (spec := TicketSpec(m.mask_id, r, kind)) in wanted
-    ]
-    return list(plan.tickets) + controls
+from lottery import compare as comparison
+from lottery import replicate_report, workdir_report
+from lottery.paths import ReplicateSet
+from lottery.plan import RunPlan
+from lottery.workdir_report import (  # noqa: F401 - public here
+    MATCH_TOLERANCE,
+    RESULT_COLUMNS,
+    RESULT_JSON,
+    TICKETS,
+    accuracy_table,
+    expected_tickets,
+    mask_remaining,
+    matching_levels,
+    plot,
+    render_markdown,
+    result_row,
+)
 
 
-def result_rows(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
-    """One row per expected ticket with its status (reads the results; writes nothing).
-
-    ``plan``: which tickets and controls are expected (the DAG passes its run's). Default: the plan
-    of the work directory's ``config.json``, with the controls that were started."""
-    workdir = Workdir(workdir)
-    started_only = plan is None
-    plan = plan or RunPlan.from_config(workdir.load()[0])
-    specs = expected_tickets(workdir, plan, planned_controls=not started_only)
-    sparsity_of, left = {m.mask_id: m.sparsity for m in plan.masks}, mask_remaining(workdir)
-    return [result_row(workdir, spec, sparsity_of[spec.mask_id], left.get(spec.mask_id)) for spec in specs]
-
-
-def mask_remaining(workdir: Workdir) -> dict[str, float]:
-    """Each made mask's share of prunable weights left (``masks/index.json``), so that a ticket not
-    done yet shows the "weights left" its result will have; empty before make_masks."""
-    from lottery.files import read_json
-
-    try:
-        return {m["mask_id"]: float(m["remaining"]) for m in read_json(workdir.mask_index)}
-    except (CorruptArtifactError, OSError, KeyError, TypeError, ValueError):
-        return {}
-
-
-def summarize(workdir: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
-    """`result_rows`, also written to ``results.csv``."""
-    from lottery.files import write_csv
-
-    rows = result_rows(workdir, plan)
-    write_csv(Workdir(workdir).results_csv, RESULT_COLUMNS, rows)
-    return rows
-
-
-def result_row(workdir: Workdir, spec: TicketSpec, sparsity: float, remaining: float | None = None) -> dict[str, Any]:
-    """``spec``'s row; ``remaining``: its mask's weights left, until its result says."""
-    from lottery.files import read_json
-
-    paths = workdir.ticket(spec)
-    row = {"mask_id": spec.mask_id, "sparsity": sparsity, "remaining": remaining, "rewind": spec.rewind, "rewind_step": None,
-           "control": spec.control or "", "status": "missing", "val_accuracy": None, "best_val_accuracy": None, "error": ""}
-    # A damaged file marks its own row "corrupt", with the reason: the report is written whatever it finds.
-    try:
-        if paths.result.exists():
-            result = read_json(paths.result, sealed=True)
-            values = {k: result[k] for k in ("remaining", "rewind_step", "val_accuracy", "best_val_accuracy")}
-            row.update(values, status="ok")
-        elif paths.error.exists():
-            row.update(status="failed", error=str(read_json(paths.error)["error"]).splitlines()[0][:300])
-    except (CorruptArtifactError, OSError, KeyError, TypeError) as exc:  # unreadable, or not a result
-        damaged = paths.result if paths.result.exists() else paths.error
-        reason = str(exc) if isinstance(exc, (CorruptArtifactError, OSError)) else f"{damaged} lacks {exc}; delete it to recompute"
-        row.update(status="corrupt", error=reason[:300])
-    return row
-
-
-def format_table(workdir: str | os.PathLike, rows: list[dict[str, Any]] | None = None) -> str:
-    """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top."""
-    workdir = Workdir(workdir)
-    cfg, _ = workdir.load()
-    rows = result_rows(workdir) if rows is None else rows  # printing a table never rewrites results.csv
-    labels = cfg.rewind_labels()
-    lines = []
-    dense = _dense_result(workdir)
-    if dense:
-        lines.append(f"dense network: val accuracy {100 * dense['val_accuracy']:.2f}%")
-    for control in sorted({r["control"] for r in rows}, key=lambda c: (c != "", c)):
-        subset = [r for r in rows if r["control"] == control]
-        lines.append("")
-        lines.append(f"{'tickets' if not control else 'control ' + control}: val accuracy (%) by weights remaining and rewind point")
-        lines.append(f"{'sparsity':>9} {'left':>7} " + " ".join(f"{label:>9}" for label in labels))
-        lines.extend(_text_row(subset, mid, labels) for mid in dict.fromkeys(r["mask_id"] for r in subset))
-    return "\n".join(lines)
-
-
-def _text_row(subset: list[dict], mid: str, labels: list[str]) -> str:
-    cells = {r["rewind"]: r for r in subset if r["mask_id"] == mid}
-    first = next(iter(cells.values()))
-    left = next((r["remaining"] for r in cells.values() if r["remaining"] is not None), 1 - first["sparsity"])
-    values = []
-    for label in labels:
-        r = cells.get(label)
-        values.append(f"{'':>9}" if r is None else f"{100 * r['val_accuracy']:9.2f}" if r["status"] == "ok" else f"{r['status']:>9}")
-    return f"{100 * first['sparsity']:8.2f}% {100 * left:6.2f}% " + " ".join(values)
-
-
-def _dense_result(workdir: Workdir) -> dict | None:
-    """The dense run's result, or None when it is not trained (or its result cannot be read)."""
-    from lottery.files import read_json
-
-    try:
-        return read_json(workdir.dense_result, sealed=True)
-    except Exception:  # missing or unreadable: the report says "not trained"
-        return None
-
-
-# ---- the report ---------------------------------------------------------------------------------
 def write_report(
-    workdir: str | os.PathLike,
+    path: str | os.PathLike,
     *,
     plan: RunPlan | None = None,
     tolerance: float = MATCH_TOLERANCE,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Write results.csv, the plot and report.md for ``workdir``; returns their paths and a summary.
+    """Write results.csv, the plot and report.md for the work directory ``path``; returns their
+    paths and a summary (``workdir_report.write_workdir_report``). For a replicate set: each
+    replicate's own report, then the set's, with summary.csv (``replicate_report.write_set_report``).
 
-    ``plan``: the tickets and controls that were planned (default: see ``summarize``); those without
-    a result are reported as missing. ``run_id``: the DAG run the report describes; report.md names
-    it and when it was written, so that an old report is not taken for a new one."""
-    workdir = Workdir(workdir)
-    cfg, run_info = workdir.load()
-    rows = summarize(workdir, plan)
-    dense = _dense_result(workdir)  # None when not trained (yet): the report says so
-    dense_acc = dense["val_accuracy"] if dense else None
-    labels = cfg.rewind_labels()
-    plot(rows, labels, dense_acc, workdir.plot_png, title=f"{cfg.model}  ({workdir.name})")
-    problems = [_problem_line(r) for r in rows if r["status"] != "ok"]
-    matching = matching_levels(rows, labels, dense_acc, tolerance)
-    written = _utc_now()
-    text = render_markdown(
-        workdir=workdir, cfg=cfg, run_info=run_info, rows=rows, labels=labels, dense=dense,
-        tolerance=tolerance, matching=matching, problems=problems, described=_described(run_id, written),
-    )
-    from lottery.files import write_text
-
-    write_text(workdir.report_md, text)
-    done = sum(r["status"] == "ok" for r in rows)
-    log.info("report: %d of %d combinations done, %d failed or missing -> %s", done, len(rows), len(problems), workdir.report_md)
-    return {
-        "workdir": str(workdir),
-        "results_csv": str(workdir.results_csv),
-        "plot": str(workdir.plot_png),
-        "report": str(workdir.report_md),
-        "expected": len(rows),
-        "done": done,
-        "problems": problems,
-        "matching": matching,
-        "dense_val_accuracy": dense_acc,
-        "run_id": run_id,
-        "written": written,
-    }
+    ``plan``: the tickets and controls that were planned (default: those of the work directory's
+    config, with the controls that were started); those without a result are reported as missing.
+    ``run_id``: the DAG run the report describes; report.md names it and when it was written."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.write_set_report(path, plan=plan, tolerance=tolerance, run_id=run_id)
+    return workdir_report.write_workdir_report(path, plan=plan, tolerance=tolerance, run_id=run_id)
 
 
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _described(run_id: str | None, written: str) -> str:
-    return f"Written {written}" + (f" for DAG run `{run_id}`." if run_id else " (outside a DAG run).")
+def result_rows(path: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
+    """One row per expected ticket with its status (reads the results; writes nothing)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.load_results(path, plan).flat_rows()
+    return workdir_report.result_rows(path, plan)
 
 
-# ---- pieces (public for tests and notebooks) ---------------------------------------------------
-def _problem_line(row: dict) -> str:
-    what = f"{row['mask_id']} ({_left(row)} left), rewind {row['rewind']}"
-    if row.get("control"):
-        what += f", control {row['control']}"
-    line = f"{what}: {row['status']}"
-    if row.get("error"):
-        line += f": {row['error']}"
-    return line
+def summarize(path: str | os.PathLike, plan: RunPlan | None = None) -> list[dict[str, Any]]:
+    """`result_rows`, also written to ``results.csv`` (a replicate set: and ``summary.csv``)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.summarize_set(path, plan).flat_rows()
+    return workdir_report.summarize(path, plan)
 
 
-def _left(row: dict) -> str:
-    remaining = row.get("remaining")
-    if remaining is None:
-        remaining = 1 - row["sparsity"]
-    return _pct(remaining)
+def format_table(path: str | os.PathLike, rows: list[dict[str, Any]] | None = None) -> str:
+    """Val accuracy (%) by sparsity (rows) and rewind point (columns), dense accuracy on top; a
+    replicate set: ``mean ± std (n)`` per cell (``rows``: its rows, as ``result_rows`` gives them)."""
+    if ReplicateSet.holds_set(path):
+        return replicate_report.format_set_table(path, rows)
+    return workdir_report.format_table(path, rows)
 
 
-def _pct(fraction: float) -> str:
-    pct = 100 * fraction
-    return f"{pct:.1f}%" if pct >= 0.95 else f"{pct:.2g}%"
-
-
-def matching_levels(rows: list[dict], labels: list[str], dense_acc: float | None, tolerance: float) -> dict[str, dict]:
-    """Per rewind point: how many levels match the dense accuracy and the sparsest one that does."""
-    out: dict[str, dict] = {}
-    if dense_acc is None:
-        return out
-    for label in labels:
-        done = [r for r in rows if r["rewind"] == label and not r["control"] and r["status"] == "ok"]
-        good = [r for r in done if r["val_accuracy"] >= dense_acc - tolerance]
-        sparsest = min(good, key=lambda r: r["remaining"], default=None)
-        out[label] = {
-            "matching": len(good),
-            "done": len(done),
-            "sparsest_mask_id": sparsest["mask_id"] if sparsest else None,
-            "sparsest_remaining": sparsest["remaining"] if sparsest else None,
-        }
-    return out
-
-
-def plot(rows: list[dict], labels: list[str], dense_acc: float | None, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Val accuracy vs % of weights remaining (log x axis, reversed), one line per rewind point."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
-
-    fig = Figure(figsize=(8, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = [f"C{i % 10}" for i in range(len(labels))]
-    for label, color in zip(labels, colors):
-        for control in [""] + sorted({r["control"] for r in rows if r["control"]}):
-            pts = sorted(
-                ((100 * r["remaining"], 100 * r["val_accuracy"]) for r in rows
-                 if r["rewind"] == label and r["control"] == control and r["status"] == "ok"),
-                reverse=True,
-            )
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            if control:
-                style, marker = _CONTROL_STYLE.get(control, ("--", "s"))
-                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, linewidth=1.2, color=color,
-                        alpha=0.8, label=f"{control}, rewind {label}")
-            else:
-                ax.plot(xs, ys, linestyle="-", marker="o", markersize=4, linewidth=1.8, color=color,
-                        label=f"rewind {label}")
-    if dense_acc is not None:
-        ax.axhline(100 * dense_acc, color="black", linewidth=1.2, linestyle=":", label=f"dense ({100 * dense_acc:.2f}%)")
-    ax.set_xscale("log")
-    # The axes span every planned ticket, done or not: the same in progress as when finished.
-    xs_all = [100 * (r["remaining"] if r["remaining"] is not None else 1 - r["sparsity"]) for r in rows]
-    if not any(r["status"] == "ok" for r in rows):
-        ax.text(0.5, 0.06, "no ticket results yet", transform=ax.transAxes, ha="center", va="bottom", color="gray",
-                bbox={"facecolor": "white", "edgecolor": "none"})
-    if xs_all:
-        lo, hi = min(xs_all), max(max(xs_all), 100.0)
-        ax.set_xlim(hi * 1.15, lo / 1.15)  # reversed: sparser to the right
-        ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if lo / 1.15 <= t <= hi * 1.15]
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_xlim(110, 1)
-    ax.set_xlabel("% of prunable weights remaining (log scale)")
-    ax.set_ylabel("validation accuracy (%)")
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best", ncol=2 if len(labels) > 3 else 1)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
-
-
-def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", dense_acc: float | None = None,
-                   tolerance: float = MATCH_TOLERANCE) -> str:
-    """Markdown table: one row per sparsity level, one column per rewind point (val accuracy %).
-    Bold = matches the dense accuracy within ``tolerance``; failed and missing cells say so."""
-    subset = [r for r in rows if r["control"] == control]
-    by_mask: dict[str, dict[str, dict]] = {}
-    for r in sorted(subset, key=lambda r: r["sparsity"] if not _isnan(r["sparsity"]) else 2.0):
-        by_mask.setdefault(r["mask_id"], {})[r["rewind"]] = r
-    lines = [
-        "| sparsity | weights left | " + " | ".join(f"rewind {label}" for label in labels) + " |",
-        "|---:|---:|" + "---:|" * len(labels),
-    ]
-    for mid, cells in by_mask.items():
-        first = next(iter(cells.values()))
-        known = next((c for c in cells.values() if c["remaining"] is not None), first)
-        values = []
-        for label in labels:
-            r = cells.get(label)
-            if r is None:
-                values.append("")
-            elif r["status"] != "ok":
-                values.append(r["status"])
-            else:
-                cell = f"{100 * r['val_accuracy']:.2f}"
-                if dense_acc is not None and r["val_accuracy"] >= dense_acc - tolerance:
-                    cell = f"**{cell}**"
-                values.append(cell)
-        lines.append(f"| {100 * first['sparsity']:.2f}% | {_left(known)} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], labels: list[str], dense: dict | None,
-                    tolerance: float, matching: dict, problems: list[str], described: str = "") -> str:
-    dense_acc = dense["val_accuracy"] if dense else None
-    out = [f"# Lottery-ticket experiment `{Workdir(workdir).name}`", ""]
-    if described:
-        out += [described, ""]
-    out += _settings_section(cfg, run_info, labels)
-    out += _tickets_section(rows, labels, dense, tolerance)
-    if dense:
-        out += _matching_section(labels, matching)
-    for control in sorted({r["control"] for r in rows if r["control"]}):
-        subset = [r for r in rows if r["control"] == control]
-        out.append(f"## Control `{control}` ({sum(r['status'] == 'ok' for r in subset)} of {len(subset)} done)")
-        out.append("")
-        out.append(accuracy_table(rows, labels, control=control, dense_acc=dense_acc, tolerance=tolerance))
-        out.append("")
-    out += _problems_section(problems)
-    out.append(f"Files: `{RESULTS_CSV}` (one row per combination), `{TICKETS}/<mask>__<rewind>[__<control>]/{RESULT_JSON}`.")
-    out.append("")
-    return "\n".join(out)
-
-
-def _settings_section(cfg, run_info: dict, labels: list[str]) -> list[str]:
-    out = [f"Model `{cfg.model}`, {cfg.training_steps} of training, batch {cfg.batch_size}, {cfg.optimizer} "
-           f"lr {cfg.lr:g}; {len(cfg.levels())} sparsity levels ({cfg.pruning_scope} magnitude pruning) x "
-           f"{len(labels)} rewind points ({', '.join(labels)})."]
-    changed = cfg.id_fields()
-    out.append("")
-    out.append("Non-default settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(changed.items()) if k != "sparsities")
-                                           + (", `sparsities` (custom)" if "sparsities" in changed else "") or "none") + ".")
-    if run_info.get("data_dir"):
-        out.append(f"Data: `{run_info['data_dir']}` (data set id `{run_info.get('dataset_id', '?')}`).")
-    out.append("")
-    return out
-
-
-def _tickets_section(rows: list[dict], labels: list[str], dense: dict | None, tolerance: float) -> list[str]:
-    dense_acc = dense["val_accuracy"] if dense else None
-    if dense:
-        out = [f"**Dense network**: val accuracy {100 * dense_acc:.2f}% "
-               f"(best {100 * dense.get('best_val_accuracy', dense_acc):.2f}%, {dense.get('epochs', '?')} epochs)."]
-    else:
-        out = ["**Dense network**: not trained (missing) - no ticket can be judged."]
-    tickets = [r for r in rows if not r["control"]]
-    done = sum(r["status"] == "ok" for r in tickets)
-    return out + [
-        "", f"## Tickets ({done} of {len(tickets)} done)", "",
-        f"Val accuracy (%) after late-reset retraining. **Bold**: matches the dense network "
-        f"(at most {100 * tolerance:g} percentage points below it).", "",
-        accuracy_table(rows, labels, dense_acc=dense_acc, tolerance=tolerance), "",
-        f"![accuracy vs sparsity]({PLOT_NAME})", "",
-    ]
-
-
-def _matching_section(labels: list[str], matching: dict) -> list[str]:
-    out = ["### Which tickets match the dense network", ""]
-    for label in labels:
-        m = matching.get(label, {})
-        if not m.get("done"):
-            out.append(f"- rewind {label}: no results")
-        elif m["matching"]:
-            out.append(f"- rewind {label}: {m['matching']} of {m['done']} levels match; the sparsest matching ticket "
-                       f"keeps {_pct(m['sparsest_remaining'])} of the weights (`{m['sparsest_mask_id']}`)")
-        else:
-            out.append(f"- rewind {label}: none of {m['done']} levels match")
-    out.append("")
-    return out
-
-
-def _problems_section(problems: list[str]) -> list[str]:
-    out = [f"## Failed or missing ({len(problems)})", ""]
-    if problems:
-        out.extend(f"- {p}" for p in problems)
-        out.append("")
-        out.append("Re-run them all once the cause is fixed: the run's *Clear Run*, *Clear only failed tasks* "
-                   "(or `python -m lottery rerun-failed --run-id <run id>`); finished combinations are not recomputed.")
-    else:
-        out.append("None: every combination finished.")
-    out.append("")
-    return out
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def compare(paths: list[str | os.PathLike], out_dir: str | os.PathLike, *, rewinds: list[str] | None = None) -> dict[str, Any]:
+    """``DIR/comparison.png`` and ``DIR/comparison.md``: the experiments at ``paths`` (work
+    directories or replicate sets, on the same data set and model) in one plot and table, each
+    labelled by what differs in its config (``lottery.compare``)."""
+    return comparison.compare(paths, out_dir, rewinds=rewinds)

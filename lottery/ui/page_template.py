@@ -33,9 +33,15 @@ PAGE = """<!doctype html>
 {% if view.corrupt %}<div class="corrupt" id="corrupt"><b>Damaged files</b> (delete them to recompute; the rest of the page is still right):
 <ul>{% for item in view.corrupt %}<li><code>{{ item }}</code></li>{% endfor %}</ul></div>{% endif %}
 {% if view.rows %}
-<p id="dense">{% if view.dense %}<b>Dense network</b>: val accuracy {{ pct(view.dense_accuracy) }}
+{% if view.replicates > 1 %}<p id="replicates">{{ view.replicates }} replicates (seeds {{ view.config.seed }} to
+ {{ view.config.seed + view.replicates - 1 }}): each cell is the mean &plusmn; sample standard deviation (n: the replicates done)
+ of their val accuracy (%), and a ticket matches when its mean is within {{ tolerance }} percentage points of the dense mean.</p>
+<p id="dense">{% if view.dense %}<b>Dense network</b>: val accuracy (%) {{ spread(view.dense_accuracy, view.dense_std, view.dense.n) }}.
+{%- else %}<b>Dense network</b>: not trained yet.{% endif %}
+ Tickets done: <b id="done">{{ view.done }} of {{ view.expected }}</b> (over the replicates).</p>
+{% else %}<p id="dense">{% if view.dense %}<b>Dense network</b>: val accuracy {{ pct(view.dense_accuracy) }}
  ({{ view.dense.get("epochs", "?") }} epochs).{% else %}<b>Dense network</b>: not trained yet.{% endif %}
- Tickets done: <b id="done">{{ view.done }} of {{ view.rows | length }}</b>.</p>
+ Tickets done: <b id="done">{{ view.done }} of {{ view.expected }}</b>.</p>{% endif %}
 <p><img class="plot" id="plot" src="plot.png?v={{ plot_version }}" alt="accuracy vs sparsity" width="960" height="600"></p>
 <p id="downloads">Download: <a href="results.csv" download>results.csv</a> &middot; <a href="plot.png?download=1">the plot (PNG)</a>
 {% if view.models %} &middot; <form style="display:inline" action="model.keras" method="get">
@@ -69,7 +75,10 @@ report is rewritten.{% else %}The run is still in progress: once it has finished
 (<a target="_top" href="{{ run_url }}">the run's page</a>, <b>Clear Run</b>, <b>Clear only failed tasks</b>).{% endif %}</p>
 {% else %}<p>None{% if view.rows %}: every combination so far finished{% endif %}.</p>{% endif %}
 {% if view.experiment_id %}<h2>Experiment</h2>
-<p>Id <code id="experiment-id">{{ view.experiment_id }}</code>, work directory <code>{{ facts.workdir }}</code>.</p>
+{% if view.replicates > 1 %}<p>Replicate set <code id="experiment-id">{{ view.experiment_id }}</code>, directory <code>{{ view.report_dir }}</code>
+(its <code>report/report.md</code>, <code>results.csv</code> and <code>summary.csv</code>); each replicate's work directory, with its own report and models:</p>
+<ul id="replicate-dirs">{% for d in view.replicate_dirs %}<li>replicate {{ loop.index0 }}: <code>{{ d }}</code></li>{% endfor %}</ul>
+{% else %}<p>Id <code id="experiment-id">{{ view.experiment_id }}</code>, work directory <code>{{ facts.workdir }}</code>.</p>{% endif %}
 {% if view.config %}<p>Non-default settings: {% for k, v in view.changed.items() %}<code>{{ k }}={{ v }}</code>{% if not loop.last %}, {% endif %}{% else %}none{% endfor %}.</p>
 <details><summary>The whole config</summary><pre>{{ config_json }}</pre></details>{% endif %}{% endif %}
 {% endif %}

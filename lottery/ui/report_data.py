@@ -6,6 +6,11 @@ database (the run's state, its plan and work directory from XCom, its task insta
 ``ReportView.corrupt`` and the rest of the page is still shown. ``plot_png`` draws the
 accuracy-vs-sparsity plot of a partial run (cached by the results it shows); ``ticket_file``
 resolves a download inside the work directory or returns None.
+
+A run with replicates (``prepare_workdir``'s ``report_dir`` is a replicate set, not the work
+directory): the view's rows are the combinations' ``mean ± std (n)`` over the replicates
+(``lottery.replicate_report.aggregate``), each replicate's results read and verified as one work
+directory's are, its damaged files and problems named with the replicate.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lottery import report
+from lottery import replicate_report, report
 from lottery.errors import LotteryError
-from lottery.paths import Workdir
+from lottery.paths import ReplicateSet, Workdir
 from lottery.plan import RunPlan, TicketSpec
 
 log = logging.getLogger("lottery.ui")
@@ -56,6 +61,8 @@ class RunFacts:
     conf: dict[str, Any]
     plan: dict[str, Any] | None = None  # validate_config's "plan" XCom
     workdir: str | None = None  # prepare_workdir's return value
+    report_dir: str | None = None  # prepare_workdir's: the replicate set's directory, or the work directory
+    workdirs: list[str] = field(default_factory=list)  # prepare_workdir's: every replicate's work directory
     mapped_kwargs: dict[str, list] = field(default_factory=dict)  # task id -> plan_tickets / plan_controls XCom
     task_instances: list[TaskInstanceFacts] = field(default_factory=list)
 
@@ -109,14 +116,27 @@ class ReportView:
     matching: dict[str, dict] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)  # ticket names with a verified model.keras to download
     waiting: list[Problem] = field(default_factory=list)  # queued or running tickets: not problems
+    replicates: int = 1  # > 1: a replicate set; rows are its combinations' means (``n``, ``std``)
+    report_dir: str = ""  # the replicate set's directory
+    replicate_dirs: list[str] = field(default_factory=list)
+    replicate_rows: list[dict[str, Any]] = field(default_factory=list)  # one per replicate and combination
 
     @property
     def dense_accuracy(self) -> float | None:
         return self.dense.get("val_accuracy") if self.dense else None
 
     @property
+    def dense_std(self) -> float | None:
+        return self.dense.get("std") if self.dense else None
+
+    @property
     def done(self) -> int:
-        return sum(r["status"] == "ok" for r in self.rows)
+        """Tickets done (a replicate set: (replicate, ticket) pairs done)."""
+        return sum(r.get("n", r["status"] == "ok") for r in self.rows)
+
+    @property
+    def expected(self) -> int:
+        return len(self.rows) * self.replicates
 
 
 # ---- the view ----------------------------------------------------------------------------------
@@ -124,6 +144,8 @@ def build_view(facts: RunFacts) -> ReportView:
     """Everything the page shows; the files are read here (a damaged one is named, never raised)."""
     view = ReportView(facts)
     view.problems = _failed_tasks(facts)
+    if facts.report_dir and Path(facts.report_dir) != Path(facts.workdir or ""):
+        return build_set_view(facts, view)
     if not facts.workdir:
         view.notice = ("The run has not created its work directory yet (prepare_workdir has not run)." if not facts.finished
                        else "The run ended before prepare_workdir created a work directory: no results.")
@@ -167,6 +189,75 @@ def _progress(facts: RunFacts, rows: list[dict]) -> None:
             row["status"] = "queued"
 
 
+# ---- a run with replicates ----------------------------------------------------------------------
+def build_set_view(facts: RunFacts, view: ReportView) -> ReportView:
+    """The view of a run whose report is a replicate set: each replicate's rows read and verified
+    as one work directory's, then combined (mean ± std (n)); problems and damaged files name the
+    replicate. A ticket without a result is "queued" while the run is in progress."""
+    replicate_set = ReplicateSet(facts.report_dir)
+    view.experiment_id, view.report_dir = replicate_set.name, str(replicate_set)
+    members = _set_members(facts, replicate_set, view)
+    if members is None:
+        return view
+    plan, workdirs = members
+    view.config, view.changed, view.labels = plan.config.to_dict(), plan.config.id_fields(), list(plan.rewinds)
+    view.replicates, view.replicate_dirs = len(workdirs), [str(w) for w in workdirs]
+    per, dense = [], []
+    for i, workdir in enumerate(workdirs):
+        where = f"replicate {i} ({workdir.name}): "
+        rows = _rows(workdir, plan, view, where)
+        for row in rows:
+            if row["status"] == "missing" and not facts.finished:
+                row["status"] = "queued"
+        per.append(rows)
+        dense.append(_read_json_or_note(workdir.dense_result, workdir, view, where))
+    view.rows = replicate_report.aggregate(per)
+    view.replicate_rows = [{"replicate": i, "experiment_id": w.name, **row} for i, (w, rows) in enumerate(zip(workdirs, per))
+                           for row in rows]
+    stats = replicate_report.stats([d["val_accuracy"] if d else None for d in dense])
+    view.dense = {"val_accuracy": stats["mean"], "std": stats["std"], "n": stats["n"]} if stats["n"] else None
+    view.matching = report.matching_levels(view.rows, view.labels, view.dense_accuracy, report.MATCH_TOLERANCE)
+    tickets = [Problem(f"replicate {i} ({w.name}): {_what(row)}", row["status"], row.get("error") or "")
+               for i, (w, rows) in enumerate(zip(workdirs, per)) for row in rows if row["status"] not in ("ok", "queued")]
+    view.waiting = _waiting_combinations(view.rows)
+    view.problems = tickets + [p for p in view.problems if not (tickets and p.instance and p.instance.task_id == "check_results")]
+    return view
+
+
+def _set_members(facts: RunFacts, replicate_set: ReplicateSet, view: ReportView) -> tuple[RunPlan, list[Workdir]] | None:
+    """The plan and the replicates' work directories: from ``replicates.json`` (else the run's XCom);
+    None, with the notice saying why, when they cannot be known."""
+    cfg, workdirs = None, [Workdir(w) for w in facts.workdirs]
+    if replicate_set.replicates_json.exists():
+        try:
+            cfg, workdirs = replicate_set.load()
+        except (LotteryError, OSError, ValueError, KeyError, TypeError) as exc:
+            view.corrupt.append(f"{replicate_set.replicates_json.name}: {exc}")
+    elif not replicate_set.path.is_dir():
+        view.notice = (f"The artifacts of this run are gone: {replicate_set} no longer exists (deleted, or not on this "
+                       "machine's disk). The run's tasks are listed below.")
+        return None
+    try:
+        plan = RunPlan.from_dict(facts.plan) if facts.plan else RunPlan.from_config(cfg) if cfg else None
+    except (LotteryError, ValueError, KeyError, TypeError) as exc:
+        view.corrupt.append(f"the run's plan: {exc}")
+        plan = None
+    if plan is None or not workdirs:
+        view.notice = "The replicates of this run cannot be read (no replicates.json yet), so their tickets are unknown."
+        return None
+    return replicate_report.replicate_plan(plan.config, workdirs, plan), workdirs
+
+
+def _waiting_combinations(rows: list[dict]) -> list[Problem]:
+    """One line per combination some replicates of which are still to come: ``…, replicates 1, 2``."""
+    out = []
+    for row in rows:
+        waiting = [str(d["replicate"]) for d in row["not_done"] if d["status"] in ("queued", "running")]
+        if waiting:
+            out.append(Problem(f"{_what(row)}, replicate{'s' if len(waiting) > 1 else ''} {', '.join(waiting)}", "queued"))
+    return out
+
+
 def spec_name(row: dict) -> str:
     return TicketSpec(row["mask_id"], row["rewind"], row["control"] or None).name
 
@@ -185,8 +276,9 @@ def _plan(facts: RunFacts, workdir: Workdir, view: ReportView) -> RunPlan | None
     return None
 
 
-def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, Any]]:
-    """``report``'s rows; each damaged result file (a "corrupt" row) is also named at the top of the page."""
+def _rows(workdir: Workdir, plan: RunPlan, view: ReportView, where: str = "") -> list[dict[str, Any]]:
+    """``report``'s rows; each damaged result file (a "corrupt" row) is also named at the top of the
+    page (after ``where``: which replicate)."""
     sparsity, left = {m.mask_id: m.sparsity for m in plan.masks}, report.mask_remaining(workdir)
     rows = []
     for spec in report.expected_tickets(workdir, plan):
@@ -194,7 +286,7 @@ def _rows(workdir: Workdir, plan: RunPlan, view: ReportView) -> list[dict[str, A
         if row["status"] == "ok" and (damage := ticket_damage(workdir.path, spec.name)):
             row.update(status="corrupt", error="; ".join(damage))
         if row["status"] == "corrupt":
-            view.corrupt.append(f"{report.TICKETS}/{spec.name}: {row['error']}")
+            view.corrupt.append(f"{where}{report.TICKETS}/{spec.name}: {row['error']}")
         rows.append(row)
     return rows
 
@@ -228,7 +320,7 @@ def _stat(path: Path) -> tuple[int, int]:
     return (st.st_size, st.st_mtime_ns)
 
 
-def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict | None:
+def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView, where: str = "") -> dict | None:
     from lottery.files import read_json
 
     try:
@@ -239,7 +331,7 @@ def _read_json_or_note(path: Path, workdir: Workdir, view: ReportView) -> dict |
     except FileNotFoundError:
         return None
     except (LotteryError, OSError, ValueError) as exc:
-        view.corrupt.append(f"{path.relative_to(workdir.path)}: {exc}")
+        view.corrupt.append(f"{where}{path.relative_to(workdir.path)}: {exc}")
         return None
 
 
@@ -249,11 +341,15 @@ def _ticket_problems(facts: RunFacts, rows: list[dict]) -> list[Problem]:
         if row["status"] == "ok":
             continue
         spec = TicketSpec(row["mask_id"], row["rewind"], row["control"] or None)
-        left = row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"]
-        what = f"{row['mask_id']} ({100 * left:.2f}% left), rewind {row['rewind']}"
-        what += f", control {row['control']}" if row["control"] else ""
-        out.append(Problem(what, row["status"], row.get("error") or "", facts.ticket_instance(spec)))
+        out.append(Problem(_what(row), row["status"], row.get("error") or "", facts.ticket_instance(spec)))
     return out
+
+
+def _what(row: dict) -> str:
+    """``sp80.000 (20.00% left), rewind 1ep[, control random_prune]``."""
+    left = row["remaining"] if row["remaining"] is not None else 1 - row["sparsity"]
+    what = f"{row['mask_id']} ({100 * left:.2f}% left), rewind {row['rewind']}"
+    return what + (f", control {row['control']}" if row["control"] else "")
 
 
 def _failed_tasks(facts: RunFacts) -> list[Problem]:
@@ -296,7 +392,8 @@ _PLOTS_KEPT = 16
 def plot_key(view: ReportView) -> str:
     """A digest of what the plot shows: the same results, the same picture."""
     points = [(r["mask_id"], r["rewind"], r["control"], r["status"], r["remaining"], r["val_accuracy"]) for r in view.rows]
-    text = json.dumps([view.experiment_id, view.labels, view.dense_accuracy, points], default=str)
+    spread = [view.dense_std, [(r.get("std"), r.get("n")) for r in view.rows]] if view.replicates > 1 else []
+    text = json.dumps([view.experiment_id, view.labels, view.dense_accuracy, points, *spread], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -309,7 +406,10 @@ def plot_png(view: ReportView) -> bytes:
             return _PLOTS[key]
     with tempfile.TemporaryDirectory(prefix="lottery-plot-") as tmp:
         title = f"{view.config.get('model', '')}  ({view.experiment_id})"
-        path = report.plot(view.rows, view.labels, view.dense_accuracy, Path(tmp) / "plot.png", title=title)
+        if view.replicates > 1:
+            title = f"{view.config.get('model', '')}  ({view.experiment_id}: mean ± std of {view.replicates} replicates)"
+        path = report.plot(view.rows, view.labels, view.dense_accuracy, Path(tmp) / "plot.png", title=title,
+                           dense_std=view.dense_std)
         png = path.read_bytes()
     with _PLOTS_LOCK:
         _PLOTS[key] = png
@@ -319,12 +419,18 @@ def plot_png(view: ReportView) -> bytes:
 
 
 def report_plot_file(view: ReportView) -> Path | None:
-    """The report task's PNG when no result changed after it was drawn (a finished run: no drawing)."""
-    workdir = Workdir(view.facts.workdir or "")
-    png = inside(workdir.path, workdir.plot_png.relative_to(workdir.path))
+    """The report task's PNG when no result changed after it was drawn (a finished run: no drawing);
+    a replicate set's: when no result of any replicate changed."""
+    if view.replicates > 1:
+        root, drawn, workdirs = Path(view.report_dir), ReplicateSet(view.report_dir).plot_png, map(Workdir, view.replicate_dirs)
+    else:
+        workdir = Workdir(view.facts.workdir or "")
+        root, drawn, workdirs = workdir.path, workdir.plot_png, [workdir]
+    png = inside(root, drawn.relative_to(root))
     if png is None:
         return None
-    results = [workdir.dense_result] + [workdir.tickets_dir / spec_name(r) / name for r in view.rows
-                                        for name in (report.RESULT_JSON, "error.json")]
+    results = [path for workdir in workdirs for path in
+               [workdir.dense_result] + [workdir.tickets_dir / spec_name(r) / name for r in view.rows
+                                         for name in (report.RESULT_JSON, "error.json")]]
     newest = max((p.stat().st_mtime for p in results if p.exists()), default=0.0)
     return png if newest <= png.stat().st_mtime else None

@@ -25,6 +25,7 @@ from jinja2 import Environment
 from lottery.deploy.api import xcom_value
 from lottery.deploy.constants import DAG_ID
 from lottery.files import csv_text
+from lottery.replicate_report import SET_RESULT_COLUMNS, cell_text, spread
 from lottery.report import MATCH_TOLERANCE, RESULT_COLUMNS
 from lottery.ui import report_data
 from lottery.ui.mount import ui_base
@@ -82,13 +83,14 @@ def results_csv(dag_id: str, run_id: str) -> Response:
     view = _view_or_none(dag_id, run_id)
     if view is None or not view.rows:
         return _not_found("no results")
-    return Response(csv_text(RESULT_COLUMNS, view.rows), media_type="text/csv",
+    text = csv_text(SET_RESULT_COLUMNS, view.replicate_rows) if view.replicates > 1 else csv_text(RESULT_COLUMNS, view.rows)
+    return Response(text, media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{view.experiment_id}-results.csv"'})
 
 
 def ticket_model(dag_id: str, run_id: str, ticket: str = "") -> Response:
     view = _view_or_none(dag_id, run_id)
-    if view is None or not view.rows:
+    if view is None or not view.rows or view.replicates > 1:  # a replicate set's models: in each replicate's work directory
         return _not_found("no tickets")
     path = report_data.ticket_file(view.facts.workdir, ticket, [report_data.spec_name(r) for r in view.rows])
     if path is None:
@@ -150,7 +152,9 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
         facts.task_instances = [TaskInstanceFacts(ti.task_id, ti.map_index, _text(ti.state), ti.rendered_map_index,
                                                   ti.try_number or 0) for ti in tis]
     facts.plan = _dict(xcom.get(("validate_config", "plan")))
-    facts.workdir = (_dict(xcom.get(("prepare_workdir", "return_value"))) or {}).get("workdir")
+    prepared = _dict(xcom.get(("prepare_workdir", "return_value"))) or {}
+    facts.workdir, facts.report_dir = prepared.get("workdir"), prepared.get("report_dir")
+    facts.workdirs = [str(w) for w in prepared.get("workdirs") or []]
     facts.mapped_kwargs = {task: value for task, key in (("late_reset", "plan_tickets"), ("controls", "plan_controls"))
                            if isinstance(value := xcom_value(xcom.get((key, "return_value"))), list)}
     return facts
@@ -172,7 +176,7 @@ def _page(facts: RunFacts, view: ReportView | None, message: str = "", *, status
         title=title, facts=facts, view=view, message=message, tables=tables(view) if view else [],
         refresh=None if facts.finished or facts.dag_id != DAG_ID else REFRESH_S,
         plot_version=report_data.plot_key(view) if view and view.rows else "",
-        tolerance=f"{100 * MATCH_TOLERANCE:g}", pct=_pct,
+        tolerance=f"{100 * MATCH_TOLERANCE:g}", pct=_pct, spread=spread,
         config_json=json.dumps(view.config, indent=2, sort_keys=True) if view else "",
         log_url=lambda ti: log_url(facts, ti), run_url=run_url(facts),
     )
@@ -232,5 +236,15 @@ def _cell(view: ReportView, row: dict | None) -> dict[str, str]:
         return {"text": row["status"], "css": row["status"], "title": row.get("error") or ""}
     dense = view.dense_accuracy
     match = dense is not None and row["val_accuracy"] >= dense - MATCH_TOLERANCE
+    if "n" in row:  # a replicate set: the mean, matched on the means
+        return {"text": cell_text(row), "css": "match" if match else "ok", "title": _replicate_values(row)}
     return {"text": f"{100 * row['val_accuracy']:.2f}", "css": "match" if match else "ok",
             "title": f"{report_data.spec_name(row)}: best {_pct(row.get('best_val_accuracy'))}"}
+
+
+def _replicate_values(row: dict) -> str:
+    """``sp50.000__0it: replicate 0 80.00%, replicate 1 failed, …``."""
+    status = {d["replicate"]: d["status"] for d in row["not_done"]}
+    values = [f"replicate {i} {_pct(v)}" if v is not None else f"replicate {i} {status.get(i, 'missing')}"
+              for i, v in enumerate(row["values"])]
+    return f"{report_data.spec_name(row)}: " + ", ".join(values)
