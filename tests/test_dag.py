@@ -73,7 +73,7 @@ def tasks():
 # ---- parsing ----------------------------------------------------------------------------------
 def test_dagbag_imports_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {"lottery_ticket"}
+    assert set(dagbag.dag_ids) == {"lottery_ticket", "lottery_compare"}
 
 
 def test_parse_is_fast_and_light():
