@@ -7,6 +7,7 @@
     python -m lottery retrain --workdir W --mask 3 --rewind 1ep [--control random_prune]
     python -m lottery retrain --workdir W --mask 0,3,7 --rewind 1ep [--pack N]   (or --mask all)
     python -m lottery imp --workdir W --rewind 1ep [--levels K]   (iterative pruning: one chain)
+    python -m lottery stability --workdir W --rewind 1ep [--mask 3] [--points 11] [--copy a|b]   (instability analysis)
     python -m lottery summarize --workdir W        (W: a work directory, or a replicate set's directory)
     python -m lottery report --workdir W           (results.csv, the plot, report.md; a set: mean ± std, summary.csv)
     python -m lottery report --compare W1 W2 ... --out DIR [--rewind 0it,1ep]   (one plot and table of several experiments)
@@ -117,6 +118,17 @@ def cmd_imp(args) -> None:
     print(json.dumps(results, indent=2, default=str))
 
 
+def cmd_stability(args) -> None:
+    from lottery.stability import DEFAULT_POINTS, run_stability, train_copy
+
+    common = dict(mask=args.mask, threads=_threads(args), data_dir=args.data, progress=sys.stdout.isatty())
+    if args.copy:
+        result = train_copy(args.workdir, args.rewind, args.copy, **common)
+    else:
+        result = run_stability(args.workdir, args.rewind, points=DEFAULT_POINTS if args.points is None else args.points, **common)
+    print(json.dumps(result, indent=2, default=str))
+
+
 def cmd_summarize(args) -> None:
     from lottery.paths import ReplicateSet, Workdir
     from lottery.report import format_table, summarize
@@ -184,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     workdir_command("masks", "magnitude-prune the final dense weights at every sparsity level", cmd_masks)
 
     _training_commands(workdir_command)
+    _stability_command(workdir_command)
     workdir_command("summarize", "print the accuracy table and write results.csv (a replicate set: and summary.csv)",
                     cmd_summarize)
     _report_command(sub)
@@ -225,6 +238,17 @@ def _training_commands(workdir_command) -> None:
         p.add_argument("--control", help=f"run a random control instead of the tickets: {', '.join(CONTROLS)}")
         p.add_argument("--pack", type=int, help="tickets trained side by side (JAX backend; default: env LOTTERY_PACK, "
                                                  "else from the accelerator's memory, 1 on CPU)")
+
+
+def _stability_command(workdir_command) -> None:
+    p = workdir_command("stability", "instability analysis: two copies from a rewind point with different data orders, "
+                                     "the error along the line between them", cmd_stability)
+    p.add_argument("--rewind", required=True, help="rewind point index (0-based) or step such as 1ep")
+    p.add_argument("--mask", help="a ticket's mask: index (0-based) or id such as sp20.000 (default: the dense network)")
+    p.add_argument("--points", type=int, help="networks evaluated on the line, endpoints included (at least 3; default 11)")
+    p.add_argument("--copy", choices=["a", "b"], help="train this copy only (run again without --copy for the path)")
+    p.add_argument("--data", help="data directory (default: the one the dense run used)")
+    p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores; env LOTTERY_THREADS)")
 
 
 def main(argv: list[str] | None = None) -> int:

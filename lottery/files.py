@@ -73,30 +73,33 @@ def damaged_files(directory: str | os.PathLike, manifest: dict[str, dict[str, An
             if (damage := file_damage(Path(directory) / name, record, source))]
 
 
-def intact_result(path: str | os.PathLike, label: str) -> dict[str, Any] | None:
+def intact_result(path: str | os.PathLike, label: str, *, number: str = "val_accuracy",
+                  redo: str = "training it again") -> dict[str, Any] | None:
     """A unit of work's sealed ``result.json`` when it and every file it lists are intact; else
-    None, after logging the damage and removing the result, so that nothing reads the unit as done
-    while it is recomputed."""
+    None, after logging the damage (``<label>: damaged, <redo>: ...``) and removing the result, so
+    that nothing reads the unit as done while it is recomputed. ``number``: the field that must
+    hold a number (`result_damage`)."""
     path = Path(path)
     if not path.exists():
         return None
-    result, damaged = result_damage(path)
+    result, damaged = result_damage(path, number=number)
     if damaged:
-        logging.getLogger("lottery").warning("%s: damaged, training it again: %s", label, "; ".join(damaged))
+        logging.getLogger("lottery").warning("%s: damaged, %s: %s", label, redo, "; ".join(damaged))
         path.unlink(missing_ok=True)
         return None
     return result
 
 
-def result_damage(path: str | os.PathLike) -> tuple[dict[str, Any] | None, list[str]]:
+def result_damage(path: str | os.PathLike, *, number: str = "val_accuracy") -> tuple[dict[str, Any] | None, list[str]]:
     """A sealed ``result.json`` and what no longer matches it or the files it records, one line per
-    file (``[]`` when all is intact); the result is None when it cannot be read or trusted."""
+    file (``[]`` when all is intact); the result is None when it cannot be read or trusted (or its
+    field ``number`` holds no number)."""
     path = Path(path)
     try:
         result = read_json(path, sealed=True)
         damaged = damaged_files(path.parent, result["files"], path.name)
         damaged += [f"{name}: {damage}" for name in result["arrays"] if (damage := arrays_damage(path.parent / name))]
-        float(result["val_accuracy"])
+        float(result[number])
     except (CorruptArtifactError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
         return None, [f"{path.name}: {exc}"]
     return result, damaged

@@ -280,6 +280,15 @@ def prunable_weights(model):
     return weights
 
 
+def batchnorm_layers(model):
+    """The model's BatchNormalization layers (nested models included), in layer order."""
+    found = []
+    for layer in _all_layers(model):
+        if isinstance(layer, layers.BatchNormalization) and all(layer is not f for f in found):
+            found.append(layer)
+    return found
+
+
 def output_kernel_path(model):
     """The path of the last Dense layer's kernel (the classifier)."""
     dense_kernels = [

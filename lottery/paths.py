@@ -10,6 +10,9 @@
     W/tickets/<ticket name>/            result.json, error.json, checkpoint.npz, metrics.csv,
                                         model.keras and mask.npz (random_prune: its random mask;
                                         an iterative level: the level's magnitude mask)
+    W/stability/<name>/                 instability analysis of a network (``dense`` or a mask id) at a
+                                        rewind point: result.json, and copy_a/, copy_b/ (each with a
+                                        ticket's files: result.json, checkpoint.npz, metrics.csv, model.keras)
     W/results.csv, W/report/            the report: report.md and accuracy_vs_sparsity.png
 
 Replicates (``replicates: N``): each replicate is an experiment of its own, ``<artifact root>/<its id>``,
@@ -65,7 +68,7 @@ def _under(attribute: str, *parts: str, doc: str = "") -> property:
 
 @dataclass(frozen=True)
 class TicketPaths:
-    """The files of one ticket (or control) directory."""
+    """The files of one ticket (or control) directory, or of one copy of an instability analysis."""
 
     dir: Path
 
@@ -75,6 +78,25 @@ class TicketPaths:
     metrics = _under("dir", "metrics.csv")
     model = _under("dir", "model.keras")
     mask = _under("dir", "mask.npz", doc="the random mask of a random_prune control")
+
+
+@dataclass(frozen=True)
+class StabilityPaths:
+    """The files of one instability analysis: its sealed result.json (the path between the two
+    copies), error.json when it failed, and each copy's directory (``copy("a")``: a ticket's files)."""
+
+    dir: Path
+
+    result = _under("dir", RESULT_JSON)
+    error = _under("dir", "error.json", doc="the exception of a failed attempt (removed when it succeeds)")
+
+    def copy(self, which: str) -> TicketPaths:
+        return TicketPaths(self.dir / f"copy_{which}")
+
+
+def stability_name(mask_id: str | None, rewind: str) -> str:
+    """``dense__1ep`` (the dense network) or ``sp89.263__1ep`` (a ticket's mask) at rewind point ``rewind``."""
+    return f"{mask_id or 'dense'}__{rewind}"
 
 
 @dataclass
@@ -198,6 +220,7 @@ class Workdir:
     masks_dir = _under("path", "masks")
     mask_index = _under("path", "masks", "index.json")
     tickets_dir = _under("path", TICKETS)
+    stability_dir = _under("path", "stability")
     report_md = _under("path", "report", REPORT_NAME)
     plot_png = _under("path", "report", PLOT_NAME)
 
@@ -214,6 +237,14 @@ class Workdir:
 
     def ticket(self, spec: TicketSpec) -> TicketPaths:
         return TicketPaths(self.tickets_dir / spec.name)
+
+    def stability(self, name: str) -> StabilityPaths:
+        """``stability/<name>/`` (`stability_name`)."""
+        return StabilityPaths(self.stability_dir / name)
+
+    def stability_results(self) -> list[Path]:
+        """The result.json of every finished instability analysis, by name."""
+        return sorted(self.stability_dir.glob(f"*/{RESULT_JSON}")) if self.stability_dir.is_dir() else []
 
     def started_controls(self) -> list[TicketSpec]:
         """The control directories on disk (whether or not a plan asked for them)."""

@@ -147,7 +147,7 @@ class Ticket:
 
         mask, _ = load_mask(self.mask_path)
         if self.control == "random_prune":
-            mask = random_prune_like(mask, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, "random_prune"))
+            mask = random_prune_like(mask, seed=stable_seed(self.cfg.seed, self.mask.mask_id, "random_prune"))
         return mask
 
     def start_point(self, model, train) -> tuple[int, list[dict]]:
@@ -156,12 +156,19 @@ class Ticket:
         position); ``weights`` its weights with fresh (zero) optimizer slots at the rewind step's
         learning rate; ``learning_rate`` the final trained weights (`final_weights`) with fresh slots,
         the schedule replayed from the rewind step. ``random_reinit`` then draws fresh weights."""
-        from lottery.training import assign_saved_weights, load_checkpoint, reset_optimizer_slots, resume_point
+        from lottery.training import resume_point
 
         resumed = resume_point(self.paths.checkpoint, model, f"retrain {self.name}", self.paths.metrics)
         if resumed:
             log.info("retrain %s: resuming from the checkpoint at step %d", self.name, resumed[0])
             return resumed
+        return self.rewind_to(model, train), []
+
+    def rewind_to(self, model, train) -> int:
+        """Bring the compiled ``model`` to the ticket's rewind state as ``rewind_mode`` says (its mask
+        is `apply_ticket_mask`'s business); the rewind step."""
+        from lottery.training import assign_saved_weights, load_checkpoint, reset_optimizer_slots
+
         meta = load_checkpoint(self.workdir.rewind_checkpoint(self.rewind), model)  # the iteration: the rewind step
         mode = self.cfg.rewind_mode
         if mode == "learning_rate":
@@ -170,7 +177,7 @@ class Ticket:
             reset_optimizer_slots(model.optimizer)
         if self.control == "random_reinit":
             self._reinitialize(model, train)
-        return meta["step"], []
+        return meta["step"]
 
     def final_weights(self):
         """The trained weights learning-rate rewinding starts from: those the ticket's mask was pruned
@@ -193,7 +200,7 @@ class Ticket:
 
         from lottery.training import reset_optimizer_slots
 
-        fresh = build_model(self.cfg, train, seed=_stable_seed(self.cfg.seed, self.mask.mask_id, self.rewind, "random_reinit"))
+        fresh = build_model(self.cfg, train, seed=stable_seed(self.cfg.seed, self.mask.mask_id, self.rewind, "random_reinit"))
         for target, source in zip(model.weights, fresh.weights):
             target.assign(keras.ops.convert_to_numpy(source))
         reset_optimizer_slots(model.optimizer)
@@ -248,6 +255,6 @@ class Ticket:
         }
 
 
-def _stable_seed(*parts: Any) -> int:
+def stable_seed(*parts: Any) -> int:
     """A seed from names (not from Python's salted hash): the same control draws the same weights."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")

@@ -249,7 +249,8 @@ def eval_batch_size(batch_size: int, image_shape) -> int:
 
 @dataclass
 class TrainingRun:
-    """What to train and where to stop. ``history`` holds the metric rows of finished epochs. Its
+    """What to train and where to stop. ``history`` holds the metric rows of finished epochs;
+    ``data_seed`` replaces the config's seed in the data order (shuffling and augmentation) only. Its
     phases (`lottery.phases`, unit ``label``): ``epochs`` (``model.fit``: the training steps, the
     first trace of the train step included), ``eval`` (``model.evaluate`` at each epoch end) and
     ``write`` (``on_epoch_end``: metrics and checkpoints)."""
@@ -266,6 +267,7 @@ class TrainingRun:
     on_epoch_end: Callable[[int, list[dict]], None] | None = None
     progress: bool = False
     history: list[dict] = field(default_factory=list)
+    data_seed: int | None = None  # the data order's seed (None: the config's); the model's init is not changed
 
     def run(self, start_step: int) -> list[dict]:
         step, spe, total = start_step, self.steps_per_epoch, self.total_steps
@@ -289,8 +291,9 @@ class TrainingRun:
 
     def _fit(self, epoch: int, position: int, n: int, tally: "_EpochTally") -> None:
         """``n`` steps of epoch ``epoch`` from batch ``position``: one ``model.fit`` call."""
+        seed = self.cfg.seed if self.data_seed is None else self.data_seed
         stream = self.train_data.batches(
-            self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
+            self.cfg.batch_size, seed=seed, epoch=epoch, augmentation=self.cfg.augmentation, skip_batches=position
         ).take(n)
         started = time.perf_counter()
         with phase("epochs", self.label):
