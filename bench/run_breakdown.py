@@ -177,6 +177,7 @@ def instance_results(workdir, task_id: str, map_index: int, xcoms: dict) -> dict
     if not 0 <= map_index < len(planned):
         return {}
     kwargs = planned[map_index]
+    workdir = Workdir(kwargs.get("workdir") or workdir)  # each replicate's tickets are in its own work dir
     specs = [TicketSpec(m["mask_id"], kwargs["rewind"], kwargs.get("control")) for m in kwargs["masks"]]
     return {f"retrain {spec.name}": workdir.ticket(spec).result for spec in specs}
 

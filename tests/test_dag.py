@@ -26,7 +26,7 @@ from lottery.steps import STEP_PATTERN  # noqa: E402
 from lottery.plan import RunPlan, TicketSpec  # noqa: E402
 
 DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
-TRAINING_TASKS = {"train_dense", "late_reset", "controls"}
+TRAINING_TASKS = {"train_dense", "late_reset", "imp_chain", "controls"}
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +114,26 @@ def test_dag_settings(dag):
 def test_tasks_and_dependencies(dag):
     upstream = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert set(upstream) == {
-        "validate_config", "fetch_dataset", "preprocess", "prepare_workdir", "train_dense", "make_masks",
-        "plan_tickets", "late_reset", "plan_controls", "controls", "report", "check_results",
+        "validate_config", "fetch_dataset", "preprocess", "prepare_workdir", "plan_replicates", "train_dense", "make_masks",
+        "plan_tickets", "late_reset", "plan_chains", "imp_chain", "chains_done", "plan_controls", "controls", "report",
+        "check_results",
     }
     assert upstream["validate_config"] == set()
     assert upstream["fetch_dataset"] == {"validate_config"}
     assert upstream["preprocess"] == {"validate_config", "fetch_dataset"}
     assert "preprocess" in upstream["prepare_workdir"]
-    assert "prepare_workdir" in upstream["train_dense"]
+    assert upstream["plan_replicates"] == {"prepare_workdir"}
+    assert "plan_replicates" in upstream["train_dense"] and "plan_replicates" in upstream["make_masks"]
     assert "train_dense" in upstream["make_masks"]
     assert "make_masks" in upstream["plan_tickets"] and "plan_tickets" in upstream["late_reset"]
-    assert "make_masks" in upstream["plan_controls"] and "plan_controls" in upstream["controls"]
-    assert {"late_reset", "controls", "prepare_workdir"} <= upstream["report"]
-    # reads the work dir, not report's XCom; waits for the tickets also when report is not cleared
-    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "controls"}
+    assert "make_masks" in upstream["plan_chains"] and upstream["imp_chain"] == {"plan_chains"}
+    # the controls are planned after every chain has ended (an iterative control needs its chain's level mask)
+    assert upstream["chains_done"] == {"imp_chain"}
+    assert upstream["plan_controls"] == {"make_masks", "validate_config", "chains_done"}
+    assert upstream["controls"] == {"plan_controls"}
+    assert {"late_reset", "imp_chain", "controls", "prepare_workdir"} <= upstream["report"]
+    # reads the work dirs, not report's XCom; waits for the tickets also when report is not cleared
+    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "imp_chain", "controls"}
     assert [t.task_id for t in dag.leaves] == ["check_results"]
 
 
@@ -146,6 +152,11 @@ def test_pool_queue_retries_trigger_rules(dag):
     assert rules["check_results"] == "all_done"
     assert rules["preprocess"] == "none_failed"
     assert rules["late_reset"] == "all_success"
+    # a failed chain must not stop the controls of the other chains, and a one-shot run's imp_chain
+    # (nothing to map: skipped) must not skip the controls; a failure before the chains still stops them
+    assert rules["chains_done"] == "all_done"
+    assert rules["plan_controls"] == "all_success" and rules["controls"] == "all_success"
+    assert dag.get_task("imp_chain").priority_weight == dag.get_task("late_reset").priority_weight
 
 
 def test_tickets_are_scheduled_before_controls(dag):
@@ -161,6 +172,13 @@ def test_mapped_tasks_and_their_names(dag):
 
     group = "rewind 1ep: masks 1-10 (80.0%…10.7% left)"
     for task_id, kwargs, label in [
+        ("train_dense", {"workdir": "/a/lenet_300_100-3f2a9c1d0b7e", "replicate": "lenet_300_100-3f2a9c1d0b7e"},
+         "lenet_300_100-3f2a9c1d0b7e"),
+        ("train_dense", {"workdir": "/a/w", "replicate": "rep 2"}, "rep 2"),
+        ("make_masks", {"workdir": "/a/w", "replicate": "rep 2"}, "rep 2"),
+        ("imp_chain", {"workdir": "/a/w", "rewind": "1ep", "group": "rep 2: chain, rewind 1ep"}, "rep 2: chain, rewind 1ep"),
+        ("late_reset", {"workdir": "/a/w", "masks": [], "rewind": "2ep", "group": "rep 2: 5.0% left, rewind 2ep"},
+         "rep 2: 5.0% left, rewind 2ep"),
         ("late_reset", {"masks": [], "rewind": "2ep", "group": "5.0% left, rewind 2ep"}, "5.0% left, rewind 2ep"),
         ("controls", {"masks": [], "rewind": "2ep", "control": "random_prune", "group": "random_prune: 5.0% left, rewind 2ep"},
          "random_prune: 5.0% left, rewind 2ep"),
@@ -211,6 +229,12 @@ def test_form_metadata(dag):
         assert param.schema.get("section"), name
     assert dag.params.get_param("model").schema["enum"] == list(MODEL_NAMES)
     assert dag.params.get_param("control_kinds").schema["items"]["enum"] == list(CONTROLS)
+    assert dag.params.get_param("pruning_schedule").schema["enum"] == ["one_shot", "iterative"]
+    assert dag.params.get_param("rewind_mode").schema["enum"] == ["full", "weights", "learning_rate"]
+    sections = {name: dag.params.get_param(name).schema["section"] for name in ("replicates", "seed", "pruning_schedule", "rewind_mode")}
+    assert sections == {"replicates": "Model and training", "seed": "Model and training", "pruning_schedule": "Pruning",
+                        "rewind_mode": "Pruning"}
+    assert dag.params["replicates"] == 1 and dag.params.get_param("replicates").schema["type"] == "integer"
 
 
 # Refused by the form (Airflow's Param validation, before the run exists): a value of the wrong type,
@@ -244,6 +268,10 @@ INVALID = [
     ("mixed_precision", "no"),
     ("jit_compile", "true"),
     ("seed", 1.5),
+    ("replicates", "2"),
+    ("replicates", 1.5),
+    ("pruning_schedule", "gradual"),
+    ("rewind_mode", "optimizer"),
     ("rewind_points", "1ep"),
     ("sparsities", ["0.5"]),
     ("num_levels", 2.5),
@@ -276,6 +304,8 @@ INVALID_VALUES = [
     ("lr_gamma", 0),
     ("lr_gamma", 1.5),
     ("seed", -1),
+    ("replicates", 0),
+    ("replicates", 11),
     ("rewind_points", []),
     ("rewind_points", ["1ep", "1ep"]),
     ("sparsities", [1.0]),
@@ -364,6 +394,9 @@ def _params(sdag, **conf):
     ({"sparsities": [0.5, 0.9], "controls": True, "control_sparsities": [0.7]}, "control_sparsities"),
     ({"dataset": os.path.join(tempfile.gettempdir(), "nonexistent-lottery-images")}, "dataset"),  # in a data root, not there
     ({"dataset": tempfile.gettempdir(), "dataset_limit": 100}, "dataset_limit"),
+    ({"rewind_mode": "learning_rate"}, "rewind_points"),                          # 0it: nothing to replay
+    ({"pruning_schedule": "iterative", "sparsities": [0.9, 0.5]}, "sparsities"),  # a chain's levels must increase
+    ({"seed": 2**31 - 1, "replicates": 2}, "seed"),                               # the last replicate's seed
 ])
 def test_cross_field_errors_name_the_field(sdag, form, conf, field):
     with pytest.raises(ConfigError) as err:
@@ -524,14 +557,16 @@ def test_mapped_kwargs_follow_the_plan(sdag, form, tasks):
     plan = form.check_params(_params(sdag, **conf))["plan"]
     masks = [{"index": i, "mask_id": m, "sparsity": s, "remaining": 1 - s, "label": form.remaining_label(1 - s)}
              for i, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
-    tickets = tasks.plan_tickets(masks, plan)
+    tickets = tasks.plan_tickets(_one(masks), plan)
+    assert all(k["workdir"] == W for k in tickets)
     assert [([m["mask_id"] for m in k["masks"]], k["rewind"], k["group"]) for k in tickets] == [
         (["sp50.000"], "0it", "50.0% left, rewind 0it"), (["sp50.000"], "1ep", "50.0% left, rewind 1ep"),
         (["sp90.000"], "0it", "10.0% left, rewind 0it"), (["sp90.000"], "1ep", "10.0% left, rewind 1ep")]
-    controls = tasks.plan_controls(masks, plan)
+    controls = tasks.plan_controls(_one(masks), plan)
     assert [(k["control"], [m["label"] for m in k["masks"]], k["rewind"], k["group"]) for k in controls] == [
         (kind, ["10.0% left"], r, f"{kind}: 10.0% left, rewind {r}") for kind in CONTROLS for r in ("0it", "1ep")]
-    assert tasks.plan_controls(masks, form.check_params(_params(sdag, controls=False))["plan"]) == []
+    assert tasks.plan_controls(_one(masks), form.check_params(_params(sdag, controls=False))["plan"]) == []
+    assert tasks.plan_chains(_one(masks), plan) == []  # one-shot: no chain (imp_chain is skipped)
     assert tasks.ticket_label(masks[1], "1ep", "random_prune") == "random_prune: 10.0% left, rewind 1ep"
     json.dumps([tickets, controls])  # XCom-able
 
@@ -540,6 +575,19 @@ def test_mapped_kwargs_follow_the_plan(sdag, form, tasks):
 def _masks(form, sparsities):
     return [{"index": i, "mask_id": f"sp{100 * s:06.3f}", "sparsity": s, "remaining": 1 - s, "label": form.remaining_label(1 - s)}
             for i, s in enumerate(sparsities)]
+
+
+W = "/a/lenet_300_100-3f2a9c1d0b7e"
+
+
+def _one(masks, workdir=W):
+    """make_masks' result for an experiment of one replicate (its mapped instance's XCom, as plan_* receive them)."""
+    return [{"workdir": workdir, "replicate": Path(workdir).name, "masks": masks}]
+
+
+def _reps(masks, count):
+    """make_masks' results for ``count`` replicates, in map-index order."""
+    return [{"workdir": f"/a/rep{i}", "replicate": f"rep {i + 1}", "masks": masks} for i in range(count)]
 
 
 def test_tickets_per_task_is_an_execution_setting(sdag, form):
@@ -557,14 +605,14 @@ def test_one_ticket_per_task_is_a_group_of_one_named_after_its_ticket(sdag, form
     one named after its ticket."""
     plan = form.check_params(_params(sdag))["plan"]
     masks = _masks(form, default_sparsities())
-    tickets = tasks.plan_tickets(masks, plan, 1)
-    assert tickets == tasks.plan_tickets(masks, plan)
+    tickets = tasks.plan_tickets(_one(masks), plan, 1)
+    assert tickets == tasks.plan_tickets(_one(masks), plan)
     run = RunPlan.from_dict(plan)
     by_id = {m["mask_id"]: m for m in masks}
-    assert tickets == [{"masks": [by_id[t.mask_id]], "rewind": t.rewind, "group": tasks.ticket_label(by_id[t.mask_id], t.rewind)}
-                       for t in run.tickets]
-    controls = tasks.plan_controls(masks, plan, 1)
-    assert controls == [{"masks": [by_id[c.mask_id]], "rewind": c.rewind, "control": c.control,
+    assert tickets == [{"workdir": W, "masks": [by_id[t.mask_id]], "rewind": t.rewind,
+                        "group": tasks.ticket_label(by_id[t.mask_id], t.rewind)} for t in run.tickets]
+    controls = tasks.plan_controls(_one(masks), plan, 1)
+    assert controls == [{"workdir": W, "masks": [by_id[c.mask_id]], "rewind": c.rewind, "control": c.control,
                          "group": tasks.ticket_label(by_id[c.mask_id], c.rewind, c.control)} for c in run.controls]
     assert len(tickets) == 100 and len(controls) == 30
     assert tickets[0]["group"] == "80.0% left, rewind 0it"
@@ -575,16 +623,16 @@ def test_groups_of_three_over_five_masks(sdag, form, tasks):
     conf = {"sparsities": [0.2, 0.36, 0.488, 0.5904, 0.67232], "rewind_points": ["0it", "1ep"], "control_sparsities": [0.36, 0.5904]}
     plan = form.check_params(_params(sdag, **conf))["plan"]
     masks = _masks(form, conf["sparsities"])
-    groups = tasks.plan_tickets(masks, plan, 3)
+    groups = tasks.plan_tickets(_one(masks), plan, 3)
     assert [g["group"] for g in groups] == [
         "rewind 0it: masks 1-3 (80.0%…51.2% left)", "rewind 0it: masks 4-5 (41.0%…32.8% left)",
         "rewind 1ep: masks 1-3 (80.0%…51.2% left)", "rewind 1ep: masks 4-5 (41.0%…32.8% left)",
     ]
     assert [[m["mask_id"] for m in g["masks"]] for g in groups[:2]] == [["sp20.000", "sp36.000", "sp48.800"], ["sp59.040", "sp67.232"]]
-    assert all(set(g) == {"masks", "rewind", "group"} for g in groups)
+    assert all(set(g) == {"workdir", "masks", "rewind", "group"} for g in groups)
     covered = sorted((m["mask_id"], g["rewind"]) for g in groups for m in g["masks"])
     assert covered == sorted((t.mask_id, t.rewind) for t in RunPlan.from_dict(plan).tickets)
-    controls = tasks.plan_controls(masks, plan, 3)
+    controls = tasks.plan_controls(_one(masks), plan, 3)
     assert [c["group"] for c in controls] == [
         f"{kind}, rewind {r}: masks 2, 4 (64.0%…41.0% left)" for kind in CONTROLS for r in ("0it", "1ep")]
     assert [c["control"] for c in controls] == [kind for kind in CONTROLS for _ in range(2)]
@@ -595,15 +643,176 @@ def test_default_experiment_in_groups_of_ten(sdag, form, tasks):
     """The default experiment at K=10: 2 groups per rewind point, the controls 10 groups of 3 (kind x rewind)."""
     plan = form.check_params(_params(sdag))["plan"]
     masks = _masks(form, default_sparsities())
-    groups = tasks.plan_tickets(masks, plan, 10)
+    groups = tasks.plan_tickets(_one(masks), plan, 10)
     assert len(groups) == 10
     assert groups[2]["group"] == "rewind 100it: masks 1-10 (80.0%…10.7% left)"
     assert groups[3]["group"] == "rewind 100it: masks 11-20 (8.6%…1.2% left)"
-    controls = tasks.plan_controls(masks, plan, 10)
+    controls = tasks.plan_controls(_one(masks), plan, 10)
     assert len(controls) == 10 and all(len(c["masks"]) == 3 for c in controls)
     assert controls[0]["group"] == "random_reinit, rewind 0it: masks 3, 10, 17 (51.2%…2.3% left)"
     assert len(json.dumps(groups + controls)) < 20_000  # XCom stays small
     assert tasks.group_label(masks[19:], "2ep", "random_prune") == "random_prune, rewind 2ep: mask 20 (1.2% left)"
+
+
+# ---- replicates and iterative chains --------------------------------------------------------------
+REPLICATED = {"sparsities": [0.5, 0.9], "rewind_points": ["0it", "1ep"], "control_sparsities": [0.9], "replicates": 3}
+
+
+def test_replicates_fan_out_over_their_work_dirs_named_rep_k(tasks):
+    """train_dense / make_masks: one instance per replicate, named "rep 1", "rep 2", ...; one
+    replicate keeps its experiment id as its name."""
+    ids = ["lenet_300_100-aaaa", "lenet_300_100-bbbb", "lenet_300_100-cccc"]
+    kwargs = tasks.plan_replicates([f"/a/{i}" for i in ids], ids)
+    assert kwargs == [{"workdir": f"/a/{i}", "replicate": f"rep {k + 1}"} for k, i in enumerate(ids)]
+    assert tasks.plan_replicates(["/a/" + ids[0]], ids[:1]) == [{"workdir": "/a/" + ids[0], "replicate": ids[0]}]
+
+
+def test_replicates_times_tickets_each_in_its_work_dir_named_after_its_replicate(sdag, form, tasks):
+    """plan_tickets / plan_controls over 3 replicates: every ticket and control of each replicate,
+    replicate after replicate, each with its replicate's work dir, named "rep 2: …"."""
+    plan = form.check_params(_params(sdag, **REPLICATED))["plan"]
+    masks = _masks(form, [0.5, 0.9])
+    tickets = tasks.plan_tickets(_reps(masks, 3), plan)
+    assert [(k["workdir"], k["group"]) for k in tickets] == [
+        (f"/a/rep{i}", f"rep {i + 1}: {left} left, rewind {r}") for i in range(3) for left in ("50.0%", "10.0%") for r in ("0it", "1ep")]
+    assert [m["mask_id"] for m in tickets[2]["masks"]] == ["sp90.000"]
+    controls = tasks.plan_controls(_reps(masks, 3), plan)
+    assert [(k["workdir"], k["control"], k["group"]) for k in controls] == [
+        (f"/a/rep{i}", kind, f"rep {i + 1}: {kind}: 10.0% left, rewind {r}") for i in range(3) for kind in CONTROLS for r in ("0it", "1ep")]
+    # groups stay within a replicate (and a rewind point, and a control kind)
+    groups = tasks.plan_tickets(_reps(masks, 3), plan, 10)
+    assert [(g["workdir"], g["group"]) for g in groups] == [
+        (f"/a/rep{i}", f"rep {i + 1}: rewind {r}: masks 1-2 (50.0%…10.0% left)") for i in range(3) for r in ("0it", "1ep")]
+    assert [c["group"] for c in tasks.plan_controls(_reps(masks, 3), plan, 10)][:2] == [
+        "rep 1: random_reinit, rewind 0it: mask 2 (10.0% left)", "rep 1: random_reinit, rewind 1ep: mask 2 (10.0% left)"]
+    assert tasks.plan_chains(_reps(masks, 3), plan) == []
+    json.dumps([tickets, controls, groups])  # XCom-able
+
+
+def test_one_replicate_runs_as_before(sdag, form, tasks):
+    """replicates 1: the same instances and names as before replicates existed (one work dir, no "rep" prefix)."""
+    plan = form.check_params(_params(sdag, **{**REPLICATED, "replicates": 1}))["plan"]
+    masks = _masks(form, [0.5, 0.9])
+    tickets, controls = tasks.plan_tickets(_one(masks), plan), tasks.plan_controls(_one(masks), plan)
+    assert [k["group"] for k in tickets] == [f"{left} left, rewind {r}" for left in ("50.0%", "10.0%") for r in ("0it", "1ep")]
+    assert [k["group"] for k in controls] == [f"{kind}: 10.0% left, rewind {r}" for kind in CONTROLS for r in ("0it", "1ep")]
+    assert {k["workdir"] for k in tickets + controls} == {W}
+
+
+def test_iterative_pruning_maps_one_chain_per_replicate_and_rewind_point(sdag, form, tasks):
+    """pruning_schedule iterative: imp_chain gets one instance per (replicate, rewind point), late_reset
+    none; the controls are planned as for one-shot (they run on the chains' level masks)."""
+    plan = form.check_params(_params(sdag, **{**REPLICATED, "pruning_schedule": "iterative", "replicates": 2}))["plan"]
+    masks = _masks(form, [0.5, 0.9])
+    assert tasks.plan_chains(_reps(masks, 2), plan) == [
+        {"workdir": f"/a/rep{i}", "rewind": r, "group": f"rep {i + 1}: chain, rewind {r}"} for i in range(2) for r in ("0it", "1ep")]
+    assert tasks.plan_tickets(_reps(masks, 2), plan) == []
+    controls = tasks.plan_controls(_reps(masks, 2), plan)
+    assert len(controls) == 2 * 2 * 2 and controls[-1]["group"] == "rep 2: random_prune: 10.0% left, rewind 1ep"
+    one = form.check_params(_params(sdag, **{**REPLICATED, "pruning_schedule": "iterative", "replicates": 1}))["plan"]
+    assert tasks.plan_chains(_one(masks), one) == [{"workdir": W, "rewind": r, "group": f"chain, rewind {r}"} for r in ("0it", "1ep")]
+
+
+def test_chain_task_runs_one_chain_with_ticket_threads(tasks, monkeypatch, caplog):
+    """imp_chain's body: one run_chain call (training threads as a ticket's), one line per level, a small XCom."""
+    import logging
+
+    from lottery import imp
+
+    calls = []
+
+    def fake_run_chain(workdir, rewind, *, threads=None, **_):
+        calls.append((workdir, rewind, threads))
+        return [{"level": k + 1, "mask_id": m, "sparsity": s, "remaining": 1 - s, "rewind": rewind, "control": None,
+                 "val_accuracy": 0.8, "best_val_accuracy": 0.81, "wall_s": 2.0, "skipped": k == 0, "curve": [1] * 50,
+                 "ticket": f"{workdir}/tickets/{m}__{rewind}", "schedule": "iterative"}
+                for k, (m, s) in enumerate([("sp50.000", 0.5), ("sp90.000", 0.9)])]
+
+    monkeypatch.setattr(imp, "run_chain", fake_run_chain)
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.setenv("LOTTERY_THREADS", "1")
+    caplog.set_level(logging.INFO)
+    out = tasks.chain("/a/rep1", "1ep", "rep 2: chain, rewind 1ep")
+    assert calls == [("/a/rep1", "1ep", 1)]
+    assert [(lv["level"], lv["mask_id"], lv["skipped"]) for lv in out["levels"]] == [(1, "sp50.000", True), (2, "sp90.000", False)]
+    assert "curve" not in out["levels"][0] and out["group"] == "rep 2: chain, rewind 1ep" and out["workdir"] == "/a/rep1"
+    assert "level 1: 50.0% left, rewind 1ep: already done" in caplog.text
+    assert "level 2: 10.0% left, rewind 1ep: done in 2.0s" in caplog.text
+    assert "rep 2: chain, rewind 1ep: done in" in caplog.text and "1 levels trained, 1 already done" in caplog.text
+
+
+def _replicate_dirs(tmp_path, form, sdag, replicates):
+    """prepare_workdir on a small synthetic data set: its checked params and its XCom."""
+    from lottery.dag import tasks
+    from tests.datasets import make_synthetic_shards
+
+    conf = {"artifact_root": str(tmp_path), "batch_size": 16, "rewind_points": ["0it", "1ep"], "sparsities": [0.5, 0.9],
+            "control_sparsities": [0.9], "replicates": replicates, "seed": 7}
+    checked = form.check_params(resolve(sdag, conf), conf)
+    data = tmp_path / "synthetic"
+    if not data.exists():
+        make_synthetic_shards(tmp_path, 64, 16)
+    return checked, tasks.prepare_workdir(checked["plan"], str(data), str(tmp_path))
+
+
+def test_prepare_workdir_prepares_every_replicate(sdag, form, tasks, tmp_path):
+    """One work dir per replicate (its own seed, one replicate each), the set's directory for the report."""
+    from lottery.paths import Workdir
+
+    _, out = _replicate_dirs(tmp_path, form, sdag, 3)
+    assert set(out) == {"workdir", "workdirs", "report_dir", "experiment_id", "experiment_ids", "reused"}
+    assert out["workdir"] == out["workdirs"][0] and out["experiment_id"] == out["experiment_ids"][0]
+    assert [Path(w).name for w in out["workdirs"]] == out["experiment_ids"] and len(set(out["experiment_ids"])) == 3
+    assert [(c.seed, c.replicates) for c in (Workdir(w).load()[0] for w in out["workdirs"])] == [(7, 1), (8, 1), (9, 1)]
+    assert out["report_dir"] == str(tmp_path / f"{out['experiment_id']}-x3") and Path(out["report_dir"], "replicates.json").is_file()
+    assert out["reused"] is False
+    json.dumps(out)  # XCom-able
+    _, again = _replicate_dirs(tmp_path, form, sdag, 3)
+    assert again == {**out, "reused": True}
+    _, one = _replicate_dirs(tmp_path, form, sdag, 1)  # replicate 0 alone: the same experiment, its own report
+    assert one["workdirs"] == out["workdirs"][:1] and one["report_dir"] == one["workdir"] and one["reused"] is True
+
+
+def test_train_dense_and_make_masks_read_their_replicates_config(sdag, form, tasks, tmp_path, monkeypatch):
+    """Each mapped instance trains its own replicate (the seed of its work dir's config); the replicates'
+    dense networks share the cores; make_masks returns its work dir and name beside the descriptors."""
+    from lottery import dense, masks as pruning_step
+
+    checked, out = _replicate_dirs(tmp_path, form, sdag, 2)
+    calls = []
+    monkeypatch.setattr(dense, "run_dense", lambda cfg, data, w, threads: calls.append((cfg.seed, w, threads)) or
+                        {"val_accuracy": 0.5, "best_val_accuracy": 0.5, "epochs": 6, "steps": 24, "skipped": False, "curve": []})
+    monkeypatch.setattr(pruning_step, "make_masks", lambda w: [{"index": 0, "mask_id": "sp50.000", "sparsity": 0.5,
+                                                               "remaining": 0.501, "report": {}}])
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.delenv("LOTTERY_THREADS", raising=False)
+    monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", "2")
+    for kwargs in tasks.plan_replicates(out["workdirs"], out["experiment_ids"]):
+        result = tasks.train_dense(checked["plan"], "/data", **kwargs)
+        assert result["workdir"] == kwargs["workdir"] and result["replicate"] == kwargs["replicate"]
+        assert tasks.make_masks(**kwargs) == {**kwargs, "masks": [{"index": 0, "mask_id": "sp50.000", "sparsity": 0.5,
+                                                                   "remaining": 0.501, "label": "50.1% left"}]}
+    cores = len(os.sched_getaffinity(0))
+    assert calls == [(7, out["workdirs"][0], max(1, cores // 2)), (8, out["workdirs"][1], max(1, cores // 2))]
+
+
+def test_report_and_check_cover_every_replicate(sdag, form, tasks, tmp_path, monkeypatch):
+    """report writes each replicate's own report and the one over the replicates; check_results fails
+    while any replicate's combination is missing."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    checked, out = _replicate_dirs(tmp_path, form, sdag, 2)
+    monkeypatch.setattr(tasks, "get_current_context", lambda: {"run_id": "manual__test"})
+    summary = tasks.report(out["report_dir"], out["workdirs"], checked["plan"])
+    assert all(Path(w, "report", "report.md").is_file() and Path(w, "results.csv").is_file() for w in out["workdirs"])
+    assert [r["workdir"] for r in summary["replicate_reports"]] == out["workdirs"]
+    assert [r["expected"] for r in summary["replicate_reports"]] == [4 + 4, 4 + 4]  # 2 masks x 2 rewinds + 2 kinds x 1 level x 2
+    assert summary["problems"] and json.dumps(summary)
+    with pytest.raises(AirflowFailException, match="combinations failed or are missing"):
+        tasks.check_results(out["report_dir"], out["workdirs"], checked["plan"])
+    Path(out["workdirs"][1], "config.json").unlink()
+    with pytest.raises(AirflowFailException, match=f"{out['workdirs'][1]} is gone"):
+        tasks.report(out["report_dir"], out["workdirs"], checked["plan"])
 
 
 def _fake_engine(monkeypatch, tasks, calls: list):

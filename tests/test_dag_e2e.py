@@ -21,9 +21,12 @@ os.environ["LOTTERY_RETRY_DELAY_S"] = "1"  # read when the DAG file is parsed
 
 pytestmark = pytest.mark.slow
 
-# tickets_per_task explicit: dag.test() runs the tasks in this process, where Airflow's process_params
-# writes a run's conf into the DAG object's Param values, so a key left out inherits the previous run's.
-TINY = tiny_run(queue="gpu_e2e", tickets_per_task=1)
+# tickets_per_task (and the schedule, the replicates) explicit: dag.test() runs the tasks in this process,
+# where Airflow's process_params writes a run's conf into the DAG object's Param values, so a key left
+# out inherits the previous run's.
+TINY = tiny_run(queue="gpu_e2e", tickets_per_task=1, pruning_schedule="one_shot", replicates=1)
+# The tasks on the training queue (the run's `queue`); the rest stay on the default queue.
+TRAINING_TASKS = ("train_dense", "late_reset", "imp_chain", "controls")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,10 @@ def test_first_run_produces_every_artifact(first, root):
 def assert_every_artifact(run, tis, w, root):
     """What a successful run of the TINY experiment leaves behind, whatever its tickets_per_task."""
     assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
-    assert all(v["state"] == "success" for v in tis.values()), {k: v for k, v in tis.items() if v["state"] != "success"}
+    assert states(tis, "imp_chain") == ["skipped"]  # one-shot: no chain to map
+    others = {k: v for k, v in tis.items() if k[0] != "imp_chain"}
+    assert all(v["state"] == "success" for v in others.values()), {k: v for k, v in others.items() if v["state"] != "success"}
+    assert [v["name"] for (t, _), v in tis.items() if t in ("train_dense", "make_masks")] == [w.name] * 2  # one replicate
     data = root / "data" / "fashion_mnist-28px-c1-png-n300"
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 300
@@ -110,7 +116,7 @@ def test_mapped_instances_are_named_and_routed_to_the_run_queue(first):
     assert names == {"50.1% left, rewind 0it", "50.1% left, rewind 2it", "20.2% left, rewind 0it", "20.2% left, rewind 2it"}, names
     assert "random_prune: 20.2% left, rewind 2it" in {v["name"] for (t, _), v in tis.items() if t == "controls"}
     for (task_id, _), v in tis.items():
-        want = "gpu_e2e" if task_id in ("train_dense", "late_reset", "controls") else "default"
+        want = "gpu_e2e" if task_id in TRAINING_TASKS else "default"
         assert v["queue"] == want, (task_id, v)
 
 
@@ -148,7 +154,7 @@ def test_grouped_run_passes_the_same_end_to_end_test(first, dag, root, monkeypat
     assert {v["name"] for (t, _), v in tis.items() if t == "controls"} == {
         f"{kind}, rewind {r}: mask 2 (20.2% left)" for kind in ("random_reinit", "random_prune") for r in ("0it", "2it")}
     for (task_id, _), v in tis.items():
-        assert v["queue"] == ("gpu_e2e" if task_id in ("train_dense", "late_reset", "controls") else "default"), (task_id, v)
+        assert v["queue"] == ("gpu_e2e" if task_id in TRAINING_TASKS else "default"), (task_id, v)
     assert json.loads((w / "tickets" / "sp80.000__0it" / "result.json").read_text())["wall_s"] > 0
     from bench import run_breakdown
 
@@ -232,3 +238,54 @@ def test_rewind_after_the_end_in_iterations_fails_before_any_training_without_re
     failed = [t for t in ("validate_config", "prepare_workdir") if states(tis, t) == ["failed"]]
     assert len(failed) == 1 and tis[(failed[0], -1)]["try_number"] == 1, tis
     assert states(tis, "train_dense") == ["upstream_failed"]
+
+
+def test_iterative_replicates_run_every_chain_then_their_controls_and_a_third_replicate_trains_alone(dag, tmp_path_factory):
+    """pruning_schedule iterative, 2 replicates: one imp_chain instance per (replicate, rewind point),
+    the controls after them, each replicate's levels in its own work directory, one report over both.
+    The same conf with 3 replicates then trains only the third: the first two are found done."""
+    root = tmp_path_factory.mktemp("iterative")
+    conf = {**TINY, "artifact_root": str(root), "pruning_schedule": "iterative", "replicates": 2}
+    run, tis = run_dag(dag, conf)
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), {k: v for k, v in tis.items() if v["state"] != "success"}
+    names = lambda task_id: sorted(v["name"] for (t, i), v in tis.items() if t == task_id and i >= 0)  # noqa: E731
+    assert names("train_dense") == names("make_masks") == ["rep 1", "rep 2"]
+    assert names("imp_chain") == sorted(f"rep {k}: chain, rewind {r}" for k in (1, 2) for r in ("0it", "2it"))
+    assert names("controls") == sorted(f"rep {k}: {kind}: 20.0% left, rewind {r}" for k in (1, 2)
+                                       for kind in ("random_reinit", "random_prune") for r in ("0it", "2it"))
+    assert states(tis, "late_reset") == ["skipped"] and states(tis, "check_results") == ["success"]
+    prepared = _xcom(run, "prepare_workdir")
+    workdirs = [Path(w) for w in prepared["workdirs"]]
+    assert len(workdirs) == 2 and prepared["workdir"] == str(workdirs[0]) and prepared["experiment_ids"] == [w.name for w in workdirs]
+    assert prepared["report_dir"] == str(root / f"{workdirs[0].name}-x2") and Path(prepared["report_dir"], "replicates.json").is_file()
+    for seed, w in enumerate(workdirs):
+        assert json.loads((w / "config.json").read_text())["seed"] == seed
+        for level, mask_id in ((1, "sp50.000"), (2, "sp80.000")):
+            for rewind in ("0it", "2it"):
+                result = json.loads((w / "tickets" / f"{mask_id}__{rewind}" / "result.json").read_text())
+                assert (result["schedule"], result["level"]) == ("iterative", level), result
+        assert len(list(w.glob("tickets/sp80.000__*__random_*/result.json"))) == 4
+        assert not (w / "masks" / "sp50.000.npz").exists()  # each chain makes its own
+    done = {p: p.stat().st_mtime_ns for w in workdirs for p in w.glob("**/result.json")}
+
+    run, tis = run_dag(dag, {**conf, "replicates": 3})
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), {k: v for k, v in tis.items() if v["state"] != "success"}
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the first two replicates: nothing trained again
+    third = Path(_xcom(run, "prepare_workdir")["workdirs"][2])
+    assert json.loads((third / "config.json").read_text())["seed"] == 2
+    assert len(list(third.glob("tickets/*/result.json"))) == 4 + 4
+    chains = {v["name"]: _xcom(run, "imp_chain", i) for (t, i), v in tis.items() if t == "imp_chain" and i >= 0}
+    assert len(chains) == 6
+    for name, out in chains.items():
+        assert [lv["skipped"] for lv in out["levels"]] == [not name.startswith("rep 3")] * 2, (name, out)
+
+
+def _xcom(run, task_id, map_index=-1):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.task_id == task_id,
+                                              XComModel.map_index == map_index, XComModel.key == "return_value").one()
+        value = row.value
+    return json.loads(value) if isinstance(value, str) else value

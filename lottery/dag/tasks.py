@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import get_current_context
@@ -26,24 +27,30 @@ from lottery.plan import RunPlan, check_data_size
 
 log = logging.getLogger("lottery.dag")
 
-# Mapped late_reset / controls instances are named from their kwargs (rendered before the task runs):
-# a group of one "5.0% left, rewind 2ep", "random_prune: 5.0% left, rewind 2ep"; a larger group
-# "rewind 1ep: masks 1-10 (80.0%…10.7% left)".
+# Mapped late_reset / controls / imp_chain instances are named from their kwargs (rendered before the
+# task runs): a group of one "5.0% left, rewind 2ep", "random_prune: 5.0% left, rewind 2ep"; a larger
+# group "rewind 1ep: masks 1-10 (80.0%…10.7% left)"; a chain "chain, rewind 1ep". With several
+# replicates each name starts with its replicate's: "rep 2: 5.0% left, rewind 2ep".
 GROUP_LABEL = "{{ task.op_kwargs['group'] }}"
+# Mapped train_dense / make_masks instances, one per replicate: "rep 1", "rep 2", ...; with one
+# replicate, its experiment id.
+REPLICATE_LABEL = "{{ task.op_kwargs['replicate'] }}"
 # What a retraining result may carry through XCom.
 TICKET_KEYS = ("mask_id", "sparsity", "remaining", "rewind", "control", "val_accuracy", "best_val_accuracy", "skipped", "ticket")
+LEVEL_KEYS = ("level", *TICKET_KEYS)
 DENSE_KEYS = ("val_accuracy", "best_val_accuracy", "epochs", "steps", "skipped")
 MASK_KEYS = ("index", "mask_id", "sparsity", "remaining")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def training_threads(kind: str) -> int:
+def training_threads(kind: str, together: int = 1) -> int:
     """TF threads for one training task: the cores divided among the training tasks that run at once
-    (``LOTTERY_THREADS`` wins). The dense network trains alone; a ticket shares the machine with the
-    other tasks of its worker (its executor's slots, never more than the pool's)."""
+    (``LOTTERY_THREADS`` wins). The dense network trains alone, or beside the ``together`` dense
+    networks of the other replicates; a ticket or a chain shares the machine with the other tasks of
+    its worker (its executor's slots, never more than the pool's)."""
     if os.environ.get("LOTTERY_THREADS"):
         return max(1, int(os.environ["LOTTERY_THREADS"]))
-    if kind == "dense":
+    if kind == "dense" and together <= 1:
         return cores()
     from airflow.sdk import conf
 
@@ -52,7 +59,8 @@ def training_threads(kind: str) -> int:
         slots = conf.getint("celery", "worker_concurrency", fallback=16)
     else:
         slots = conf.getint("core", "parallelism", fallback=32)
-    return max(1, cores() // max(1, min(slots, POOL_SLOTS)))
+    slots = min(slots, POOL_SLOTS) if kind != "dense" else min(slots, POOL_SLOTS, together)
+    return max(1, cores() // max(1, slots))
 
 
 def engine_call(fn, *args, **kwargs):
@@ -122,67 +130,133 @@ def fetch_dataset(dataset: str, source: str, limit: int | None) -> dict[str, Any
 
 
 def prepare_workdir(plan: dict, data_dir: str, artifact_root: str) -> dict[str, Any]:
-    from lottery.paths import Workdir
+    """Every replicate's work directory (``<root>/<its experiment id>``: created, or checked to hold
+    it) and, for several replicates, the set directory their report goes to."""
+    from lottery.paths import Workdir, prepare_replicates
 
     run = RunPlan.from_dict(plan)
     engine_call(check_data_size, run.config, data_dir)  # the data's size is known now: before any training
-    workdir = engine_call(Workdir.for_experiment, artifact_root, run.config, data_dir)
-    fresh = not workdir.config_json.exists()
-    engine_call(workdir.prepare, run.config, data_dir)
-    state = "new" if fresh else f"reused: {workdir.status(run).summary()}"
-    log.info("work dir %s (experiment %s): %s", workdir, workdir.name, state)
-    return {"workdir": str(workdir), "experiment_id": workdir.name, "reused": not fresh}
+    configs = run.config.replicate_configs()
+    fresh = [not engine_call(Workdir.for_experiment, artifact_root, c, data_dir).config_json.exists() for c in configs]
+    replicate_set, workdirs = engine_call(prepare_replicates, artifact_root, run.config, data_dir)
+    for i, (workdir, cfg) in enumerate(zip(workdirs, configs)):
+        state = "new" if fresh[i] else f"reused: {workdir.status(RunPlan.from_config(cfg)).summary()}"
+        who = f"rep {i + 1} (seed {cfg.seed}): " if len(workdirs) > 1 else ""
+        log.info("%swork dir %s (experiment %s): %s", who, workdir, workdir.name, state)
+    if replicate_set is not None:
+        log.info("%d replicates, seeds %d..%d; their report: %s", len(workdirs), configs[0].seed, configs[-1].seed, replicate_set)
+    return {"workdir": str(workdirs[0]), "workdirs": [str(w) for w in workdirs],
+            "report_dir": str(replicate_set or workdirs[0]), "experiment_id": workdirs[0].name,
+            "experiment_ids": [w.name for w in workdirs], "reused": not any(fresh)}
 
 
-def train_dense(plan: dict, data_dir: str, workdir: str) -> dict[str, Any]:
+def replicate_label(index: int, count: int, experiment_id: str) -> str:
+    """A replicate's name: ``rep 2`` (the second: seed + 1) among several; the experiment id when it is the only one."""
+    return f"rep {index + 1}" if count > 1 else experiment_id
+
+
+def plan_replicates(workdirs: list[str], experiment_ids: list[str]) -> list[dict[str, Any]]:
+    """The kwargs of the mapped train_dense / make_masks: one per replicate, its work dir and its name."""
+    return [{"workdir": w, "replicate": replicate_label(i, len(workdirs), e)} for i, (w, e) in enumerate(zip(workdirs, experiment_ids))]
+
+
+def train_dense(plan: dict, data_dir: str, workdir: str, replicate: str) -> dict[str, Any]:
+    """One replicate's dense network, from the config in its work directory (its own seed); the
+    replicates' dense networks share the machine's cores."""
     from lottery import dense
+    from lottery.paths import Workdir
 
-    threads = training_threads("dense")
-    log.info("train_dense: start  workdir %s  threads %d  %s", workdir, threads, queue_note())
+    cfg, _ = engine_call(Workdir(workdir).load)
+    threads = training_threads("dense", together=RunPlan.from_dict(plan).config.replicates)
+    log.info("train_dense: start  %s (seed %d)  workdir %s  threads %d  %s", replicate, cfg.seed, workdir, threads, queue_note())
     started = time.perf_counter()
-    result = engine_call(dense.run_dense, RunPlan.from_dict(plan).config, data_dir, workdir, threads=threads)
+    result = engine_call(dense.run_dense, cfg, data_dir, workdir, threads=threads)
     log.info(
-        "train_dense: %s in %.1fs  val_accuracy %.4f",
-        "already done" if result.get("skipped") else "done", time.perf_counter() - started, result["val_accuracy"],
+        "train_dense: %s in %.1fs  val_accuracy %.4f  (%s)",
+        "already done" if result.get("skipped") else "done", time.perf_counter() - started, result["val_accuracy"], replicate,
     )
-    return _pick(result, DENSE_KEYS)
+    return {**_pick(result, DENSE_KEYS), "workdir": workdir, "replicate": replicate}
 
 
-def make_masks(workdir: str) -> list[dict[str, Any]]:
+def make_masks(workdir: str, replicate: str) -> dict[str, Any]:
+    """One replicate's masks: ``{"workdir", "replicate", "masks": [one small descriptor per mask]}``
+    (an iterative experiment's are nominal: each chain makes its own)."""
     from lottery import masks as pruning_step
 
     started = time.perf_counter()
     masks = engine_call(pruning_step.make_masks, workdir)
     out = [{**_pick(m, MASK_KEYS), "label": remaining_label(m["remaining"])} for m in masks]
-    log.info("make_masks: %d masks in %.1fs: %s", len(out), time.perf_counter() - started, ", ".join(m["label"] for m in out))
-    return out
+    log.info("make_masks: %d masks in %.1fs: %s  (%s)", len(out), time.perf_counter() - started,
+             ", ".join(m["label"] for m in out), replicate)
+    return {"workdir": workdir, "replicate": replicate, "masks": out}
 
 
-def plan_tickets(masks: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
-    run = RunPlan.from_dict(plan)
-    kwargs = mapped_kwargs(masks, run.tickets, per_task)
-    log.info("late_reset: %d masks x %d rewind points = %d tickets in %d tasks (%d per task at most)",
-             len(run.masks), len(run.rewinds), len(run.tickets), len(kwargs), per_task)
+def _prefix(run: RunPlan, replicate: dict) -> str:
+    """What a mapped instance's name starts with: ``rep 2: `` among several replicates, nothing for one."""
+    return f"{replicate['replicate']}: " if run.config.replicates > 1 else ""
+
+
+def _over_replicates(replicates: list[dict], run: RunPlan, specs, per_task: int) -> list[dict[str, Any]]:
+    """``mapped_kwargs`` of each replicate (make_masks' results, in replicate order), one after the other."""
+    return [kwargs for rep in replicates
+            for kwargs in mapped_kwargs(rep["masks"], specs, per_task, workdir=rep["workdir"], prefix=_prefix(run, rep))]
+
+
+def _times(run: RunPlan, replicates: list[dict]) -> str:
+    return f" x {len(replicates)} replicates" if run.config.replicates > 1 else ""
+
+
+def plan_tickets(replicates: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
+    """The late_reset kwargs over replicates x tickets; none for an iterative experiment (its tickets are the chains' levels)."""
+    run, replicates = RunPlan.from_dict(plan), list(replicates)  # make_masks' results: read once
+    if run.iterative:
+        log.info("late_reset: nothing to do: pruning_schedule iterative, the tickets are the levels of the chains (imp_chain)")
+        return []
+    kwargs = _over_replicates(replicates, run, run.tickets, per_task)
+    log.info("late_reset: %d masks x %d rewind points%s = %d tickets in %d tasks (%d per task at most)", len(run.masks),
+             len(run.rewinds), _times(run, replicates), len(run.tickets) * len(replicates), len(kwargs), per_task)
     return kwargs
 
 
-def plan_controls(masks: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
-    run = RunPlan.from_dict(plan)
+def chain_label(rewind: str, prefix: str = "") -> str:
+    """A chain's name: ``chain, rewind 1ep``; ``rep 2: chain, rewind 1ep`` among several replicates."""
+    return f"{prefix}chain, rewind {rewind}"
+
+
+def plan_chains(replicates: list[dict], plan: dict) -> list[dict[str, Any]]:
+    """The imp_chain kwargs: one chain per (replicate, rewind point) of an iterative experiment; none for one-shot."""
+    run, replicates = RunPlan.from_dict(plan), list(replicates)  # make_masks' results: read once
+    if not run.chains:
+        log.info("imp_chain: nothing to do: pruning_schedule %s (late_reset trains the tickets)", run.config.pruning_schedule)
+        return []
+    kwargs = [{"workdir": rep["workdir"], "rewind": rewind, "group": chain_label(rewind, _prefix(run, rep))}
+              for rep in replicates for rewind in run.chains]
+    log.info("imp_chain: %d rewind points%s = %d chains of %d levels each (%s)", len(run.chains), _times(run, replicates),
+             len(kwargs), len(run.masks), ", ".join(m.mask_id for m in run.masks))
+    return kwargs
+
+
+def plan_controls(replicates: list[dict], plan: dict, per_task: int = 1) -> list[dict[str, Any]]:
+    """The controls kwargs over replicates x controls (an iterative experiment's run on its chains' level masks)."""
+    run, replicates = RunPlan.from_dict(plan), list(replicates)  # make_masks' results: read once
     if not run.controls:
         log.info("controls are off")
         return []
-    kwargs = mapped_kwargs(masks, run.controls, per_task)
+    kwargs = _over_replicates(replicates, run, run.controls, per_task)
     kinds = dict.fromkeys(c.control for c in run.controls)
+    masks = replicates[0]["masks"] if replicates else []
     labels = dict.fromkeys(m["label"] for m in masks if m["mask_id"] in {c.mask_id for c in run.controls})
-    log.info("controls: %s at %s x %d rewind points = %d runs in %d tasks", ", ".join(kinds), ", ".join(labels),
-             len(run.rewinds), len(run.controls), len(kwargs))
+    log.info("controls: %s at %s x %d rewind points%s = %d runs in %d tasks", ", ".join(kinds), ", ".join(labels),
+             len(run.rewinds), _times(run, replicates), len(run.controls) * len(replicates), len(kwargs))
     return kwargs
 
 
-def mapped_kwargs(masks: list[dict], specs, per_task: int = 1) -> list[dict[str, Any]]:
-    """The kwargs of the mapped late_reset / controls instances: groups of up to ``per_task``
-    consecutive masks of one rewind point and control kind, each with its name (``group``); with
-    ``per_task`` 1, a group of one per ticket of the plan, in the plan's order."""
+def mapped_kwargs(masks: list[dict], specs, per_task: int = 1, *, workdir: str | None = None,
+                  prefix: str = "") -> list[dict[str, Any]]:
+    """The kwargs of the mapped late_reset / controls instances of one work directory (``workdir``,
+    when given, in each): groups of up to ``per_task`` consecutive masks of one rewind point and
+    control kind, each with its name (``group``, after ``prefix``); with ``per_task`` 1, a group of
+    one per ticket of the plan, in the plan's order."""
     by_id = {m["mask_id"]: m for m in masks}
     if per_task <= 1:
         chunks = [(s.control, s.rewind, [by_id[s.mask_id]]) for s in specs]
@@ -192,8 +266,9 @@ def mapped_kwargs(masks: list[dict], specs, per_task: int = 1) -> list[dict[str,
             runs.setdefault((s.control, s.rewind), []).append(by_id[s.mask_id])
         chunks = [(c, r, group[i:i + per_task]) for (c, r), group in runs.items() for i in range(0, len(group), per_task)]
     return [
-        {"masks": chunk, "rewind": rewind, **({"control": control} if control else {}),
-         "group": ticket_label(chunk[0], rewind, control) if per_task <= 1 else group_label(chunk, rewind, control)}
+        {**({"workdir": workdir} if workdir is not None else {}), "masks": chunk, "rewind": rewind,
+         **({"control": control} if control else {}),
+         "group": prefix + (ticket_label(chunk[0], rewind, control) if per_task <= 1 else group_label(chunk, rewind, control))}
         for control, rewind, chunk in chunks
     ]
 
@@ -227,30 +302,86 @@ def _log_result(label: str, result: dict) -> None:
                  result["val_accuracy"], result["best_val_accuracy"])
 
 
-def report(workdir: str | None, plan: dict) -> dict[str, Any]:
-    """Write results.csv, the plot and report.md from what is on disk (failed and missing tickets listed)."""
-    if not workdir:
-        raise AirflowFailException("no work directory: the run failed before prepare_workdir (see the failed task above)")
-    from lottery import report as reporting
-    from lottery.paths import Workdir
+def chain(workdir: str, rewind: str, group: str) -> dict[str, Any]:
+    """The imp_chain task: the chain of levels of one rewind point in one replicate's work directory
+    (`lottery.imp.run_chain`: levels done before are kept, so a cleared chain resumes where it stopped)."""
+    from lottery import imp
 
-    if not Workdir(workdir).config_json.exists():
-        raise AirflowFailException(f"the run's work directory {workdir} is gone (deleted, or not on this machine's disk): "
-                                   "nothing to report; trigger the same config again to recompute it")
-    run = RunPlan.from_dict(plan)
-    paths = engine_call(reporting.write_report, workdir, plan=run, run_id=get_current_context()["run_id"])
-    log.info("results:\n%s", reporting.format_table(workdir, reporting.result_rows(workdir, plan=run)))
+    threads = training_threads("ticket")
+    log.info("%s: start  rewind %s  threads %d  %s  workdir %s", group, rewind, threads, queue_note(), workdir)
+    started = time.perf_counter()
+    results = engine_call(imp.run_chain, workdir, rewind, threads=threads)
+    for result in results:
+        _log_result(f"level {result['level']}: {remaining_label(result['remaining'])}, rewind {rewind}", result)
+    skipped = sum(bool(r.get("skipped")) for r in results)
+    log.info("%s: done in %.1fs  %d levels trained, %d already done", group, time.perf_counter() - started,
+             len(results) - skipped, skipped)
+    return {"group": group, "workdir": workdir, "levels": [_pick(r, LEVEL_KEYS) for r in results]}
+
+
+def report(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> dict[str, Any]:
+    """Write each replicate's results.csv, plot and report.md from what is on disk (failed and missing
+    tickets listed) and, for several replicates, the report over them in ``report_dir``."""
+    if not report_dir:
+        raise AirflowFailException("no work directory: the run failed before prepare_workdir (see the failed task above)")
+    from lottery.paths import ReplicateSet, Workdir
+
+    workdirs = list(workdirs or [report_dir])
+    gone = [w for w in workdirs if not Workdir(w).config_json.exists()]
+    if len(workdirs) > 1 and not ReplicateSet.holds_set(report_dir):
+        gone.append(report_dir)
+    if gone:
+        what = f"directory {gone[0]} is" if len(gone) == 1 else f"directories {', '.join(gone)} are"
+        raise AirflowFailException(f"the run's work {what} gone (deleted, or not on this machine's disk): nothing to "
+                                   "report; trigger the same config again to recompute it")
+    run, run_id = RunPlan.from_dict(plan), get_current_context()["run_id"]
+    reports = [_replicate_report(w, run, i, run_id) for i, w in enumerate(workdirs)]
+    paths = reports[0] if len(workdirs) == 1 else engine_call(_set_report, report_dir, run, run_id, reports)
     for problem in paths.get("problems", []):
         log.warning("not done: %s", problem)
     log.info("report: %s", paths["report"])
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in paths.items()}
 
 
-def check_results(workdir: str | None, plan: dict) -> dict[str, Any]:
-    """Rebuild the report from disk, then fail when any combination failed or is missing. Never the
-    ``report`` task's XCom: after "Clear only failed tasks" (which leaves a successful ``report``
-    alone) the check judges, and the report shows, the tickets that were just retrained."""
-    summary = report(workdir, plan)
+def _replicate_report(workdir: str, run: RunPlan, index: int, run_id: str) -> dict[str, Any]:
+    """Replicate ``index``'s own report in its work directory (its plan: its config, seed + index); logs its table."""
+    from lottery import report as reporting
+
+    plan = RunPlan.from_config(run.config.replicate(index))
+    paths = engine_call(reporting.write_report, workdir, plan=plan, run_id=run_id)
+    who = f" of rep {index + 1} ({Path(workdir).name})" if run.config.replicates > 1 else ""
+    log.info("results%s:\n%s", who, reporting.format_table(workdir, reporting.result_rows(workdir, plan=plan)))
+    return paths
+
+
+def _set_report(report_dir: str, run: RunPlan, run_id: str, reports: list[dict]) -> dict[str, Any]:
+    """The report over the replicates, in the set's directory (`lottery.report.write_report` on it). An
+    engine whose write_report reads an experiment's work directory only (it looks for the set's
+    config.json) gets the replicates' own reports instead: their paths, and their problems, each
+    named after its replicate."""
+    from lottery import report as reporting
+    from lottery.errors import MissingArtifactError
+    from lottery.paths import Workdir
+
+    try:
+        paths = reporting.write_report(report_dir, plan=run, run_id=run_id)
+    except MissingArtifactError as exc:
+        if Workdir(report_dir).config_json.exists() or f"{report_dir} has no config.json" not in str(exc):
+            raise
+        log.warning("this engine's report reads one work directory, not a replicate set: the report of each replicate "
+                    "is in its work directory (%s); %s lists them", ", ".join(r["workdir"] for r in reports), report_dir)
+        paths = {"workdir": report_dir, "expected": sum(r["expected"] for r in reports), "done": sum(r["done"] for r in reports),
+                 "problems": [f"rep {i + 1}: {p}" for i, r in enumerate(reports) for p in r["problems"]], "run_id": run_id,
+                 **{key: ", ".join(str(r[key]) for r in reports) for key in ("report", "plot", "results_csv")}}
+    paths["replicate_reports"] = [{k: r.get(k) for k in ("workdir", "report", "done", "expected")} for r in reports]
+    return paths
+
+
+def check_results(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> dict[str, Any]:
+    """Rebuild the report from disk, then fail when any combination of any replicate failed or is
+    missing. Never the ``report`` task's XCom: after "Clear only failed tasks" (which leaves a
+    successful ``report`` alone) the check judges, and the report shows, the tickets that were just retrained."""
+    summary = report(report_dir, workdirs, plan)
     problems = summary.get("problems", [])
     if problems:
         raise AirflowFailException(

@@ -74,12 +74,12 @@ def fmt_elapsed(seconds: float) -> str:
 
 def progress_line(tis: list[dict], elapsed: float) -> str:
     states = [t.get("state") or "none" for t in tis]
-    tickets = [t for t in tis if t["task_id"] == "late_reset" and t.get("map_index", -1) >= 0]
-    tickets_done = sum((t.get("state") or "") in FINISHED for t in tickets)
     current = sorted({t["task_id"] for t in tis if t.get("state") == "running"})
     parts = [f"{sum(s in FINISHED for s in states)}/{len(tis)} tasks done", f"{states.count('running')} running"]
-    if tickets:
-        parts.append(f"late_reset {tickets_done}/{len(tickets)}")
+    for task_id in ("late_reset", "imp_chain"):  # the tickets: one-shot, or the chains of iterative pruning
+        mapped = [t for t in tis if t["task_id"] == task_id and t.get("map_index", -1) >= 0]
+        if mapped:
+            parts.append(f"{task_id} {sum((t.get('state') or '') in FINISHED for t in mapped)}/{len(mapped)}")
     for state, label in (("failed", "failed"), ("upstream_failed", "upstream failed"), ("up_for_retry", "up for retry")):
         if states.count(state):
             parts.append(f"{states.count(state)} {label}")
