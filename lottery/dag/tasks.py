@@ -335,8 +335,7 @@ def report(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> di
         raise AirflowFailException(f"the run's work {what} gone (deleted, or not on this machine's disk): nothing to "
                                    "report; trigger the same config again to recompute it")
     run, run_id = RunPlan.from_dict(plan), get_current_context()["run_id"]
-    reports = [_replicate_report(w, run, i, run_id) for i, w in enumerate(workdirs)]
-    paths = reports[0] if len(workdirs) == 1 else engine_call(_set_report, report_dir, run, run_id, reports)
+    paths = _replicate_report(workdirs[0], run, 0, run_id) if len(workdirs) == 1 else _set_report(report_dir, run, run_id)
     for problem in paths.get("problems", []):
         log.warning("not done: %s", problem)
     log.info("report: %s", paths["report"])
@@ -349,31 +348,18 @@ def _replicate_report(workdir: str, run: RunPlan, index: int, run_id: str) -> di
 
     plan = RunPlan.from_config(run.config.replicate(index))
     paths = engine_call(reporting.write_report, workdir, plan=plan, run_id=run_id)
-    who = f" of rep {index + 1} ({Path(workdir).name})" if run.config.replicates > 1 else ""
-    log.info("results%s:\n%s", who, reporting.format_table(workdir, reporting.result_rows(workdir, plan=plan)))
+    log.info("results:\n%s", reporting.format_table(workdir, reporting.result_rows(workdir, plan=plan)))
     return paths
 
 
-def _set_report(report_dir: str, run: RunPlan, run_id: str, reports: list[dict]) -> dict[str, Any]:
-    """The report over the replicates, in the set's directory (`lottery.report.write_report` on it). An
-    engine whose write_report reads an experiment's work directory only (it looks for the set's
-    config.json) gets the replicates' own reports instead: their paths, and their problems, each
-    named after its replicate."""
+def _set_report(report_dir: str, run: RunPlan, run_id: str) -> dict[str, Any]:
+    """The report over the replicates in the set's directory (and each replicate's own, in its work
+    directory: `lottery.report.write_report` on a set); logs the mean ± std table."""
     from lottery import report as reporting
-    from lottery.errors import MissingArtifactError
-    from lottery.paths import Workdir
 
-    try:
-        paths = reporting.write_report(report_dir, plan=run, run_id=run_id)
-    except MissingArtifactError as exc:
-        if Workdir(report_dir).config_json.exists() or f"{report_dir} has no config.json" not in str(exc):
-            raise
-        log.warning("this engine's report reads one work directory, not a replicate set: the report of each replicate "
-                    "is in its work directory (%s); %s lists them", ", ".join(r["workdir"] for r in reports), report_dir)
-        paths = {"workdir": report_dir, "expected": sum(r["expected"] for r in reports), "done": sum(r["done"] for r in reports),
-                 "problems": [f"rep {i + 1}: {p}" for i, r in enumerate(reports) for p in r["problems"]], "run_id": run_id,
-                 **{key: ", ".join(str(r[key]) for r in reports) for key in ("report", "plot", "results_csv")}}
-    paths["replicate_reports"] = [{k: r.get(k) for k in ("workdir", "report", "done", "expected")} for r in reports]
+    paths = engine_call(reporting.write_report, report_dir, plan=run, run_id=run_id)
+    log.info("results over %d replicates (mean ± std (n)):\n%s", run.config.replicates,
+             reporting.format_table(report_dir, reporting.result_rows(report_dir, plan=run)))
     return paths
 
 

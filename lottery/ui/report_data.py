@@ -37,7 +37,7 @@ log = logging.getLogger("lottery.ui")
 # Run states after which nothing changes any more (the page stops refreshing itself).
 FINISHED_RUN_STATES = {"success", "failed"}
 # The ticket tasks whose mapped instances train the tickets (their task instance holds the log).
-TICKET_TASKS = ("late_reset", "controls")
+TICKET_TASKS = ("late_reset", "controls", "imp_chain")
 # A ticket without a result, by its task instance's state: still to come, or a problem.
 WAITING_STATES = {None, "none", "scheduled", "queued", "up_for_retry", "up_for_reschedule", "restarting", "deferred"}
 
@@ -70,14 +70,17 @@ class RunFacts:
     def finished(self) -> bool:
         return self.state in FINISHED_RUN_STATES
 
-    def ticket_instance(self, spec: TicketSpec) -> TaskInstanceFacts | None:
-        """The mapped instance that trains ``spec`` (one ticket or its group), if it was created; named
-        by its map name (Airflow renders ``name`` only when the instance starts)."""
-        task_id = "controls" if spec.control else "late_reset"
+    def ticket_instance(self, spec: TicketSpec, workdir: str | None = None) -> TaskInstanceFacts | None:
+        """The mapped instance that trains ``spec`` (one ticket or its group, or the chain of an iterative
+        run) of the replicate in ``workdir`` (default: the run's only one), if it was created; named by
+        its map name (Airflow renders ``name`` only when the instance starts)."""
+        chain = not spec.control and bool(self.mapped_kwargs.get("imp_chain"))
+        task_id = "imp_chain" if chain else "controls" if spec.control else "late_reset"
         for index, kwargs in enumerate(self.mapped_kwargs.get(task_id) or []):
             masks = kwargs.get("masks") or [kwargs.get("mask") or {}]
-            if kwargs.get("rewind") == spec.rewind and kwargs.get("control") == spec.control and any(
-                    m.get("mask_id") == spec.mask_id for m in masks):
+            if kwargs.get("rewind") == spec.rewind and kwargs.get("control") == spec.control and (
+                    chain or any(m.get("mask_id") == spec.mask_id for m in masks)) and (
+                    workdir is None or kwargs.get("workdir") in (None, str(workdir))):
                 ti = next((ti for ti in self.task_instances if ti.task_id == task_id and ti.map_index == index), None)
                 if ti is not None and not ti.name:
                     ti.name = kwargs.get("group") or _map_name(masks[0], spec)
@@ -173,13 +176,13 @@ def build_view(facts: RunFacts) -> ReportView:
     return view
 
 
-def _progress(facts: RunFacts, rows: list[dict]) -> None:
+def _progress(facts: RunFacts, rows: list[dict], workdir: str | None = None) -> None:
     """A ticket without a result is "queued" or "running" while its task instance is; "missing" only
     when its instance finished (or the run did) without writing one."""
     for row in rows:
         if row["status"] != "missing":
             continue
-        ti = facts.ticket_instance(TicketSpec(row["mask_id"], row["rewind"], row["control"] or None))
+        ti = facts.ticket_instance(TicketSpec(row["mask_id"], row["rewind"], row["control"] or None), workdir)
         state = ti.state if ti is not None else None
         if state == "running":
             row["status"] = "running"
@@ -206,9 +209,7 @@ def build_set_view(facts: RunFacts, view: ReportView) -> ReportView:
     for i, workdir in enumerate(workdirs):
         where = f"replicate {i} ({workdir.name}): "
         rows = _rows(workdir, plan, view, where)
-        for row in rows:
-            if row["status"] == "missing" and not facts.finished:
-                row["status"] = "queued"
+        _progress(facts, rows, str(workdir))
         per.append(rows)
         dense.append(_read_json_or_note(workdir.dense_result, workdir, view, where))
     view.rows = replicate_report.aggregate(per)

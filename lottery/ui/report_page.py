@@ -144,7 +144,7 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
         facts = RunFacts(dag_id, run_id, _text(run.state), run.conf if isinstance(run.conf, dict) else {})
         if dag_id != DAG_ID:
             return facts
-        wanted = ("validate_config", "prepare_workdir", "plan_tickets", "plan_controls")
+        wanted = ("validate_config", "prepare_workdir", "plan_tickets", "plan_controls", "plan_chains")
         rows = session.scalars(select(XComModel).where(
             XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.map_index == -1, XComModel.task_id.in_(wanted)))
         xcom = {(x.task_id, x.key): XComModel.deserialize_value(x) for x in rows}
@@ -155,7 +155,8 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
     prepared = _dict(xcom.get(("prepare_workdir", "return_value"))) or {}
     facts.workdir, facts.report_dir = prepared.get("workdir"), prepared.get("report_dir")
     facts.workdirs = [str(w) for w in prepared.get("workdirs") or []]
-    facts.mapped_kwargs = {task: value for task, key in (("late_reset", "plan_tickets"), ("controls", "plan_controls"))
+    facts.mapped_kwargs = {task: value for task, key in (("late_reset", "plan_tickets"), ("controls", "plan_controls"),
+                                                             ("imp_chain", "plan_chains"))
                            if isinstance(value := xcom_value(xcom.get((key, "return_value"))), list)}
     return facts
 
