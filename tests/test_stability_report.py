@@ -1,4 +1,4 @@
-"""The instability analyses in the report, on hand-made results (no training).
+"""The instability analyses in the report and the Report tab, on hand-made results (no training).
 
 Work directories and replicate sets as tests/test_replicate_report.py fabricates them, with sealed
 ``stability/<network>__<rewind>/result.json`` files as `lottery.stability` writes them (the fields
@@ -164,6 +164,60 @@ def test_a_replicate_sets_report_shows_mean_std_and_judges_the_means(tmp_path):
     assert Path(out["instability_plot"]).read_bytes()[:4] == b"\x89PNG"
     own = (tmp_path / "lenet_300_100-r2" / "report" / "report.md").read_text()  # each replicate's own report
     assert "## Instability (1 of 2 analyses done)" in own and "rewind here: **0it**" not in own
+
+
+# ---- the Report tab ----------------------------------------------------------------------------------
+def _facts(w, cfg, state="success"):
+    from lottery.ui.report_data import RunFacts
+
+    return RunFacts("lottery_ticket", "manual__s", state, {}, plan={"config": cfg.to_dict()}, workdir=str(w),
+                    report_dir=str(w), workdirs=[str(w)])
+
+
+def test_the_report_tab_shows_the_instability_table_plot_and_where_to_rewind(tmp_path):
+    from lottery.ui import report_data, report_page
+
+    w, cfg = stable_workdir(tmp_path)
+    view = report_data.build_view(_facts(w.path, cfg))
+    assert [(r["network"], r["rewind"], r["status"]) for r in view.stability] == [
+        ("dense", "0it", "ok"), ("dense", "1ep", "ok"), ("sp80.000", "0it", "failed"), ("sp80.000", "1ep", "ok")]
+    assert view.rewind_here[0] == ("dense network: rewind here: 1ep, the earliest rewind point whose instability is "
+                                   "below 2 points (0.80).")
+    lines = report_page.stability_lines(view)
+    assert [(line["network"], line["rewind"], line["cells"]) for line in lines][1] == ("dense network", "1ep", ["0.80", "0.40", "86.00"])
+    assert lines[1]["css"] == "match" and lines[2]["css"] == "failed"
+    html = report_page._page(view.facts, view).body.decode()  # noqa: SLF001 - the route's own rendering
+    assert 'id="table-stability"' in html and 'src="instability.png?v=' in html and "rewind here: 1ep" in html
+    assert report_data.instability_png(view)[:4] == b"\x89PNG"
+
+
+def test_the_report_tab_names_a_damaged_analysis_and_shows_the_rest(tmp_path):
+    from lottery.ui import report_data, report_page
+
+    w, cfg = stable_workdir(tmp_path)
+    (w.path / "stability" / "dense__0it" / "result.json").write_text("{")
+    view = report_data.build_view(_facts(w.path, cfg, "running"))
+    assert [c.split(":")[0] for c in view.corrupt] == ["stability/dense__0it"]
+    assert [r["status"] for r in view.stability] == ["corrupt", "ok", "failed", "ok"]
+    assert "86.00" in report_page._page(view.facts, view).body.decode()  # noqa: SLF001
+
+
+def test_the_report_tab_of_a_set_shows_the_means(tmp_path):
+    from lottery.ui import report_data
+    from lottery.ui.report_data import RunFacts
+
+    s = make_set(tmp_path, [TICKETS] * 2, [0.86, 0.88])
+    for i, value in enumerate((1.0, 2.0)):
+        write_analysis(tmp_path / f"lenet_300_100-r{i}", "dense__0it", value)
+    workdirs = [str(tmp_path / f"lenet_300_100-r{i}") for i in range(2)]
+    facts = RunFacts("lottery_ticket", "m", "running", {}, plan={"config": {**BASE, "replicates": 2}}, workdir=workdirs[0],
+                     report_dir=str(s), workdirs=workdirs)
+    view = report_data.build_view(facts)
+    first = view.stability[0]
+    assert (first["rewind"], first["instability"], first["n"]) == ("0it", pytest.approx(1.5), 2)
+    assert [r["status"] for r in view.stability] == ["ok", "queued"]  # the run is in progress
+    assert view.rewind_here == ["dense network: rewind here: 0it, the earliest rewind point whose instability is below "
+                                "2 points (1.50 ± 0.71 (2))."]
 
 
 def test_stability_specs_name_their_directories():
