@@ -188,6 +188,7 @@ def test_the_report_tab_shows_the_instability_table_plot_and_where_to_rewind(tmp
     assert lines[1]["css"] == "match" and lines[2]["css"] == "failed"
     html = report_page._page(view.facts, view).body.decode()  # noqa: SLF001 - the route's own rendering
     assert 'id="table-stability"' in html and 'src="instability.png?v=' in html and "rewind here: 1ep" in html
+    assert "Instability (3 of 4 analyses done)" in html and "below 2 points, stable" in html
     assert report_data.instability_png(view)[:4] == b"\x89PNG"
 
 
