@@ -203,6 +203,22 @@ def test_the_report_tab_names_a_damaged_analysis_and_shows_the_rest(tmp_path):
     assert "86.00" in report_page._page(view.facts, view).body.decode()  # noqa: SLF001
 
 
+def test_the_report_tab_expects_what_the_run_planned(tmp_path):
+    """A finished run expects the analyses its plan_stability planned; a finished run without that
+    XCom (older than the analysis, or stopped before it) shows only those on disk."""
+    from lottery.ui import report_data
+
+    cfg = ExperimentConfig.from_dict({**BASE, "controls": False})
+    w = make_workdir(tmp_path / "w", cfg, TICKETS, dense=0.86)
+    assert report_data.build_view(_facts(w.path, cfg)).stability == []
+    planned = _facts(w.path, cfg)
+    planned.mapped_kwargs["stability"] = [{"workdir": str(w.path), "rewind": r, "mask": None, "points": 11,
+                                           "group": f"dense, rewind {r}"} for r in ("0it", "1ep")]
+    assert [(r["rewind"], r["status"]) for r in report_data.build_view(planned).stability] == [("0it", "missing"), ("1ep", "missing")]
+    write_analysis(w.path, "dense__1ep", 1.0)
+    assert [(r["rewind"], r["status"]) for r in report_data.build_view(_facts(w.path, cfg)).stability] == [("1ep", "ok")]
+
+
 def test_the_report_tab_of_a_set_shows_the_means(tmp_path):
     from lottery.ui import report_data
     from lottery.ui.report_data import RunFacts

@@ -263,10 +263,13 @@ def _set_members(facts: RunFacts, replicate_set: ReplicateSet, view: ReportView)
 
 
 def _stability(facts: RunFacts, workdir: Workdir, plan: RunPlan, view: ReportView, where: str = "") -> list[dict]:
-    """The work directory's instability analyses (``lottery.stability_report``): a damaged result
-    is named at the top of the page; one without a result is "queued" or "running" while its
-    task instance (or the run) is, "failed" when its instance failed without writing one."""
-    rows = stability_report.stability_rows(workdir, plan, remaining=report.mask_remaining(workdir))
+    """The work directory's instability analyses (``lottery.stability_report``): those the plan
+    asks for (a finished run: only when it planned them, ``plan_stability``; a run older than the
+    analysis has none) and those on disk. A damaged result is named at the top of the page; one
+    without a result is "queued" or "running" while its task instance (or the run) is, "failed"
+    when its instance failed without writing one."""
+    planned = "stability" in facts.mapped_kwargs or not facts.finished
+    rows = stability_report.stability_rows(workdir, plan, planned=planned, remaining=report.mask_remaining(workdir))
     for row in rows:
         if row["status"] == "corrupt":
             name = StabilitySpec(row["mask_id"] or None, row["rewind"]).name
