@@ -5,6 +5,7 @@ validate_config -> fetch_dataset -> preprocess (Spark, when the data needs writi
     -> late_reset[replicate x mask x rewind point, or groups of tickets_per_task masks]   (one-shot)
     -> imp_chain[replicate x rewind point] -> chains_done (all_done)                      (iterative)
     (+ plan_controls, after chains_done -> controls[...])
+    (+ plan_stability, after chains_done -> stability[replicate x network x rewind point])
     -> report (all_done) -> check_results (all_done: rewrites the report from disk, fails when a ticket is not done)
 
 This file only wires the tasks: each task body calls one function of ``lottery.dag.tasks``, which
@@ -56,6 +57,13 @@ instance per rewind point (and replicate), `chain, rewind 1ep`, trains levels 1.
 each pruned from the level before and rewound; its levels are the tickets of the report. The
 controls run once every chain has ended (`chains_done`), on their chain's level masks.
 
+**Instability analysis** (`stability`, on by default for the dense network): one `stability`
+instance per (replicate, network, rewind point), `dense, rewind 1ep` or `5.0% left, rewind 1ep`
+(tickets at `stability_sparsities`), trains two copies from the rewind point with different data
+orders and measures the error on the line between them. The report adds `stability.csv`,
+`instability_vs_rewind.png` and per network the earliest rewind point whose instability is below
+`stability_threshold` ("rewind here").
+
 **When tickets fail**: fix the cause, then on the failed run *Clear* → *Clear only failed tasks*
 (REST `clearTaskInstances` with `only_failed`; CLI `lottery rerun-failed --run-id <run id>`, or
 `--since <date>` for every failed run since then). Only the failed tickets train again, finished
@@ -91,6 +99,9 @@ already finished (with more replicates, only the new ones train); another config
   `pruning_scope`, `output_layer_prune_factor`.
 * *Controls*: `controls` (on by default: both kinds at three levels), `control_kinds`, `control_sparsities` (matched to the
   nearest level; empty = all levels); run at every rewind point.
+* *Stability*: `stability` (on by default: the dense network at every rewind point), `stability_sparsities`
+  (ticket levels beside it, matched to a level within 0.005; e.g. [0.79, 0.95]: about 20% and 5% left),
+  `stability_points` (3-101, default 11), `stability_threshold` (percentage points, default 2).
 * *Execution*: `artifact_root`, `queue` (the Celery queue of the training tasks), `tickets_per_task`
   (1: one `late_reset` / `controls` instance per ticket; K > 1: groups of K consecutive masks of one
   rewind point, trained in one process, named `rewind 1ep: masks 1-10 (80.0%…10.7% left)`; no result
@@ -180,6 +191,18 @@ def controls(workdir: str, masks: list[dict], rewind: str, group: str, control: 
     return tasks.retrain(workdir, masks, rewind, group, control)
 
 
+@task
+def plan_stability(replicates: list[dict], plan: dict) -> list[dict[str, Any]]:
+    """(replicate, network, rewind point): the kwargs of the mapped stability; empty when stability is off."""
+    return tasks.plan_stability(replicates, plan)
+
+
+@task(**TRAINING, map_index_template=GROUP_LABEL)
+def stability(workdir: str, rewind: str, mask: str | None, points: int, group: str) -> dict[str, Any]:
+    """The instability analysis of one network (``mask`` None: the dense one) at ``rewind``: two copies, then the line."""
+    return tasks.stability(workdir, rewind, mask, points, group)
+
+
 @task(trigger_rule=TriggerRule.ALL_DONE)
 def report(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> dict[str, Any]:
     """Collect every result of every replicate (failed and missing ones listed, never fatal): csv, plot, report.md."""
@@ -241,11 +264,15 @@ def lottery_ticket():
     planned_controls = plan_controls(masks, plan, per_task)
     chains >> chains_done >> planned_controls
     control_runs = controls.expand_kwargs(planned_controls)
+    # A ticket's instability analysis of an iterative run needs its chain's level mask, as a control does.
+    planned_stability = plan_stability(masks, plan)
+    chains_done >> planned_stability
+    analyses = stability.expand_kwargs(planned_stability)
     summary = report(prepared["report_dir"], prepared["workdirs"], plan)
-    [tickets, chains, control_runs] >> summary
+    [tickets, chains, control_runs, analyses] >> summary
     # The check waits for the tickets themselves, not only for the report: "Clear only failed tasks"
     # leaves a successful report alone, and the check must judge the tickets it re-ran.
-    [tickets, chains, control_runs, summary] >> check_results(prepared["report_dir"], prepared["workdirs"], plan)
+    [tickets, chains, control_runs, analyses, summary] >> check_results(prepared["report_dir"], prepared["workdirs"], plan)
 
 
 lottery_ticket()

@@ -39,7 +39,11 @@ DEFAULT_LR_MILESTONE = UNSET_MILESTONES[0]
 # Level k of the derived schedule removes 1 - (1 - prune_rate)**k of the prunable weights.
 DEFAULT_NUM_LEVELS = 20
 DEFAULT_PRUNE_RATE = 0.2
-CONTROL_MATCH_TOLERANCE = 0.005  # a control sparsity picks the nearest level within 0.5 points
+CONTROL_MATCH_TOLERANCE = 0.005  # a control (or stability) sparsity picks the nearest level within 0.5 points
+# The instability analysis (lottery.stability): points on the line between the two copies (at least
+# the endpoints and one between: lottery.interpolation.MIN_POINTS), and the paper's threshold of stability.
+DEFAULT_STABILITY_POINTS, MIN_STABILITY_POINTS, MAX_STABILITY_POINTS = 11, 3, 101
+DEFAULT_STABILITY_THRESHOLD = 2.0
 
 
 def derived_sparsities(num_levels: int, prune_rate: float) -> list[float]:
@@ -71,7 +75,7 @@ def _field(default: Any, title: str, section: str, help: str = "", **limits: Any
     return Field(default, title=title, description=help or None, json_schema_extra={"section": section}, **limits)
 
 
-TRAIN, PRUNE, CTRL = "Model and training", "Pruning", "Controls"
+TRAIN, PRUNE, CTRL, STAB = "Model and training", "Pruning", "Controls", "Stability"
 
 
 class ExperimentConfig(BaseModel):
@@ -134,6 +138,21 @@ class ExperimentConfig(BaseModel):
     control_sparsities: Fractions = _field(DEFAULT_CONTROL_SPARSITIES, "Control sparsities", CTRL, "The levels the controls run "
                                            "at (each matched to the nearest sparsity level within 0.005); empty: every level. "
                                            "Every rewind point is run.")
+    stability: Bool = _field(True, "Run the instability analysis", STAB, "Two copies of a network trained from each rewind "
+                             "point with different data orders, and the error on the line between them (linear mode "
+                             "connectivity): the dense network, and the tickets at stability_sparsities. Two trainings "
+                             "from the rewind point to the end per network and rewind point.")
+    stability_sparsities: Fractions = _field((), "Stability: ticket sparsities", STAB, "The ticket levels analysed beside the "
+                                             "dense network (each must be a sparsity level within 0.005), e.g. [0.79, 0.95]: "
+                                             "about 20% and 5% of the weights left at the default levels. Empty (the "
+                                             "default): the dense network only.")
+    stability_points: Int = _field(DEFAULT_STABILITY_POINTS, "Stability: points on the line", STAB, "Networks evaluated on "
+                                   "the line between the two copies, the copies included.", ge=MIN_STABILITY_POINTS,
+                                   le=MAX_STABILITY_POINTS)
+    stability_threshold: Float = _field(DEFAULT_STABILITY_THRESHOLD, "Stability: threshold (percentage points)", STAB,
+                                        "A network is stable at a rewind point when its instability (the error barrier "
+                                        "on the line, in percentage points) is below this; the report names the earliest "
+                                        "such rewind point.", gt=0, le=100)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -168,7 +187,8 @@ class ExperimentConfig(BaseModel):
                   (("rewind_points", "training_steps"), self._check_rewinds), (levels, self._check_levels),
                   (("control_kinds", "controls"), self._check_control_kinds), (("control_sparsities", "controls", *levels), self.control_levels),
                   (("pruning_schedule", *levels), self._check_iterative), (("rewind_mode", "rewind_points"), self._check_rewind_mode),
-                  (("seed", "replicates"), self._check_replicate_seeds)]
+                  (("seed", "replicates"), self._check_replicate_seeds),
+                  (("stability_sparsities", "stability", *levels), self.stability_levels)]
         return [error for reads, check in checks if not failed.intersection(reads) for error in errors_of(check)]
 
     def _check_milestones(self) -> None:
@@ -280,6 +300,22 @@ class ExperimentConfig(BaseModel):
             nearest = min(levels, key=lambda s: abs(s - wanted))
             if strict and abs(nearest - wanted) > CONTROL_MATCH_TOLERANCE:
                 raise ConfigError("control_sparsities", wanted,
+                                  f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})")
+            out += [] if nearest in out else [nearest]
+        return tuple(out)
+
+    def stability_levels(self) -> tuple[float, ...]:
+        """The ticket levels of the instability analysis: each ``stability_sparsities`` value mapped
+        to the nearest level (``()`` when the list is empty, the dense network only, or when
+        ``stability`` is false). A value further than ``CONTROL_MATCH_TOLERANCE`` from every level
+        is an error naming the field."""
+        if not self.stability:
+            return ()
+        levels, out = self.levels(), []
+        for wanted in self.stability_sparsities:
+            nearest = min(levels, key=lambda s: abs(s - wanted))
+            if abs(nearest - wanted) > CONTROL_MATCH_TOLERANCE:
+                raise ConfigError("stability_sparsities", wanted,
                                   f"is not one of this experiment's sparsity levels ({', '.join(f'{s:g}' for s in levels)})")
             out += [] if nearest in out else [nearest]
         return tuple(out)

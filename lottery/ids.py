@@ -3,9 +3,9 @@
 The shape hashed is fixed: changing it changes every id and orphans every work directory
 (tests/test_config.py pins ids). Steps are compared in their canonical spelling (``"1ep0it"`` is
 ``"1ep"``); the sparsity levels enter resolved under ``sparsities`` (an explicit list and the same
-levels derived from ``num_levels`` are one experiment); the fields that only add runs (the controls)
-or only spell the levels (``NOT_IN_ID``) never enter it. Pure Python, no import of the config class:
-``lottery.config`` imports this module.
+levels derived from ``num_levels`` are one experiment); the fields that only add runs (the controls,
+the instability analysis) or only spell the levels (``NOT_IN_ID``) never enter it. Pure Python, no
+import of the config class: ``lottery.config`` imports this module.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any
 
 from lottery.steps import Step
 
-# replicates: each replicate is an experiment of its own (its seed), so the count only adds experiments.
-NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities", "replicates")
+# replicates: each replicate is an experiment of its own (its seed), so the count only adds experiments;
+# the stability fields only add analyses beside the tickets (and how the report judges them).
+NOT_IN_ID = ("num_levels", "prune_rate", "controls", "control_kinds", "control_sparsities", "replicates", "stability",
+             "stability_sparsities", "stability_points", "stability_threshold")
 # Unset lr_milestones hash as this list (the default drop at 4ep, which unset equals wherever that list is valid).
 UNSET_MILESTONES = ["4ep"]
 _FLOATS = ("lr", "momentum", "weight_decay", "lr_gamma", "output_layer_prune_factor")

@@ -14,6 +14,7 @@
                                         rewind point: result.json, and copy_a/, copy_b/ (each with a
                                         ticket's files: result.json, checkpoint.npz, metrics.csv, model.keras)
     W/results.csv, W/report/            the report: report.md and accuracy_vs_sparsity.png
+    W/stability.csv                     the instability analyses (report/instability_vs_rewind.png)
 
 Replicates (``replicates: N``): each replicate is an experiment of its own, ``<artifact root>/<its id>``,
 and the report over them lives in ``<artifact root>/<id of replicate 0>-x<N>/`` (`ReplicateSet`):
@@ -21,7 +22,8 @@ and the report over them lives in ``<artifact root>/<id of replicate 0>-x<N>/`` 
     S/replicates.json                   the config, and each replicate's experiment id and work dir
     S/results.csv                       one row per replicate and combination
     S/summary.csv                       mean, std and n per combination
-    S/report/                           report.md and accuracy_vs_sparsity.png (mean ± std)
+    S/stability.csv                     one row per replicate and instability analysis
+    S/report/                           report.md, accuracy_vs_sparsity.png, instability_vs_rewind.png (mean ± std)
 
 A comparison of experiments (``python -m lottery report --compare``) writes ``comparison.png`` and
 ``comparison.md`` into the directory it is given (`Comparison`).
@@ -41,11 +43,13 @@ from typing import Any
 
 from lottery.config import ExperimentConfig, experiment_id
 from lottery.errors import MissingArtifactError, WorkdirMismatchError
-from lottery.plan import RunPlan, TicketSpec
+from lottery.plan import RunPlan, StabilitySpec, TicketSpec, stability_name  # noqa: F401 - stability_name: public here
 
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 PLOT_NAME = "accuracy_vs_sparsity.png"
+STABILITY_CSV = "stability.csv"
+INSTABILITY_PLOT_NAME = "instability_vs_rewind.png"
 REPORT_NAME = "report.md"
 TICKETS = "tickets"
 RESULT_JSON = "result.json"
@@ -94,11 +98,6 @@ class StabilityPaths:
         return TicketPaths(self.dir / f"copy_{which}")
 
 
-def stability_name(mask_id: str | None, rewind: str) -> str:
-    """``dense__1ep`` (the dense network) or ``sp89.263__1ep`` (a ticket's mask) at rewind point ``rewind``."""
-    return f"{mask_id or 'dense'}__{rewind}"
-
-
 @dataclass
 class WorkdirStatus:
     """What is done and what is not, for the tickets and controls of one plan."""
@@ -143,6 +142,8 @@ class ReplicateSet:
     summary_csv = _under("path", SUMMARY_CSV, doc="mean, std and n per combination")
     report_md = _under("path", "report", REPORT_NAME)
     plot_png = _under("path", "report", PLOT_NAME)
+    stability_csv = _under("path", STABILITY_CSV, doc="one row per replicate and instability analysis")
+    instability_png = _under("path", "report", INSTABILITY_PLOT_NAME)
 
     @staticmethod
     def holds_set(path: str | os.PathLike) -> bool:
@@ -223,6 +224,8 @@ class Workdir:
     stability_dir = _under("path", "stability")
     report_md = _under("path", "report", REPORT_NAME)
     plot_png = _under("path", "report", PLOT_NAME)
+    stability_csv = _under("path", STABILITY_CSV)
+    instability_png = _under("path", "report", INSTABILITY_PLOT_NAME)
 
     def rewind_checkpoint(self, label: str) -> Path:
         return self.dense_dir / "rewind" / f"{label}.npz"
@@ -245,6 +248,13 @@ class Workdir:
     def stability_results(self) -> list[Path]:
         """The result.json of every finished instability analysis, by name."""
         return sorted(self.stability_dir.glob(f"*/{RESULT_JSON}")) if self.stability_dir.is_dir() else []
+
+    def started_stability(self) -> list[StabilitySpec]:
+        """The instability analyses with a directory on disk (whether or not a plan asked for them)."""
+        if not self.stability_dir.is_dir():
+            return []
+        specs = (StabilitySpec.from_name(p.name) for p in sorted(self.stability_dir.iterdir()) if p.is_dir())
+        return [spec for spec in specs if spec is not None]
 
     def started_controls(self) -> list[TicketSpec]:
         """The control directories on disk (whether or not a plan asked for them)."""

@@ -6,6 +6,7 @@
     plan.tickets    every (mask, rewind) pair, mask-major
     plan.controls   the random controls: kind-major, then mask, then rewind
     plan.chains     iterative pruning: the rewind points, one chain of levels each (() for one-shot)
+    plan.stability  the instability analyses: the dense network, then each chosen level, at every rewind point
     plan.expected   tickets + controls: what the report expects to find
 
 The DAG passes ``plan.to_dict()`` between tasks (only the config travels; the rest is derived), so
@@ -64,6 +65,37 @@ class TicketSpec:
         return f"{self.mask_id}__{self.rewind}" + (f"__{self.control}" if self.control else "")
 
 
+def stability_name(mask_id: str | None, rewind: str) -> str:
+    """``dense__1ep`` (the dense network) or ``sp89.263__1ep`` (a ticket's mask) at rewind point ``rewind``."""
+    return f"{mask_id or 'dense'}__{rewind}"
+
+
+@dataclass(frozen=True)
+class StabilitySpec:
+    """One instability analysis: the dense network (``mask_id`` None) or a ticket's mask, at a rewind point."""
+
+    mask_id: str | None
+    rewind: str
+
+    @property
+    def name(self) -> str:
+        """Its directory name under ``stability/``: ``dense__1ep``, ``sp89.263__1ep``."""
+        return stability_name(self.mask_id, self.rewind)
+
+    @property
+    def network(self) -> str:
+        """``dense`` or the mask id."""
+        return self.mask_id or "dense"
+
+    @classmethod
+    def from_name(cls, name: str) -> StabilitySpec | None:
+        """The analysis a directory name spells (None: not one)."""
+        network, sep, rewind = name.partition("__")
+        if not sep or not network or not rewind or "__" in rewind:
+            return None
+        return cls(None if network == "dense" else network, rewind)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     config: ExperimentConfig
@@ -71,6 +103,7 @@ class RunPlan:
     rewinds: tuple[str, ...]
     tickets: tuple[TicketSpec, ...]
     controls: tuple[TicketSpec, ...]
+    stability: tuple[StabilitySpec, ...] = ()
 
     @property
     def iterative(self) -> bool:
@@ -97,7 +130,10 @@ class RunPlan:
             for m in masks if m.mask_id in control_ids
             for r in rewinds
         )
-        return cls(cfg, masks, rewinds, tickets, controls)
+        stable_levels = cfg.stability_levels()
+        networks = ([None] if cfg.stability else []) + [m.mask_id for m in masks if m.sparsity in stable_levels]
+        stability = tuple(StabilitySpec(network, r) for network in networks for r in rewinds)
+        return cls(cfg, masks, rewinds, tickets, controls, stability)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunPlan:

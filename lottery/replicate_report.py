@@ -37,13 +37,14 @@ from typing import Any
 from lottery.config import CONTROLS, ExperimentConfig
 from lottery.errors import LotteryError, MissingArtifactError
 from lottery.paths import PLOT_NAME, RESULTS_CSV, SUMMARY_CSV, ReplicateSet, Workdir
-from lottery.plan import RunPlan, TicketSpec
+from lottery.plan import RunPlan, StabilitySpec, TicketSpec
 from lottery.workdir_report import (
     MATCH_TOLERANCE,
     RESULT_COLUMNS,
     accuracy_table,
     dense_result,
     described,
+    mask_remaining,
     matching_levels,
     pct,
     plot,
@@ -189,12 +190,16 @@ def load_results(path: str | os.PathLike, plan: RunPlan | None = None) -> Replic
 
 def replicate_plan(cfg: ExperimentConfig, workdirs: list[Workdir], plan: RunPlan | None = None) -> RunPlan:
     """The plan every replicate is judged by: ``plan`` (default: the config's, without its
-    controls) with every control started in any replicate: all expect the same combinations."""
+    controls and instability analyses) with every control and analysis started in any replicate:
+    all expect the same combinations."""
     base = plan or RunPlan.from_config(cfg)
     wanted = set(plan.controls if plan else ()) | {spec for w in workdirs for spec in w.started_controls()}
     controls = tuple(spec for kind in CONTROLS for m in base.masks for r in base.rewinds
                      if (spec := TicketSpec(m.mask_id, r, kind)) in wanted)
-    return dataclasses.replace(base, controls=controls)
+    analyses = set(plan.stability if plan else ()) | {spec for w in workdirs for spec in w.started_stability()}
+    stability = tuple(spec for network in [None, *(m.mask_id for m in base.masks)] for r in base.rewinds
+                      if (spec := StabilitySpec(network, r)) in analyses)
+    return dataclasses.replace(base, controls=controls, stability=stability)
 
 
 def _run_info(workdirs: list[Workdir]) -> dict[str, Any]:
@@ -245,19 +250,41 @@ def write_set_report(
          title=f"{results.cfg.model}  ({results.name}: mean ± std of {results.replicates} replicates)")
     problems = results.problems()
     matching = matching_levels(results.summary, results.labels, dense["mean"], tolerance)
+    stability = set_stability(replicate_set, results)
     written = utc_now()
     write_text(replicate_set.report_md, render_set_markdown(results, tolerance=tolerance, matching=matching, problems=problems,
-                                                            described=described(run_id, written), own_reports=own))
+                                                            described=described(run_id, written), own_reports=own,
+                                                            stability=stability.pop("section")))
     done, expected = sum(r["status"] == "ok" for r in results.flat_rows()), sum(len(rows) for rows in results.rows)
     log.info("report over %d replicates: %d of %d (replicate, combination) pairs done, %d failed or missing -> %s",
              results.replicates, done, expected, len(problems), replicate_set.report_md)
     return {
+        **stability,
         "workdir": str(replicate_set), "results_csv": str(replicate_set.results_csv), "summary_csv": str(replicate_set.summary_csv),
         "plot": str(replicate_set.plot_png), "report": str(replicate_set.report_md), "expected": expected, "done": done,
         "problems": problems, "matching": matching, "dense_val_accuracy": dense["mean"], "dense_std": dense["std"],
         "replicates": results.replicates, "workdirs": [str(w) for w in results.workdirs], "replicate_reports": own,
         "combinations": len(results.summary), "run_id": run_id, "written": written,
     }
+
+
+def set_stability(replicate_set: ReplicateSet, results: ReplicateResults) -> dict[str, Any]:
+    """The replicates' instability analyses, mean ± std (n) per (network, rewind point)
+    (``lottery.stability_report.write_stability``): the set's ``stability.csv`` holds one row per
+    replicate and analysis; "rewind here" is judged on the means."""
+    from lottery import stability_report as stab
+
+    per = [stab.stability_rows(w, results.plan, remaining=mask_remaining(w)) for w in results.workdirs]
+    flat = [{"replicate": i, "experiment_id": w.name, **row} for i, (w, rows) in enumerate(zip(results.workdirs, per))
+            for row in rows]
+    problems = [f"replicate {r['replicate']} ({r['experiment_id']}): {stab.problem_line(r)}" for r in flat if r["status"] != "ok"]
+    dense = results.dense_stats
+    dense_row = {"val_accuracy": dense["mean"], "std": dense["std"], "n": dense["n"]} if dense["n"] else None
+    accuracy = stab.accuracy_beside(results.summary, results.labels, dense_row, cell_text)
+    title = f"{results.cfg.model}  ({results.name}: mean ± std of {results.replicates} replicates)"
+    return stab.write_stability(replicate_set, stab.aggregate_stability(per), results.labels,
+                                results.plan.config.stability_threshold, accuracy, title=title, problems=problems,
+                                csv_rows=flat, columns=stab.SET_STABILITY_COLUMNS)
 
 
 def _own_report(workdir: Workdir, plan: RunPlan, tolerance: float, run_id: str | None) -> str | None:
@@ -271,7 +298,7 @@ def _own_report(workdir: Workdir, plan: RunPlan, tolerance: float, run_id: str |
 
 # ---- report.md ----------------------------------------------------------------------------------
 def render_set_markdown(results: ReplicateResults, *, tolerance: float, matching: dict, problems: list[str],
-                        described: str = "", own_reports: list[str | None] = ()) -> str:
+                        described: str = "", own_reports: list[str | None] = (), stability: list[str] = ()) -> str:
     labels, summary, dense = results.labels, results.summary, results.dense_stats
     out = [f"# Lottery-ticket experiment `{results.name}`: {results.replicates} replicates", ""]
     if described:
@@ -287,6 +314,7 @@ def render_set_markdown(results: ReplicateResults, *, tolerance: float, matching
         out.append("")
         out.append(accuracy_table(summary, labels, control=control, dense_acc=dense["mean"], tolerance=tolerance, cell=cell_text))
         out.append("")
+    out += stability
     out += problems_section(problems)
     out.append(f"Files: `{RESULTS_CSV}` (one row per replicate and combination), `{SUMMARY_CSV}` (mean, std and n "
                "per combination); each replicate's results and report in its own work directory.")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lottery.config import ExperimentConfig, Step
+from lottery.config import DEFAULT_STABILITY_POINTS, ExperimentConfig, Step
 from lottery.errors import MissingArtifactError
 from lottery.files import atomic_path, intact_result, output_records, remove_arrays, write_json
 from lottery.interpolation import check_points
@@ -46,7 +46,7 @@ from lottery.ticket import Ticket, stable_seed
 log = logging.getLogger("lottery")
 
 COPIES = ("a", "b")
-DEFAULT_POINTS = 11
+DEFAULT_POINTS = DEFAULT_STABILITY_POINTS  # the config's stability_points default (the DAG passes the run's)
 # The training subset of the path (and the BatchNorm statistics): the first batches of the dense
 # run's first epoch, in its order (seed, epoch 0), without augmentation; at batch 128, 2,048 images.
 TRAIN_SUBSET_BATCHES = 16

@@ -171,10 +171,12 @@ def write_workdir_report(
     plot(rows, labels, dense_acc, workdir.plot_png, title=f"{cfg.model}  ({workdir.name})")
     problems = [problem_line(r) for r in rows if r["status"] != "ok"]
     matching = matching_levels(rows, labels, dense_acc, tolerance)
+    stability = stability_part(workdir, plan, rows, dense, title=f"{cfg.model}  ({workdir.name})")
     written = utc_now()
     text = render_markdown(
         workdir=workdir, cfg=cfg, run_info=run_info, rows=rows, labels=labels, dense=dense,
         tolerance=tolerance, matching=matching, problems=problems, described=described(run_id, written),
+        stability=stability.pop("section"),
     )
     from lottery.files import write_text
 
@@ -182,6 +184,7 @@ def write_workdir_report(
     done = sum(r["status"] == "ok" for r in rows)
     log.info("report: %d of %d combinations done, %d failed or missing -> %s", done, len(rows), len(problems), workdir.report_md)
     return {
+        **stability,
         "workdir": str(workdir),
         "results_csv": str(workdir.results_csv),
         "plot": str(workdir.plot_png),
@@ -194,6 +197,22 @@ def write_workdir_report(
         "run_id": run_id,
         "written": written,
     }
+
+
+def stability_part(workdir: Workdir, plan: RunPlan | None, rows: list[dict], dense: dict | None, *,
+                   title: str) -> dict[str, Any]:
+    """The work directory's instability analyses (``lottery.stability_report.write_stability``):
+    those ``plan`` asks for and those found on disk (no plan: those only), judged by the plan's
+    ``stability_threshold`` (no plan: the config's)."""
+    from lottery import stability_report as stab
+
+    started_only = plan is None
+    plan = plan or RunPlan.from_config(workdir.load()[0])
+    labels = list(plan.rewinds)
+    found = stab.stability_rows(workdir, plan, planned=not started_only, remaining=mask_remaining(workdir))
+    accuracy = stab.accuracy_beside(rows, labels, dense, lambda r: f"{100 * r['val_accuracy']:.2f}")
+    return stab.write_stability(workdir, found, labels, plan.config.stability_threshold, accuracy, title=title,
+                                problems=[stab.problem_line(r) for r in found if r["status"] != "ok"])
 
 
 def utc_now() -> str:
@@ -371,7 +390,8 @@ def accuracy_table(rows: list[dict], labels: list[str], *, control: str = "", de
 
 
 def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], labels: list[str], dense: dict | None,
-                    tolerance: float, matching: dict, problems: list[str], described: str = "") -> str:
+                    tolerance: float, matching: dict, problems: list[str], described: str = "",
+                    stability: list[str] = ()) -> str:
     dense_acc = dense["val_accuracy"] if dense else None
     out = [f"# Lottery-ticket experiment `{Workdir(workdir).name}`", ""]
     if described:
@@ -386,6 +406,7 @@ def render_markdown(*, workdir: Path, cfg, run_info: dict, rows: list[dict], lab
         out.append("")
         out.append(accuracy_table(rows, labels, control=control, dense_acc=dense_acc, tolerance=tolerance))
         out.append("")
+    out += stability
     out += problems_section(problems)
     out.append(f"Files: `{RESULTS_CSV}` (one row per combination), `{TICKETS}/<mask>__<rewind>[__<control>]/{RESULT_JSON}`.")
     out.append("")

@@ -43,7 +43,8 @@ E2E_MODULES = {
 }
 UNIT_MODULES = {
     "test_config", "test_fetch", "test_import_rules", "test_models", "test_pipeline", "test_pruning",
-    "test_records", "test_reliability_doc", "test_replicate_report", "test_report", "test_structure",
+    "test_records", "test_reliability_doc", "test_replicate_report", "test_report", "test_stability_report",
+    "test_structure",
 }
 # Tests of the unit modules that start a process (a fresh Python, the CLI): the integration tier.
 NOT_UNIT = {

@@ -23,7 +23,8 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny experiment of the end-to-end tests (a run of the DAG: 300 Fashion-MNIST images, one
-# epoch, 2 masks x 2 rewind points, one control); tests change what they need with tiny_run(...).
+# epoch, 2 masks x 2 rewind points, one control; the instability analysis off: the test of it turns
+# it on); tests change what they need with tiny_run(...).
 TINY_RUN = {
     "dataset_limit": 300,
     "training_steps": "1ep",
@@ -33,6 +34,7 @@ TINY_RUN = {
     "sparsities": [0.5, 0.8],
     "controls": True,
     "control_sparsities": [0.8],
+    "stability": False,
 }
 
 

@@ -95,6 +95,16 @@ INVALID = [
     ({"pruning_schedule": "iterative", "sparsities": [k / 1000 for k in range(1, 102)]}, "sparsities"),  # > 100 levels
     ({"rewind_mode": "optimizer"}, "rewind_mode"),
     ({"rewind_mode": "learning_rate"}, "rewind_points"),  # 0it is among the default points: nothing to replay
+    ({"stability": "yes"}, "stability"),
+    ({"stability_sparsities": [0.3]}, "stability_sparsities"),  # not one of the levels
+    ({"stability_sparsities": [0.5, 0.9], "sparsities": [0.5, 0.8]}, "stability_sparsities"),
+    ({"stability_sparsities": [1.5]}, "stability_sparsities"),
+    ({"stability_sparsities": [0.8, 0.8]}, "stability_sparsities"),
+    ({"stability_points": 2}, "stability_points"),  # the two copies and nothing between
+    ({"stability_points": 102}, "stability_points"),
+    ({"stability_points": 11.0}, "stability_points"),
+    ({"stability_threshold": 0}, "stability_threshold"),
+    ({"stability_threshold": "2"}, "stability_threshold"),
 ]
 
 
@@ -160,6 +170,9 @@ PINNED_IDS = [
     # an old config.json: the 20 default levels spelled out; the controls never change the id
     ({"sparsities": default_sparsities()}, "lenet_300_100-c30a9b1461f8"),
     ({"controls": False, "control_kinds": ["random_prune"], "control_sparsities": []}, "lenet_300_100-c30a9b1461f8"),
+    # the instability analysis only adds runs beside the tickets: never in the id
+    ({"stability": False, "stability_sparsities": [0.79, 0.95], "stability_points": 21, "stability_threshold": 1.0},
+     "lenet_300_100-c30a9b1461f8"),
     # mixed_precision: true (pinned before "bfloat16" existed) and "float16" are one experiment
     ({"mixed_precision": True}, "lenet_300_100-570092597f34"),
     ({"mixed_precision": "float16"}, "lenet_300_100-570092597f34"),
@@ -195,6 +208,28 @@ def test_control_levels():
         custom.replace(control_sparsities=[0.8])
 
 
+def test_stability_levels():
+    """Dense only by default; each wanted ticket sparsity is matched to a level within 0.005 (the
+    suggested [0.79, 0.95]: levels 7 and 13 of the default twenty, 21.0% and 5.5% of the weights left)."""
+    assert ExperimentConfig().stability and ExperimentConfig().stability_levels() == ()
+    cfg = ExperimentConfig.from_dict({"stability_sparsities": [0.79, 0.95]})
+    assert cfg.stability_levels() == (0.790285, 0.945024) == (cfg.levels()[6], cfg.levels()[12])
+    assert cfg.replace(stability=False).stability_levels() == ()
+    custom = ExperimentConfig.from_dict({"sparsities": [0.5, 0.9, 0.99], "stability_sparsities": [0.99, 0.896]})
+    assert custom.stability_levels() == (0.99, 0.9)
+    with pytest.raises(ConfigError, match="'stability_sparsities' = 0.8: is not one of this experiment's sparsity levels"):
+        custom.replace(stability_sparsities=[0.8])
+
+
+def test_stability_points_agree_with_the_engines():
+    from lottery.config import DEFAULT_STABILITY_POINTS, MIN_STABILITY_POINTS
+    from lottery.interpolation import MIN_POINTS
+    from lottery.stability import DEFAULT_POINTS
+
+    assert (MIN_STABILITY_POINTS, DEFAULT_STABILITY_POINTS) == (MIN_POINTS, DEFAULT_POINTS) == (3, 11)
+    assert ExperimentConfig().stability_points == 11 and ExperimentConfig().stability_threshold == 2.0
+
+
 # ---- the run plan -------------------------------------------------------------------------------
 def test_run_plan_lists_tickets_and_controls_in_order():
     from lottery.plan import MaskSpec, RunPlan, TicketSpec, mask_id
@@ -210,6 +245,17 @@ def test_run_plan_lists_tickets_and_controls_in_order():
     assert mask_id(0.2) == "sp20.000" and TicketSpec("sp20.000", "1ep").name == "sp20.000__1ep"
     assert RunPlan.from_dict(plan.to_dict()) == plan
     assert RunPlan.from_config(ExperimentConfig(controls=False)).controls == ()
+
+
+def test_run_plan_lists_the_instability_analyses_dense_first():
+    from lottery.plan import RunPlan, StabilitySpec
+
+    plan = RunPlan.from_config(ExperimentConfig.from_dict({"sparsities": [0.5, 0.9], "rewind_points": ["0it", "1ep"],
+                                                           "stability_sparsities": [0.9, 0.5]}))
+    assert plan.stability == tuple(StabilitySpec(m, r) for m in (None, "sp50.000", "sp90.000") for r in ("0it", "1ep"))
+    assert [s.name for s in plan.stability[:3]] == ["dense__0it", "dense__1ep", "sp50.000__0it"]
+    assert RunPlan.from_config(ExperimentConfig(stability=False, stability_sparsities=(0.2,))).stability == ()
+    assert RunPlan.from_dict(plan.to_dict()) == plan
 
 
 def test_run_plan_resolves_masks_and_rewinds():

@@ -26,7 +26,7 @@ from lottery.steps import STEP_PATTERN  # noqa: E402
 from lottery.plan import RunPlan, TicketSpec  # noqa: E402
 
 DAG_FILE = ROOT / "dags" / "lottery_ticket.py"
-TRAINING_TASKS = {"train_dense", "late_reset", "imp_chain", "controls"}
+TRAINING_TASKS = {"train_dense", "late_reset", "imp_chain", "controls", "stability"}
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,8 @@ def test_tasks_and_dependencies(dag):
     upstream = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert set(upstream) == {
         "validate_config", "fetch_dataset", "preprocess", "prepare_workdir", "plan_replicates", "train_dense", "make_masks",
-        "plan_tickets", "late_reset", "plan_chains", "imp_chain", "chains_done", "plan_controls", "controls", "report",
-        "check_results",
+        "plan_tickets", "late_reset", "plan_chains", "imp_chain", "chains_done", "plan_controls", "controls",
+        "plan_stability", "stability", "report", "check_results",
     }
     assert upstream["validate_config"] == set()
     assert upstream["fetch_dataset"] == {"validate_config"}
@@ -131,9 +131,13 @@ def test_tasks_and_dependencies(dag):
     assert upstream["chains_done"] == {"imp_chain"}
     assert upstream["plan_controls"] == {"make_masks", "validate_config", "chains_done"}
     assert upstream["controls"] == {"plan_controls"}
-    assert {"late_reset", "imp_chain", "controls", "prepare_workdir"} <= upstream["report"]
+    # the instability analyses: planned as the controls are (an iterative ticket's needs its chain's level mask)
+    assert upstream["plan_stability"] == {"make_masks", "validate_config", "chains_done"}
+    assert upstream["stability"] == {"plan_stability"}
+    assert {"late_reset", "imp_chain", "controls", "stability", "prepare_workdir"} <= upstream["report"]
     # reads the work dirs, not report's XCom; waits for the tickets also when report is not cleared
-    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "imp_chain", "controls"}
+    assert upstream["check_results"] == {"report", "prepare_workdir", "validate_config", "late_reset", "imp_chain", "controls",
+                                         "stability"}
     assert [t.task_id for t in dag.leaves] == ["check_results"]
 
 
@@ -156,6 +160,7 @@ def test_pool_queue_retries_trigger_rules(dag):
     # (nothing to map: skipped) must not skip the controls; a failure before the chains still stops them
     assert rules["chains_done"] == "all_done"
     assert rules["plan_controls"] == "all_success" and rules["controls"] == "all_success"
+    assert rules["plan_stability"] == "all_success" and rules["stability"] == "all_success"
     assert dag.get_task("imp_chain").priority_weight == dag.get_task("late_reset").priority_weight
 
 
@@ -183,6 +188,10 @@ def test_mapped_tasks_and_their_names(dag):
         ("controls", {"masks": [], "rewind": "2ep", "control": "random_prune", "group": "random_prune: 5.0% left, rewind 2ep"},
          "random_prune: 5.0% left, rewind 2ep"),
         ("late_reset", {"masks": [], "rewind": "1ep", "group": group}, group),
+        ("stability", {"workdir": "/a/w", "rewind": "1ep", "mask": None, "points": 11, "group": "dense, rewind 1ep"},
+         "dense, rewind 1ep"),
+        ("stability", {"workdir": "/a/w", "rewind": "1ep", "mask": "sp95.000", "points": 11,
+                       "group": "rep 2: 5.0% left, rewind 1ep"}, "rep 2: 5.0% left, rewind 1ep"),
         ("controls", {"masks": [], "rewind": "1ep", "control": "random_prune", "group": "random_prune, " + group},
          "random_prune, " + group),
     ]:
@@ -218,6 +227,8 @@ def test_default_params_are_the_default_experiment(sdag, form):
     assert experiment_id(cfg, "d") == experiment_id(ExperimentConfig(), "d")
     plan = RunPlan.from_config(cfg)
     assert len(plan.tickets) == 100 and len(plan.controls) == 2 * 3 * 5
+    # the instability analysis of the dense network at every rewind point: 5 x 2 trainings beside the 130
+    assert [(s.mask_id, s.rewind) for s in plan.stability] == [(None, r) for r in plan.rewinds]
     assert list(cfg.levels()) == default_sparsities()
     assert params["queue"] == "gpu" and params["dataset"] == "fashion_mnist" and params["controls"] is True
 
@@ -231,9 +242,11 @@ def test_form_metadata(dag):
     assert dag.params.get_param("control_kinds").schema["items"]["enum"] == list(CONTROLS)
     assert dag.params.get_param("pruning_schedule").schema["enum"] == ["one_shot", "iterative"]
     assert dag.params.get_param("rewind_mode").schema["enum"] == ["full", "weights", "learning_rate"]
-    sections = {name: dag.params.get_param(name).schema["section"] for name in ("replicates", "seed", "pruning_schedule", "rewind_mode")}
+    names = ("replicates", "seed", "pruning_schedule", "rewind_mode", "stability", "stability_sparsities", "stability_points",
+             "stability_threshold")
+    sections = {name: dag.params.get_param(name).schema["section"] for name in names}
     assert sections == {"replicates": "Model and training", "seed": "Model and training", "pruning_schedule": "Pruning",
-                        "rewind_mode": "Pruning"}
+                        "rewind_mode": "Pruning", **{name: "Stability" for name in names[4:]}}
     assert dag.params["replicates"] == 1 and dag.params.get_param("replicates").schema["type"] == "integer"
 
 
@@ -281,6 +294,12 @@ INVALID = [
     ("controls", "on"),
     ("control_kinds", ["random_everything"]),
     ("control_sparsities", ["x"]),
+    ("stability", "on"),
+    ("stability_sparsities", ["0.8"]),
+    ("stability_sparsities", 0.8),
+    ("stability_points", 11.5),
+    ("stability_points", "11"),
+    ("stability_threshold", "2"),
     ("artifact_root", ""),
     ("queue", "bad queue"),
     ("queue", ""),
@@ -320,6 +339,12 @@ INVALID_VALUES = [
     ("control_kinds", []),
     ("control_kinds", ["random_prune", "random_prune"]),
     ("control_sparsities", [1.5]),
+    ("stability_sparsities", [0.5]),          # not a level of the default experiment
+    ("stability_sparsities", [1.5]),
+    ("stability_points", 2),
+    ("stability_points", 102),
+    ("stability_threshold", 0),
+    ("stability_threshold", -1.0),
     ("artifact_root", "artifacts"),
     ("artifact_root", "/etc"),
 ]
@@ -392,6 +417,7 @@ def _params(sdag, **conf):
     ({"rewind_points": ["6ep"]}, "rewind_points"),               # at the end
     ({"lr_milestones": ["9ep"]}, "lr_milestones"),
     ({"sparsities": [0.5, 0.9], "controls": True, "control_sparsities": [0.7]}, "control_sparsities"),
+    ({"sparsities": [0.5, 0.9], "stability_sparsities": [0.7]}, "stability_sparsities"),
     ({"dataset": os.path.join(tempfile.gettempdir(), "nonexistent-lottery-images")}, "dataset"),  # in a data root, not there
     ({"dataset": tempfile.gettempdir(), "dataset_limit": 100}, "dataset_limit"),
     ({"rewind_mode": "learning_rate"}, "rewind_points"),                          # 0it: nothing to replay
@@ -807,6 +833,9 @@ def test_report_and_check_cover_every_replicate(sdag, form, tasks, tmp_path, mon
     assert all(Path(w, "report", "report.md").is_file() and Path(w, "results.csv").is_file() for w in out["workdirs"])
     assert summary["replicate_reports"] == [str(Path(w, "report", "report.md")) for w in out["workdirs"]]
     assert summary["expected"] == 2 * (4 + 4)  # per replicate: 2 masks x 2 rewinds + 2 kinds x 1 level x 2
+    assert summary["stability_expected"] == 2 * 2  # per replicate: the dense network at 2 rewind points (the default)
+    assert len(summary["stability_problems"]) == 4 and summary["stability_problems"][0].endswith(
+        "stability dense network, rewind 0it: missing")
     assert Path(out["report_dir"], "report", "report.md").is_file()
     assert summary["problems"] and json.dumps(summary)
     with pytest.raises(AirflowFailException, match="combinations failed or are missing"):
@@ -814,6 +843,90 @@ def test_report_and_check_cover_every_replicate(sdag, form, tasks, tmp_path, mon
     Path(out["workdirs"][1], "config.json").unlink()
     with pytest.raises(AirflowFailException, match=f"{out['workdirs'][1]} is gone"):
         tasks.report(out["report_dir"], out["workdirs"], checked["plan"])
+
+
+def _finish_every_ticket(workdir: str, plan: RunPlan) -> None:
+    """Sealed results for the dense run and every planned ticket and control, as the engine writes them."""
+    from lottery.files import write_json
+    from lottery.paths import Workdir
+
+    w = Workdir(workdir)
+    write_json(w.dense_result, {"val_accuracy": 0.86, "best_val_accuracy": 0.86, "epochs": 1}, sealed=True)
+    for spec in plan.expected:
+        write_json(w.ticket(spec).result, {"val_accuracy": 0.8, "best_val_accuracy": 0.8, "remaining": 0.5,
+                                           "rewind_step": 0}, sealed=True)
+
+
+def test_check_results_fails_while_a_planned_instability_analysis_is_missing(sdag, form, tasks, tmp_path, monkeypatch):
+    """Every ticket and control done, the dense network's analysis at one rewind point missing: the
+    check fails naming it; once its result is there, the run's check passes."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from lottery.files import write_json
+
+    checked, out = _replicate_dirs(tmp_path, form, sdag, 1)
+    monkeypatch.setattr(tasks, "get_current_context", lambda: {"run_id": "manual__test"})
+    _finish_every_ticket(out["workdir"], RunPlan.from_dict(checked["plan"]))
+
+    def analysis(name, instability):
+        write_json(Path(out["workdir"], "stability", name, "result.json"), {
+            "instability": instability, "instability_train": 0.1, "points": 11, "rewind_step": 0,
+            "endpoints": {"a": {"val_accuracy": 0.8}, "b": {"val_accuracy": 0.8}}}, sealed=True)
+
+    analysis("dense__0it", 4.0)
+    with pytest.raises(AirflowFailException, match=r"1 of 10 combinations failed or are missing .*"
+                       r"stability dense network, rewind 1ep: missing"):
+        tasks.check_results(out["report_dir"], out["workdirs"], checked["plan"])
+    analysis("dense__1ep", 0.5)
+    assert tasks.check_results(out["report_dir"], out["workdirs"], checked["plan"])["ok"] is True
+    summary = tasks.report(out["report_dir"], out["workdirs"], checked["plan"])
+    assert summary["rewind_here"] == {"dense": "1ep"} and Path(summary["instability_plot"]).is_file()
+    off = form.check_params(resolve(sdag, {"stability": False}))["plan"]  # stability off: nothing is expected
+    assert RunPlan.from_dict(off).stability == ()
+
+
+def test_plan_stability_maps_replicates_x_networks_x_rewind_points(sdag, form, tasks):
+    """One stability instance per (replicate, network, rewind point): the dense network, then the
+    tickets at stability_sparsities; named "rep 2: dense, rewind 1ep"; none when stability is off."""
+    conf = {**REPLICATED, "replicates": 2, "stability_sparsities": [0.9], "stability_points": 5}
+    masks = _masks(form, [0.5, 0.9])
+    kwargs = tasks.plan_stability(_reps(masks, 2), form.check_params(_params(sdag, **conf))["plan"])
+    assert kwargs == [{"workdir": f"/a/rep{i}", "rewind": r, "mask": mask, "points": 5, "group": f"rep {i + 1}: {name}, rewind {r}"}
+                      for i in range(2) for mask, name in ((None, "dense"), ("sp90.000", "10.0% left")) for r in ("0it", "1ep")]
+    json.dumps(kwargs)  # XCom-able
+    one = form.check_params(_params(sdag, **{**REPLICATED, "replicates": 1}))["plan"]  # the default: the dense network
+    assert tasks.plan_stability(_one(masks), one) == [
+        {"workdir": W, "rewind": r, "mask": None, "points": 11, "group": f"dense, rewind {r}"} for r in ("0it", "1ep")]
+    iterative = form.check_params(_params(sdag, **{**conf, "pruning_schedule": "iterative"}))["plan"]
+    assert tasks.plan_stability(_reps(masks, 2), iterative) == kwargs  # on the chains' level masks, after chains_done
+    assert tasks.plan_stability(_one(masks), form.check_params(_params(sdag, **{**conf, "stability": False}))["plan"]) == []
+
+
+def test_stability_task_runs_one_analysis_with_ticket_threads(tasks, monkeypatch, caplog):
+    """stability's body: one run_stability call (threads as a ticket's), a start and an end line, a small XCom."""
+    import logging
+
+    from lottery import stability
+
+    calls = []
+
+    def fake_run_stability(workdir, rewind, mask=None, *, points=11, threads=None, **_):
+        calls.append((workdir, rewind, mask, points, threads))
+        return {"stability": f"{mask or 'dense'}__{rewind}", "mask_id": mask, "rewind": rewind, "instability": 1.25,
+                "instability_train": 0.5, "points": points, "skipped": False, "path": [{"alpha": 0.0}] * points,
+                "endpoints": {"a": {"val_accuracy": 0.8}}}
+
+    monkeypatch.setattr(stability, "run_stability", fake_run_stability)
+    monkeypatch.setattr(tasks, "queue_note", lambda: "queue gpu")
+    monkeypatch.setenv("LOTTERY_THREADS", "1")
+    caplog.set_level(logging.INFO)
+    out = tasks.stability("/a/rep1", "1ep", "sp90.000", 7, "rep 2: 10.0% left, rewind 1ep")
+    assert calls == [("/a/rep1", "1ep", "sp90.000", 7, 1)]
+    assert out == {"group": "rep 2: 10.0% left, rewind 1ep", "workdir": "/a/rep1", "stability": "sp90.000__1ep",
+                   "mask_id": "sp90.000", "rewind": "1ep", "instability": 1.25, "instability_train": 0.5, "points": 7,
+                   "skipped": False}
+    assert "rep 2: 10.0% left, rewind 1ep: start  instability analysis of mask sp90.000 at rewind 1ep  7 points" in caplog.text
+    assert "rep 2: 10.0% left, rewind 1ep: done in" in caplog.text and "instability 1.25 points (training subset 0.50)" in caplog.text
 
 
 def _fake_engine(monkeypatch, tasks, calls: list):

@@ -1,8 +1,10 @@
 """The whole DAG with ``dag.test()`` on a tiny config: real Spark job, real training, real report.
 
 300 Fashion-MNIST images per split, LeNet-300-100 for one epoch, 2 masks x 2 rewind points, both
-controls at one level; once with one ticket per task instance, once with ``tickets_per_task`` 2. ``dag.test()`` runs the tasks one after the other in this process (the
-scheduler-based run is tests/test_make_run.py). About a minute for the first run on 2 cores.
+controls at one level; once with one ticket per task instance, once with ``tickets_per_task`` 2;
+once with the instability analysis of the dense network. ``dag.test()`` runs the tasks one after
+the other in this process (the scheduler-based run is tests/test_make_run.py). About a minute for
+the first run on 2 cores.
 """
 
 import json
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow
 # out inherits the previous run's.
 TINY = tiny_run(queue="gpu_e2e", tickets_per_task=1, pruning_schedule="one_shot", replicates=1)
 # The tasks on the training queue (the run's `queue`); the rest stay on the default queue.
-TRAINING_TASKS = ("train_dense", "late_reset", "imp_chain", "controls")
+TRAINING_TASKS = ("train_dense", "late_reset", "imp_chain", "controls", "stability")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,8 @@ def assert_every_artifact(run, tis, w, root):
     """What a successful run of the TINY experiment leaves behind, whatever its tickets_per_task."""
     assert str(run.state) in ("success", "DagRunState.SUCCESS"), tis
     assert states(tis, "imp_chain") == ["skipped"]  # one-shot: no chain to map
-    others = {k: v for k, v in tis.items() if k[0] != "imp_chain"}
+    assert states(tis, "stability") == ["skipped"]  # stability false: no analysis to map
+    others = {k: v for k, v in tis.items() if k[0] not in ("imp_chain", "stability")}
     assert all(v["state"] == "success" for v in others.values()), {k: v for k, v in others.items() if v["state"] != "success"}
     assert [v["name"] for (t, _), v in tis.items() if t in ("train_dense", "make_masks")] == [w.name] * 2  # one replicate
     data = root / "data" / "fashion_mnist-28px-c1-png-n300"
@@ -135,6 +138,35 @@ def test_rerun_reuses_finished_work(first, dag, root, caplog):
     assert log.count(": already done (val_accuracy") == 8, log[-5000:]  # 4 tickets + 4 controls
     assert "50.1% left, rewind 2it: already done" in log
     assert [p.name for p in root.iterdir() if p.name.startswith("lenet_300_100-")] == [w.name]
+
+
+def test_instability_analysis_of_the_dense_network(first, dag, root):
+    """stability true (the same experiment: the tickets are found done): one stability instance per
+    rewind point of the dense network, each training two copies and walking the line between them at
+    stability_points points; the report's table, plot, stability.csv and where to rewind."""
+    import csv
+
+    _, _, w = first
+    run, tis = run_dag(dag, {**TINY, "artifact_root": str(root), "stability": True, "stability_points": 5})
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), {k: v for k, v in tis.items() if v["state"] != "success"}
+    analyses = {v["name"]: v for (t, i), v in tis.items() if t == "stability" and i >= 0}
+    assert set(analyses) == {"dense, rewind 0it", "dense, rewind 2it"}, tis
+    assert all(v["state"] == "success" and v["queue"] == "gpu_e2e" for v in analyses.values()), analyses
+    assert states(tis, "check_results") == ["success"]
+    results = {r: json.loads((w / "stability" / f"dense__{r}" / "result.json").read_text()) for r in ("0it", "2it")}
+    for result in results.values():
+        assert result["network"] == "dense" and result["points"] == 5 and len(result["path"]) == 5, result
+        assert result["instability"] >= 0 and {"a", "b"} <= set(result["endpoints"])
+    out = [_xcom(run, "stability", i) for i in range(2)]
+    assert {o["stability"] for o in out} == {"dense__0it", "dense__2it"} and all("path" not in o for o in out)
+    with open(w / "stability.csv") as f:
+        assert [(r["network"], r["rewind"], r["status"]) for r in csv.DictReader(f)] == [("dense", "0it", "ok"), ("dense", "2it", "ok")]
+    assert (w / "report" / "instability_vs_rewind.png").stat().st_size > 10_000
+    md = (w / "report" / "report.md").read_text()
+    assert "## Instability (2 of 2 analyses done)" in md
+    stable = next((r for r in ("0it", "2it") if results[r]["instability"] < 2.0), None)
+    assert (f"- **dense network**: rewind here: **{stable}**" if stable else "- **dense network**: no rewind point is stable") in md
+    assert _xcom(run, "report")["rewind_here"] == {"dense": stable}
 
 
 GROUPS = {"rewind 0it: masks 1-2 (50.1%…20.2% left)", "rewind 2it: masks 1-2 (50.1%…20.2% left)"}

@@ -197,12 +197,15 @@ def _log_experiment(plan: RunPlan, data: dict[str, Any]) -> None:
     cfg, levels = plan.config, [m.sparsity for m in plan.masks]
     kinds = list(dict.fromkeys(c.control for c in plan.controls))
     control_ids = list(dict.fromkeys(c.mask_id for c in plan.controls))
+    networks = list(dict.fromkeys(s.network for s in plan.stability))
     log.info(
         "experiment: model %s, %s, %d sparsity levels (%s) x %d rewind points (%s) = %d tickets; controls %s; "
-        "data %s -> %s; artifact root %s",
+        "stability %s; data %s -> %s; artifact root %s",
         cfg.model, cfg.training_steps, len(levels), ", ".join(f"{s:g}" for s in levels),
         len(plan.rewinds), ", ".join(plan.rewinds), len(plan.tickets),
-        f"{kinds} at {control_ids}" if plan.controls else "off", data["source_dir"], data["data_dir"], data["artifact_root"],
+        f"{kinds} at {control_ids}" if plan.controls else "off",
+        f"{networks} x {len(plan.rewinds)} rewind points" if plan.stability else "off",
+        data["source_dir"], data["data_dir"], data["artifact_root"],
     )
 
 

@@ -27,10 +27,11 @@ from lottery.plan import RunPlan, check_data_size
 
 log = logging.getLogger("lottery.dag")
 
-# Mapped late_reset / controls / imp_chain instances are named from their kwargs (rendered before the
-# task runs): a group of one "5.0% left, rewind 2ep", "random_prune: 5.0% left, rewind 2ep"; a larger
-# group "rewind 1ep: masks 1-10 (80.0%…10.7% left)"; a chain "chain, rewind 1ep". With several
-# replicates each name starts with its replicate's: "rep 2: 5.0% left, rewind 2ep".
+# Mapped late_reset / controls / imp_chain / stability instances are named from their kwargs (rendered
+# before the task runs): a group of one "5.0% left, rewind 2ep", "random_prune: 5.0% left, rewind 2ep";
+# a larger group "rewind 1ep: masks 1-10 (80.0%…10.7% left)"; a chain "chain, rewind 1ep"; an
+# instability analysis "dense, rewind 1ep" or "5.0% left, rewind 1ep". With several replicates each
+# name starts with its replicate's: "rep 2: 5.0% left, rewind 2ep".
 GROUP_LABEL = "{{ task.op_kwargs['group'] }}"
 # Mapped train_dense / make_masks instances, one per replicate: "rep 1", "rep 2", ...; with one
 # replicate, its experiment id.
@@ -38,6 +39,7 @@ REPLICATE_LABEL = "{{ task.op_kwargs['replicate'] }}"
 # What a retraining result may carry through XCom.
 TICKET_KEYS = ("mask_id", "sparsity", "remaining", "rewind", "control", "val_accuracy", "best_val_accuracy", "skipped", "ticket")
 LEVEL_KEYS = ("level", *TICKET_KEYS)
+STABILITY_KEYS = ("stability", "mask_id", "rewind", "instability", "instability_train", "points", "skipped")
 DENSE_KEYS = ("val_accuracy", "best_val_accuracy", "epochs", "steps", "skipped")
 MASK_KEYS = ("index", "mask_id", "sparsity", "remaining")
 
@@ -319,6 +321,52 @@ def chain(workdir: str, rewind: str, group: str) -> dict[str, Any]:
     return {"group": group, "workdir": workdir, "levels": [_pick(r, LEVEL_KEYS) for r in results]}
 
 
+def stability_label(mask: dict | None, rewind: str, prefix: str = "") -> str:
+    """An instability analysis' name: ``dense, rewind 1ep``, ``5.0% left, rewind 1ep``; ``rep 2: dense, rewind 1ep``
+    among several replicates."""
+    network = "dense" if mask is None else mask.get("label") or remaining_label(mask["remaining"])
+    return f"{prefix}{network}, rewind {rewind}"
+
+
+def plan_stability(replicates: list[dict], plan: dict) -> list[dict[str, Any]]:
+    """The stability kwargs: one instability analysis per (replicate, network, rewind point) of the
+    plan (the dense network, then the tickets at ``stability_sparsities``); none when ``stability`` is false."""
+    run, replicates = RunPlan.from_dict(plan), list(replicates)  # make_masks' results: read once
+    if not run.stability:
+        log.info("stability: off (stability false): no instability analysis")
+        return []
+    points = run.config.stability_points
+    kwargs = [{"workdir": rep["workdir"], "rewind": spec.rewind, "mask": spec.mask_id, "points": points,
+               "group": stability_label(_mask_of(rep, spec.mask_id), spec.rewind, _prefix(run, rep))}
+              for rep in replicates for spec in run.stability]
+    networks = list(dict.fromkeys("dense" if s.mask_id is None else s.mask_id for s in run.stability))
+    log.info("stability: %s x %d rewind points%s = %d analyses (two trainings each, from the rewind point to the end; "
+             "%d points on the line)", ", ".join(networks), len(run.rewinds), _times(run, replicates), len(kwargs), points)
+    return kwargs
+
+
+def _mask_of(replicate: dict, mask_id: str | None) -> dict | None:
+    """make_masks' descriptor of ``mask_id`` in ``replicate`` (None for the dense network)."""
+    return None if mask_id is None else next(m for m in replicate["masks"] if m["mask_id"] == mask_id)
+
+
+def stability(workdir: str, rewind: str, mask: str | None, points: int, group: str) -> dict[str, Any]:
+    """The stability task: the instability analysis of one network at one rewind point
+    (`lottery.stability.run_stability`: both copies trained one after the other in this process,
+    then the path; copies done before are kept, a finished analysis is "already done")."""
+    from lottery import stability as analysis
+
+    threads = training_threads("ticket")
+    log.info("%s: start  instability analysis of %s at rewind %s  %d points  threads %d  %s  workdir %s", group,
+             f"mask {mask}" if mask else "the dense network", rewind, points, threads, queue_note(), workdir)
+    started = time.perf_counter()
+    result = engine_call(analysis.run_stability, workdir, rewind, mask, points=points, threads=threads)
+    log.info("%s: %s in %.1fs  instability %.2f points (training subset %.2f)", group,
+             "already done" if result.get("skipped") else "done", time.perf_counter() - started,
+             result["instability"], result["instability_train"])
+    return {"group": group, "workdir": workdir, **_pick(result, STABILITY_KEYS)}
+
+
 def report(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> dict[str, Any]:
     """Write each replicate's results.csv, plot and report.md from what is on disk (failed and missing
     tickets listed) and, for several replicates, the report over them in ``report_dir``."""
@@ -336,8 +384,10 @@ def report(report_dir: str | None, workdirs: list[str] | None, plan: dict) -> di
                                    "report; trigger the same config again to recompute it")
     run, run_id = RunPlan.from_dict(plan), get_current_context()["run_id"]
     paths = _replicate_report(workdirs[0], run, 0, run_id) if len(workdirs) == 1 else _set_report(report_dir, run, run_id)
-    for problem in paths.get("problems", []):
+    for problem in paths.get("problems", []) + paths.get("stability_problems", []):
         log.warning("not done: %s", problem)
+    for network, rewind in (paths.get("rewind_here") or {}).items():
+        log.info("instability: %s: %s", network, f"rewind here: {rewind}" if rewind else "no stable rewind point (yet)")
     log.info("report: %s", paths["report"])
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in paths.items()}
 
@@ -368,12 +418,13 @@ def check_results(report_dir: str | None, workdirs: list[str] | None, plan: dict
     missing. Never the ``report`` task's XCom: after "Clear only failed tasks" (which leaves a
     successful ``report`` alone) the check judges, and the report shows, the tickets that were just retrained."""
     summary = report(report_dir, workdirs, plan)
-    problems = summary.get("problems", [])
+    problems = summary.get("problems", []) + summary.get("stability_problems", [])
+    expected = summary.get("expected", 0) + summary.get("stability_expected", 0)
     if problems:
         raise AirflowFailException(
-            f"{len(problems)} of {summary.get('expected', '?')} combinations failed or are missing "
+            f"{len(problems)} of {expected or '?'} combinations failed or are missing "
             f"(see {summary.get('report')}): " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "")
             + ". Fix the cause, then clear the failed tasks of this run (README: When tickets fail)."
         )
-    log.info("all %s combinations done; report %s", summary.get("expected"), summary.get("report"))
+    log.info("all %s combinations done; report %s", expected, summary.get("report"))
     return {"ok": True, "report": summary.get("report")}

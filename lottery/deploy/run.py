@@ -76,7 +76,7 @@ def progress_line(tis: list[dict], elapsed: float) -> str:
     states = [t.get("state") or "none" for t in tis]
     current = sorted({t["task_id"] for t in tis if t.get("state") == "running"})
     parts = [f"{sum(s in FINISHED for s in states)}/{len(tis)} tasks done", f"{states.count('running')} running"]
-    for task_id in ("late_reset", "imp_chain"):  # the tickets: one-shot, or the chains of iterative pruning
+    for task_id in ("late_reset", "imp_chain", "stability"):  # the tickets (one-shot, or chains), the instability analyses
         mapped = [t for t in tis if t["task_id"] == task_id and t.get("map_index", -1) >= 0]
         if mapped:
             parts.append(f"{task_id} {sum((t.get('state') or '') in FINISHED for t in mapped)}/{len(mapped)}")
@@ -217,15 +217,25 @@ def finish(api: Api, run_id: str, state: str, started: float, home: Path) -> int
         print(f"\nReport: {summary['report']}")
         print(f"Plot:   {summary.get('plot')}")
         print(f"CSV:    {summary.get('results_csv')}")
+        print_rewind_here(summary)
     elif workdir:
         print(f"\nWork directory: {workdir} (no report was written)")
     bad = [t for t in tis if t.get("state") in ("failed", "upstream_failed")]
     if bad:
         print_failures(api, run_id, bad)
         print(f"Task logs: {home / 'logs' / f'dag_id={DAG_ID}' / f'run_id={run_id}'}")
-    for p in summary.get("problems", [])[:25]:
+    for p in (summary.get("problems", []) + summary.get("stability_problems", []))[:25]:
         print(f"  not done: {p}")
     return 0 if state == "success" else EXIT_FAILED
+
+
+def print_rewind_here(summary: dict) -> None:
+    """The instability analysis' files and, per network, its earliest stable rewind point."""
+    if not summary.get("instability_plot"):
+        return
+    print(f"Instability: {summary['instability_plot']} ({summary.get('stability_csv')})")
+    for network, rewind in (summary.get("rewind_here") or {}).items():
+        print(f"  {network}: {f'rewind here: {rewind}' if rewind else 'no stable rewind point'}")
 
 
 def print_table(workdir: str) -> None:

@@ -60,6 +60,15 @@ PAGE = """<!doctype html>
 {% elif m.matching %}{{ m.matching }} of {{ m.done }} levels match; the sparsest keeps {{ pct(m.sparsest_remaining) }} of the weights
 (<code>{{ m.sparsest_mask_id }}</code>){% else %}none of {{ m.done }} levels match{% endif %}</li>{% endfor %}</ul>{% endif %}
 {% endif %}
+{% if view.stability %}<h2 id="stability-title">Instability ({{ view.stability | selectattr("status", "equalto", "ok") | list | length }} of {{ view.stability | length }} analyses {% if view.replicates > 1 %}with a result{% else %}done{% endif %})</h2>
+<p class="muted">Two copies trained from each rewind point with different data orders: the highest val error on the line
+between them above the mean of its ends, in percentage points{% if view.replicates > 1 %} (mean &plusmn; std (n) over the replicates){% endif %}.
+Bold, green: below {{ "%g" | format(view.stability_threshold) }} points, stable.</p>
+<table class="tickets" id="table-stability"><tr><th>network</th><th>rewind</th><th>instability (points)</th><th>on the training subset</th><th>val accuracy (%)</th></tr>
+{% for line in stability_lines %}<tr><td>{{ line.network }}</td><td>{{ line.rewind }}</td><td class="{{ line.css }}" title="{{ line.title }}">{{ line.cells[0] }}</td>
+<td>{{ line.cells[1] }}</td><td>{{ line.cells[2] }}</td></tr>{% endfor %}</table>
+<p><img class="plot" id="instability-plot" src="instability.png?v={{ instability_version }}" alt="instability vs rewind point" width="960" height="600"></p>
+<ul id="rewind-here">{% for sentence in view.rewind_here %}<li>{{ sentence }}</li>{% endfor %}</ul>{% endif %}
 {% macro tickets(items, css) %}<ul class="{{ css }}" id="{{ css }}">{% for p in items %}<li>{{ p.what }}: <b>{{ p.status }}</b>
 {% if p.detail %}<span class="muted">{{ p.detail }}</span>{% endif %}
 {% if p.instance %} &middot; <a target="_top" href="{{ log_url(p.instance) }}">log of {{ p.instance.task_id }}

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lottery import replicate_report, report
+from lottery import replicate_report, report, stability_report
 from lottery.errors import LotteryError
 from lottery.paths import ReplicateSet, Workdir
-from lottery.plan import RunPlan, TicketSpec
+from lottery.plan import RunPlan, StabilitySpec, TicketSpec
 
 log = logging.getLogger("lottery.ui")
 
@@ -63,7 +63,7 @@ class RunFacts:
     workdir: str | None = None  # prepare_workdir's return value
     report_dir: str | None = None  # prepare_workdir's: the replicate set's directory, or the work directory
     workdirs: list[str] = field(default_factory=list)  # prepare_workdir's: every replicate's work directory
-    mapped_kwargs: dict[str, list] = field(default_factory=dict)  # task id -> plan_tickets / plan_controls XCom
+    mapped_kwargs: dict[str, list] = field(default_factory=dict)  # task id -> plan_tickets / plan_controls / ... XCom
     task_instances: list[TaskInstanceFacts] = field(default_factory=list)
 
     @property
@@ -85,6 +85,13 @@ class RunFacts:
                 if ti is not None and not ti.name:
                     ti.name = kwargs.get("group") or _map_name(masks[0], spec)
                 return ti
+        return None
+
+    def stability_state(self, row: dict, workdir: str) -> str | None:
+        """The state of the stability instance of ``row``'s analysis in ``workdir`` (None: not created)."""
+        for index, kwargs in enumerate(self.mapped_kwargs.get("stability") or []):
+            if (kwargs.get("rewind"), kwargs.get("mask") or "", kwargs.get("workdir")) == (row["rewind"], row["mask_id"], workdir):
+                return next((ti.state for ti in self.task_instances if ti.task_id == "stability" and ti.map_index == index), None)
         return None
 
 
@@ -123,6 +130,9 @@ class ReportView:
     report_dir: str = ""  # the replicate set's directory
     replicate_dirs: list[str] = field(default_factory=list)
     replicate_rows: list[dict[str, Any]] = field(default_factory=list)  # one per replicate and combination
+    stability: list[dict[str, Any]] = field(default_factory=list)  # the instability analyses (a set's: their means)
+    stability_threshold: float = 2.0
+    rewind_here: list[str] = field(default_factory=list)  # one sentence per network
 
     @property
     def dense_accuracy(self) -> float | None:
@@ -166,6 +176,7 @@ def build_view(facts: RunFacts) -> ReportView:
     view.rows = _rows(workdir, plan, view)
     view.dense = _read_json_or_note(workdir.dense_result, workdir, view)
     view.matching = report.matching_levels(view.rows, view.labels, view.dense_accuracy, report.MATCH_TOLERANCE)
+    _with_stability(view, plan, _stability(facts, workdir, plan, view))
     _progress(facts, view.rows)
     tickets = _ticket_problems(facts, view.rows)
     view.waiting = [p for p in tickets if p.status in ("queued", "running")]
@@ -205,14 +216,16 @@ def build_set_view(facts: RunFacts, view: ReportView) -> ReportView:
     plan, workdirs = members
     view.config, view.changed, view.labels = plan.config.to_dict(), plan.config.id_fields(), list(plan.rewinds)
     view.replicates, view.replicate_dirs = len(workdirs), [str(w) for w in workdirs]
-    per, dense = [], []
+    per, dense, analyses = [], [], []
     for i, workdir in enumerate(workdirs):
         where = f"replicate {i} ({workdir.name}): "
         rows = _rows(workdir, plan, view, where)
         _progress(facts, rows, str(workdir))
         per.append(rows)
         dense.append(_read_json_or_note(workdir.dense_result, workdir, view, where))
+        analyses.append(_stability(facts, workdir, plan, view, where))
     view.rows = replicate_report.aggregate(per)
+    _with_stability(view, plan, stability_report.aggregate_stability(analyses))
     view.replicate_rows = [{"replicate": i, "experiment_id": w.name, **row} for i, (w, rows) in enumerate(zip(workdirs, per))
                            for row in rows]
     stats = replicate_report.stats([d["val_accuracy"] if d else None for d in dense])
@@ -247,6 +260,37 @@ def _set_members(facts: RunFacts, replicate_set: ReplicateSet, view: ReportView)
         view.notice = "The replicates of this run cannot be read (no replicates.json yet), so their tickets are unknown."
         return None
     return replicate_report.replicate_plan(plan.config, workdirs, plan), workdirs
+
+
+def _stability(facts: RunFacts, workdir: Workdir, plan: RunPlan, view: ReportView, where: str = "") -> list[dict]:
+    """The work directory's instability analyses (``lottery.stability_report``): those the plan
+    asks for (a finished run: only when it planned them, ``plan_stability``; a run older than the
+    analysis has none) and those on disk. A damaged result is named at the top of the page; one
+    without a result is "queued" or "running" while its task instance (or the run) is, "failed"
+    when its instance failed without writing one."""
+    planned = "stability" in facts.mapped_kwargs or not facts.finished
+    rows = stability_report.stability_rows(workdir, plan, planned=planned, remaining=report.mask_remaining(workdir))
+    for row in rows:
+        if row["status"] == "corrupt":
+            name = StabilitySpec(row["mask_id"] or None, row["rewind"]).name
+            view.corrupt.append(f"{where}stability/{name}: {row['error']}")
+        if row["status"] != "missing":
+            continue
+        state = facts.stability_state(row, str(workdir))
+        if state == "running":
+            row["status"] = "running"
+        elif state in ("failed", "upstream_failed"):
+            row.update(status="failed", error=f"its task {state} without writing a result (see its log)")
+        elif state in WAITING_STATES and not facts.finished:
+            row["status"] = "queued"
+    return rows
+
+
+def _with_stability(view: ReportView, plan: RunPlan, rows: list[dict]) -> None:
+    """The analyses' rows and the "rewind here" sentences, judged by the run's threshold."""
+    view.stability, view.stability_threshold = rows, plan.config.stability_threshold
+    found = stability_report.verdicts(rows, view.labels, view.stability_threshold)
+    view.rewind_here = [stability_report.verdict_line(v, view.stability_threshold, markdown=False) for v in found.values()]
 
 
 def _waiting_combinations(rows: list[dict]) -> list[Problem]:
@@ -400,18 +444,37 @@ def plot_key(view: ReportView) -> str:
 
 def plot_png(view: ReportView) -> bytes:
     """The accuracy-vs-sparsity plot of the results so far, drawn by ``report.plot`` (cached by ``plot_key``)."""
-    key = plot_key(view)
+    return _cached_png(plot_key(view), lambda path: report.plot(view.rows, view.labels, view.dense_accuracy, path,
+                                                                title=_title(view), dense_std=view.dense_std))
+
+
+def instability_key(view: ReportView) -> str:
+    """A digest of what the instability plot shows."""
+    points = [(r["network"], r["rewind"], r["status"], r["remaining"], r["instability"], r.get("std")) for r in view.stability]
+    text = json.dumps(["instability", view.experiment_id, view.labels, view.stability_threshold, points], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def instability_png(view: ReportView) -> bytes:
+    """The instability-vs-rewind plot of the analyses so far (``stability_report.plot_instability``, cached)."""
+    return _cached_png(instability_key(view), lambda path: stability_report.plot_instability(
+        view.stability, view.labels, view.stability_threshold, path, title=_title(view)))
+
+
+def _title(view: ReportView) -> str:
+    if view.replicates > 1:
+        return f"{view.config.get('model', '')}  ({view.experiment_id}: mean ± std of {view.replicates} replicates)"
+    return f"{view.config.get('model', '')}  ({view.experiment_id})"
+
+
+def _cached_png(key: str, draw) -> bytes:
+    """The PNG ``draw(path)`` writes, kept for ``key`` (the last ``_PLOTS_KEPT`` pictures)."""
     with _PLOTS_LOCK:
         if key in _PLOTS:
             _PLOTS.move_to_end(key)
             return _PLOTS[key]
     with tempfile.TemporaryDirectory(prefix="lottery-plot-") as tmp:
-        title = f"{view.config.get('model', '')}  ({view.experiment_id})"
-        if view.replicates > 1:
-            title = f"{view.config.get('model', '')}  ({view.experiment_id}: mean ± std of {view.replicates} replicates)"
-        path = report.plot(view.rows, view.labels, view.dense_accuracy, Path(tmp) / "plot.png", title=title,
-                           dense_std=view.dense_std)
-        png = path.read_bytes()
+        png = Path(draw(Path(tmp) / "plot.png")).read_bytes()
     with _PLOTS_LOCK:
         _PLOTS[key] = png
         while len(_PLOTS) > _PLOTS_KEPT:

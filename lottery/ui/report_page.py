@@ -3,6 +3,7 @@
 
     /lottery/dags/<dag id>/runs/<run id>/                      the page (HTML)
     /lottery/dags/<dag id>/runs/<run id>/plot.png[?download=1] accuracy vs sparsity
+    /lottery/dags/<dag id>/runs/<run id>/instability.png       instability vs rewind point
     /lottery/dags/<dag id>/runs/<run id>/results.csv           one row per expected ticket
     /lottery/dags/<dag id>/runs/<run id>/model.keras?ticket=<ticket name>
 
@@ -27,6 +28,7 @@ from lottery.deploy.constants import DAG_ID
 from lottery.files import csv_text
 from lottery.replicate_report import SET_RESULT_COLUMNS, cell_text, spread
 from lottery.report import MATCH_TOLERANCE, RESULT_COLUMNS
+from lottery.stability_report import accuracy_beside, instability_text, network_label
 from lottery.ui import report_data
 from lottery.ui.mount import ui_base
 from lottery.ui.page_template import PAGE
@@ -49,6 +51,7 @@ def create_app() -> FastAPI:
     )
     app.get(RUN_PATH + "/", response_class=HTMLResponse)(report_page)
     app.get(RUN_PATH + "/plot.png")(plot)
+    app.get(RUN_PATH + "/instability.png")(instability_plot)
     app.get(RUN_PATH + "/results.csv")(results_csv)
     app.get(RUN_PATH + "/model.keras")(ticket_model)
     return app
@@ -77,6 +80,13 @@ def plot(dag_id: str, run_id: str, download: str = "") -> Response:
     if drawn is not None:
         return FileResponse(drawn, media_type="image/png", headers=disposition)
     return Response(report_data.plot_png(view), media_type="image/png", headers=disposition)
+
+
+def instability_plot(dag_id: str, run_id: str) -> Response:
+    view = _view_or_none(dag_id, run_id)
+    if view is None or not view.stability:
+        return _not_found("no instability analyses")
+    return Response(report_data.instability_png(view), media_type="image/png")
 
 
 def results_csv(dag_id: str, run_id: str) -> Response:
@@ -144,7 +154,7 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
         facts = RunFacts(dag_id, run_id, _text(run.state), run.conf if isinstance(run.conf, dict) else {})
         if dag_id != DAG_ID:
             return facts
-        wanted = ("validate_config", "prepare_workdir", "plan_tickets", "plan_controls", "plan_chains")
+        wanted = ("validate_config", "prepare_workdir", "plan_tickets", "plan_controls", "plan_chains", "plan_stability")
         rows = session.scalars(select(XComModel).where(
             XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.map_index == -1, XComModel.task_id.in_(wanted)))
         xcom = {(x.task_id, x.key): XComModel.deserialize_value(x) for x in rows}
@@ -156,7 +166,7 @@ def load_facts(dag_id: str, run_id: str) -> RunFacts | None:
     facts.workdir, facts.report_dir = prepared.get("workdir"), prepared.get("report_dir")
     facts.workdirs = [str(w) for w in prepared.get("workdirs") or []]
     facts.mapped_kwargs = {task: value for task, key in (("late_reset", "plan_tickets"), ("controls", "plan_controls"),
-                                                             ("imp_chain", "plan_chains"))
+                                                             ("imp_chain", "plan_chains"), ("stability", "plan_stability"))
                            if isinstance(value := xcom_value(xcom.get((key, "return_value"))), list)}
     return facts
 
@@ -175,6 +185,8 @@ def _page(facts: RunFacts, view: ReportView | None, message: str = "", *, status
     title = f"Lottery-ticket experiment {view.experiment_id}" if view and view.experiment_id else "Lottery-ticket report"
     html = _TEMPLATE.render(
         title=title, facts=facts, view=view, message=message, tables=tables(view) if view else [],
+        stability_lines=stability_lines(view) if view else [],
+        instability_version=report_data.instability_key(view) if view and view.stability else "",
         refresh=None if facts.finished or facts.dag_id != DAG_ID else REFRESH_S,
         plot_version=report_data.plot_key(view) if view and view.rows else "",
         tolerance=f"{100 * MATCH_TOLERANCE:g}", pct=_pct, spread=spread,
@@ -249,3 +261,21 @@ def _replicate_values(row: dict) -> str:
     values = [f"replicate {i} {_pct(v)}" if v is not None else f"replicate {i} {status.get(i, 'missing')}"
               for i, v in enumerate(row["values"])]
     return f"{report_data.spec_name(row)}: " + ", ".join(values)
+
+
+def stability_lines(view: ReportView) -> list[dict[str, Any]]:
+    """The instability table: a line per (network, rewind point), its instability (bold, green:
+    stable) and the network's val accuracy there (the dense run's, or the ticket's)."""
+    dense = None
+    if view.dense is not None:
+        dense = {"val_accuracy": view.dense_accuracy, "std": view.dense_std, "n": view.dense.get("n", 1)}
+    text = cell_text if view.replicates > 1 else (lambda r: f"{100 * r['val_accuracy']:.2f}")
+    accuracy = accuracy_beside(view.rows, view.labels, dense, text)
+    lines = []
+    for row in view.stability:
+        done = row["status"] == "ok"
+        cells = [instability_text(row), instability_text(row, "instability_train", "train_std")] if done else [row["status"], ""]
+        css = ("match" if row["instability"] < view.stability_threshold else "ok") if done else row["status"]
+        lines.append({"network": network_label(row), "rewind": row["rewind"], "css": css, "title": row.get("error") or "",
+                      "cells": [*cells, accuracy.get((row["network"], row["rewind"]), "")]})
+    return lines
