@@ -66,7 +66,7 @@ part_weights() {
 part_report() {
     for name in one_shot iterative weights; do lottery report --workdir "$(replicate_set $name)" > /dev/null; done
     lottery report --compare "$(replicate_set one_shot)" "$(replicate_set iterative)" --out "$ROOT/compare-schedules"
-    lottery report --compare "$(replicate_set one_shot)" "$(replicate_set weights)" --out "$ROOT/compare-rewind-modes"
+    lottery report --compare "$(replicate_set one_shot)" "$(replicate_set weights)" --rewind 1ep --out "$ROOT/compare-rewind-modes"
 }
 
 for part in "$@"; do
