@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def experiments(tmp_path, monkeypatch):
-    """A one-shot replicate set and an iterative experiment in an allowed artifact root."""
+def experiments(tmp_path):
+    """A one-shot replicate set and an iterative experiment in an allowed artifact root (the test
+    deployment allows the temp directory: tests.helpers.use_test_home)."""
     from lottery.config import ExperimentConfig
 
-    monkeypatch.setenv("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(tmp_path))
     one_shot = three_replicates(tmp_path)
     cfg = ExperimentConfig.from_dict({"training_steps": "2ep", "lr_milestones": [], "rewind_points": ["0it", "1ep"],
                                       "sparsities": [0.5, 0.8], "pruning_schedule": "iterative"})
