@@ -81,29 +81,23 @@ def _first_todo(chain: list[Ticket], name: str) -> int | None:
 
 
 def _check_dense(workdir: Workdir, label: str) -> None:
-    from lottery.dense import verify_dense_file, verify_rewind_checkpoint
+    """The dense run's files exist, and the rewind checkpoint is intact (the final weights are
+    verified where they are read: level 1's mask, learning-rate rewinding)."""
+    from lottery.dense import verify_rewind_checkpoint
 
     for needed in (workdir.final_model, workdir.rewind_checkpoint(label)):
         if not needed.exists():
             raise MissingArtifactError(f"{needed} does not exist: run `python -m lottery dense --workdir {workdir}` first")
-    verify_dense_file(workdir, workdir.final_model)
     verify_rewind_checkpoint(workdir, label)
 
 
 def _train_chain(cfg, chain: list[Ticket], first: int, threads, data_dir: Path, progress: bool, name: str) -> None:
     """Open the data and compile once; then each level from ``first`` in turn: its mask from the
     level before, then its retraining (`late_reset.train_in_turn`: resumes from its checkpoint)."""
-    from lottery.late_reset import _import_engine, train_in_turn
-    from lottery.session import build_model, open_data, session
-    from lottery.training import compile_model
+    from lottery.late_reset import train_in_turn
+    from lottery.late_reset import training_session
 
-    _import_engine(name)
-    with session(cfg, threads):
-        with phase("data_open", name):
-            train, val, spe = open_data(cfg, data_dir)
-        with phase("build_compile", name):
-            model = build_model(cfg, train)
-            compile_model(model, cfg, spe)
+    with training_session(cfg, threads, data_dir, name) as (model, data):
         for index in range(first, len(chain)):
             ticket = chain[index]
             if index > first and ticket.done_result() is not None:  # done before, after a damaged level
@@ -116,7 +110,7 @@ def _train_chain(cfg, chain: list[Ticket], first: int, threads, data_dir: Path, 
             except BaseException:
                 ticket.record_failure()
                 raise
-            train_in_turn([ticket], model, (train, val, spe), progress=progress)
+            train_in_turn([ticket], model, data, progress=progress)
             _log_level(name, ticket, len(chain))
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from lottery.config import CONTROLS
 from lottery.dense import verify_rewind_checkpoint
@@ -94,7 +94,7 @@ def _claim(todo: list[Ticket], held: contextlib.ExitStack) -> list[Ticket]:
     return [t for t in todo if t.done_result() is None]  # finished by another process since the first look
 
 
-def _import_engine(unit: str) -> None:
+def import_engine(unit: str) -> None:
     """Import Keras, its backend and the engine's training modules (seconds, in a fresh process)."""
     with phase("imports", unit):
         import keras
@@ -105,6 +105,23 @@ def _import_engine(unit: str) -> None:
             from lottery.data import pipeline  # noqa: F401  (TensorFlow itself)
         else:
             from lottery.data import arrays  # noqa: F401
+
+
+@contextlib.contextmanager
+def training_session(cfg, threads: int | None, data_dir: str | os.PathLike, unit: str) -> Iterator[tuple[Any, tuple]]:
+    """What every training process shares before its first step: the engine imported, the session
+    open, the data opened, the model built and compiled once (phases of ``unit``). Yields (model,
+    (train, val, iterations per epoch)); the model is reused by every unit the process trains."""
+    import_engine(unit)
+    from lottery.training import compile_model
+
+    with session(cfg, threads):
+        with phase("data_open", unit):
+            train, val, spe = open_data(cfg, data_dir)
+        with phase("build_compile", unit):
+            model = build_model(cfg, train)
+            compile_model(model, cfg, spe)
+        yield model, (train, val, spe)
 
 
 def _group_masks(plan: RunPlan, masks: Sequence[int | str] | str) -> list[MaskSpec]:
@@ -141,25 +158,18 @@ def _train_group(cfg, todo: list[Ticket], threads, data_dir: Path, progress: boo
     """Open the data, build and compile once (the group's shared costs, charged to its first
     ticket); then the strategy: packed on JAX when the pack size is above 1 (decided inside the
     session: JAX must not start before it), else one after another in the compiled model."""
-    unit = todo[0].label
-    _import_engine(unit)
     from lottery.packed import pack_size, train_packed
-    from lottery.training import compile_model
 
-    with session(cfg, threads):
+    with contextlib.ExitStack() as opened:
         try:
-            with phase("data_open", unit):
-                train, val, spe = open_data(cfg, data_dir)
-            with phase("build_compile", unit):
-                model = build_model(cfg, train)
-                compile_model(model, cfg, spe)
+            model, data = opened.enter_context(training_session(cfg, threads, data_dir, todo[0].label))
             size = pack_size(cfg, pack, len(todo), model)
         except BaseException:
             for ticket in todo:  # none of them can train: each one's report says why
                 ticket.record_failure()
             raise
         strategy = functools.partial(train_packed, size=size) if size > 1 else functools.partial(train_in_turn, progress=progress)
-        strategy(todo, model, (train, val, spe))
+        strategy(todo, model, data)
 
 
 def train_in_turn(tickets: list[Ticket], model, data: tuple, *, progress: bool = False) -> None:

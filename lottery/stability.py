@@ -40,7 +40,7 @@ from lottery.interpolation import check_points
 from lottery.locks import wait_training_lock
 from lottery.paths import StabilityPaths, Workdir, stability_name
 from lottery.plan import MaskSpec, RunPlan
-from lottery.session import build_model, final_accuracy, keras_backend, mean_images_per_s, open_data, session
+from lottery.session import final_accuracy, keras_backend, mean_images_per_s
 from lottery.ticket import Ticket, stable_seed
 
 log = logging.getLogger("lottery")
@@ -277,21 +277,15 @@ def _claim(copies: list[Copy], held: contextlib.ExitStack) -> list[Copy]:
 def _work(study: Study, todo: list[Copy], threads, data_dir, progress: bool, *, path: bool) -> None:
     """Open the data and compile once; train each copy of ``todo`` in turn; then (``path``) the path.
     A failure leaves error.json beside the result, and each copy's epoch checkpoint to resume from."""
-    from lottery.late_reset import _import_engine
-
-    _import_engine(study.label)
-    from lottery.training import compile_model
+    from lottery.late_reset import training_session
 
     try:
-        with session(study.cfg, threads):
-            train, val, spe = open_data(study.cfg, Path(data_dir or study.run_info["data_dir"]))
-            model = build_model(study.cfg, train)
-            compile_model(model, study.cfg, spe)
+        with training_session(study.cfg, threads, Path(data_dir or study.run_info["data_dir"]), study.label) as (model, data):
             for copy in todo:
                 copy.started = time.perf_counter()
-                _train(copy, model, (train, val, spe), progress)
+                _train(copy, model, data, progress)
             if path:
-                _write_path(study, model, (train, val, spe))
+                _write_path(study, model, data)
     except BaseException:
         study.record_failure()
         raise
