@@ -115,17 +115,11 @@ class WorkdirStatus:
         return text + (f", {len(self.failed)} failed" if self.failed else "")
 
 
-class ReplicateSet:
-    """``<artifact root>/<id of replicate 0>-x<N>``: the report of an experiment's N replicates (each
-    replicate's own artifacts stay in its own work directory)."""
+class _Directory:
+    """A directory the engine owns, known by its path: usable wherever a path is (``os.fspath``)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-
-    @classmethod
-    def for_experiment(cls, artifact_root: str | os.PathLike, cfg: ExperimentConfig, data_dir: str | os.PathLike) -> ReplicateSet:
-        first = experiment_id(cfg.replicate(0), dataset_id(data_dir))
-        return cls(Path(artifact_root) / f"{first}-x{cfg.replicates}")
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -133,9 +127,29 @@ class ReplicateSet:
     def __str__(self) -> str:
         return str(self.path)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
     @property
     def name(self) -> str:
+        """The directory's name (an experiment id; a replicate set's ``<id>-x<N>``)."""
         return self.path.name
+
+
+class ReplicateSet(_Directory):
+    """``<artifact root>/<id of replicate 0>-x<N>``: the report of an experiment's N replicates (each
+    replicate's own artifacts stay in its own work directory)."""
+
+    @classmethod
+    def for_experiment(cls, artifact_root: str | os.PathLike, cfg: ExperimentConfig, data_dir: str | os.PathLike) -> ReplicateSet:
+        first = experiment_id(cfg.replicate(0), dataset_id(data_dir))
+        return cls(Path(artifact_root) / f"{first}-x{cfg.replicates}")
 
     replicates_json = _under("path", "replicates.json")
     results_csv = _under("path", RESULTS_CSV, doc="one row per replicate and combination")
@@ -178,36 +192,13 @@ class Comparison:
     table_md = _under("path", "comparison.md")
 
 
-class Workdir:
+class Workdir(_Directory):
     """``<artifact root>/<experiment id>``: every artifact of one experiment."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
 
     @classmethod
     def for_experiment(cls, artifact_root: str | os.PathLike, cfg: ExperimentConfig, data_dir: str | os.PathLike) -> Workdir:
         """Same config and data, same directory; else a new one."""
         return cls(Path(artifact_root) / experiment_id(cfg, dataset_id(data_dir)))
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def __repr__(self) -> str:
-        return f"Workdir({str(self.path)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Workdir) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
-
-    @property
-    def name(self) -> str:
-        """The experiment id (the directory's name)."""
-        return self.path.name
 
     # ---- the layout ---------------------------------------------------------------------------
     config_json = _under("path", "config.json")
