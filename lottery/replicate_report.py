@@ -280,10 +280,10 @@ def set_stability(replicate_set: ReplicateSet, results: ReplicateResults) -> dic
     problems = [f"replicate {r['replicate']} ({r['experiment_id']}): {stab.problem_line(r)}" for r in flat if r["status"] != "ok"]
     dense = results.dense_stats
     dense_row = {"val_accuracy": dense["mean"], "std": dense["std"], "n": dense["n"]} if dense["n"] else None
-    accuracy = stab.accuracy_beside(results.summary, results.labels, dense_row, cell_text)
+    accuracy = stab.accuracy_rows(results.summary, results.labels, dense_row)
     title = f"{results.cfg.model}  ({results.name}: mean ± std of {results.replicates} replicates)"
     return stab.write_stability(replicate_set, stab.aggregate_stability(per), results.labels,
-                                results.plan.config.stability_threshold, accuracy, title=title, problems=problems,
+                                results.plan.config.stability_threshold, accuracy, cell_text, title=title, problems=problems,
                                 csv_rows=flat, columns=stab.SET_STABILITY_COLUMNS)
 
 

@@ -4,7 +4,9 @@
     stability_rows(W, plan[, planned, remaining]) -> rows      one per analysis, with its status
     aggregate_stability(rows per replicate) -> rows            mean ± std (n) per analysis
     verdicts(rows, labels, threshold) -> {network: verdict}    the earliest stable rewind point
-    plot_instability(rows, labels, threshold, path)            instability vs rewind point, one line per network
+    plot_instability(rows, labels, threshold, path[, accuracy]) instability vs rewind point, one line per network,
+                                                               beside it the networks' val accuracy
+    accuracy_rows(ticket rows, labels, dense) -> {(network, rewind): row}   the accuracy beside each analysis
     stability_section(rows, labels, threshold, accuracy)       report.md's section
 
 A row is one analysis: a network (``dense`` or a mask id) at a rewind point, with its status
@@ -180,23 +182,29 @@ def instability_text(row: dict, key: str = "instability", std_key: str = "std") 
 
 # ---- the plot ---------------------------------------------------------------------------------------
 def plot_instability(rows: list[dict], labels: list[str], threshold: float, path: str | os.PathLike, *,
-                     title: str = "") -> Path:
+                     title: str = "", accuracy: dict[tuple, dict] | None = None) -> Path:
     """Instability (percentage points) against the rewind point (in the order of ``labels``), one
     line per network, the dense network black; a shaded mean ± std band for rows with a ``std``;
-    the threshold as a dotted line. Written atomically."""
+    the threshold as a dotted line. With ``accuracy`` (``accuracy_rows``), a second panel beside it:
+    each network's val accuracy at the same rewind points, in the same colours. Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from lottery.files import atomic_path
 
-    fig = Figure(figsize=(8, 5), dpi=120)
+    beside = bool(accuracy)
+    fig = Figure(figsize=(13 if beside else 8, 5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2 if beside else 1, 1)
     x_of = {label: i for i, label in enumerate(labels)}
-    for k, network in enumerate(dict.fromkeys(r["network"] for r in rows)):
+    colors = {network: "black" if network == "dense" else f"C{k % 10}"
+              for k, network in enumerate(dict.fromkeys(r["network"] for r in rows))}
+    for network, color in colors.items():
         line = [r for r in rows if r["network"] == network and r["status"] == "ok" and r["rewind"] in x_of]
         if line:
-            _draw(ax, sorted(line, key=lambda r: x_of[r["rewind"]]), x_of, "black" if network == "dense" else f"C{k % 10}")
+            _draw(ax, sorted(line, key=lambda r: x_of[r["rewind"]]), x_of, color)
+    if beside:
+        _accuracy_panel(fig.add_subplot(1, 2, 2), rows, accuracy, labels, colors)
     ax.axhline(threshold, color="gray", linestyle=":", linewidth=1.2, label=f"threshold ({threshold:g} points)")
     if not any(r["status"] == "ok" for r in rows):
         ax.text(0.5, 0.5, "no instability results yet", transform=ax.transAxes, ha="center", color="gray")
@@ -214,6 +222,33 @@ def plot_instability(rows: list[dict], labels: list[str], threshold: float, path
     return Path(path)
 
 
+def _accuracy_panel(ax, rows: list[dict], accuracy: dict[tuple, dict], labels: list[str], colors: dict[str, str]) -> None:
+    """Val accuracy (%) against the rewind point of each network of ``rows``: the dense run's as a
+    dashed level line, a ticket's retrained from each rewind point; mean ± std bands."""
+    xs = range(len(labels))
+    for network, color in colors.items():
+        points = [(x, accuracy[(network, label)]) for x, label in zip(xs, labels) if (network, label) in accuracy]
+        if not points:
+            continue
+        px, cells = zip(*points)
+        means = [100 * c["val_accuracy"] for c in cells]
+        label = network_label(next(r for r in rows if r["network"] == network))
+        ax.plot(px, means, marker="" if network == "dense" else "o", markersize=4, linewidth=1.8, color=color,
+                linestyle="--" if network == "dense" else "-", label=label)
+        spread = [(x, m, 100 * c["std"]) for x, m, c in zip(px, means, cells) if c.get("std") is not None]
+        if spread:
+            bx, bm, bs = zip(*spread)
+            ax.fill_between(bx, [m - s for m, s in zip(bm, bs)], [m + s for m, s in zip(bm, bs)],
+                            color=color, alpha=0.15, linewidth=0)
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlim(-0.3, max(len(labels) - 0.7, 0.3))
+    ax.set_xlabel("rewind point")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title("the dense run (dashed); each ticket retrained from the rewind point", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def _draw(ax, line: list[dict], x_of: dict[str, int], color: str) -> None:
     xs, ys = [x_of[r["rewind"]] for r in line], [r["instability"] for r in line]
     ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.8, color=color, label=network_label(line[0]))
@@ -225,31 +260,33 @@ def _draw(ax, line: list[dict], x_of: dict[str, int], color: str) -> None:
 
 
 # ---- report.md ---------------------------------------------------------------------------------------
-def accuracy_beside(ticket_rows: list[dict], labels: list[str], dense: dict | None,
-                    text: Callable[[dict], str]) -> dict[tuple, str]:
-    """``(network, rewind) -> text`` of the network's val accuracy: a ticket's (not a control's)
-    result at that rewind point, the dense run's at every one (``dense``: a result, or None)."""
-    out = {(r["mask_id"], r["rewind"]): text(r) for r in ticket_rows if not r["control"] and r["status"] == "ok"}
+def accuracy_rows(ticket_rows: list[dict], labels: list[str], dense: dict | None) -> dict[tuple, dict]:
+    """``(network, rewind) -> `` the row of the network's val accuracy (``val_accuracy``, and ``std``
+    and ``n`` over replicates): a ticket's (not a control's) result at that rewind point, the dense
+    run's at every one (``dense``: a result, or None)."""
+    out = {(r["mask_id"], r["rewind"]): r for r in ticket_rows if not r["control"] and r["status"] == "ok"}
     if dense is not None:
-        out.update({("dense", label): text(dense) for label in labels})
+        out.update({("dense", label): dense for label in labels})
     return out
 
 
-def write_stability(directory, rows: list[dict], labels: list[str], threshold: float, accuracy: dict[tuple, str], *,
-                    title: str, problems: list[str], csv_rows: list[dict] | None = None,
+def write_stability(directory, rows: list[dict], labels: list[str], threshold: float, accuracy: dict[tuple, dict],
+                    text: Callable[[dict], str], *, title: str, problems: list[str], csv_rows: list[dict] | None = None,
                     columns: tuple[str, ...] = STABILITY_COLUMNS) -> dict[str, Any]:
     """``directory``'s (a work directory or a replicate set) ``stability.csv`` (``csv_rows``, default
-    ``rows``) and ``report/instability_vs_rewind.png``, when there is any analysis; returns
-    report.md's ``section`` and the summary: the files, ``stability_expected`` / ``_done``,
+    ``rows``) and ``report/instability_vs_rewind.png`` (beside it the networks' ``accuracy``, from
+    ``accuracy_rows``), when there is any analysis; returns report.md's ``section`` (the accuracy
+    cells written by ``text``) and the summary: the files, ``stability_expected`` / ``_done``,
     ``stability_problems`` and ``rewind_here`` (network -> its earliest stable rewind point, or None)."""
     from lottery.files import write_csv
 
     out: dict[str, Any] = {"stability_csv": None, "instability_plot": None}
     if rows:
         write_csv(directory.stability_csv, columns, rows if csv_rows is None else csv_rows)
-        plot_instability(rows, labels, threshold, directory.instability_png, title=title)
+        plot_instability(rows, labels, threshold, directory.instability_png, title=title, accuracy=accuracy)
         out.update(stability_csv=str(directory.stability_csv), instability_plot=str(directory.instability_png))
-    return {**out, "section": stability_section(rows, labels, threshold, accuracy, problems),
+    cells = {key: text(row) for key, row in accuracy.items()}
+    return {**out, "section": stability_section(rows, labels, threshold, cells, problems),
             "stability_expected": sum(r.get("replicates", 1) for r in rows),
             "stability_done": sum(r.get("n", r["status"] == "ok") for r in rows), "stability_problems": problems,
             "rewind_here": {k: v["rewind"] for k, v in verdicts(rows, labels, threshold).items()}}

@@ -210,8 +210,9 @@ def stability_part(workdir: Workdir, plan: RunPlan | None, rows: list[dict], den
     plan = plan or RunPlan.from_config(workdir.load()[0])
     labels = list(plan.rewinds)
     found = stab.stability_rows(workdir, plan, planned=not started_only, remaining=mask_remaining(workdir))
-    accuracy = stab.accuracy_beside(rows, labels, dense, lambda r: f"{100 * r['val_accuracy']:.2f}")
-    return stab.write_stability(workdir, found, labels, plan.config.stability_threshold, accuracy, title=title,
+    accuracy = stab.accuracy_rows(rows, labels, dense)
+    return stab.write_stability(workdir, found, labels, plan.config.stability_threshold, accuracy,
+                                lambda r: f"{100 * r['val_accuracy']:.2f}", title=title,
                                 problems=[stab.problem_line(r) for r in found if r["status"] != "ok"])
 
 
@@ -419,8 +420,9 @@ def settings_section(cfg, run_info: dict, labels: list[str]) -> list[str]:
            f"{len(labels)} rewind points ({', '.join(labels)})."]
     changed = cfg.id_fields()
     out.append("")
-    out.append("Non-default settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(changed.items()) if k != "sparsities")
-                                           + (", `sparsities` (custom)" if "sparsities" in changed else "") or "none") + ".")
+    parts = [f"`{k}={v}`" for k, v in sorted(changed.items()) if k != "sparsities"]
+    parts += ["`sparsities` (custom)"] if "sparsities" in changed else []
+    out.append("Non-default settings: " + (", ".join(parts) or "none") + ".")
     if run_info.get("data_dir"):
         out.append(f"Data: `{run_info['data_dir']}` (data set id `{run_info.get('dataset_id', '?')}`).")
     out.append("")

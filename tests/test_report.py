@@ -222,3 +222,14 @@ def test_the_plot_has_the_same_axes_in_progress_and_finished(tmp_path, monkeypat
     (done,), (empty,) = (fig.axes for fig in drawn)
     assert empty.get_xlim() == done.get_xlim() and list(empty.get_xticks()) == list(done.get_xticks()) == [100, 50, 20, 10, 5]
     assert [t.get_text() for t in empty.texts] == ["no ticket results yet"] and not done.texts
+
+
+@pytest.mark.parametrize("conf, expected", [
+    ({}, "Non-default settings: none."),
+    ({"sparsities": [0.5]}, "Non-default settings: `sparsities` (custom)."),
+    ({"sparsities": [0.5], "lr": 0.01}, "Non-default settings: `lr=0.01`, `sparsities` (custom)."),
+])
+def test_the_settings_line_names_what_differs_from_the_defaults(conf, expected):
+    from lottery.workdir_report import settings_section
+
+    assert expected in settings_section(ExperimentConfig.from_dict(conf), {}, ["0it"])

@@ -14,7 +14,7 @@ from lottery.config import ExperimentConfig
 from lottery.files import write_json
 from lottery.plan import RunPlan, StabilitySpec
 from lottery.report import write_report
-from lottery.stability_report import aggregate_stability, verdicts
+from lottery.stability_report import accuracy_rows, aggregate_stability, plot_instability, verdicts
 from tests.test_replicate_report import BASE, make_set, make_workdir
 
 TICKETS = {(0.5, "0it"): 0.84, (0.5, "1ep"): 0.85, (0.8, "0it"): 0.80, (0.8, "1ep"): 0.83}
@@ -66,6 +66,7 @@ def test_the_report_has_the_instability_table_plot_csv_and_where_to_rewind(tmp_p
     png = Path(out["instability_plot"]).read_bytes()
     assert out["instability_plot"] == str(w.path / "report" / "instability_vs_rewind.png") and png[:4] == b"\x89PNG"
     assert len(png) > 10_000
+    assert int.from_bytes(png[16:20], "big") == 13 * 120  # two panels: the instability, the accuracy beside it
     md = Path(out["report"]).read_text()
     assert "## Instability (3 of 4 analyses done)" in md and "![instability vs rewind point](instability_vs_rewind.png)" in md
     assert "| dense network | 0it | 3.50 | 1.75 | 86.00 |" in md
@@ -242,3 +243,19 @@ def test_stability_specs_name_their_directories():
     assert StabilitySpec.from_name("dense__1ep") == StabilitySpec(None, "1ep")
     assert StabilitySpec.from_name("sp89.263__2ep") == StabilitySpec("sp89.263", "2ep")
     assert StabilitySpec.from_name("junk") is None and StabilitySpec.from_name("a__b__c") is None
+
+
+def test_the_accuracy_beside_an_analysis_is_the_ticket_s_at_its_rewind_point_and_the_dense_run_s():
+    tickets = [{"mask_id": "sp80.000", "rewind": "0it", "control": None, "status": "ok", "val_accuracy": 0.80},
+               {"mask_id": "sp80.000", "rewind": "1ep", "control": None, "status": "failed", "val_accuracy": None},
+               {"mask_id": "sp80.000", "rewind": "1ep", "control": "random_reinit", "status": "ok", "val_accuracy": 0.7}]
+    rows = accuracy_rows(tickets, ["0it", "1ep"], {"val_accuracy": 0.86})
+    assert {k: r["val_accuracy"] for k, r in rows.items()} == {
+        ("sp80.000", "0it"): 0.80, ("dense", "0it"): 0.86, ("dense", "1ep"): 0.86}
+    assert accuracy_rows(tickets, ["0it"], None).keys() == {("sp80.000", "0it")}
+
+
+def test_without_accuracy_the_plot_has_one_panel(tmp_path):
+    rows = [{"network": "dense", "mask_id": None, "rewind": "0it", "status": "ok", "instability": 1.0, "remaining": None}]
+    png = plot_instability(rows, ["0it"], 2.0, tmp_path / "p.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 8 * 120

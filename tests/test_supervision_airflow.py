@@ -134,7 +134,10 @@ class Probe:
                     continue
             except (psutil.Error, AttributeError):
                 continue
-            ti = " ".join(_cmdline(p)).split()[-1]
+            words = " ".join(_cmdline(p)).split()
+            if not words:  # it ended since it was listed
+                continue
+            ti = words[-1]
             for text in (text for text in logs.values() if ti in text):
                 names = re.findall(r"retrain (\S+) epoch \d+/\d+", text)
                 if names and names[-1] in training:

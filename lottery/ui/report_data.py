@@ -448,17 +448,28 @@ def plot_png(view: ReportView) -> bytes:
                                                                 title=_title(view), dense_std=view.dense_std))
 
 
+def stability_accuracy(view: ReportView) -> dict[tuple, dict]:
+    """``(network, rewind) ->`` the network's val accuracy row beside each analysis (the dense
+    run's, or the ticket's retrained from that rewind point; ``stability_report.accuracy_rows``)."""
+    dense = None
+    if view.dense is not None:
+        dense = {"val_accuracy": view.dense_accuracy, "std": view.dense_std, "n": view.dense.get("n", 1)}
+    return stability_report.accuracy_rows(view.rows, view.labels, dense)
+
+
 def instability_key(view: ReportView) -> str:
     """A digest of what the instability plot shows."""
     points = [(r["network"], r["rewind"], r["status"], r["remaining"], r["instability"], r.get("std")) for r in view.stability]
-    text = json.dumps(["instability", view.experiment_id, view.labels, view.stability_threshold, points], default=str)
+    beside = sorted((*key, row["val_accuracy"], row.get("std")) for key, row in stability_accuracy(view).items())
+    text = json.dumps(["instability", view.experiment_id, view.labels, view.stability_threshold, points, beside], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def instability_png(view: ReportView) -> bytes:
-    """The instability-vs-rewind plot of the analyses so far (``stability_report.plot_instability``, cached)."""
+    """The instability-vs-rewind plot of the analyses so far, their networks' accuracy beside it
+    (``stability_report.plot_instability``, cached)."""
     return _cached_png(instability_key(view), lambda path: stability_report.plot_instability(
-        view.stability, view.labels, view.stability_threshold, path, title=_title(view)))
+        view.stability, view.labels, view.stability_threshold, path, title=_title(view), accuracy=stability_accuracy(view)))
 
 
 def _title(view: ReportView) -> str:

@@ -28,7 +28,7 @@ from lottery.deploy.constants import DAG_ID
 from lottery.files import csv_text
 from lottery.replicate_report import SET_RESULT_COLUMNS, cell_text, spread
 from lottery.report import MATCH_TOLERANCE, RESULT_COLUMNS
-from lottery.stability_report import accuracy_beside, instability_text, network_label
+from lottery.stability_report import instability_text, network_label
 from lottery.ui import report_data
 from lottery.ui.mount import ui_base
 from lottery.ui.page_template import PAGE
@@ -266,11 +266,8 @@ def _replicate_values(row: dict) -> str:
 def stability_lines(view: ReportView) -> list[dict[str, Any]]:
     """The instability table: a line per (network, rewind point), its instability (bold, green:
     stable) and the network's val accuracy there (the dense run's, or the ticket's)."""
-    dense = None
-    if view.dense is not None:
-        dense = {"val_accuracy": view.dense_accuracy, "std": view.dense_std, "n": view.dense.get("n", 1)}
     text = cell_text if view.replicates > 1 else (lambda r: f"{100 * r['val_accuracy']:.2f}")
-    accuracy = accuracy_beside(view.rows, view.labels, dense, text)
+    accuracy = {key: text(row) for key, row in report_data.stability_accuracy(view).items()}
     lines = []
     for row in view.stability:
         done = row["status"] == "ok"
