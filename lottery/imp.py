@@ -94,8 +94,7 @@ def _check_dense(workdir: Workdir, label: str) -> None:
 def _train_chain(cfg, chain: list[Ticket], first: int, threads, data_dir: Path, progress: bool, name: str) -> None:
     """Open the data and compile once; then each level from ``first`` in turn: its mask from the
     level before, then its retraining (`late_reset.train_in_turn`: resumes from its checkpoint)."""
-    from lottery.late_reset import train_in_turn
-    from lottery.late_reset import training_session
+    from lottery.late_reset import train_in_turn, training_session
 
     with training_session(cfg, threads, data_dir, name) as (model, data):
         for index in range(first, len(chain)):

@@ -457,10 +457,12 @@ def stability_accuracy(view: ReportView) -> dict[tuple, dict]:
     return stability_report.accuracy_rows(view.rows, view.labels, dense)
 
 
-def instability_key(view: ReportView) -> str:
-    """A digest of what the instability plot shows."""
+def instability_key(view: ReportView, accuracy: dict[tuple, dict] | None = None) -> str:
+    """A digest of what the instability plot shows (``accuracy``: ``stability_accuracy(view)``,
+    when the caller has it)."""
     points = [(r["network"], r["rewind"], r["status"], r["remaining"], r["instability"], r.get("std")) for r in view.stability]
-    beside = sorted((*key, row["val_accuracy"], row.get("std")) for key, row in stability_accuracy(view).items())
+    accuracy = stability_accuracy(view) if accuracy is None else accuracy
+    beside = sorted((*key, row["val_accuracy"], row.get("std")) for key, row in accuracy.items())
     text = json.dumps(["instability", view.experiment_id, view.labels, view.stability_threshold, points, beside], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -468,8 +470,9 @@ def instability_key(view: ReportView) -> str:
 def instability_png(view: ReportView) -> bytes:
     """The instability-vs-rewind plot of the analyses so far, their networks' accuracy beside it
     (``stability_report.plot_instability``, cached)."""
-    return _cached_png(instability_key(view), lambda path: stability_report.plot_instability(
-        view.stability, view.labels, view.stability_threshold, path, title=_title(view), accuracy=stability_accuracy(view)))
+    accuracy = stability_accuracy(view)
+    return _cached_png(instability_key(view, accuracy), lambda path: stability_report.plot_instability(
+        view.stability, view.labels, view.stability_threshold, path, title=_title(view), accuracy=accuracy))
 
 
 def _title(view: ReportView) -> str:
