@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 
 E2E_MODULES = {
     "test_cluster_celery", "test_concurrent_runs", "test_dag_e2e", "test_make_run", "test_report_page",
-    "test_spark_cluster", "test_supervision_airflow", "test_ui_browser", "test_worker_loss",
+    "test_spark_cluster", "test_supervision_airflow", "test_ui_browser", "test_ui_lifecycle", "test_worker_loss",
 }
 UNIT_MODULES = {
     "test_config", "test_fetch", "test_import_rules", "test_models", "test_pipeline", "test_pruning",

@@ -202,6 +202,10 @@ def _init_db_inprocess() -> None:
 
 
 # ---- components -------------------------------------------------------------------------------
+# Airflow's log server (the scheduler's with the LocalExecutor, the triggerer's) listens on every
+# interface, with no setting to change that; the API server reads the task logs from this home's
+# disk, so the components run without it and every port stays on 127.0.0.1.
+LOOPBACK_ARGS = {"scheduler": ["--skip-serve-logs"], "triggerer": ["--skip-serve-logs"]}
 class LocalAirflow:
     """The Airflow components of ``make run`` / ``make ui`` on a home, under one supervisor; their
     pids and port in ``home/components.json`` while they run (``make run`` finds a ``make ui``)."""
@@ -210,7 +214,7 @@ class LocalAirflow:
         self.home = Path(home).resolve()
         self.port = port
         self.env = environ(self.home, port=port, parallelism=parallelism)
-        self.supervisor = Supervisor(self.home / "logs", on_change=self._record)
+        self.supervisor = Supervisor(self.home / "logs", on_change=self._record, home=self.home)
 
     @property
     def url(self) -> str:
@@ -219,11 +223,13 @@ class LocalAirflow:
     def start(self, *names: str) -> None:
         """Start components; each is started again when it dies (``Supervisor.watch``), on the same port."""
         for name in names:
-            self.supervisor.start(name, [str(venv_bin() / "airflow"), name], self.env, restart=True)
+            self.supervisor.start(name, [str(venv_bin() / "airflow"), name, *LOOPBACK_ARGS.get(name, [])], self.env,
+                                  restart=True)
 
     def stop(self) -> None:
-        self.supervisor.stop()
-        (self.home / COMPONENTS_FILE).unlink(missing_ok=True)
+        if self.supervisor.claimed:  # not another supervisor's record
+            self.supervisor.stop()
+            (self.home / COMPONENTS_FILE).unlink(missing_ok=True)
 
     def api(self) -> Api:
         return Api(self.url, USER, password(self.home))

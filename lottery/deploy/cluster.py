@@ -182,7 +182,7 @@ class Cluster:
     def __init__(self, settings: Settings):
         self.s = settings
         self.home = Path(settings.home).resolve()
-        self.supervisor = Supervisor(self.home / "logs", on_change=self._save)
+        self.supervisor = Supervisor(self.home / "logs", on_change=self._save, home=self.home)
         self.state: State | None = None
         self.env: dict[str, str] = {}
 

@@ -30,7 +30,9 @@ from pathlib import Path
 from lottery.deploy import airflow_home
 from lottery.deploy.api import Api
 from lottery.deploy.constants import DAG_ID
-from lottery.deploy.supervisor import ComponentFailed, Supervisor, free_port, raise_keyboard_interrupt_on_sigterm
+from lottery.deploy.supervisor import (
+    ComponentFailed, HomeBusy, Supervisor, free_port, raise_keyboard_interrupt_on_sigterm, stop_with_parent,
+)
 
 FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
 TERMINAL_RUN = {"success", "failed"}
@@ -102,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     local: airflow_home.LocalAirflow | None = None
     raise_keyboard_interrupt_on_sigterm()
+    stop_with_parent()
     try:
         port = airflow_home.running_ui(home)
         if port:
             print(f"Using the Airflow already running on {home} (make ui, port {port})")
         else:
-            airflow_home.init(home, parallelism=args.parallelism)
             local = airflow_home.LocalAirflow(home, free_port(), parallelism=args.parallelism)
+            local.supervisor.claim()  # stops what an earlier make run or make ui on this home left running
+            airflow_home.init(home, parallelism=args.parallelism)
             local.start("api-server", "scheduler", "dag-processor")
             port = local.port
             print(f"Started api-server ({local.url}), scheduler (LocalExecutor, parallelism "
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping Airflow (finished work is kept; `make run` again resumes it)", file=sys.stderr)
         return 130
+    except HomeBusy as exc:
+        print(f"error: {exc}, and its Airflow is not up: wait for it, or use another home "
+              "(make run LOTTERY_AIRFLOW_HOME=DIR)", file=sys.stderr)
+        return EXIT_NO_AIRFLOW
     finally:
         if local is not None:
             local.stop()

@@ -8,6 +8,9 @@ parsed, prints the URL and the login, and runs until Ctrl-C (then stops them all
 included). A component that dies is started again, at most 3 times in 10 minutes each (one line
 per restart; past that ``make ui`` stops, naming the log). Component logs:
 ``.airflow/logs/<component>.log``. While it runs, ``make run`` triggers its run on this Airflow.
+Every port is bound to 127.0.0.1. Ctrl-C, SIGTERM or a closed terminal stop everything; so does
+the death of ``make`` itself, and a SIGKILL of this process (its reaper stops the components). A
+``make ui`` that finds processes an earlier one left on its home stops them first, naming them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from lottery.deploy import airflow_home
 from lottery.deploy.constants import DAG_ID
-from lottery.deploy.supervisor import raise_keyboard_interrupt_on_sigterm
+from lottery.deploy.supervisor import HomeBusy, raise_keyboard_interrupt_on_sigterm, stop_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallelism", type=int)
     args = p.parse_args(argv)
     home = args.home.resolve()
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", args.port)) == 0:
-            print(f"error: port {args.port} is in use; choose another: make ui UI_PORT=8081", file=sys.stderr)
-            return 2
-    airflow_home.init(home, parallelism=args.parallelism, port=args.port)
-    local = airflow_home.LocalAirflow(home, args.port, parallelism=args.parallelism)
     raise_keyboard_interrupt_on_sigterm()
+    stop_with_parent()
+    local = airflow_home.LocalAirflow(home, args.port, parallelism=args.parallelism)
     try:
+        try:  # first: what an earlier make ui on this home left running would hold the port
+            local.supervisor.claim()
+        except HomeBusy as exc:
+            print(f"error: {exc} (a make ui or make run): stop it first, or use another home: "
+                  "make ui LOTTERY_AIRFLOW_HOME=DIR", file=sys.stderr)
+            return 2
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", args.port)) == 0:
+                print(f"error: port {args.port} is in use; choose another: make ui UI_PORT=8081", file=sys.stderr)
+                return 2
+        airflow_home.init(home, parallelism=args.parallelism, port=args.port)
         local.start("api-server", "scheduler", "dag-processor", "triggerer")
         print(f"Starting Airflow on {home} (logs: {local.supervisor.log_dir}/<component>.log) ...")
         local.api().wait_ready(local.supervisor)
