@@ -60,7 +60,10 @@ from lottery.deploy.databases import (
     claim_redis_db, create_database, database_exists, database_url, drop_database, release_redis_db,
 )
 from lottery.files import write_text
-from lottery.deploy.supervisor import Supervisor, alive, free_port, stop_groups, venv_bin, wait_until
+from lottery.deploy.supervisor import (
+    ComponentFailed, HomeBusy, Supervisor, alive, free_port, raise_keyboard_interrupt_on_sigterm, recorded_sessions,
+    create_time, holder_pid, stop_groups, sweep, venv_bin, wait_until,
+)
 
 DEFAULT_HOME = REPO / "build" / "cluster-local"
 STATE_FILE = "cluster.json"
@@ -116,6 +119,9 @@ class State:
     workers: dict[str, dict] = field(default_factory=dict)
     stopped: bool = False  # `down` ran; the database (and this record) stay until `down --drop`
     redis_released: bool = False
+    # the process that started and watches every component (`up` starts it in the background)
+    supervisor: dict = field(default_factory=dict)  # {"pid", "started"}
+    ready: bool = False  # every component came up; the supervisor now only watches
 
     @property
     def api_url(self) -> str:
@@ -162,6 +168,7 @@ def cluster_env(home: Path, *, port: int, sql_alchemy_conn: str, result_backend:
         AIRFLOW__API__PORT=str(port),
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
         AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT=str(free_port()),
+        AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST="127.0.0.1",
         AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
         AIRFLOW__CORE__PARALLELISM="32",
         SPARK_LOCAL_IP="127.0.0.1",
@@ -175,14 +182,19 @@ class ClusterError(RuntimeError):
     """A cluster command that cannot be done (no cluster, an unknown worker); the message says why."""
 
 
+CONTROL_DIR = "control"  # the CLI's requests to the supervisor, and its replies
+SUPERVISOR_LOG = "cluster-supervisor.log"
+
+
 class Cluster:
     """Start, check and stop the loopback cluster; ``attach()`` takes over one that another process
     started (``restart-worker``, ``add-worker``)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, owner: bool = True):
         self.s = settings
         self.home = Path(settings.home).resolve()
-        self.supervisor = Supervisor(self.home / "logs", on_change=self._save, home=self.home)
+        self.supervisor = Supervisor(self.home / "logs", on_change=self._save, home=self.home, owner=owner,
+                                     say=lambda line: print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True))
         self.state: State | None = None
         self.env: dict[str, str] = {}
 
@@ -192,7 +204,7 @@ class Cluster:
         state = load_state(home)
         if state is None or state.stopped:
             raise ClusterError(f"no running cluster on {home} (start one with `up`)")
-        cluster = cls(Settings(home=Path(home), artifact_root=Path(state.artifact_root)))
+        cluster = cls(Settings(home=Path(home), artifact_root=Path(state.artifact_root)), owner=False)
         cluster.state = state
         cluster.env = cluster._environment()
         return cluster
@@ -237,8 +249,63 @@ class Cluster:
         cleanup(self.state, drop=drop)
         self._save(remove=True)
 
+    # -- supervision (the process `up` leaves running) --
+    def serve(self, interval: float = 1.0) -> None:
+        """Watch every component until interrupted: a dead one is started again (one log line; past
+        its restart limit it stays down until `up` or `restart` starts it), and answer the CLI's
+        requests (``control/``)."""
+        while True:
+            try:
+                self.supervisor.watch()
+            except ComponentFailed as exc:
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {exc}; `up` or `restart NAME` starts it again", flush=True)
+            for request in sorted((self.home / CONTROL_DIR).glob("*.request.json")):
+                self._answer(request)
+            time.sleep(interval)
+
+    def _answer(self, request: Path) -> None:
+        reply: dict = {"ok": True}
+        try:
+            ask = json.loads(request.read_text())
+            command = ask.get("command")
+            if command == "revive":
+                reply["revived"] = self.supervisor.revive()
+            elif command == "restart":
+                reply["pid"] = self.restart(ask["name"])
+            elif command == "add-worker":
+                reply["name"] = self.add_worker(gpu=bool(ask.get("gpu")), threads=ask.get("threads"), timeout=None)
+            else:
+                raise ClusterError(f"unknown request {command!r}")
+        except (ClusterError, ComponentFailed, OSError, ValueError, KeyError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        write_text(request.with_name(request.name.replace(".request.", ".reply.")), json.dumps(reply))
+        request.unlink(missing_ok=True)
+
+    def restart(self, name: str) -> int:
+        """Stop component ``name`` with everything it started, and start it again; its new pid.
+        A worker's running tasks are lost (Airflow retries them when their heartbeat stops)."""
+        if name in self.state.workers:
+            if name not in self.supervisor.commands:  # added by a CLI before this supervisor: its spec is recorded
+                return self.restart_worker(name, timeout=None)
+            pid = self.supervisor.pids.get(name)
+            if pid and alive(pid, self.supervisor.started.get(name, 0.0)):
+                stop_worker_tree(pid)
+        if name not in self.supervisor.commands:
+            raise ClusterError(f"no component {name!r} on {self.home}; components: {', '.join(self.supervisor.commands)}")
+        self.supervisor.restarts.pop(name, None)
+        return self.supervisor.restart(name).pid
+
+    def stop_processes(self) -> None:
+        """Stop every process (the workers' task processes too); the record, the database and the
+        Redis claim stay (`down` decides about those)."""
+        for name, pid in self.state.pids.items():
+            if name in self.state.workers and alive(pid, self.state.started.get(name, 0.0)):
+                stop_worker_tree(pid)
+        self.supervisor.stop()
+        stop_groups(self.state.pids, self.state.started)
+
     # -- workers --
-    def restart_worker(self, name: str, timeout: float = 180) -> int:
+    def restart_worker(self, name: str, timeout: float | None = 180) -> int:
         """Stop worker ``name`` (whatever it runs is lost: Airflow retries it when its heartbeat
         stops) and start it again with the same queue and concurrency; returns its new pid."""
         spec = self.state.workers.get(name)
@@ -293,12 +360,12 @@ class Cluster:
         mport, mui = free_port(), free_port()
         st.spark_master, st.spark_ui = f"spark://127.0.0.1:{mport}", f"http://127.0.0.1:{mui}"
         sup.start("spark-master", [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                   "--port", str(mport), "--webui-port", str(mui)], env)
+                                   "--port", str(mport), "--webui-port", str(mui)], env, restart=True)
         sup.wait_log("spark-master", "I have been elected leader", deadline)
         sup.start("spark-worker", [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
                                    "--port", str(free_port()), "--webui-port", str(free_port()),
                                    "--cores", str(s.spark_cores), "--memory", s.spark_memory,
-                                   "--work-dir", str(self.home / "spark" / "work"), st.spark_master], env)
+                                   "--work-dir", str(self.home / "spark" / "work"), st.spark_master], env, restart=True)
         sup.wait_log("spark-worker", "Successfully registered with master", deadline)
 
     def _init(self) -> None:
@@ -324,11 +391,15 @@ class Cluster:
 
     def _start_airflow(self) -> None:
         airflow, sup = str(venv_bin() / "airflow"), self.supervisor
-        sup.start("airflow-apiserver", [airflow, "api-server", "--port", str(self.state.port)], self.env)
-        sup.start("airflow-scheduler", [airflow, "scheduler"], self.env)
-        sup.start("airflow-dag-processor", [airflow, "dag-processor"], self.env)
+        # every port on 127.0.0.1: the API server's host is given; Airflow's log servers (a worker's,
+        # the triggerer's) listen on every interface with no setting to change that, and are not
+        # needed here: the API server reads the task logs from the shared log folder
+        sup.start("airflow-apiserver", [airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.state.port)],
+                  self.env, restart=True)
+        sup.start("airflow-scheduler", [airflow, "scheduler"], self.env, restart=True)
+        sup.start("airflow-dag-processor", [airflow, "dag-processor"], self.env, restart=True)
         if self.s.triggerer:
-            sup.start("airflow-triggerer", [airflow, "triggerer"], self.env)
+            sup.start("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], self.env, restart=True)
         self._start_worker("airflow-worker", queue=DEFAULT_QUEUE, concurrency=self.s.default_concurrency, threads=None)
         for i in range(1, self.s.gpu_workers + 1):
             self._start_worker(f"gpu-worker-{i}", queue=GPU_QUEUE, concurrency=1, threads=self.s.gpu_threads)
@@ -340,8 +411,8 @@ class Cluster:
         offset = log.stat().st_size if log.exists() else 0
         self.state.workers[name] = {"queue": queue, "concurrency": concurrency, "threads": threads}
         argv = [str(venv_bin() / "airflow"), "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
-                "--celery-hostname", f"{name}@{socket.gethostname()}"]
-        proc = self.supervisor.start(name, argv, self._worker_env(name, concurrency, threads))
+                "--celery-hostname", f"{name}@{socket.gethostname()}", "--skip-serve-logs"]
+        proc = self.supervisor.start(name, argv, self._worker_env(name, concurrency, threads), restart=True)
         if timeout is not None:
             def ready() -> bool:
                 if proc.poll() is not None:
@@ -442,15 +513,59 @@ def running(state: State) -> dict[str, bool]:
     return {name: alive(pid, state.started.get(name, 0.0)) for name, pid in state.pids.items()}
 
 
+def supervisor_alive(state: State | None) -> bool:
+    sup = (state.supervisor if state else None) or {}
+    return bool(sup.get("pid")) and alive(sup["pid"], sup.get("started", 0.0))
+
+
+def ask_supervisor(home: Path, request: dict, timeout: float = 120) -> dict:
+    """Send ``request`` to the cluster's supervisor (a file in ``control/``); its reply."""
+    control = Path(home) / CONTROL_DIR
+    control.mkdir(parents=True, exist_ok=True)
+    ident = uuid.uuid4().hex[:12]
+    write_text(control / f"{ident}.request.json", json.dumps(request))
+    reply = control / f"{ident}.reply.json"
+    deadline = time.monotonic() + timeout
+    while not reply.exists():
+        if time.monotonic() > deadline:
+            (control / f"{ident}.request.json").unlink(missing_ok=True)
+            raise ClusterError(f"the cluster's supervisor did not answer within {timeout:.0f} s; "
+                               f"see {Path(home) / 'logs' / SUPERVISOR_LOG}")
+        time.sleep(0.2)
+    answer = json.loads(reply.read_text())
+    reply.unlink(missing_ok=True)
+    if not answer.get("ok"):
+        raise ClusterError(answer.get("error", "refused"))
+    return answer
+
+
+def wait_worker_ready(home: Path, name: str, offset: int, timeout: float = 180) -> None:
+    """Until worker ``name``'s log says " ready." after byte ``offset``."""
+    log = Path(home) / "logs" / f"{name}.log"
+
+    def ready() -> bool:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return b" ready." in f.read()
+
+    wait_until(ready, timeout, 0.5, what=f"{name} (' ready.' in {log})")
+
+
+def log_size(home: Path, name: str) -> int:
+    path = Path(home) / "logs" / f"{name}.log"
+    return path.stat().st_size if path.exists() else 0
+
+
 # ---- command line ------------------------------------------------------------------------------
-COMMANDS = ["up", "down", "status", "restart-worker", "add-worker"]
+COMMANDS = ["up", "down", "status", "restart", "restart-worker", "add-worker", "_serve"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lottery.deploy.cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=COMMANDS)
-    p.add_argument("worker", nargs="?", help="restart-worker: the worker's name (as `status` lists it)")
+    p.add_argument("worker", nargs="?", metavar="NAME",
+                   help="restart: the component's name, as `status` lists it (restart-worker: the same)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"state, config, logs (default {DEFAULT_HOME})")
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="LOTTERY_ARTIFACT_ROOT (default: artifacts/)")
     p.add_argument("--gpu-workers", type=int, default=1)
@@ -465,9 +580,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-triggerer", action="store_true")
     p.add_argument("--drop", action="store_true", help="down: also drop the metadata database (also after a plain down)")
     p.add_argument("--gpu", action="store_true", help="add-worker: a worker on the gpu queue (default: the default queue)")
+    p.add_argument("--timeout", type=float, default=600, help="up: seconds to wait for every component")
     args = p.parse_args(argv)
-    if (args.command == "restart-worker") != (args.worker is not None):
-        p.error("restart-worker takes the name of one worker (and only it does)")
+    if (args.command in ("restart", "restart-worker")) != (args.worker is not None):
+        p.error("restart takes the name of one component (and only it does)")
     return args
 
 
@@ -478,6 +594,9 @@ def status(home: Path, state: State | None) -> int:
     if state.stopped:
         print(f"cluster on {home} is stopped; database {state.database} kept (`down --drop` drops it)")
         return 1
+    sup = state.supervisor or {}
+    print(f"  {'supervisor':24s} pid {sup.get('pid', 0):<8d} {'running' if supervisor_alive(state) else 'STOPPED':8s}"
+          f" log {home / 'logs' / SUPERVISOR_LOG}")
     for name, up in running(state).items():
         queue = state.workers.get(name, {}).get("queue")
         print(f"  {name:24s} pid {state.pids[name]:<8d} {'running' if up else 'STOPPED':8s}"
@@ -497,61 +616,160 @@ def down(home: Path, state: State | None, *, drop: bool, pg_url: str = "", datab
             print(f"no cluster on {home}")
         return 0
     stopped = len(state.pids)
+    if supervisor_alive(state):  # it stops what it started, and exits
+        sup = state.supervisor
+        os.kill(sup["pid"], signal.SIGTERM)
+        try:
+            wait_until(lambda: not alive(sup["pid"], sup.get("started", 0.0)), 180, 0.5, what="the cluster's supervisor to stop")
+        except TimeoutError as exc:
+            print(f"warning: {exc}; stopping the components from here")
+        state = load_state(home) or state
     for name, pid in state.pids.items():
         if alive(pid, state.started.get(name, 0.0)) and name in state.workers:
             stop_worker_tree(pid)  # with the task processes Airflow put in groups of their own
     stop_groups(state.pids, state.started)
+    for line in sweep(str(home), recorded_sessions(home)):  # what lost its component (a killed scheduler's child)
+        print(f"stopped a process left behind: {line}")
     lines, dropped = cleanup(state, drop=True if drop else None)
     for line in lines:
         print(line)
     if dropped:
         (home / STATE_FILE).unlink(missing_ok=True)
     else:
-        state.pids, state.started, state.stopped = {}, {}, True
+        state.pids, state.started, state.stopped, state.ready = {}, {}, True, False
         save_state(home / STATE_FILE, state)
         print(f"database {state.database} kept: `down --drop` drops it")
     print(f"stopped {stopped} processes")
     return 0
 
 
-def workers_command(args: argparse.Namespace, home: Path) -> int:
-    """restart-worker NAME / add-worker [--gpu] on the running cluster of ``home``."""
+def workers_command(args: argparse.Namespace, home: Path, state: State | None) -> int:
+    """restart NAME / add-worker [--gpu] on the running cluster of ``home``: done by its supervisor,
+    so that it watches what it starts; without one (a cluster a test supervises itself), here."""
     try:
+        if supervisor_alive(state):
+            if args.command in ("restart", "restart-worker"):
+                offset = log_size(home, args.worker)
+                pid = ask_supervisor(home, {"command": "restart", "name": args.worker})["pid"]
+                if args.worker in state.workers:
+                    wait_worker_ready(home, args.worker, offset)
+                print(f"restarted {args.worker} (pid {pid}); log: {home / 'logs' / (args.worker + '.log')}")
+            else:
+                name = ask_supervisor(home, {"command": "add-worker", "gpu": args.gpu,
+                                             "threads": args.gpu_threads if args.gpu else None})["name"]
+                wait_worker_ready(home, name, 0)
+                record = load_state(home)
+                print(f"added {name} (pid {record.pids[name]}, queue {record.workers[name]['queue']}); "
+                      f"log: {home / 'logs' / (name + '.log')}")
+            return 0
         cluster = Cluster.attach(home)
-        if args.command == "restart-worker":
+        if args.command in ("restart", "restart-worker"):
+            if args.worker not in cluster.state.workers:
+                raise ClusterError(f"no worker {args.worker!r} in {home / STATE_FILE}, and no supervisor to restart "
+                                   f"other components (`up` starts one); workers: {', '.join(cluster.state.workers)}")
             pid = cluster.restart_worker(args.worker)
             print(f"restarted {args.worker} (pid {pid}); log: {cluster.supervisor.log(args.worker)}")
         else:
             name = cluster.add_worker(gpu=args.gpu, threads=args.gpu_threads if args.gpu else None)
             print(f"added {name} (pid {cluster.state.pids[name]}, queue {cluster.state.workers[name]['queue']}); "
                   f"log: {cluster.supervisor.log(name)}")
-    except (ClusterError, TimeoutError) as exc:
+    except (ClusterError, TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def up(args: argparse.Namespace, home: Path, state: State | None) -> int:
-    if state is not None and any(running(state).values()):
-        print(f"a cluster is already running on {home}:")
-        print_urls(state)
-        return 0
-    if state is not None and state.stopped and state.database != args.database:
-        print(f"note: database {state.database} of the cluster stopped before stays; drop it with "
-              f"`down --drop --database {state.database}` after this one is down")
-    cluster = Cluster(Settings(
+def settings_of(args: argparse.Namespace, home: Path) -> Settings:
+    return Settings(
         home=home, artifact_root=args.artifacts, pg_url=args.pg_url, database=args.database, redis_url=args.redis_url,
         redis_db=args.redis_db, gpu_workers=args.gpu_workers, default_concurrency=args.default_concurrency,
         gpu_threads=args.gpu_threads, spark=not args.no_spark, triggerer=not args.no_triggerer, port=args.port,
-    ))
-    print(f"starting the loopback cluster on {home} (logs: {cluster.supervisor.log_dir}/<service>.log) ...")
+    )
+
+
+def up(args: argparse.Namespace, home: Path, state: State | None, argv: list[str]) -> int:
+    """Start the cluster's supervisor in the background and wait until every component is up; on a
+    running cluster, start again whatever is down, and say what."""
+    if supervisor_alive(state) and not state.stopped:
+        revived = ask_supervisor(home, {"command": "revive"})["revived"]
+        if revived:
+            print(f"restarted what was down on {home}: {', '.join(revived)}")
+        else:
+            print(f"a cluster is already running on {home}, every component up ({len(state.pids)}):")
+        print_urls(load_state(home) or state)
+        return 0
+    if state is not None and not state.stopped and holder_pid(home):
+        print(f"a cluster is already running on {home}, supervised by pid {holder_pid(home)}:")
+        print_urls(state)
+        return 0
+    if state is not None and not state.stopped:
+        # its supervisor is gone (killed, or the machine restarted): stop what it left, free its Redis claim
+        print(f"the supervisor of the cluster on {home} is gone: starting the cluster again")
+        for line in sweep(str(home), recorded_sessions(home)):
+            print(f"  stopped a process left behind: {line}")
+        for line in cleanup(state, drop=False)[0]:
+            print(f"  {line}")
+        if args.port is None:  # the UI stays where the user's browser has it
+            args.port = state.port
+            argv = [*argv, "--port", str(state.port)]
+    if state is not None and state.database != args.database:
+        print(f"note: database {state.database} of the cluster stopped before stays; drop it with "
+              f"`down --drop --database {state.database}` after this one is down")
+    log = home / "logs" / SUPERVISOR_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting the loopback cluster on {home} (logs: {log.parent}/<service>.log) ...")
+    with open(log, "ab") as out:
+        # the same options, with the paths made absolute (the supervisor runs in the repository)
+        daemon = subprocess.Popen([sys.executable, "-m", "lottery.deploy.cluster", "_serve", *argv[1:], "--home", str(home),
+                                   "--artifacts", str(Path(args.artifacts).resolve())], cwd=REPO,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ready() -> bool:
+        if daemon.poll() is not None:
+            raise ClusterError(f"the cluster did not come up (exit {daemon.returncode}):\n" + tail(log, 30))
+        record = load_state(home)
+        return bool(record and record.ready and record.supervisor.get("pid") == daemon.pid)
+
     try:
-        state = cluster.start()
-    except (TimeoutError, RuntimeError) as exc:
+        wait_until(ready, args.timeout, 1.0, what=f"the cluster to come up (see {log})")
+    except (ClusterError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if daemon.poll() is None:
+            daemon.terminate()
         return 1
-    print_urls(state)
+    print_urls(load_state(home))
     return 0
+
+
+def serve(args: argparse.Namespace, home: Path) -> int:
+    """The supervisor `up` leaves running: start every component, then watch them until SIGTERM
+    (`down`), which stops them all."""
+    raise_keyboard_interrupt_on_sigterm()
+    cluster = Cluster(settings_of(args, home))
+    try:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor pid {os.getpid()}: starting the cluster on {home}", flush=True)
+        cluster.supervisor.claim()
+        state = cluster.start(timeout=args.timeout)
+        state.supervisor = {"pid": os.getpid(), "started": create_time(os.getpid())}
+        state.ready = True
+        cluster._save()
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} every component is up; watching them", flush=True)
+        cluster.serve()
+    except KeyboardInterrupt:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stopping every component", flush=True)
+        cluster.stop_processes()
+        return 0
+    except HomeBusy as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"error: {exc}\n{cluster.supervisor.tails(15)}", flush=True)
+        return 1
+    return 0
+
+
+def tail(path: Path, lines: int) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,9 +780,11 @@ def main(argv: list[str] | None = None) -> int:
         return status(home, state)
     if args.command == "down":
         return down(home, state, drop=args.drop, pg_url=args.pg_url, database=args.database)
-    if args.command in ("restart-worker", "add-worker"):
-        return workers_command(args, home)
-    return up(args, home, state)
+    if args.command in ("restart", "restart-worker", "add-worker"):
+        return workers_command(args, home, state)
+    if args.command == "_serve":
+        return serve(args, home)
+    return up(args, home, state, sys.argv[1:] if argv is None else argv)
 
 
 def print_urls(state: State) -> None:
