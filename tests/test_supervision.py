@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lottery.deploy.supervisor import ComponentFailed, Supervisor, alive
+from lottery.deploy.supervisor import SWEEP_GRACE_S, ComponentFailed, HomeBusy, Supervisor, alive
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,59 @@ def test_a_dead_component_is_restarted_up_to_its_limit(tmp_path):
             sup.watch()
         assert sup.dead() == [f"sleeper (exit -9, see {tmp_path / 'sleeper.log'})"]
         assert len(lines) == 2
+        # `up` on a cluster with a component past its limit starts it again, with a fresh budget
+        assert sup.revive() == ["sleeper"] and sup.procs["sleeper"].poll() is None
+        assert lines[-1].startswith("sleeper was down (exit -9): starting it again")
+        os.kill(sup.procs["sleeper"].pid, signal.SIGKILL)
+        wait_for(lambda: sup.procs["sleeper"].poll() is not None, what="the SIGKILL")
+        sup.watch()
+        assert lines[-1].startswith("sleeper died (exit -9), restarting it (1/2)") and not sup.dead()
+        assert sup.revive() == []
     finally:
         sup.stop(timeout=5)
+
+
+def test_a_second_supervisor_of_a_home_is_refused_and_the_next_one_stops_leftovers(tmp_path):
+    """The home's lock: a live supervisor's home is refused; once it is gone (and its reaper with
+    it, so nothing stopped its components), the next supervisor stops what it left, naming it."""
+    lines = []
+    first = Supervisor(tmp_path / "logs", home=tmp_path, say=lines.append)
+    first.start("sleeper", SLEEP, dict(os.environ))
+    leftover = first.procs["sleeper"].pid
+    with pytest.raises(HomeBusy, match=rf"another process \(pid {os.getpid()}\) supervises the components on {tmp_path}"):
+        Supervisor(tmp_path / "logs", home=tmp_path).claim()
+    # as if this supervisor and its reaper were SIGKILLed: the lock is free, the component runs on
+    first._reaper.kill()
+    first._reaper.wait()
+    first._lock.close()
+    second = Supervisor(tmp_path / "logs", home=tmp_path, say=lines.append)
+    try:
+        assert [line.split(" (")[0] for line in second.claim()] == [f"pid {leftover}"]
+        assert lines[-1].startswith(f"stopped 1 processes left running on {tmp_path} by an earlier supervisor: pid {leftover}")
+        wait_for(lambda: first.procs["sleeper"].poll() is not None, what="the leftover's end")
+    finally:
+        second.stop(timeout=5)
+        first.procs["sleeper"].kill()
+
+
+def test_the_reaper_stops_the_components_when_their_supervisor_dies(tmp_path):
+    """A supervisor in a child process, SIGKILLed: its reaper stops its component, and the child
+    the component put in a session of its own, found through the stack tag."""
+    code = (
+        "import os, sys, time\n"
+        "from lottery.deploy.supervisor import Supervisor\n"
+        f"sup = Supervisor({str(tmp_path)!r})\n"
+        f"sup.start('parent', {child_script(tmp_path, 'child.pid')!r}, dict(os.environ))\n"
+        f"open({str(tmp_path / 'component.pid')!r}, 'w').write(str(sup.procs['parent'].pid))\n"
+        "time.sleep(120)\n"
+    )
+    supervisor = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    component, child = read_pid(tmp_path / "component.pid"), read_pid(tmp_path / "child.pid")
+    supervisor.kill()
+    supervisor.wait()
+    wait_for(lambda: not alive(component) and not alive(child), timeout=SWEEP_GRACE_S + 10, what="the reaper's sweep")
+    wait_for(lambda: (tmp_path / "supervisor.log").read_text().count("reaper: the supervisor of") == 2,
+             what="the reaper's lines")
 
 
 def test_a_component_started_without_restart_stays_dead(tmp_path):
