@@ -313,6 +313,14 @@ def test_nothing_is_published_beyond_loopback_by_default(model):
             assert p.get("host_ip") == "127.0.0.1", f"{name} publishes {p} beyond 127.0.0.1"
 
 
+def test_every_long_running_service_is_restarted_when_it_dies(model):
+    """The loopback cluster's supervisor restarts every component; Docker does the same here. The
+    one-shot init runs once per `up`."""
+    policies = {name: service.get("restart") for name, service in model["services"].items()}
+    assert policies.pop("airflow-init") == "no"
+    assert policies and all(policy == "unless-stopped" for policy in policies.values()), policies
+
+
 # ---- the Dockerfile -----------------------------------------------------------------------------
 def test_gpu_worker_runs_keras_on_jax_with_cuda(model):
     """The GPU image and worker run the backend the GPU benchmark measures; the others TensorFlow."""
