@@ -28,7 +28,8 @@ from lottery.dag import tasks
 from lottery.dag.params import PARAMS
 from lottery.dag.preprocess import PreprocessOperator
 from lottery.dag.tasks import GROUP_LABEL, REPLICATE_LABEL
-from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO, RETRIES, RETRY_DELAY, SPARK_CONN_ID
+from lottery.deploy.constants import (DAG_ID, GPU_QUEUE, POOL, PREPROCESS_TIMEOUT, REPO, RETRIES, RETRY_DELAY,
+                                     SPARK_CONN_ID)
 
 # The Python of the Spark driver and executors (the job ships lottery/ to the executors itself).
 SPARK_PYTHON = os.environ.get("LOTTERY_SPARK_PYTHON", sys.executable)
@@ -242,6 +243,7 @@ def lottery_ticket():
         trigger_rule=TriggerRule.NONE_FAILED,  # fetch_dataset is skipped for an image folder
         retries=1,
         retry_delay=timedelta(seconds=30),
+        execution_timeout=PREPROCESS_TIMEOUT,
         doc_md="Spark job: image folder -> TFRecord shards + manifest.json. Waits for another run writing the "
                "same data; when the data is up to date, says so and starts no Spark.",
     )

@@ -12,7 +12,8 @@ exits 0.
 
 Exit status: 0 done (or already up to date), 1 the data failed a check (too many bad files, an
 empty class, images of different sizes without --image-size), 2 bad arguments or input/output
-paths (nothing written).  See docs/spark-preprocessing.md.
+paths, 3 the Spark master unreachable or no executor registered within --executor-timeout
+(nothing written in any of these).  See docs/spark-preprocessing.md.
 
 This file is only the entry point: the job is the package ``spark_jobs.preprocess`` (installed
 with the project; the driver ships it and ``lottery`` to the executors).

@@ -32,6 +32,10 @@ ARTIFACT_ROOT = os.environ.get("LOTTERY_ARTIFACT_ROOT", str(REPO / "artifacts"))
 # checkpoint): the delay only keeps a failing machine from burning the retries in one second.
 RETRIES = int(os.environ.get("LOTTERY_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=int(os.environ.get("LOTTERY_RETRY_DELAY_S", "10")))
+# The preprocess task's execution_timeout: a last bound over everything it may wait for (the data
+# lock, 30 min at most; the Spark job, whose own bounds catch a lost master or worker). Generous:
+# ImageNet's 1.28 M images at the 242 images/s Spark reached on 2 cores (docs/benchmarks.md) take 1.5 h.
+PREPROCESS_TIMEOUT = timedelta(seconds=int(os.environ.get("LOTTERY_PREPROCESS_TIMEOUT_S", str(6 * 3600))))
 
 # How a lost worker is noticed, in every deployment (airflow.cfg of make run / make ui, the loopback
 # cluster, docker-compose.yaml's x-airflow-env): a running task instance whose heartbeat is older

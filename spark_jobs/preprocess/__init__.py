@@ -4,8 +4,9 @@ run as `spark-submit spark_jobs/preprocess_images.py ...` (docs/spark-preprocess
 Modules, in the order a run uses them:
 
 * `args`: the command line, the checks that need no Spark, the options that define the output;
-* `errors`: `InputError` (exit 2) and `DataError` (exit 1);
+* `errors`: `InputError` (exit 2), `DataError` (exit 1) and `ClusterError` (exit 3);
 * `publish`: one job per output (a lock), the staging directory, "already up to date";
+* `cluster`: a master that answers, an executor within the bound, and none lost for longer;
 * `spark`: the session, shipping `lottery` + `spark_jobs` to the executors, raw file contents,
   the progress thread;
 * `listing` (stage 1), `stages` (stage 2 probes and the shard plan, stage 3 decode and write);

@@ -10,6 +10,7 @@ from typing import Any
 from lottery.data.example import ENCODINGS
 from lottery.data.manifest import MANIFEST_NAME
 
+from .cluster import executor_timeout
 from .errors import InputError
 
 # Bump when the same options would produce different bytes (it is part of the options, so of
@@ -48,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: $LOTTERY_DATA_LOCK_TIMEOUT or 1800)")
     p.add_argument("--progress-interval", type=float, default=15.0, metavar="SECONDS",
                    help="log progress of the running stage this often (0: never)")
+    p.add_argument("--executor-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on a non-local master, fail when no Spark executor has registered for this long "
+                        "(default: $LOTTERY_SPARK_EXECUTOR_TIMEOUT or 120; inf: no bound)")
+    p.add_argument("--error-file", default=None, metavar="PATH",
+                   help="when the job fails, write its error there as JSON (the DAG's preprocess task "
+                        "reports it as the task's error)")
     return p.parse_args(argv)
 
 
@@ -90,6 +97,7 @@ def validate(args: argparse.Namespace) -> JobConfig:
         raise InputError(f"--lock-timeout must be a number of seconds >= 0, got {args.lock_timeout}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise InputError(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
+    executor_timeout(args.executor_timeout)
 
     root = Path(os.path.abspath(args.input))
     if not root.exists():

@@ -1,10 +1,11 @@
-"""The job's two failures and its exit statuses; both are permanent engine errors (a rerun with the
-same input fails the same way)."""
+"""The job's failures and its exit statuses. `InputError` and `DataError` are permanent engine
+errors (a rerun with the same input fails the same way); `ClusterError` is not (the same run
+succeeds once the Spark cluster is back)."""
 from __future__ import annotations
 
-from lottery.errors import PermanentError
+from lottery.errors import LotteryError, PermanentError
 
-EXIT_OK, EXIT_DATA, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_CLUSTER = 0, 1, 2, 3
 
 
 class InputError(PermanentError):
@@ -13,3 +14,8 @@ class InputError(PermanentError):
 
 class DataError(PermanentError):
     """The data failed a check (bad-file threshold, empty class, mixed sizes): exit 1."""
+
+
+class ClusterError(LotteryError):
+    """The Spark master is unreachable, or no executor registered within the bound: exit 3,
+    nothing written."""

@@ -1,7 +1,9 @@
 """The job: wait for the output -> up to date? (no Spark) -> list -> probe and plan -> decode and write shards -> manifest -> publish.
 
 `main(argv)` is the command line of spark_jobs/preprocess_images.py (exit status 0 done or
-already up to date, 1 the data failed a check, 2 bad arguments or paths: nothing written).
+already up to date, 1 the data failed a check, 2 bad arguments or paths, 3 the Spark master
+unreachable or no executor within the bound: nothing written). On a non-local master the session
+starts only once the master answers, and the work only once an executor is there (`cluster`).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from typing import Any
 
 from lottery.data.manifest import ChannelStats, build_manifest, write_manifest
 from lottery.data.verify import record_written
-from lottery.files import publish_dir
+from lottery.files import publish_dir, write_text
 
 from .args import JobConfig, effective_options, parse_args, validate
-from .errors import EXIT_DATA, EXIT_OK, EXIT_USAGE, DataError, InputError
+from .cluster import ExecutorWatch, check_master, executor_timeout, submitted_master, wait_for_executors
+from .errors import EXIT_CLUSTER, EXIT_DATA, EXIT_OK, EXIT_USAGE, ClusterError, DataError, InputError
 from .images import Transform
 from .listing import class_dirs, list_inputs, local_fingerprint
 from .publish import new_staging_dir, output_lock, remove_stale, up_to_date
@@ -78,25 +81,40 @@ def run(cfg: JobConfig, t_start: float) -> int:
                   else f"val = {a.val_fraction:g} of train/ by path hash (seed {a.seed})")
     log.info("start: input %s (%d classes; split: %s) -> output %s", cfg.root, len(cfg.classes),
              split_desc, cfg.output)
-    log.info("options: %s", json.dumps({k: v for k, v in vars(a).items() if k not in ("input", "output")},
+    log.info("options: %s", json.dumps({k: v for k, v in vars(a).items() if k not in ("input", "output", "error_file")},
                                        sort_keys=True))
     with output_lock(cfg.output, a.lock_timeout), tempfile.TemporaryDirectory(prefix="preprocess-images-") as tmp:
         remove_stale(cfg.output)
         if not a.force and already_up_to_date(cfg, options):
             return EXIT_OK
+        bound = executor_timeout(a.executor_timeout)
+        check_master(submitted_master())
         t_session0 = time.time()
         spark = create_session()
         try:
             t_session = time.time()
             sc = spark.sparkContext
             sc.setLogLevel("WARN")
+            waited = wait_for_executors(sc, bound)
             shipped = ship_code(spark, Path(tmp))
-            log.info("spark %s, master %s, %d cores; lottery on executors: %s; session ready in %.1f s",
-                     spark.version, sc.master, sc.defaultParallelism, shipped, t_session - t_session0)
+            log.info("spark %s, master %s, %d cores; lottery on executors: %s; session ready in %.1f s%s",
+                     spark.version, sc.master, sc.defaultParallelism, shipped, t_session - t_session0,
+                     f", then {waited:.1f} s until an executor registered" if waited else "")
             job = _Run(spark, cfg, options, t_start, {"session_start_s": t_session - t_session0})
-            return _run_with_spark(job)
+            return _watched(job, bound)
         finally:
             spark.stop()
+
+
+def _watched(job: _Run, bound: float) -> int:
+    """`_run_with_spark`, failed with a `ClusterError` when every executor is lost for ``bound`` s."""
+    with ExecutorWatch(job.spark.sparkContext, bound) as watch:
+        try:
+            return _run_with_spark(job)
+        except Exception as e:
+            if watch.cause:  # the failure is the jobs the watch cancelled
+                raise ClusterError(watch.cause) from e
+            raise
 
 
 def already_up_to_date(cfg: JobConfig, options: dict) -> bool:
@@ -283,7 +301,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = validate(args)
         return run(cfg, t_start)
-    except (InputError, DataError) as e:
+    except (InputError, DataError, ClusterError) as e:
         log.error("%s", e)
         print(f"preprocess_images: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE if isinstance(e, InputError) else EXIT_DATA
+        status = EXIT_USAGE if isinstance(e, InputError) else EXIT_DATA if isinstance(e, DataError) else EXIT_CLUSTER
+        write_error(args.error_file, e, status)
+        return status
+    except Exception as e:
+        write_error(args.error_file, e, None)
+        raise
+
+
+def write_error(path: str | None, exc: Exception, status: int | None) -> None:
+    """The job's error as JSON at ``path`` (``--error-file``): the DAG's preprocess task raises it
+    as the task's error, which spark-submit's exit status alone cannot say."""
+    if not path:
+        return
+    message = str(exc) if status is not None else f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
+    record = {"error": type(exc).__name__, "message": message, "exit_status": status}
+    try:
+        write_text(path, json.dumps(record))
+    except OSError as e:  # the error itself is in the log; the task then falls back to the exit status
+        log.warning("could not write the error to %s: %s", path, e)
