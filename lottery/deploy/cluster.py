@@ -98,6 +98,9 @@ class Settings:
     triggerer: bool = True
     port: int | None = None  # API server; None: a free port
     pool_slots: int = POOL_SLOTS
+    # more environment of every component (``--env KEY=VALUE``), as compose's x-airflow-env would set:
+    # the project's settings (LOTTERY_SPARK_EXECUTOR_TIMEOUT, LOTTERY_RETRIES, ...)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -340,7 +343,7 @@ class Cluster:
         st = self.state
         create_database(st.pg_url, st.database)
         airflow_home.write_config(self.home, parallelism=32, port=st.port)
-        self.env = self._environment()
+        self.env = {**self._environment(), **self.s.extra_env}
         self._write_env_sh()
 
     def _environment(self) -> dict[str, str]:
@@ -581,7 +584,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop", action="store_true", help="down: also drop the metadata database (also after a plain down)")
     p.add_argument("--gpu", action="store_true", help="add-worker: a worker on the gpu queue (default: the default queue)")
     p.add_argument("--timeout", type=float, default=600, help="up: seconds to wait for every component")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="up: one more environment variable of every component, e.g. LOTTERY_SPARK_EXECUTOR_TIMEOUT=60")
     args = p.parse_args(argv)
+    if bad := [item for item in args.env if "=" not in item or not item.split("=", 1)[0]]:
+        p.error(f"--env takes KEY=VALUE, not {bad[0]!r}")
     if (args.command in ("restart", "restart-worker")) != (args.worker is not None):
         p.error("restart takes the name of one component (and only it does)")
     return args
@@ -684,6 +691,7 @@ def settings_of(args: argparse.Namespace, home: Path) -> Settings:
         home=home, artifact_root=args.artifacts, pg_url=args.pg_url, database=args.database, redis_url=args.redis_url,
         redis_db=args.redis_db, gpu_workers=args.gpu_workers, default_concurrency=args.default_concurrency,
         gpu_threads=args.gpu_threads, spark=not args.no_spark, triggerer=not args.no_triggerer, port=args.port,
+        extra_env=dict(item.split("=", 1) for item in args.env),
     )
 
 
