@@ -4,7 +4,8 @@
 
 Resumes from ``dense/checkpoint.npz`` after an interruption (starting over, saying so, when it or
 a rewind checkpoint before it is damaged); does nothing when the result and the files it lists are
-intact. It trains under a lock: another run of the same config waits for it, then finds it done.
+intact. It trains under a lock: another run of the same config waits for it, then finds it done
+(a DAG task does not wait in its process: `lottery.locks`).
 """
 
 from __future__ import annotations

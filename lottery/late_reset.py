@@ -5,7 +5,9 @@ mask fixed. One ticket per (mask, rewind point); the random controls are tickets
     retrain(workdir, [mask, ...] | "all", rewind[, control=..., pack=...]) -> one small result per ticket
 
 A ticket done (its result and every file it lists intact) is not trained again; one that another
-run of the same config trains is waited for (its lock) and then found done.
+run of the same config trains is waited for (its lock) and then found done, or, in a DAG task
+(`lottery.locks.busy_raises`), left to that run: the group trains its other tickets, then raises
+`TrainingLockBusy` and comes back for it.
 
 A group opens the data, builds and compiles the model once. `train_in_turn` trains its tickets one
 after another, each restoring every variable and assigning its mask to the mask variables of the
@@ -26,7 +28,7 @@ from typing import Any, Iterator, Sequence
 from lottery.config import CONTROLS
 from lottery.dense import verify_rewind_checkpoint
 from lottery.errors import CorruptArtifactError
-from lottery.locks import wait_training_lock
+from lottery.locks import TrainingLockBusy, hold_training_locks
 from lottery.paths import Workdir
 from lottery.phases import phase
 from lottery.plan import MaskSpec, RunPlan
@@ -52,7 +54,9 @@ def retrain(
     already done). ``control``: one kind for the whole group (a list must name one kind only).
     ``pack``: tickets trained side by side (JAX backend; None: ``LOTTERY_PACK`` or from the
     device's memory, 1 on CPU). A bad group is refused before any training, naming the value.
-    When a ticket fails, the others still train; the first failure is raised at the end."""
+    When a ticket fails, the others still train; the first failure is raised at the end. Inside
+    `lottery.locks.busy_raises()`, tickets other processes train are left to them: the rest are
+    trained, then `TrainingLockBusy` is raised (a call again finds done what either trained)."""
     workdir = Workdir(workdir)
     cfg, run_info = workdir.load()
     plan = RunPlan.from_config(cfg)
@@ -61,12 +65,14 @@ def retrain(
     todo = [t for t in tickets if t.done_result() is None]
     _check_inputs(todo)
     with contextlib.ExitStack() as held:
-        todo = _claim(todo, held)
+        todo, busy = _claim(todo, held)
         if todo:  # a group with nothing to do imports no Keras
             started = time.perf_counter()
             for ticket in todo:
                 ticket.started = started
             _train_group(cfg, todo, threads, Path(data_dir or run_info["data_dir"]), progress, pack)
+    if busy is not None:  # after the locks are released: what this group trained is done and kept
+        raise busy
     return [t.result for t in tickets]
 
 
@@ -84,14 +90,16 @@ def _check_inputs(todo: list[Ticket]) -> None:
             raise
 
 
-def _claim(todo: list[Ticket], held: contextlib.ExitStack) -> list[Ticket]:
-    """Hold the training lock of each ticket in ``todo`` (until ``held`` closes); the tickets still
-    to train. Another process training one of them (a run of the same config) is waited for, and
-    what it finished meanwhile is taken instead of being trained again. The locks are taken in name
+def _claim(todo: list[Ticket], held: contextlib.ExitStack) -> tuple[list[Ticket], TrainingLockBusy | None]:
+    """Hold the training lock of each ticket in ``todo`` (until ``held`` closes): the tickets still
+    to train, and the busy ones' `TrainingLockBusy` (None when none is). Another process training
+    one of them (a run of the same config) is waited for, or inside `busy_raises()` left to it; what
+    it finished meanwhile is taken instead of being trained again. The locks are taken in name
     order, so two groups that share tickets never wait on each other."""
-    for ticket in sorted(todo, key=lambda t: t.name):
-        held.enter_context(wait_training_lock(ticket.workdir.training_lock(ticket.name), ticket.label, log=log))
-    return [t for t in todo if t.done_result() is None]  # finished by another process since the first look
+    locks = [(t, t.workdir.training_lock(t.name), t.label) for t in sorted(todo, key=lambda t: t.name)]
+    claimed, busy = hold_training_locks(held, locks, log=log)
+    mine = {id(t) for t in claimed}
+    return [t for t in todo if id(t) in mine and t.done_result() is None], busy  # done by another process meanwhile
 
 
 def import_engine(unit: str) -> None:

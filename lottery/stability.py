@@ -37,7 +37,7 @@ from lottery.config import DEFAULT_STABILITY_POINTS, ExperimentConfig, Step
 from lottery.errors import MissingArtifactError
 from lottery.files import atomic_path, intact_result, output_records, remove_arrays, write_json
 from lottery.interpolation import check_points
-from lottery.locks import wait_training_lock
+from lottery.locks import TrainingLockBusy, hold_training_locks
 from lottery.paths import StabilityPaths, Workdir, stability_name
 from lottery.plan import MaskSpec, RunPlan
 from lottery.session import final_accuracy, keras_backend, mean_images_per_s
@@ -245,7 +245,11 @@ def run_stability(workdir: str | os.PathLike, rewind: int | str, mask: int | str
              f"mask {study.mask.mask_id}" if study.mask else "the dense network", study.rewind, points,
              study.copies[0].data_seed, study.copies[1].data_seed, study.paths.dir)
     with contextlib.ExitStack() as held:
-        _work(study, _claim(study.copies, held), threads, data_dir, progress, path=True)
+        todo, busy = _claim(study.copies, held)
+        if busy is None or todo:  # the path needs both copies: a busy one's run comes back for it
+            _work(study, todo, threads, data_dir, progress, path=busy is None)
+    if busy is not None:
+        raise busy
     return study.result
 
 
@@ -259,19 +263,21 @@ def train_copy(workdir: str | os.PathLike, rewind: int | str, which: str, mask: 
         return copy.result
     copy.study.check_inputs()
     with contextlib.ExitStack() as held:
-        todo = _claim([copy], held)
+        todo, busy = _claim([copy], held)
+        if busy is not None:
+            raise busy
         if todo:
             _work(copy.study, todo, threads, data_dir, progress, path=False)
     return copy.result
 
 
-def _claim(copies: list[Copy], held: contextlib.ExitStack) -> list[Copy]:
-    """Hold the training lock of each copy not done (until ``held`` closes), in order; the copies
-    still to train (one another process finished meanwhile is taken as done)."""
+def _claim(copies: list[Copy], held: contextlib.ExitStack) -> tuple[list[Copy], TrainingLockBusy | None]:
+    """Hold the training lock of each copy not done (until ``held`` closes), in order: the copies
+    still to train (one another process finished meanwhile is taken as done), and inside
+    `lottery.locks.busy_raises()` the `TrainingLockBusy` of those another process trains (or None)."""
     todo = [c for c in copies if c.done_result() is None]
-    for copy in todo:
-        held.enter_context(wait_training_lock(copy.lock, copy.label, log=log))
-    return [c for c in todo if c.done_result() is None]  # finished by another process meanwhile
+    claimed, busy = hold_training_locks(held, [(c, c.lock, c.label) for c in todo], log=log)
+    return [c for c in claimed if c.done_result() is None], busy  # finished by another process meanwhile
 
 
 def _work(study: Study, todo: list[Copy], threads, data_dir, progress: bool, *, path: bool) -> None:

@@ -121,7 +121,7 @@ def test_runs_at_once_on_one_artifact_root_all_succeed_and_train_nothing_twice(a
         seen = {r: events(logs[r][task]) for r in twins}
         assert sorted(sum(e.startswith(trained) for e in seen[r]) for r in twins) == [0, 1], seen
         assert sum(e.startswith(skipped) for r in twins for e in seen[r]) == 1, seen
-    waited = [r for r in twins if "train.lock after waiting" in logs[r]["train_dense"] + logs[r]["late_reset"]]
+    waited = [r for r in twins if "giving the worker back" in logs[r]["train_dense"] + logs[r]["late_reset"]]
     print(f"\nfour runs at once: {wall:.0f} s from the triggers to the last run's end; "
           f"preprocess waits of the runs that did not write: {', '.join(f'{w:.1f} s' for w in waits)}; "
           f"the repeated config's run that waited for a training lock: {waited or 'none (it found the units done)'}")

@@ -4,25 +4,30 @@ DAG's ``@task`` of the same name.
 Each one logs a start and an end line (what, threads, queue, work dir; duration and result), calls
 one engine step, and returns only small values for XCom (ids, paths, labels, a few metrics).
 Errors a retry cannot fix (``ConfigError``, ``lottery.errors.PermanentError``) fail the task at once
-(``engine_call``). The engine (Keras, TensorFlow, NumPy) is imported inside the functions.
+(``engine_call``). A training task whose unit another run is training gives its worker back and
+comes back later (``training_call``). The engine (Keras, TensorFlow, NumPy) is imported inside the functions.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import get_current_context
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
 from lottery.config import ConfigError
 from lottery.dag.params import FASHION_MNIST, check_params, remaining_label
 from lottery.deploy.constants import POOL_SLOTS
 from lottery.deploy.supervisor import cores
 from lottery.errors import is_permanent
+from lottery.locks import (TRAINING_LOCK_POLL_ENV, TRAINING_LOCK_TIMEOUT_ENV, LockTimeout, TrainingLockBusy, busy_raises,
+                           lock_timeout, training_lock_poll_s)
 from lottery.plan import RunPlan, check_data_size
 
 log = logging.getLogger("lottery.dag")
@@ -74,6 +79,37 @@ def engine_call(fn, *args, **kwargs):
         if is_permanent(exc):
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
         raise
+
+
+def training_call(unit: str, fn, *args, **kwargs):
+    """`engine_call` for a training step (``unit``: the task's name in the log). When another
+    process trains one of its units, the task does not wait for it in a worker: the units it could
+    train are trained, then it gives its worker and pool slot back (``up_for_reschedule``) and comes
+    back in ``LOTTERY_TRAINING_LOCK_POLL_S`` seconds, finding done what either process finished."""
+    with busy_raises():
+        try:
+            return engine_call(fn, *args, **kwargs)
+        except TrainingLockBusy as busy:
+            raise _reschedule(unit, busy) from busy
+
+
+def _reschedule(unit: str, busy: TrainingLockBusy) -> AirflowRescheduleException:
+    """The reschedule of a task that met ``busy``, with one log line naming the holder and when the
+    task looks again; ``LockTimeout`` instead once this try has been giving its worker back for
+    ``LOTTERY_TRAINING_LOCK_TIMEOUT`` seconds (counted from its first reschedule; a retry waits again)."""
+    context = get_current_context()
+    now = datetime.now(timezone.utc)
+    first = context["ti"].get_first_reschedule_date(context) or now
+    waited, bound = (now - first).total_seconds(), lock_timeout(math.inf, TRAINING_LOCK_TIMEOUT_ENV)
+    if waited >= bound:
+        raise LockTimeout(f"waited {waited:.0f} s for another run's training: {busy}; it is still training: clear this "
+                          f"task once it has finished, or raise {TRAINING_LOCK_TIMEOUT_ENV}")
+    poll = min(training_lock_poll_s(), bound - waited)
+    again = now + timedelta(seconds=poll)
+    so_far = f", giving it back for {waited:.0f} s so far" if waited else ""
+    log.info("%s: waiting for another run's training: %s; giving the worker back, looking again at %s UTC "
+             "(in %.1f s, %s%s)", unit, busy, again.strftime("%H:%M:%S"), poll, TRAINING_LOCK_POLL_ENV, so_far)
+    return AirflowRescheduleException(reschedule_date=again)
 
 
 def queue_note() -> str:
@@ -172,7 +208,7 @@ def train_dense(plan: dict, data_dir: str, workdir: str, replicate: str) -> dict
     threads = training_threads("dense", together=RunPlan.from_dict(plan).config.replicates)
     log.info("train_dense: start  %s (seed %d)  workdir %s  threads %d  %s", replicate, cfg.seed, workdir, threads, queue_note())
     started = time.perf_counter()
-    result = engine_call(dense.run_dense, cfg, data_dir, workdir, threads=threads)
+    result = training_call(f"train_dense {replicate}", dense.run_dense, cfg, data_dir, workdir, threads=threads)
     log.info(
         "train_dense: %s in %.1fs  val_accuracy %.4f  (%s)",
         "already done" if result.get("skipped") else "done", time.perf_counter() - started, result["val_accuracy"], replicate,
@@ -285,7 +321,7 @@ def retrain(workdir: str, masks: list[dict], rewind: str, group: str, control: s
     log.info("%s: start  masks %s  rewind %s  threads %d  %s  workdir %s", group, ", ".join(ids), rewind, threads,
              queue_note(), workdir)
     started = time.perf_counter()
-    results = engine_call(late_reset.retrain, workdir, ids, rewind, control=control, threads=threads)
+    results = training_call(group, late_reset.retrain, workdir, ids, rewind, control=control, threads=threads)
     for mask, result in zip(masks, results):
         _log_result(ticket_label(mask, rewind, control), result)
     if len(results) > 1:
@@ -312,7 +348,7 @@ def chain(workdir: str, rewind: str, group: str) -> dict[str, Any]:
     threads = training_threads("ticket")
     log.info("%s: start  rewind %s  threads %d  %s  workdir %s", group, rewind, threads, queue_note(), workdir)
     started = time.perf_counter()
-    results = engine_call(imp.run_chain, workdir, rewind, threads=threads)
+    results = training_call(group, imp.run_chain, workdir, rewind, threads=threads)
     for result in results:
         _log_result(f"level {result['level']}: {remaining_label(result['remaining'])}, rewind {rewind}", result)
     skipped = sum(bool(r.get("skipped")) for r in results)
@@ -360,7 +396,7 @@ def stability(workdir: str, rewind: str, mask: str | None, points: int, group: s
     log.info("%s: start  instability analysis of %s at rewind %s  %d points  threads %d  %s  workdir %s", group,
              f"mask {mask}" if mask else "the dense network", rewind, points, threads, queue_note(), workdir)
     started = time.perf_counter()
-    result = engine_call(analysis.run_stability, workdir, rewind, mask, points=points, threads=threads)
+    result = training_call(group, analysis.run_stability, workdir, rewind, mask, points=points, threads=threads)
     log.info("%s: %s in %.1fs  instability %.2f points (training subset %.2f)", group,
              "already done" if result.get("skipped") else "done", time.perf_counter() - started,
              result["instability"], result["instability_train"])
