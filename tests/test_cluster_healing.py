@@ -1,5 +1,13 @@
-"""The loopback cluster heals itself: `make cluster-up`'s supervisor, faults injected as a user
-would meet them (SIGKILL), one cluster for the whole sequence.
+"""The compose topology on loopback (`make cluster-up`: CeleryExecutor, Redis, Postgres, Spark
+standalone) runs the DAG and heals itself: faults injected as a user would meet them (SIGKILL),
+one cluster for the whole sequence, started and stopped with the CLI as a user does.
+
+`up` leaves its supervisor running, which starts a Spark master and worker, docker/airflow-init.sh
+(db migrate, pool, spark_default -> that master), the API server, the scheduler, the dag-processor,
+a Celery worker on `default` and one on `gpu` (concurrency 1, standing in for a GPU worker). The
+metadata database and the Celery result backend are a throwaway database on the local PostgreSQL;
+the broker a Redis database number of the test's own. Runs are triggered through the REST API (JWT
+from /auth/token).
 
 1. every listening socket of the cluster's processes is on loopback;
 2. the Spark worker SIGKILLed (and its supervisor paused, so that nothing restarts it yet) before
@@ -10,10 +18,13 @@ would meet them (SIGKILL), one cluster for the whole sequence.
 4. the Spark master SIGKILLed: restarted, and the next run, whose data is new, preprocesses on it;
 5. the supervisor itself SIGKILLed: every component is gone within 10 s (its reaper), and `up`
    starts the cluster again, saying so;
-then `down --drop` leaves no process, database or Redis claim.
+the first run also shows who ran what: every training task on the `gpu` queue and pool, run by the
+gpu worker, everything else by the default worker, each through the Celery result backend, and
+preprocess on the standalone master. Then `down --drop` leaves no process, database or Redis claim.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -30,8 +41,8 @@ import pytest
 from lottery.deploy import airflow_home
 from lottery.deploy import cluster as cl
 from lottery.deploy.api import Api
-from lottery.deploy.constants import DAG_ID, REPO
-from lottery.deploy.databases import REDIS_OWNER_KEY, redis_client
+from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO
+from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
 from lottery.deploy.supervisor import alive
 from tests.helpers import PG_URL, REDIS_URL, cluster_databases, require_cluster_services, tiny_run, wait_for
 from tests.helpers import without_test_airflow
@@ -43,6 +54,46 @@ FIRST = tiny_run(dataset_limit=200, training_steps="6ep", sparsities=[0.5, 0.9],
                  drop=("control_sparsities",))
 SECOND = tiny_run(dataset_limit=240, training_steps="1ep", sparsities=[0.5], rewind_points=["0it"], controls=False,
                   drop=("control_sparsities",))
+
+
+TRAINING = {"train_dense", "late_reset", "imp_chain", "controls", "stability"}
+NO_WORKER = {"chains_done"}  # an EmptyOperator: the scheduler marks it done, no worker runs it
+
+
+def celery_results(database: str) -> int:
+    conn = pg_connect(PG_URL, database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def check_who_ran_what(c: "Cluster", api: Api, run_id: str, art: Path) -> None:
+    """Training on the gpu queue and pool by the gpu worker, the rest by the default worker, each
+    through the Celery result backend; preprocess on the standalone master; the run's outputs."""
+    ran = [t for t in api.task_instances(run_id) if t["state"] == "success"]
+    for t in ran:
+        if t["task_id"] in NO_WORKER:
+            continue
+        if t["task_id"] in TRAINING:
+            assert (t["queue"], t["hostname"], t["pool"]) == (GPU_QUEUE, "gpu-worker-1", POOL), t
+        else:
+            assert (t["queue"], t["hostname"]) == ("default", "airflow-worker"), t
+    assert {t["task_id"] for t in ran} >= {"validate_config", "preprocess", "train_dense", "make_masks",
+                                           "late_reset", "report", "check_results"}
+    # a Celery task ends, and stores its result, just after its task instance does
+    on_workers = [t for t in ran if t["task_id"] not in NO_WORKER]
+    wait_for(lambda: celery_results(c.state.database) >= len(on_workers), 60,
+             f"{len(on_workers)} successful Celery results in celery_taskmeta")
+    workdir = Path(api.xcom(run_id, "prepare_workdir")["workdir"])
+    summary = api.xcom(run_id, "report")
+    assert workdir.parent == art and len(list(csv.DictReader(open(workdir / "results.csv")))) == 4
+    assert Path(summary["report"]).is_file() and not summary.get("problems")
+    manifest = json.loads(next((art / "data").glob("*/manifest.json")).read_text())
+    assert manifest["spark"]["master"] == c.state.spark_master
+    assert any((c.home / "spark" / "work").glob("app-*/*/stderr"))  # the executors ran in the worker's work dir
 
 
 def cli(home: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -194,6 +245,7 @@ def test_the_cluster_heals_itself(tmp_path):
         assert task(api, run_id, "preprocess")["try_number"] == 2
         trained = [t for t in tis if t["task_id"] in ("train_dense", "late_reset")]
         assert len(trained) == 5 and all(t["try_number"] == 1 for t in trained), trained  # nothing trained twice
+        check_who_ran_what(c, api, run_id, art)
 
         # ---- 4. the Spark master lost: restarted, and the next run's new data is preprocessed on it ----
         master = c.pid("spark-master")

@@ -2,7 +2,7 @@
 
     python -m lottery.deploy.cluster up   [--gpu-workers 1] [--port P] [--artifacts DIR]   # make cluster-up
     python -m lottery.deploy.cluster status
-    python -m lottery.deploy.cluster restart-worker NAME                                  # e.g. gpu-worker-1
+    python -m lottery.deploy.cluster restart NAME                                         # any component, e.g. spark-worker
     python -m lottery.deploy.cluster add-worker [--gpu]                                   # gpu-worker-N / airflow-worker-N
     python -m lottery.deploy.cluster down [--drop]                                        # make cluster-down
     source build/cluster-local/env.sh   # the airflow CLI on this cluster
@@ -31,8 +31,10 @@ Every worker reports its own host name to Airflow (``gpu-worker-1``, ``airflow-w
 ``[core] hostname_callable`` below), so a task instance's ``hostname`` says which worker ran it, as a
 container id does under Docker. State (pids, database, Redis claim) is kept in
 ``<home>/cluster.json`` for ``status`` and ``down``; component logs in ``<home>/logs/<name>.log``.
-The processes run under ``lottery.deploy.supervisor``, as those of ``make run`` and ``make ui`` do.
-A worker restarted or added later is recorded there too. After a plain ``down`` the file stays,
+``up`` leaves a supervisor process running (``lottery.deploy.supervisor``, as under ``make run`` and
+``make ui``; its log ``logs/cluster-supervisor.log``): it started every component, restarts one that
+dies, stops them all on SIGTERM (``down``), and does ``restart`` and ``add-worker`` for the CLI
+(requests in ``<home>/control/``). A worker restarted or added later is recorded there too. After a plain ``down`` the file stays,
 marked stopped, so that a later ``down --drop`` still knows which database to drop.
 """
 
