@@ -38,7 +38,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import pytest  # noqa: E402
 
 E2E_MODULES = {
-    "test_cluster_healing", "test_concurrent_runs", "test_dag_e2e", "test_make_run", "test_report_page",
+    "test_cluster_healing", "test_cluster_lock_wait", "test_concurrent_runs", "test_dag_e2e", "test_make_run", "test_report_page",
     "test_spark_cluster", "test_supervision_airflow", "test_ui_browser", "test_ui_lifecycle", "test_worker_loss",
 }
 UNIT_MODULES = {

@@ -262,6 +262,19 @@ def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "a c
 
 
 # ---- killed processes -----------------------------------------------------------------------------
+def kill_tree(pid: int) -> None:
+    """SIGKILL a component and every process it started (their own process groups included), as
+    losing its machine or container does."""
+    import psutil
+
+    leader = psutil.Process(pid)
+    for p in [leader, *leader.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def kill_at(cmd: list[str], env: Mapping[str, str], checkpoint: Path, *paths: Path, timeout: float = 600) -> None:
     """Start ``cmd`` (``python -m MODULE ...``), held for good once it has written ``checkpoint``
     (tests/stop_at.py), and SIGKILL it there, once ``paths`` exist too (or it ended, or time ran out)."""

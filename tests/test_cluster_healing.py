@@ -45,7 +45,7 @@ from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO
 from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
 from lottery.deploy.supervisor import alive
 from tests.helpers import PG_URL, REDIS_URL, cluster_databases, require_cluster_services, tiny_run, wait_for
-from tests.helpers import without_test_airflow
+from tests.helpers import kill_tree, without_test_airflow
 
 EXECUTOR_BOUND_S = 30
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -156,16 +156,6 @@ def in_sessions(sessions: set[int]) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             pass
     return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a component and everything below it, as losing its machine does."""
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def task(api: Api, run_id: str, task_id: str) -> dict:

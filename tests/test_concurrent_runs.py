@@ -35,6 +35,8 @@ def airflow(tmp_path, monkeypatch):
         if name.startswith(("AIRFLOW", "LOTTERY_TEST_AIRFLOW")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("LOTTERY_ALLOWED_ARTIFACT_ROOTS", str(tmp_path))
+    # the run waiting for its twin's training looks again every 5 s, not every 30 s: the same path, sooner
+    monkeypatch.setenv("LOTTERY_TRAINING_LOCK_POLL_S", "5")
     with local_airflow(tmp_path / "home", "api-server", "scheduler", "dag-processor", parallelism=4,
                        unpause=True) as started:
         yield started

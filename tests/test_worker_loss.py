@@ -29,7 +29,8 @@ from lottery.deploy import cluster as cl
 from lottery.deploy.constants import DAG_ID, HEARTBEAT_CHECK_INTERVAL_S, REPO, TASK_HEARTBEAT_TIMEOUT_S
 from lottery.deploy.databases import REDIS_OWNER_KEY, redis_client
 from lottery.deploy.supervisor import alive
-from tests.helpers import REDIS_URL, cluster_databases, cluster_diagnosis, finished_run, loopback_cluster, without_test_airflow
+from tests.helpers import (REDIS_URL, cluster_databases, cluster_diagnosis, finished_run, kill_tree, loopback_cluster,
+                           without_test_airflow)
 from tests.helpers import wait_for as poll
 
 pytestmark = pytest.mark.slow
@@ -99,16 +100,6 @@ def task_process(ti_id: str) -> psutil.Process | None:
         if f"airflow worker -- {ti_id}" in " ".join(p.info["cmdline"] or ()):
             return p
     return None
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a worker and every process it started (their own process groups included)."""
-    leader = psutil.Process(pid)
-    for p in [leader, *leader.children(recursive=True)]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.mark.timeout(1500)
