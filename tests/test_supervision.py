@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lottery.deploy.supervisor import SWEEP_GRACE_S, ComponentFailed, HomeBusy, Supervisor, alive
+from lottery.deploy.supervisor import SWEEP_GRACE_S, ComponentFailed, HomeBusy, Supervisor, alive, stack_processes
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +213,16 @@ def test_a_process_with_a_lifeline_stops_when_its_parent_is_killed(lifeline):
     finally:
         if alive(child, created):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_recorded_session_whose_id_was_reused_is_left_alone():
+    """A stale record names a session id that a later, unrelated session leader now has: the sweep
+    must not take that session for the stack's."""
+    other = subprocess.Popen(SLEEP, start_new_session=True)
+    try:
+        started = psutil.Process(other.pid).create_time()
+        assert [p.pid for p in stack_processes("no such tag", {other.pid: started})] == [other.pid]
+        assert not list(stack_processes("no such tag", {other.pid: started - 100}))
+    finally:
+        other.kill()
+        other.wait()

@@ -109,7 +109,13 @@ def stack_processes(tag: str, sessions: dict[int, float] | None = None) -> Itera
     Never this process."""
     import psutil
 
-    me, sessions = os.getpid(), sessions or {}
+    me, sessions = os.getpid(), dict(sessions or {})
+    for sid, started in list(sessions.items()):  # a leader alive under another start time: the id was reused
+        try:
+            if abs(psutil.Process(sid).create_time() - started) >= 1.0:
+                del sessions[sid]
+        except psutil.Error:
+            pass  # the leader is gone; its session's members were all created after it
     for p in psutil.process_iter():
         if p.pid == me:
             continue
