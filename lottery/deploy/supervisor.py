@@ -253,9 +253,9 @@ class Supervisor:
         """The process that stops this stack when this supervisor ends (see the module's doc)."""
         read, write = os.pipe()  # neither end is inherited by the components (close_fds)
         with open(self.log("supervisor"), "ab") as log:
-            self._reaper = subprocess.Popen([sys.executable, "-m", "lottery.deploy.supervisor", "reap", self.tag, str(read)],
-                             pass_fds=(read,), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, cwd=REPO)
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "lottery.deploy.supervisor", "reap", self.tag, str(read)], pass_fds=(read,),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         os.close(read)
         self._lifeline = write
 
