@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU benchmark in one command (issue 8): Keras on JAX, a markdown table for docs/benchmarks.md.
+"""The GPU benchmark in one command: Keras on JAX, a markdown table for docs/benchmarks.md.
 
     python -m bench.gpu                 # on the GPU machine, from the repository root (about 6 minutes)
     KERAS_BACKEND=jax python -m bench.gpu --quick     # a CPU smoke run of the same code, ResNet-20 for ResNet-50

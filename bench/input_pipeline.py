@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU acceptance benchmark of the input pipelines, side by side in one run (issue 8).
+"""CPU acceptance benchmark of the input pipelines, side by side in one run.
 
     python -m bench.input_pipeline                       # build the data set once, measure, print ratios
     python -m bench.input_pipeline --write-docs          # and update its section of docs/benchmarks.md

@@ -22,7 +22,7 @@ Only the tickets an instance trained count for it (their result.json, and their 
 within its run time); tickets it found already done cost it almost nothing.
 
 With ``--rate R`` (the 2-process img/s of `bench/threads.py` in the same sitting, for the backend
-the run trained with) it adds issue 9's compute floor: the retrainings' training images / R, plus the
+the run trained with) it adds the compute floor: the retrainings' training images / R, plus the
 fetch, preprocess and dense task times; and the run's wall time against it.
 
     .venv/bin/python -m bench.run_breakdown [--home .airflow] [--run-id RUN] [--rate R] [--note TEXT] [--write-docs]
@@ -150,7 +150,7 @@ def _training_images(path: Path) -> tuple[int, set[str]]:
 
 
 def floor_lines(b: dict, rate: float) -> list[str]:
-    """Issue 9's compute floor of the run and its wall time against it."""
+    """The compute floor of the run and its wall time against it."""
     serial = {t: b["task_s"].get(t, 0.0) for t in ("fetch_dataset", "preprocess", "train_dense")}
     train_s = b["training_images"] / rate
     floor = train_s + sum(serial.values())

@@ -7,7 +7,7 @@ each, all in one run, and reports total images/s relative to one process using e
 
 With ``--backends tensorflow,jax`` it measures Keras on TensorFlow (the tf.data pipeline) and on
 JAX (the numpy pipeline, XLA:CPU) side by side, layout by layout, alternating: the raw step rates
-behind ``make run``'s choice of backend (issue 9) and its compute floor (docs/benchmarks.md).
+behind ``make run``'s choice of backend and its compute floor (docs/benchmarks.md).
 
     .venv/bin/python -m bench.threads [--steps 1400] [--backends tensorflow,jax] [--write-docs]
 """

@@ -1,4 +1,4 @@
-"""Runs sharing one artifact root (issue 11, fault 5), the parts that need no scheduler: a writer of
+"""Runs sharing one artifact root, the parts that need no scheduler: a writer of
 shared data is waited for (bounded, logged), "already up to date" needs no Spark, and the data
 shards are checked where they are opened. About 15 s. The three runs at once with the real
 scheduler: tests/test_concurrent_runs.py.

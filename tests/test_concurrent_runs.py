@@ -1,4 +1,4 @@
-"""Issue 11, fault 5: three runs triggered at once on one artifact root all succeed, and so does a
+"""Runs that share an artifact root: three runs triggered at once on one artifact root all succeed, and so does a
 fourth that repeats the first's config.
 
 The real scheduler (LocalExecutor, 4 slots), API server and dag-processor on a throwaway home

@@ -1,5 +1,5 @@
 """The JAX-path input pipeline's worker processes (lottery/data/workers.py, hostaug.py), the
-input-bench probe on both backends, and bfloat16 training with masks (issue 8)."""
+input-bench probe on both backends, and bfloat16 training with masks."""
 import json
 import math
 import os

@@ -346,7 +346,7 @@ def test_decoded_split_is_kept_on_disk_and_reused(tmp_path, caplog):
     assert ShardedDataset(data_dir, "train", cache=True)._load_decoded() is not None, "the damaged copy was replaced"
 
 
-# ---- the tf.data path feeds a device: parallel map, prefetch, no Python in the hot loop (issue 8)
+# ---- the tf.data path feeds a device: parallel map, prefetch, no Python in the hot loop
 @pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("augmentation", ["none", "random_resized_crop"])
 def test_training_stream_is_parallel_prefetched_and_python_free(tmp_path, cache, augmentation):

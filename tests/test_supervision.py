@@ -195,7 +195,7 @@ time.sleep(60)
 
 @pytest.mark.parametrize("lifeline", [True, False], ids=["lifeline", "without"])
 def test_a_process_with_a_lifeline_stops_when_its_parent_is_killed(lifeline):
-    """The control (no lifeline) survives its parent's SIGKILL: the orphan of issue 11, fault 3."""
+    """The control (no lifeline) survives its parent's SIGKILL: the orphan the lifeline prevents."""
     parent = subprocess.Popen([sys.executable, "-c", LIFELINE_PARENT, "lifeline" if lifeline else "none"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     child = int(parent.stdout.readline())

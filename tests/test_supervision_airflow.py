@@ -1,4 +1,4 @@
-"""Issue 11, fault 3, with the real make run (scheduler + LocalExecutor + api-server + dag-processor
+"""Supervision with the real make run (scheduler + LocalExecutor + api-server + dag-processor
 on a throwaway home, tiny data): components and task processes SIGKILLed one after another in one
 run, then a second run stopped with SIGTERM. Each fault's figures are printed (docs/reliability.md).
 
