@@ -133,7 +133,7 @@ def stack_processes(tag: str, sessions: dict[int, float] | None = None) -> Itera
 
 def describe(p) -> str:
     try:
-        return f"pid {p.pid} ({' '.join(p.cmdline())[:100] or p.name()})"
+        return f"pid {p.pid} ({' '.join(' '.join(p.cmdline()).split())[:100] or p.name()})"  # a retitled one pads with spaces
     except Exception:
         return f"pid {p.pid}"
 
