@@ -88,6 +88,18 @@ def run_and_reschedules(dag) -> tuple[str, dict, int]:
         return str(getattr(run.state, "value", run.state)), {"state": str(ti.state), "try_number": ti.try_number}, count
 
 
+def succeeds_after_the_other_run(dag, holder, other_run_finishes):
+    """Run ``dag`` while ``holder`` holds the lock; once the task gives its worker back,
+    ``other_run_finishes()``. The task must succeed in its first try: (the log, its reschedules)."""
+    try:
+        with lottery_log(GAVE_BACK, other_run_finishes) as log:
+            state, ti, reschedules = run_and_reschedules(dag)
+    finally:
+        holder.kill()
+    assert (state, ti) == ("success", {"state": "success", "try_number": 1}), log.text[-3000:]
+    return log, reschedules
+
+
 def raising(function, raised: list):
     """``function``, recording what it raises (the task's outcome as Airflow's task runner sees it)."""
     @functools.wraps(function)  # the same signature: Airflow passes the arguments it names
@@ -168,12 +180,7 @@ def test_a_dense_training_another_run_holds_is_rescheduled_not_waited_for(tmp_pa
     raised = []
     dag = mapped_task_dag("lock_reschedule_dense", raising(tasks.train_dense, raised),
                           {"plan": plan, "data_dir": str(data_dir), "workdir": str(workdir), "replicate": "rep 1"})
-    try:
-        with lottery_log(GAVE_BACK, other_run_finishes) as log:
-            state, ti, reschedules = run_and_reschedules(dag)
-    finally:
-        holder.kill()
-    assert (state, ti) == ("success", {"state": "success", "try_number": 1}), log.text[-3000:]
+    log, reschedules = succeeds_after_the_other_run(dag, holder, other_run_finishes)
     assert reschedules >= 1 and len(log.matching(GAVE_BACK)) == reschedules, (reschedules, log.matching(GAVE_BACK))
     assert [type(e).__name__ for e in raised] == ["AirflowRescheduleException"] * reschedules, raised
     line = log.matching(GAVE_BACK)[0]
@@ -208,12 +215,7 @@ def test_a_group_trains_its_free_tickets_then_gives_the_worker_back_for_the_busy
              for i, (m, s) in ((1, ("sp80.000", 0.8)), (2, ("sp90.000", 0.9)))]
     dag = mapped_task_dag("lock_reschedule_group", tasks.retrain,
                           {"workdir": str(workdir), "masks": masks, "rewind": "1ep", "group": "rewind 1ep: masks 2-3"})
-    try:
-        with lottery_log(GAVE_BACK, other_run_finishes) as log:
-            state, ti, reschedules = run_and_reschedules(dag)
-    finally:
-        holder.kill()
-    assert (state, ti) == ("success", {"state": "success", "try_number": 1}), log.text[-3000:]
+    log, reschedules = succeeds_after_the_other_run(dag, holder, other_run_finishes)
     assert reschedules == 1 and f"holds {workdir}/.locks/sp80.000__1ep.train.lock; " in log.matching(GAVE_BACK)[0]
     assert len(log.matching("retrain sp90.000__1ep: done in")) == 1 and len(log.matching("retrain sp90.000__1ep: start")) == 1
     assert not log.matching("retrain sp80.000__1ep: start")
