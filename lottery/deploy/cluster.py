@@ -64,7 +64,7 @@ from lottery.deploy.databases import (
 from lottery.files import write_text
 from lottery.deploy.supervisor import (
     ComponentFailed, HomeBusy, Supervisor, alive, free_port, raise_keyboard_interrupt_on_sigterm, recorded_sessions,
-    create_time, holder_pid, stop_groups, sweep, venv_bin, wait_until,
+    create_time, holder_pid, stop_groups, sweep, tail, venv_bin, wait_until,
 )
 
 DEFAULT_HOME = REPO / "build" / "cluster-local"
@@ -245,12 +245,7 @@ class Cluster:
         throwaway one (or ``drop``)."""
         if self.state is None:
             return
-        for name, pid in self.state.pids.items():
-            if name in self.state.workers and alive(pid, self.state.started.get(name, 0.0)):
-                stop_worker_tree(pid)  # with the task processes Airflow put in groups of their own
-        self.supervisor.stop()
-        # workers another process added or restarted are in the record, not in this supervisor
-        stop_groups(self.state.pids, self.state.started)
+        self.stop_processes()
         cleanup(self.state, drop=drop)
         self._save(remove=True)
 
@@ -289,15 +284,8 @@ class Cluster:
     def restart(self, name: str) -> int:
         """Stop component ``name`` with everything it started, and start it again; its new pid.
         A worker's running tasks are lost (Airflow retries them when their heartbeat stops)."""
-        if name in self.state.workers:
-            if name not in self.supervisor.commands:  # added by a CLI before this supervisor: its spec is recorded
-                return self.restart_worker(name, timeout=None)
-            pid = self.supervisor.pids.get(name)
-            if pid and alive(pid, self.supervisor.started.get(name, 0.0)):
-                stop_worker_tree(pid)
         if name not in self.supervisor.commands:
             raise ClusterError(f"no component {name!r} on {self.home}; components: {', '.join(self.supervisor.commands)}")
-        self.supervisor.restarts.pop(name, None)
         return self.supervisor.restart(name).pid
 
     def stop_processes(self) -> None:
@@ -305,8 +293,9 @@ class Cluster:
         Redis claim stay (`down` decides about those)."""
         for name, pid in self.state.pids.items():
             if name in self.state.workers and alive(pid, self.state.started.get(name, 0.0)):
-                stop_worker_tree(pid)
+                stop_worker_tree(pid)  # with the task processes Airflow put in groups of their own
         self.supervisor.stop()
+        # workers another process added or restarted are in the record, not in this supervisor
         stop_groups(self.state.pids, self.state.started)
 
     # -- workers --
@@ -412,21 +401,13 @@ class Cluster:
     def _start_worker(self, name: str, *, queue: str, concurrency: int, threads: int | None,
                       timeout: float | None = None) -> int:
         """Start a Celery worker and record it; with ``timeout``, wait until it says it is ready."""
-        log = self.supervisor.log(name)
-        offset = log.stat().st_size if log.exists() else 0
+        offset = log_size(self.home, name)
         self.state.workers[name] = {"queue": queue, "concurrency": concurrency, "threads": threads}
         argv = [str(venv_bin() / "airflow"), "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
                 "--celery-hostname", f"{name}@{socket.gethostname()}", "--skip-serve-logs"]
         proc = self.supervisor.start(name, argv, self._worker_env(name, concurrency, threads), restart=True)
         if timeout is not None:
-            def ready() -> bool:
-                if proc.poll() is not None:
-                    raise ClusterError(f"{name} exited ({proc.returncode}) while starting; see {log}")
-                with open(log, "rb") as f:
-                    f.seek(offset)
-                    return b" ready." in f.read()
-
-            wait_until(ready, timeout, 0.5, what=f"{name} (' ready.' in {log})")
+            wait_worker_ready(self.home, name, offset, timeout, proc=proc)
         return proc.pid
 
     def _wait_ready(self, deadline: float) -> None:
@@ -544,11 +525,15 @@ def ask_supervisor(home: Path, request: dict, timeout: float = 120) -> dict:
     return answer
 
 
-def wait_worker_ready(home: Path, name: str, offset: int, timeout: float = 180) -> None:
-    """Until worker ``name``'s log says " ready." after byte ``offset``."""
+def wait_worker_ready(home: Path, name: str, offset: int, timeout: float = 180,
+                      proc: subprocess.Popen | None = None) -> None:
+    """Until worker ``name``'s log says " ready." after byte ``offset``; with ``proc`` (this
+    process's child), ``ClusterError`` as soon as it exits."""
     log = Path(home) / "logs" / f"{name}.log"
 
     def ready() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"{name} exited ({proc.returncode}) while starting; see {log}")
         with open(log, "rb") as f:
             f.seek(offset)
             return b" ready." in f.read()
@@ -708,8 +693,9 @@ def up(args: argparse.Namespace, home: Path, state: State | None, argv: list[str
             print(f"a cluster is already running on {home}, every component up ({len(state.pids)}):")
         print_urls(load_state(home) or state)
         return 0
-    if state is not None and not state.stopped and holder_pid(home):
-        print(f"a cluster is already running on {home}, supervised by pid {holder_pid(home)}:")
+    holder = holder_pid(home) if state is not None and not state.stopped else None
+    if holder:
+        print(f"a cluster is already running on {home}, supervised by pid {holder}:")
         print_urls(state)
         return 0
     if state is not None and not state.stopped:
@@ -776,10 +762,6 @@ def serve(args: argparse.Namespace, home: Path) -> int:
         print(f"error: {exc}\n{cluster.supervisor.tails(15)}", flush=True)
         return 1
     return 0
-
-
-def tail(path: Path, lines: int) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 def main(argv: list[str] | None = None) -> int:

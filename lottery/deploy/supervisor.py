@@ -351,8 +351,7 @@ class Supervisor:
         return [f"{n} (exit {p.returncode}, see {self.log(n)})" for n, p in self.procs.items() if p.poll() is not None]
 
     def tail(self, name: str, lines: int = 30) -> str:
-        path = self.log(name)
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return tail(self.log(name), lines)
 
     def tails(self, lines: int = 15) -> str:
         """The last lines of every component's log, for an error message."""
@@ -372,6 +371,7 @@ class Supervisor:
         """Stop component ``name`` with everything below it, and start it again with its command."""
         if name not in self.commands:
             raise ComponentFailed(f"no component {name!r}; components: {', '.join(self.commands)}")
+        self.restarts.pop(name, None)  # asked for: not counted against the restart limit
         if name in self.procs:
             stop_groups({name: self.procs[name].pid}, {name: self.started.get(name, 0.0)},
                         procs={name: self.procs[name]}, timeout=timeout, extra=self.below.pop(name, {}))
@@ -403,6 +403,11 @@ class Supervisor:
                 for line in sweep(self.tag, self._sessions):
                     self.say(f"stopped a process left behind: {line}")
             self.release()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log ("" when it does not exist yet)."""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 1.0, *, what: str,
