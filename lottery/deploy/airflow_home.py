@@ -36,7 +36,7 @@ from lottery.deploy.constants import (
     HEARTBEAT_CHECK_INTERVAL_S, POOL, POOL_SLOTS, REPO, SPARK_CONN_ID,
     TASK_HEARTBEAT_TIMEOUT_S,
 )
-from lottery.deploy.supervisor import Supervisor, alive, cores, free_port, venv_bin
+from lottery.deploy.supervisor import Supervisor, alive, cores, venv_bin
 from lottery.files import json_or
 
 DEFAULT_HOME = Path(os.environ.get("LOTTERY_AIRFLOW_HOME", REPO / ".airflow"))
@@ -157,8 +157,6 @@ def environ(home: Path, *, port: int | None = None, parallelism: int | None = No
             AIRFLOW__API__PORT=str(port),
             AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
-            # the LocalExecutor's log server (default 8793) must not collide with another Airflow
-            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
         )
     if parallelism is not None:
         env["AIRFLOW__CORE__PARALLELISM"] = str(parallelism)

@@ -174,7 +174,6 @@ def cluster_env(home: Path, *, port: int, sql_alchemy_conn: str, result_backend:
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
         AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT=str(free_port()),
         AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST="127.0.0.1",
-        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
         AIRFLOW__CORE__PARALLELISM="32",
         SPARK_LOCAL_IP="127.0.0.1",
     )
@@ -377,7 +376,6 @@ class Cluster:
             AIRFLOW__CELERY__WORKER_CONCURRENCY=str(concurrency),
             AIRFLOW__CORE__HOSTNAME_CALLABLE="lottery.deploy.cluster.worker_hostname",
             LOTTERY_WORKER_HOSTNAME=name,
-            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
         )
         if threads:
             env["LOTTERY_THREADS"] = str(threads)
