@@ -4,6 +4,7 @@ run as `spark-submit spark_jobs/preprocess_images.py ...` (docs/spark-preprocess
 Modules, in the order a run uses them:
 
 * `args`: the command line, the checks that need no Spark, the options that define the output;
+* `labels`: the label file of a flat val/ (`--val-labels`: the ILSVRC-2012 validation layout);
 * `errors`: `InputError` (exit 2), `DataError` (exit 1) and `ClusterError` (exit 3);
 * `publish`: one job per output (a lock), the staging directory, "already up to date";
 * `cluster`: a master that answers, an executor within the bound, and none lost for longer;

@@ -12,6 +12,7 @@ from lottery.data.manifest import MANIFEST_NAME
 
 from .cluster import executor_timeout
 from .errors import InputError
+from .labels import IMAGE_SUFFIXES, flat_images, label_file_sha256, resolve_val_labels
 
 # Bump when the same options would produce different bytes (it is part of the options, so of
 # the dataset_id and of the "already up to date" check).
@@ -22,8 +23,8 @@ RESIZE_METHODS = ("shorter-side-crop", "exact")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="preprocess_images.py",
-        description="Image folder (ROOT/train/<class>/..., optional ROOT/val/<class>/...) -> "
-                    "TFRecord shards + manifest.json in the lottery record format.")
+        description="Image folder (ROOT/train/<class>/..., optional ROOT/val/<class>/... or ROOT/val/* "
+                    "with --val-labels) -> TFRecord shards + manifest.json in the lottery record format.")
     p.add_argument("--input", required=True, metavar="ROOT", help="input root with train/ (and val/)")
     p.add_argument("--output", required=True, metavar="DATA_DIR", help="output dataset directory")
     p.add_argument("--image-size", type=int, default=None, metavar="S",
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="without ROOT/val: fraction of train/ split off as val (by path hash)")
     p.add_argument("--seed", type=int, default=0, help="salt of the train/val split hash")
+    p.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="the labels of a flat ROOT/val/ (images directly in it, like the ILSVRC-2012 "
+                        "validation set): LOC_val_solution.csv (ImageId,PredictionString) or "
+                        "filename,class rows")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--shard-mb", type=float, default=100.0, help="target shard size in MB (default 100)")
     g.add_argument("--num-shards", type=int, default=None, help="exact number of shards per split")
@@ -63,8 +68,11 @@ class JobConfig:
     root: Path
     output: Path
     classes: list[str]
-    has_val_dir: bool
+    has_val_dir: bool   # the val split is ROOT/val (class folders, or flat with val_labels)
     args: argparse.Namespace
+    # --val-labels: {file name directly in val/: class folder}; None: val/ has class folders (or no val/).
+    val_labels: dict[str, str] | None = None
+    val_labels_sha256: str | None = None   # of the label file's bytes (effective_options)
 
     @property
     def derived_val(self) -> bool:
@@ -79,6 +87,36 @@ def visible_dirs(path: Path) -> list[str]:
 
 def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
+
+
+def _check_val_layout(args: argparse.Namespace, val: Path, classes: list[str]) -> None:
+    """ROOT/val: class folders of train/'s classes (files directly in it beside them are skipped), or
+    images directly in it with --val-labels; never both, never flat images without labels."""
+    if args.val_labels is not None:
+        if not val.is_dir():
+            raise InputError(f"--val-labels {args.val_labels}: there is no {val} folder (expected the "
+                             f"validation images directly in it)")
+        val_dirs = visible_dirs(val)
+        if val_dirs:
+            raise InputError(f"--val-labels {args.val_labels} is for a flat val/ (images directly in it), "
+                             f"but {val} has class folders ({', '.join(val_dirs[:10])}): pass --val-labels "
+                             f"or use class folders in val/, not both")
+        if not flat_images(val):
+            raise InputError(f"--val-labels {args.val_labels}: {val} holds no images "
+                             f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}) directly")
+    elif val.is_dir():
+        val_dirs = visible_dirs(val)
+        extra = [c for c in val_dirs if c not in set(classes)]
+        if extra:
+            raise InputError(f"{val} has class folders that train/ does not have: "
+                             f"{', '.join(extra[:10])}")
+        if not val_dirs:
+            flat = flat_images(val)
+            if flat:
+                raise InputError(f"{val} holds {len(flat)} images directly ({', '.join(flat[:3])}"
+                                 f"{', ...' if len(flat) > 3 else ''}) and no class folders: pass "
+                                 f"--val-labels FILE with their classes (LOC_val_solution.csv or "
+                                 f"filename,class rows), or move them into val/<class>/ folders")
 
 
 def validate(args: argparse.Namespace) -> JobConfig:
@@ -111,12 +149,9 @@ def validate(args: argparse.Namespace) -> JobConfig:
     classes = visible_dirs(train)
     if not classes:
         raise InputError(f"{train} has no class folders: expected ROOT/train/<class>/<images>")
-    has_val = (root / "val").is_dir()
-    if has_val:
-        extra = [c for c in visible_dirs(root / "val") if c not in set(classes)]
-        if extra:
-            raise InputError(f"{root / 'val'} has class folders that train/ does not have: "
-                             f"{', '.join(extra[:10])}")
+    val = root / "val"
+    has_val = val.is_dir()
+    _check_val_layout(args, val, classes)
 
     output = Path(os.path.abspath(args.output))
     if output.exists() and not output.is_dir():
@@ -136,7 +171,12 @@ def validate(args: argparse.Namespace) -> JobConfig:
     if output.is_dir() and not (output / MANIFEST_NAME).exists() and any(output.iterdir()):
         raise InputError(f"output {output} is a non-empty directory without {MANIFEST_NAME}: "
                          f"refusing to replace something that is not a dataset written by this job")
-    return JobConfig(root=root, output=output, classes=classes, has_val_dir=has_val, args=args)
+    labels = sha = None
+    if args.val_labels is not None:   # last: it reads the label file and lists val/
+        sha = label_file_sha256(args.val_labels)
+        labels = resolve_val_labels(args.val_labels, val, classes)
+    return JobConfig(root=root, output=output, classes=classes, has_val_dir=has_val, args=args,
+                     val_labels=labels, val_labels_sha256=sha)
 
 
 def effective_options(cfg: JobConfig) -> dict:
@@ -151,6 +191,8 @@ def effective_options(cfg: JobConfig) -> dict:
         opts["jpeg_quality"] = a.jpeg_quality
     opts["split"] = ("folders" if cfg.has_val_dir
                      else {"val_fraction": a.val_fraction, "seed": a.seed})
+    if cfg.val_labels is not None:   # only then: the options (and ids) of every other input stay as they were
+        opts["val_labels"] = cfg.val_labels_sha256 or label_file_sha256(a.val_labels)
     if a.num_shards is not None:
         opts["num_shards"] = a.num_shards
     else:

@@ -31,8 +31,9 @@ class _Lister:
     """Accumulates the listing of some files: counts, fingerprint, listing-time skips, sample."""
 
     def __init__(self, *, derived_val: bool, val_fraction: float, seed: int, class_set: frozenset,
-                 sample_size: int):
-        self.kw = {"derived_val": derived_val, "val_fraction": val_fraction, "seed": seed}
+                 sample_size: int, val_labels: dict[str, str] | None = None):
+        self.kw = {"derived_val": derived_val, "val_fraction": val_fraction, "seed": seed,
+                   "val_labels": val_labels}
         self.class_set, self.sample_size = class_set, sample_size
         self.agg = _new_listing()
         self.heap: list[tuple[str, str]] = []   # negated keys: a max-heap of the smallest keys
@@ -49,7 +50,9 @@ class _Lister:
         s[1] += size
         if cls is None or cls not in self.class_set:
             agg["outside"] += 1
-            agg["skipped"].append({"path": rel, "reason": "outside-class: not inside a class folder"})
+            where = ("not inside a class folder and not in the val label file"
+                     if self.kw["val_labels"] is not None and split == "val" else "not inside a class folder")
+            agg["skipped"].append({"path": rel, "reason": f"outside-class: {where}"})
             return
         if any(part.startswith("_") for part in rel.split("/")[2:]):
             agg["skipped"].append({"path": rel, "reason": "ignored-name: Spark does not read names "
@@ -111,7 +114,8 @@ def _merge_listing(a: dict, b: dict, sample_size: int = HEADER_SAMPLE) -> dict:
 
 
 def class_dirs(cfg: JobConfig) -> list[str]:
-    """Relative paths of the class folders to read: train/<c> and val/<c>."""
+    """Relative paths of the class folders to read: train/<c> and val/<c> (none in a flat val/:
+    its files are listed by `_top_level`)."""
     dirs = [f"train/{c}" for c in cfg.classes]
     if cfg.has_val_dir:
         dirs += [f"val/{c}" for c in visible_dirs(cfg.root / "val")]
@@ -121,11 +125,12 @@ def class_dirs(cfg: JobConfig) -> list[str]:
 def _lister_kw(cfg: JobConfig) -> dict:
     a = cfg.args
     return {"derived_val": cfg.derived_val, "val_fraction": a.val_fraction, "seed": a.seed,
-            "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE}
+            "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE, "val_labels": cfg.val_labels}
 
 
 def _top_level(cfg: JobConfig, lister_kw: dict) -> dict:
-    """Files directly in train/ or val/ (not in a class folder), on the driver: few and cheap."""
+    """Files directly in train/ or val/ (not in a class folder), on the driver: few and cheap, or the
+    images of a flat val/ (counted in their labelled classes)."""
     top = _Lister(**lister_kw)
     for split in SPLITS:
         d = cfg.root / split
@@ -156,8 +161,10 @@ def list_inputs(spark, cfg: JobConfig) -> dict:
     sc = spark.sparkContext
     root = str(cfg.root)
     n = max(1, min(len(dirs), sc.defaultParallelism * PARTITIONS_PER_CORE))
+    # The class folders' files are never directly in val/: the executors need no val labels.
+    walk_kw = {**lister_kw, "val_labels": None}
     walked = sc.parallelize(dirs, n).mapPartitions(
-        lambda part: _walk_partition(part, root=root, lister_kw=lister_kw))
+        lambda part: _walk_partition(part, root=root, lister_kw=walk_kw))
     return _finish(_merge_listing(_top_level(cfg, lister_kw), walked.fold(_new_listing(), _merge_listing)))
 
 

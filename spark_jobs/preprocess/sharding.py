@@ -20,12 +20,16 @@ def shard_key(rel: str) -> str:
     return hashlib.sha256(("shard:" + rel).encode("utf-8")).hexdigest()[:16]
 
 
-def assign(rel: str, *, derived_val: bool, val_fraction: float, seed: int) -> tuple[str, str | None]:
+def assign(rel: str, *, derived_val: bool, val_fraction: float, seed: int,
+           val_labels: dict[str, str] | None = None) -> tuple[str, str | None]:
     """(split, class folder or None) of a path relative to the input root ("train/cls/x.jpg").
     With `derived_val`, a train/ file goes to "val" by a seeded hash of its path, so adding files
-    does not reshuffle the rest."""
+    does not reshuffle the rest. With `val_labels` ({file name directly in val/: class}, a flat
+    val/ with --val-labels), "val/<name>" is ("val", its label, or None when it has none)."""
     parts = rel.split("/")
     top = parts[0]
+    if val_labels is not None and top == "val" and len(parts) == 2:
+        return "val", val_labels.get(parts[1])
     cls = parts[1] if len(parts) >= 3 else None
     split = top
     if derived_val and top == "train":
