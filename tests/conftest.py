@@ -44,7 +44,7 @@ E2E_MODULES = {
 UNIT_MODULES = {
     "test_config", "test_fetch", "test_import_rules", "test_models", "test_pipeline", "test_pruning",
     "test_records", "test_reliability_doc", "test_replicate_report", "test_report", "test_stability_report",
-    "test_structure",
+    "test_structure", "test_val_labels",
 }
 # Tests of the unit modules that start a process (a fresh Python, the CLI): the integration tier.
 NOT_UNIT = {
@@ -52,6 +52,7 @@ NOT_UNIT = {
                       "test_mirrored_strategy_with_two_logical_cpus"},
     "test_report": {"test_cli_report", "test_report_imports_no_tensorflow"},
     "test_records": {"test_record_format_and_fetch_do_not_import_tensorflow"},
+    "test_val_labels": {"test_flat_val_end_to_end"},
 }
 
 
