@@ -261,6 +261,7 @@ INVALID = [
     ("dataset", 3),
     ("dataset_limit", 5),
     ("dataset_limit", "100"),
+    ("val_labels", 5),
     ("image_size", 4),
     ("image_size", "28"),
     ("image_size", 28.5),
@@ -313,6 +314,7 @@ INVALID = [
 INVALID_VALUES = [
     ("dataset", "relative/path"),
     ("dataset", "/nonexistent/images"),
+    ("val_labels", "/nonexistent/LOC_val_solution.csv"),  # with fashion_mnist: only for an image folder
     ("training_steps", "0ep"),
     ("batch_size", 0),
     ("lr", 0),
@@ -466,6 +468,27 @@ def test_data_key_distinguishes_options(form, tmp_path):
             form.data_key({**base, "dataset": str(tmp_path / "a" / "imgs")}), form.data_key({**base, "dataset": str(tmp_path / "b" / "imgs")})}
     assert len(keys) == 7
     assert form.data_key(base) == "fashion_mnist-28px-c1-png"
+
+
+def test_val_labels_param(sdag, form, tmp_path):
+    """A flat val/'s label file: passed to the Spark job only when given (the Spark args and data keys of
+    other runs stay as they were), refused at trigger time when it is not a file."""
+    images = tmp_path / "imgs"
+    (images / "train" / "c").mkdir(parents=True)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\n")
+    base = {"artifact_root": str(tmp_path), "dataset": str(images)}
+    without = form.check_params(_params(sdag, **base), base)
+    assert "--val-labels" not in without["spark_args"] and _params(sdag)["val_labels"] is None
+    conf = {**base, "val_labels": str(labels)}
+    out = form.check_params(_params(sdag, **conf), conf)
+    assert out["spark_args"][-2:] == ["--val-labels", str(labels.resolve())]
+    assert out["data_dir"].startswith(without["data_dir"] + "-vl")
+    for bad, reason in ((str(tmp_path / "nope.csv"), "does not exist"), (str(images), "is a directory")):
+        conf = {**base, "val_labels": bad}
+        with pytest.raises(ConfigError, match=reason) as err:
+            form.check_params(_params(sdag, **conf), conf)
+        assert err.value.fields == ["val_labels"]
 
 
 def test_training_threads(tasks, monkeypatch):

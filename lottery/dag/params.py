@@ -76,6 +76,16 @@ PARAMS: dict[str, Param] = {
         description="Use only the first N images of each Fashion-MNIST split (smoke tests). Empty: all 70,000.",
         section="Data",
     ),
+    "val_labels": Param(
+        None,
+        type=["null", "string"],
+        title="Validation labels (flat val/)",
+        description="For an image folder whose val/ holds the images directly (the ILSVRC-2012 validation set as "
+        "distributed: val/ILSVRC2012_val_00000001.JPEG, ...): the absolute path of their label file, "
+        "LOC_val_solution.csv (ImageId,PredictionString) or filename,class rows, in an allowed data root. "
+        "Empty: val/ has class folders, or there is no val/.",
+        section="Data",
+    ),
     "image_size": Param(
         28, type="integer", minimum=8, maximum=512, title="Image size (pixels)",
         description="Images are resized to image_size x image_size by the Spark job.", section="Data",
@@ -129,6 +139,8 @@ def data_key(params: dict[str, Any]) -> str:
     key = f"{name}-{params['image_size']}px-c{params['channels']}-{params['encoding']}"
     if params.get("dataset_limit"):
         key += f"-n{params['dataset_limit']}"
+    if params.get("val_labels"):  # only then: the keys (and data directories) of other runs stay as they were
+        key += f"-vl{hashlib.sha256(str(Path(params['val_labels']).resolve()).encode()).hexdigest()[:8]}"
     return key
 
 
@@ -172,6 +184,8 @@ def data_paths(params: dict[str, Any]) -> dict[str, Any]:
         "--input", src, "--output", data_dir, "--image-size", str(params["image_size"]),
         "--channels", str(params["channels"]), "--encoding", params["encoding"],
     ]
+    if params.get("val_labels"):
+        spark_args += ["--val-labels", str(Path(params["val_labels"]).resolve())]
     return {"dataset": params["dataset"], "dataset_limit": params.get("dataset_limit"), "source_dir": src,
             "data_dir": data_dir, "artifact_root": str(root), "spark_args": spark_args}
 
@@ -182,9 +196,16 @@ def _path_errors(params: dict[str, Any]) -> list[ConfigError]:
     problem = path_problem(params["artifact_root"], allowed_artifact_roots(os.environ), ALLOWED_ARTIFACT_ROOTS_ENV)
     if problem:
         errors.append(ConfigError("artifact_root", params["artifact_root"], problem))
-    dataset = params["dataset"]
+    dataset, labels = params["dataset"], params.get("val_labels")
     if dataset == FASHION_MNIST:
+        if labels:
+            errors.append(ConfigError("val_labels", labels, "only applies to an image folder dataset"))
         return errors
+    if labels:
+        problem = path_problem(labels, allowed_data_roots(os.environ), ALLOWED_DATA_ROOTS_ENV)
+        if problem or not Path(labels).is_file():
+            errors.append(ConfigError("val_labels", labels, problem or (
+                "is a directory, not a label file" if Path(labels).is_dir() else "does not exist")))
     if params.get("dataset_limit"):
         errors.append(ConfigError("dataset_limit", params["dataset_limit"], "only applies to dataset fashion_mnist"))
     problem = path_problem(dataset, allowed_data_roots(os.environ), ALLOWED_DATA_ROOTS_ENV)
