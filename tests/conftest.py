@@ -44,7 +44,7 @@ E2E_MODULES = {
 UNIT_MODULES = {
     "test_config", "test_fetch", "test_import_rules", "test_models", "test_pipeline", "test_pruning",
     "test_records", "test_reliability_doc", "test_replicate_report", "test_report", "test_stability_report",
-    "test_structure", "test_val_labels",
+    "test_structure", "test_val_labels", "test_preprocess_resume",
 }
 # Tests of the unit modules that start a process (a fresh Python, the CLI): the integration tier.
 NOT_UNIT = {
@@ -53,6 +53,8 @@ NOT_UNIT = {
     "test_report": {"test_cli_report", "test_report_imports_no_tensorflow"},
     "test_records": {"test_record_format_and_fetch_do_not_import_tensorflow"},
     "test_val_labels": {"test_flat_val_end_to_end"},
+    "test_preprocess_resume": {"test_a_killed_job_run_again_writes_only_the_missing_shards",
+                               "test_a_killed_job_whose_input_changed_starts_over"},
 }
 
 

@@ -84,7 +84,7 @@ def check(proc: subprocess.CompletedProcess, rc: int = 0) -> subprocess.Complete
 def leftovers(output: Path) -> list[str]:
     """Staging/old siblings of an output dir (the hidden lock file is not data)."""
     return sorted(p.name for p in output.parent.iterdir()
-                  if p.name.startswith(output.name + ".staging-") or p.name.startswith(output.name + ".old-"))
+                  if p.name.startswith((output.name + ".staging-", output.name + ".old-", output.name + ".partial")))
 
 
 def read_all(data_dir: Path) -> dict[str, dict]:
@@ -504,14 +504,20 @@ def test_every_mode_is_converted_to_the_majority_channels(bad_run):
     assert manifest["std"] == pytest.approx(train.reshape(-1, 3).std(axis=0).tolist(), abs=1e-9)
 
 
-def test_too_many_bad_files_fails_and_writes_nothing(work, mixed_root):
+def test_too_many_bad_files_fails_publishes_nothing_and_keeps_its_work(work, mixed_root):
     root, _ = mixed_root
     out = work / "mixed_strict"
     proc = check(spark_submit("--input", root, "--output", out, "--image-size", S), rc=1)
     assert "8 of 26 input files (30.8%) are unusable" in proc.output
     assert "more than --max-bad-fraction=0.01" in proc.output
     assert "train/b_gray/truncated.png: truncated" in proc.output
-    assert not out.exists() and leftovers(out) == []
+    assert not out.exists() and leftovers(out) == [out.name + ".partial"]
+
+    # accepting the bad files reuses every shard written (the bound is not part of the data)
+    proc = check(spark_submit("--input", root, "--output", out, "--image-size", S, "--max-bad-fraction", 0.5))
+    assert "resuming: 2 of 2 shards" in proc.stdout
+    assert len(read_manifest(out)["skipped"]) == 8
+    assert leftovers(out) == []
 
 
 def test_mixed_sizes_need_image_size(work, mixed_root):
@@ -534,7 +540,7 @@ def test_empty_class_fails(work):
     proc = check(spark_submit("--input", root, "--output", out, "--max-bad-fraction", 0.5,
                               "--val-fraction", 0.01), rc=1)
     assert "1 classes have no usable training images: broken" in proc.output
-    assert not out.exists() and leftovers(out) == []
+    assert not out.exists() and leftovers(out) == [out.name + ".partial"]   # the work, for a rerun
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import math
 import warnings
+from collections import Counter
 
 import numpy as np
 
@@ -70,6 +71,13 @@ class Transform:
     encoding: str = "png"
     jpeg_quality: int = 95
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transform":
+        return cls(**{**d, "native": tuple(d["native"]) if d.get("native") else None})
+
     @property
     def shape(self) -> tuple[int, int, int]:
         if self.size is not None:
@@ -121,12 +129,16 @@ def load_image(data: bytes, t: Transform | None = None):
         raise BadImage(code, f"{fmt}: {msg}") from None
 
 
-def to_channels(im, channels: int):
+def to_channels(im, channels: int, conversions: Counter | None = None):
     """Convert any Pillow mode to "L" (channels=1) or "RGB" (channels=3): 16-bit grayscale keeps
-    its high byte (as Pillow does for 16-bit RGB), alpha is dropped, gray is ITU-R 601-2 luma."""
+    its high byte (as Pillow does for 16-bit RGB), alpha is dropped, gray is ITU-R 601-2 luma.
+    A conversion is counted in ``conversions`` as "CMYK to RGB", "L to RGB", ..."""
     from PIL import Image
 
     mode = im.mode
+    target = "L" if channels == 1 else "RGB"
+    if conversions is not None and mode != target:
+        conversions[f"{mode} to {target}"] += 1
     if mode in _16BIT_MODES:
         a = np.asarray(im)
         im = Image.fromarray((np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
@@ -134,7 +146,6 @@ def to_channels(im, channels: int):
     elif mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
         mode = "L"
-    target = "L" if channels == 1 else "RGB"
     if mode == target:
         return im
     try:
@@ -166,14 +177,18 @@ def resize_image(im, t: Transform):
     return im.resize((s, s), Image.Resampling.BILINEAR, box=box)
 
 
-def transform_image(data: bytes, t: Transform) -> np.ndarray:
-    """Bytes of one input file -> uint8 [H, W, C] pixels, or BadImage."""
+def transform_image(data: bytes, t: Transform, conversions: Counter | None = None, name: str = "") -> np.ndarray:
+    """Bytes of one input file -> uint8 [H, W, C] pixels, or BadImage. The file is decoded by its
+    content, whatever its name says; with ``conversions``, a PNG named ``.jpeg``/``.jpg`` (as
+    ImageNet has) and each change of mode are counted there."""
     if not data:
         raise BadImage("empty", "zero-byte file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         im = load_image(data, t)
-        im = to_channels(im, t.channels)
+        if conversions is not None and im.format == "PNG" and name.lower().endswith((".jpeg", ".jpg")):
+            conversions["PNG named .JPEG"] += 1
+        im = to_channels(im, t.channels, conversions)
         im = resize_image(im, t)
         pixels = np.asarray(im)
     if pixels.ndim == 2:

@@ -1,4 +1,4 @@
-"""The job: wait for the output -> up to date? (no Spark) -> list -> probe and plan -> decode and write shards -> manifest -> publish.
+"""The job: wait for the output -> up to date? (no Spark) -> list -> resume, or probe and plan -> decode and write shards -> manifest -> publish.
 
 `main(argv)` is the command line of spark_jobs/preprocess_images.py (exit status 0 done or
 already up to date, 1 the data failed a check, 2 bad arguments or paths, 3 the Spark master
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -18,19 +17,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lottery.data.manifest import ChannelStats, build_manifest, write_manifest
+import numpy as np
+
+from lottery.data.manifest import MANIFEST_NAME, ChannelStats, build_manifest, write_manifest
 from lottery.data.verify import record_written
-from lottery.files import publish_dir, write_text
+from lottery.files import write_text
 
 from .args import JobConfig, effective_options, parse_args, validate
+from .chunks import ChunkPlan
 from .cluster import ExecutorWatch, check_master, executor_timeout, submitted_master, wait_for_executors
 from .errors import EXIT_CLUSTER, EXIT_DATA, EXIT_OK, EXIT_USAGE, ClusterError, DataError, InputError
-from .images import Transform
-from .listing import class_dirs, list_inputs, local_fingerprint
-from .publish import new_staging_dir, output_lock, remove_stale, up_to_date
-from .sharding import SPLITS, ShardPlan
-from .spark import create_session, ship_code, uri
-from .stages import decide_transform, estimate_record_bytes, plan_shards, process
+from .images import HistogramStats, Transform
+from .listing import list_inputs, local_fingerprint
+from .publish import output_lock, partial_dir, publish_partial, remove_stale, resumable, start_partial, up_to_date
+from .sharding import SPLITS
+from .spark import create_session, ship_code
+from .stages import decide_transform, estimate_record_bytes, keep_finished_work, plan_work, process
 
 log = logging.getLogger("preprocess_images")
 
@@ -51,7 +53,7 @@ class _Run:
 class _Written:
     """What stage 3 produced, and what the manifest is built from."""
     t: Transform
-    plan: ShardPlan
+    plan: ChunkPlan
     listing: dict
     results: list[dict]
     decision: dict
@@ -131,10 +133,25 @@ def already_up_to_date(cfg: JobConfig, options: dict) -> bool:
 
 def _run_with_spark(job: _Run) -> int:
     listing = _list(job)
-    t, decision, plan = _probe_and_plan(job, listing)
-    manifest = _write(job, t, plan, listing, decision)
+    t, decision, plan, finished = _resume_or_plan(job, listing)
+    manifest = _write(job, t, plan, listing, decision, finished)
     _log_done(job, listing, manifest)
     return EXIT_OK
+
+
+def _resume_or_plan(job: _Run, listing: dict) -> tuple[Transform, dict, ChunkPlan, frozenset]:
+    """The plan of an interrupted run on the same input with the same options, and the shards it
+    finished; else a new plan (a new partial directory)."""
+    cfg = job.cfg
+    state = resumable(cfg.output, listing["fingerprint"], job.options, force=cfg.args.force)
+    if state is not None:
+        t = Transform.from_dict(state["transform"])
+        plan = ChunkPlan.from_dict(state["plan"], SPLITS)
+        return t, state["decision"], plan, keep_finished_work(job.spark, partial_dir(cfg.output), plan)
+    t, decision, plan = _probe_and_plan(job, listing)
+    start_partial(cfg.output, {"input_fingerprint": listing["fingerprint"], "options": job.options,
+                               "transform": t.to_dict(), "decision": decision, "plan": plan.to_dict()})
+    return t, decision, plan, frozenset()
 
 
 def _list(job: _Run) -> dict:
@@ -154,46 +171,37 @@ def _list(job: _Run) -> dict:
     return listing
 
 
-def _probe_and_plan(job: _Run, listing: dict) -> tuple[Transform, dict, ShardPlan]:
+def _probe_and_plan(job: _Run, listing: dict) -> tuple[Transform, dict, ChunkPlan]:
     """Stage 2: channels, size and record size from a deterministic sample; the shard plan."""
     t0 = time.time()
     job.spark.sparkContext.setJobGroup("preprocess-probe", "probe a sample of the input")
     t, decision = decide_transform(job.spark, job.cfg, listing["sample"])
     record_bytes = estimate_record_bytes(job.spark, job.cfg, t, listing["sample"])
-    plan = plan_shards(job.cfg, listing, record_bytes)
+    plan = plan_work(job.cfg, listing, record_bytes, job.spark.sparkContext.defaultParallelism)
     job.timings["probe_s"] = time.time() - t0
     if "channels" in decision:
         log.info("channels: %s", decision["channels"])
     log.info("plan: images %dx%dx%d (%s), ~%.1f KB per record; shards: %s (probe %.1f s)",
              t.shape[0], t.shape[1], t.shape[2],
              f"{t.resize} to {t.size}" if t.size else "native size", record_bytes / 1024,
-             _fmt_counts(dict(zip(plan.splits, plan.counts))), job.timings["probe_s"])
+             _fmt_counts(dict(zip(plan.shards.splits, plan.shards.counts))), job.timings["probe_s"])
     return t, decision, plan
 
 
-def _write(job: _Run, t: Transform, plan: ShardPlan, listing: dict, decision: dict) -> dict:
-    """Stage 3: decode + write shards into a staging directory, then the manifest, then publish."""
+def _write(job: _Run, t: Transform, plan: ChunkPlan, listing: dict, decision: dict, finished: frozenset) -> dict:
+    """Stage 3: decode + write shards into the partial directory, then the manifest, then publish.
+    A failure leaves the partial directory for the next run to continue."""
     cfg = job.cfg
-    df = (job.spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-          .load([uri(cfg.root / d) for d in class_dirs(cfg)]))
-    staging = new_staging_dir(cfg.output)
-    try:
-        t0 = time.time()
-        results, timeline = process(job.spark, df, cfg, t, plan, staging, listing)
-        job.timings["process_s"] = time.time() - t0
-        job.timings["process_started_at"] = t0
-        manifest = assemble(job, _Written(t, plan, listing, results, decision, timeline))
-        # Remove anything that is not a listed shard (temporary files of failed task attempts).
-        keep = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
-        for p in staging.iterdir():
-            if p.name not in keep:
-                p.unlink()
-        write_manifest(staging, manifest)   # last: a reader needs it
-        publish_dir(staging, cfg.output)
-        record_written(cfg.output, manifest)  # the executors hashed each shard as they wrote it
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    partial = partial_dir(cfg.output)
+    t0 = time.time()
+    results, timeline = process(job.spark, cfg, t, plan, partial, listing, finished)
+    job.timings["process_s"] = time.time() - t0
+    job.timings["process_started_at"] = t0
+    manifest = assemble(job, _Written(t, plan, listing, results, decision, timeline))
+    write_manifest(partial, manifest)   # a reader needs it: the swap below makes it visible with the shards
+    shards = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    publish_partial(partial, cfg.output, shards | {MANIFEST_NAME})
+    record_written(cfg.output, manifest)  # the executors hashed each shard as they wrote it
     return manifest
 
 
@@ -210,25 +218,31 @@ def _log_done(job: _Run, listing: dict, manifest: dict) -> None:
 
 def assemble(job: _Run, w: _Written) -> dict:
     """The manifest of the written shards, after the data checks (DataError)."""
-    splits, skipped, stats = _merge_results(job.cfg, w.t, w.results)
+    splits, skipped, stats, conversions = _merge_results(job.cfg, w.t, w.results)
     skipped = _check_data(job.cfg, w.t, w.listing, splits, skipped)
-    return _job_manifest(job, w, splits, skipped, stats)
+    manifest = _job_manifest(job, w, splits, skipped, stats)
+    if conversions:
+        manifest["conversions"] = conversions
+        log.info("converted: %s", _fmt_counts(conversions))
+    return manifest
 
 
-def _merge_results(cfg: JobConfig, t: Transform, results: list[dict]) -> tuple[dict, list[dict], ChannelStats]:
-    """Per-split counts and shard entries, the decode-time skips and the training pixel statistics."""
+def _merge_results(cfg: JobConfig, t: Transform, results: list[dict]) -> tuple[dict, list[dict], ChannelStats, dict]:
+    """Per-split counts and shard entries, the decode-time skips, the training pixel statistics
+    (exact: from histograms) and the conversions of odd files."""
     splits: dict[str, dict] = {s: {"count": 0, "per_class": [0] * len(cfg.classes), "shards": []} for s in SPLITS}
     skipped: list[dict] = []
-    stats = ChannelStats(t.channels)
+    hist = HistogramStats(t.channels)
+    conversions: Counter = Counter()
     for r in results:
         sp = splits[r["split"]]
         sp["shards"].append(r["entry"])
         sp["count"] += r["entry"]["records"]
         sp["per_class"] = [x + y for x, y in zip(sp["per_class"], r["per_class"])]
         skipped.extend(r["skipped"])
-        for d in r["stats"]:
-            stats = stats.merge(ChannelStats.from_dict(d))
-    return splits, skipped, stats
+        hist.hist += np.asarray(r["hist"], dtype=np.int64)
+        conversions.update(r["conversions"])
+    return splits, skipped, hist.to_channel_stats(), dict(sorted(conversions.items()))
 
 
 def _check_data(cfg: JobConfig, t: Transform, listing: dict, splits: dict, skipped: list[dict]) -> list[dict]:

@@ -38,7 +38,8 @@ class _Lister:
         self.agg = _new_listing()
         self.heap: list[tuple[str, str]] = []   # negated keys: a max-heap of the smallest keys
 
-    def add(self, rel: str, size: int, mtime_ns: int) -> None:
+    def add(self, rel: str, size: int, mtime_ns: int) -> tuple[str, str] | None:
+        """Count one file; (split, class) of a file to decode, None for one skipped here."""
         agg = self.agg
         agg["files"] += 1
         agg["bytes"] += size
@@ -53,44 +54,57 @@ class _Lister:
             where = ("not inside a class folder and not in the val label file"
                      if self.kw["val_labels"] is not None and split == "val" else "not inside a class folder")
             agg["skipped"].append({"path": rel, "reason": f"outside-class: {where}"})
-            return
+            return None
         if any(part.startswith("_") for part in rel.split("/")[2:]):
             agg["skipped"].append({"path": rel, "reason": "ignored-name: Spark does not read names "
                                                           "starting with '_'"})
-            return
+            return None
         if size == 0:
             agg["skipped"].append({"path": rel, "reason": "empty: zero-byte file"})
-            return
+            return None
         agg["readable"] += 1
         agg["by_class"][(split, cls)] = agg["by_class"].get((split, cls), 0) + 1
         item = (_neg_hex(shard_key(rel)), rel)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, item)
-        elif item > self.heap[0]:
+        elif self.heap and item > self.heap[0]:
             heapq.heapreplace(self.heap, item)
+        return split, cls
 
     def result(self) -> dict:
         self.agg["sample"] = sorted((_neg_hex(k), rel) for k, rel in self.heap)
         return self.agg
 
 
+def _files_under(rel_dir: str, root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, stat) of the regular files under a folder, recursively and in sorted order,
+    following links like Spark's listing does; hidden names are ignored."""
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, rel_dir), followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue   # vanished or a dangling link: Spark cannot read it either
+            if stat.S_ISREG(st.st_mode):
+                yield os.path.relpath(full, root).replace(os.sep, "/"), st
+
+
+def _files_directly_in(rel_dir: str, root: str) -> Iterator[tuple[str, os.stat_result]]:
+    for e in sorted(os.scandir(os.path.join(root, rel_dir)), key=lambda e: e.name):
+        if not e.name.startswith(".") and e.is_file():
+            yield f"{rel_dir}/{e.name}", e.stat()
+
+
 def _walk_partition(rel_dirs: Iterable[str], *, root: str, lister_kw: dict) -> Iterator[dict]:
-    """Walk some class folders (recursively, following links like Spark's listing does)."""
+    """Walk some class folders."""
     lister = _Lister(**lister_kw)
     for rel_dir in rel_dirs:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, rel_dir), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # hidden: ignored
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue   # vanished or a dangling link: Spark cannot read it either
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                lister.add(os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns)
+        for rel, st in _files_under(rel_dir, root):
+            lister.add(rel, st.st_size, st.st_mtime_ns)
     yield lister.result()
 
 
@@ -136,11 +150,8 @@ def _top_level(cfg: JobConfig, lister_kw: dict) -> dict:
         d = cfg.root / split
         if not d.is_dir():
             continue
-        for e in sorted(os.scandir(d), key=lambda e: e.name):
-            if e.name.startswith(".") or not e.is_file():
-                continue
-            st = e.stat()
-            top.add(f"{split}/{e.name}", st.st_size, st.st_mtime_ns)
+        for rel, st in _files_directly_in(split, str(cfg.root)):
+            top.add(rel, st.st_size, st.st_mtime_ns)
     return top.result()
 
 
@@ -174,3 +185,20 @@ def local_fingerprint(cfg: JobConfig) -> str:
     lister_kw = _lister_kw(cfg)
     walked = next(_walk_partition(class_dirs(cfg), root=str(cfg.root), lister_kw=lister_kw))
     return _finish(_merge_listing(_top_level(cfg, lister_kw), walked))["fingerprint"]
+
+
+def decode_units(cfg: JobConfig) -> list[str]:
+    """What the decode stage walks: the class folders, and a flat val/ (its files only) when it has
+    labels. Files directly in train/, or in a val/ without labels, are skipped at listing."""
+    return class_dirs(cfg) + (["val/"] if cfg.val_labels is not None else [])
+
+
+def files_to_decode(units: Iterable[str], *, root: str, lister_kw: dict) -> Iterator[tuple[str, str, str]]:
+    """(relative path, split, class) of every file of some `decode_units` that the listing counts as
+    readable: the same rules, applied again by the executors that decode them."""
+    lister = _Lister(**{**lister_kw, "sample_size": 0})
+    for unit in units:
+        files = _files_directly_in(unit.rstrip("/"), root) if unit.endswith("/") else _files_under(unit, root)
+        for rel, st in files:
+            if (placed := lister.add(rel, st.st_size, st.st_mtime_ns)) is not None:
+                yield rel, *placed

@@ -1,9 +1,11 @@
-"""The output directory: one job at a time (the others wait), a staging sibling, the atomic swap,
-"up to date" (no Spark needed).
+"""The output directory: one job at a time (the others wait), the partial sibling that a killed
+job resumes from, the atomic swap, "up to date" (no Spark needed).
 
-The job writes into `DATA_DIR.staging-<hex>` and `lottery.files.publish_dir` swaps it in (the old
-copy goes aside as `DATA_DIR.old-<hex>` and is deleted); `remove_stale` deletes what an
-interrupted run left behind.
+The job writes into `DATA_DIR.partial` (with `resume.json`, what it was started for) and
+`lottery.files.publish_dir` swaps it in (the old copy goes aside as `DATA_DIR.old-<hex>` and is
+deleted). A job run again after a kill continues the partial directory when the input and the
+options are the same, and starts over, saying why, when they are not. `remove_stale` deletes the
+`.old-<hex>` and `.staging-<hex>` leftovers of interrupted swaps.
 """
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ import contextlib
 import logging
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lottery.errors import CorruptDataError
+from lottery.errors import CorruptArtifactError, CorruptDataError
 from lottery.data.manifest import MANIFEST_NAME, read_manifest
 from lottery.data.verify import verify_shards
+from lottery.files import publish_dir, read_json, write_json
 from lottery.locks import LockTimeout, lock_path, wait_lock
 
 from .errors import InputError
@@ -50,11 +52,59 @@ def remove_stale(output: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def new_staging_dir(output: Path) -> Path:
-    """A fresh, empty `DATA_DIR.staging-<hex>` beside the output."""
-    staging = output.with_name(f"{output.name}.staging-{uuid.uuid4().hex[:12]}")
-    staging.mkdir()
-    return staging
+RESUME_NAME = "resume.json"
+
+
+def partial_dir(output: Path) -> Path:
+    return output.with_name(f"{output.name}.partial")
+
+
+def resumable(output: Path, fingerprint: str, options: dict, *, force: bool = False) -> dict | None:
+    """The resume record of an interrupted job on the same input with the same options, else None;
+    a partial directory that cannot be continued is deleted, and the log says why."""
+    partial = partial_dir(output)
+    if not partial.exists():
+        return None
+    try:
+        state = read_json(partial / RESUME_NAME, sealed=True)
+        old = state["input_fingerprint"]
+        if force:
+            reason = "--force was given"
+        elif state["options"] != options:
+            reason = "the options are not the same"
+        elif old != fingerprint:
+            reason = (f"the input changed since (its fingerprint was {old[:12]}, it is {fingerprint[:12]} now); "
+                      f"shards of two inputs are never mixed")
+        else:
+            log.info("resuming the interrupted run in %s (same input, same options)", partial)
+            return state
+    except FileNotFoundError:
+        reason = f"it has no {RESUME_NAME}"
+    except (OSError, KeyError, TypeError, CorruptArtifactError) as e:
+        reason = f"its {RESUME_NAME} is not usable ({e})"
+    log.warning("starting over: the interrupted run's work in %s cannot be reused: %s", partial, reason)
+    shutil.rmtree(partial)
+    return None
+
+
+def start_partial(output: Path, state: dict) -> Path:
+    """A new partial directory with its resume record."""
+    partial = partial_dir(output)
+    partial.mkdir()
+    write_json(partial / RESUME_NAME, state, sealed=True)
+    return partial
+
+
+def publish_partial(partial: Path, output: Path, keep: set[str]) -> None:
+    """Leave only the files in ``keep`` (the shards, the manifest) in ``partial`` and swap it in."""
+    for path in partial.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    publish_dir(partial, output)
 
 
 def up_to_date(output: Path, input_fingerprint: Callable[[], str], options: dict) -> dict | None:

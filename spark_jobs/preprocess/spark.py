@@ -1,4 +1,4 @@
-"""Spark plumbing: the session, the code on the executors, file URIs, raw file contents, progress.
+"""Spark plumbing: the session, the code on the executors, file URIs, progress.
 
 The executors run functions of `spark_jobs.preprocess` that use `lottery.data`: unless the caller
 gave both packages with `--py-files`, the driver zips them (`build_py_files`) and ships the zip
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -78,29 +77,6 @@ def create_session(app_name: str = "preprocess_images"):
         os.environ["PYSPARK_PYTHON"] = sys.executable
     builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
     return builder.getOrCreate()
-
-
-_GLOB_CHARS = re.compile(r"([\[\]{}*?\\])")
-
-
-def uri(path: Path) -> str:
-    return "file://" + _GLOB_CHARS.sub(r"\\\1", str(path))
-
-
-def content_rdd(spark, df):
-    """(path, content) of every file of a binaryFile DataFrame as a Python RDD: a JVM pair RDD,
-    streamed as raw bytes rather than pickled `Row`s (about 4x less CPU for image-sized values);
-    `df.rdd` where the JVM is not reachable (Spark Connect)."""
-    try:
-        from pyspark.rdd import RDD
-        from pyspark.serializers import NoOpSerializer, PairDeserializer, UTF8Deserializer
-
-        enc = spark.sparkContext._jvm.org.apache.spark.sql.Encoders
-        pairs = getattr(df.select("path", "content")._jdf, "as")(enc.tuple(enc.STRING(), enc.BINARY()))
-        return RDD(pairs.javaRDD(), spark.sparkContext, PairDeserializer(UTF8Deserializer(), NoOpSerializer()))
-    except Exception as e:  # pragma: no cover - depends on the deployment
-        log.info("raw content transfer unavailable (%s); using DataFrame.rdd", e)
-        return df.select("path", "content").rdd.map(tuple)
 
 
 class Progress(threading.Thread):

@@ -1,6 +1,8 @@
-"""Stages 2 and 3: probe a sample (channels, native size, record size), plan the shards, then
-decode + transform + encode on the executors, shuffle to one partition per shard and write each
-shard from the executor task that owns it (only small metadata rows come back to the driver).
+"""Stages 2 and 3: probe a sample (channels, native size, record size), plan the shards and their
+chunks, then decode + transform + encode on the executors, each task reading the files of one chunk
+by path and writing its fragment; a shard is assembled from its fragments by the task that
+finishes its last chunk (`chunks`). Only paths cross the shuffle, and only small counts come back
+to the driver.
 """
 from __future__ import annotations
 
@@ -12,22 +14,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lottery.data.manifest import shard_name
-from lottery.data.tfrecord import write_shard
-
 from .args import JobConfig
+from .chunks import (ChunkJob, ChunkPlan, assemble_shard, clear_claims, keep_finished, plan_chunks, run_chunk,
+                     shard_result_path, shard_results)
 from .errors import DataError
-from .images import BadImage, HistogramStats, Transform, encode_record, mode_channels, sniff_format, transform_image
-from .listing import PARTITIONS_PER_CORE
-from .sharding import SPLITS, ShardPlan, assign, shard_key
-from .spark import Progress, content_rdd, partial
+from .images import Transform, encode_record, mode_channels, sniff_format, transform_image
+from .listing import PARTITIONS_PER_CORE, _lister_kw, decode_units, files_to_decode
+from .sharding import SPLITS, ShardPlan, shard_key
+from .spark import Progress
+from .spark import partial as bind
 
 log = logging.getLogger("preprocess_images")
 
 SIZE_SAMPLE = 64    # files fully transformed to estimate the record size
-# Decode stage input partitions: about this many files each, none bigger than this.
-FILES_PER_PARTITION = 256
-MAX_PARTITION_BYTES = 64 << 20
 
 
 def _probe_header(rel: str, root: str) -> tuple[str, Any]:
@@ -114,95 +113,85 @@ def plan_shards(cfg: JobConfig, listing: dict, record_bytes: float) -> ShardPlan
     offsets = tuple(sum(counts[:i]) for i in range(len(counts)))
     return ShardPlan(SPLITS, tuple(counts), offsets)
 
-def _rel_of(path: str, prefix: str) -> str:
-    if not path.startswith(prefix):
-        raise ValueError(f"file {path} is not under the input root {prefix}")
-    return path[len(prefix):]
+def plan_work(cfg: JobConfig, listing: dict, record_bytes: float, cores: int) -> ChunkPlan:
+    """The shards, cut into chunks: enough for every core to stay busy until the end."""
+    shards = plan_shards(cfg, listing, record_bytes)
+    files = {s: sum(v for (sp, _), v in listing["by_class"].items() if sp == s) for s in SPLITS}
+    return plan_chunks(shards, files, cores * PARTITIONS_PER_CORE)
 
-def _decode_partition(rows: Iterable, *, prefix: str, derived_val: bool, val_fraction: float, seed: int,
-                      class_index: dict, t: Transform, plan: ShardPlan, counter) -> Iterator:
-    stats = HistogramStats(t.channels)
-    done = 0
-    for path, content in rows:
-        rel = _rel_of(path, prefix)
-        split, cls = assign(rel, derived_val=derived_val, val_fraction=val_fraction, seed=seed)
+
+def keep_finished_work(spark, partial: Path, plan: ChunkPlan) -> frozenset:
+    """What an interrupted run finished and is intact (checked in parallel: it is read in full);
+    returns the finished shards and logs what is reused."""
+    sc = spark.sparkContext
+    sc.setJobGroup("preprocess-resume", "check what an interrupted run finished")
+    total = plan.shards.total
+    where = str(partial)
+    kept = sc.parallelize(range(total), max(1, min(total, sc.defaultParallelism * PARTITIONS_PER_CORE))) \
+        .map(lambda p: (p, keep_finished(where, plan, p))).collect()
+    shards = frozenset(p for p, (done, _) in kept if done)
+    chunks = sum(n for p, (done, n) in kept if not done)
+    log.info("resuming: %d of %d shards and %d of the other shards' %d chunks are finished and intact; "
+             "the rest is written now", len(shards), total, chunks,
+             sum(plan.per_shard[p] for p in range(total) if p not in shards))
+    return shards
+
+
+def _chunk_items(units: Iterable[str], *, root: str, lister_kw: dict, plan: ChunkPlan,
+                 class_index: dict) -> Iterator[tuple[int, tuple[str, str, str, int]]]:
+    for rel, split, cls in files_to_decode(units, root=root, lister_kw=lister_kw):
         key = shard_key(rel)
-        p = plan.partition(split, key)
-        label = class_index.get(cls) if cls is not None else None
-        done += 1
-        if label is None:
-            where = "not inside a class folder" if cls is None else f"unknown class folder {cls!r}"
-            yield (p, key, rel), ("skip", f"outside-class: {where}")
-            continue
-        try:
-            pixels = transform_image(content if isinstance(content, bytes) else bytes(content), t)
-        except BadImage as e:
-            yield (p, key, rel), ("skip", e.reason)
-            continue
-        record = encode_record(pixels, label, rel, t)
-        if split == "train":
-            stats.update(pixels)
-        yield (p, key, rel), ("rec", label, record)
-    counter.add(done)
-    if stats.images:
-        st = stats.to_channel_stats()
-        yield (0, "", ""), ("stats", st.to_dict(), stats.images)
+        yield plan.chunk(split, key), (key, rel, split, class_index[cls])
 
 
-def _write_partition(p: int, rows: Iterable, *, staging: str, plan: ShardPlan, num_classes: int) -> Iterator[dict]:
-    split, index, count = plan.shard_of(p)
-    per_class = [0] * num_classes
-    skipped: list[dict] = []
-    stats: list[dict] = []
-
-    def recs() -> Iterator[bytes]:
-        for (_, _, rel), value in rows:
-            kind = value[0]
-            if kind == "rec":
-                per_class[value[1]] += 1
-                yield value[2]
-            elif kind == "skip":
-                skipped.append({"path": rel, "reason": value[1]})
-            elif kind == "stats":
-                stats.append(value[1])
-
-    entry = write_shard(os.path.join(staging, shard_name(split, index, count)), recs())
-    yield {"split": split, "index": index, "count": count, "entry": entry, "per_class": per_class,
-           "skipped": skipped, "stats": stats}
-
-
-def process(spark, df, cfg: JobConfig, t: Transform, plan: ShardPlan, staging: Path,
-            listing: dict) -> tuple[list[dict], list]:
-    """Stage 3; returns the shard rows (split order, then shard index) and the progress timeline."""
+def process(spark, cfg: JobConfig, t: Transform, plan: ChunkPlan, partial: Path, listing: dict,
+            finished_shards: frozenset) -> tuple[list[dict], list]:
+    """Stage 3; returns the shard results (partition order) and the progress timeline."""
     sc = spark.sparkContext
     a = cfg.args
-    # Input partitions: enough to keep every core busy (and balanced), none too big.
-    dp = sc.defaultParallelism
-    n_files = max(1, listing["readable"])
-    target = max(dp * PARTITIONS_PER_CORE, math.ceil(listing["readable"] / FILES_PER_PARTITION),
-                 math.ceil(listing["bytes"] / MAX_PARTITION_BYTES))
-    target = min(target, n_files)
-    spark.conf.set("spark.sql.files.openCostInBytes", str(4096))
-    spark.conf.set("spark.sql.files.minPartitionNum", str(target))
-    spark.conf.set("spark.sql.files.maxPartitionBytes", str(MAX_PARTITION_BYTES))
-
+    root = str(cfg.root)
+    units = decode_units(cfg)
+    lister_kw = _lister_kw(cfg)
+    items = bind(_chunk_items, root=root, lister_kw=lister_kw, plan=plan,
+                       class_index={c: i for i, c in enumerate(cfg.classes)})
+    job = ChunkJob(partial=str(partial), root=root, plan=plan, t=t, num_classes=len(cfg.classes),
+                   finished_shards=finished_shards)
     counter = sc.accumulator(0)
-    prefix = "file:" + str(cfg.root) + "/"
-    decode = partial(_decode_partition, prefix=prefix, derived_val=cfg.derived_val,
-                     val_fraction=a.val_fraction, seed=a.seed,
-                     class_index={c: i for i, c in enumerate(cfg.classes)}, t=t, plan=plan, counter=counter)
-    write_kw = {"staging": str(staging), "plan": plan, "num_classes": len(cfg.classes)}
 
-    content = content_rdd(spark, df)
-    n_in = content.getNumPartitions()
-    log.info("decode: %d input partitions on %d cores -> %d shard partitions", n_in, dp, plan.total)
-    pairs = content.mapPartitions(decode)
-    shards = pairs.repartitionAndSortWithinPartitions(
-        numPartitions=plan.total, partitionFunc=lambda k: k[0], keyfunc=lambda k: k)
-    written = shards.mapPartitionsWithIndex(lambda p, rows: _write_partition(p, rows, **write_kw))
+    def chunk_task(c: int, rows: Iterator) -> Iterator[dict]:
+        done = run_chunk(job, c, (item for _, item in rows))
+        counter.add(done["files"])
+        yield done
+
+    clear_claims(job.partial)
+    n_walk = max(1, min(len(units), sc.defaultParallelism * PARTITIONS_PER_CORE))
+    log.info("decode: %d chunks in %d shards on %d cores (%d shards already finished)", plan.total,
+             plan.shards.total, sc.defaultParallelism, len(finished_shards))
+    chunks = (sc.parallelize(units, n_walk).mapPartitions(items)
+              .partitionBy(plan.total, lambda c: c)
+              .mapPartitionsWithIndex(chunk_task))
     sc.setJobGroup("preprocess-write", "decode, resize, encode and write shards")
-    progress = Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter, listing["readable"])
+    progress = Progress(sc, "preprocess-write", "decode+write", a.progress_interval, counter,
+                        listing["readable"])
     with progress:
-        results = written.collect()
+        chunks.collect()
     progress.sample()
-    return sorted(results, key=lambda r: (SPLITS.index(r["split"]), r["index"])), progress.timeline
+    _assemble_unclaimed(spark, job)
+    return shard_results(job.partial, plan), progress.timeline
+
+
+def _assemble_unclaimed(spark, job: ChunkJob) -> None:
+    """Shards whose last chunk's task did not assemble them (it failed and was retried): now."""
+    missing = [p for p in range(job.plan.shards.total)
+               if p not in job.finished_shards and not _shard_done(job, p)]
+    if missing:
+        log.info("assembling %d shards whose last chunk's task did not", len(missing))
+        sc = spark.sparkContext
+        sc.setJobGroup("preprocess-assemble", "assemble shards from their fragments")
+        sc.parallelize(missing, len(missing)).foreach(
+            lambda p: assemble_shard(job.partial, job.plan, p, job.num_classes))
+
+
+def _shard_done(job: ChunkJob, p: int) -> bool:
+    return shard_result_path(job.partial, job.plan, p).is_file()
+
