@@ -355,6 +355,12 @@ def test_fashion_mnist_manifest(fm_run, fm_root):
     assert manifest["options"]["channels"] == "auto" and manifest["options"]["split"] == "folders"
     assert manifest["spark_version"] and manifest["duration_s"] > 0
     assert manifest["dataset_id"] == dataset_id(manifest["fingerprint"], manifest["options"])
+    # byte for byte what every earlier version of the job wrote: experiment ids and results stay
+    assert manifest["dataset_id"] == "4a26835173ea"
+    assert {s["file"]: s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]} == {
+        "train-00000-of-00001.tfrecord": "c30d7b25cd7a6d5427078e4643de64fddd292749c4215a845d17e6f59fa73afd",
+        "val-00000-of-00001.tfrecord": "9cb71f75ffbbe8240bc51e4c44eecbaad6c6afa8df394e8724a4a2a71285557e"}
+    assert "conversions" not in manifest   # grayscale PNGs to 1 channel: nothing converted
     # the shards, the manifest, and the record that the shards as written match it (lottery.data.verify)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [MANIFEST_NAME, ".verified.json"] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]])
@@ -654,3 +660,30 @@ def test_histogram_stats_match_channel_stats():
     st = h.to_channel_stats()
     assert st.mean() == pytest.approx(ref.mean()) and st.std() == pytest.approx(ref.std())
     assert json.dumps(st.to_dict()) == json.dumps(ref.to_dict())
+
+
+def test_imagenet_odd_files_are_decoded_by_content_and_counted(work):
+    """ImageNet's odd files: a PNG named .JPEG, a CMYK JPEG and a grayscale JPEG become RGB
+    records with the right colours, and the manifest counts each conversion."""
+    root = work / "odd_files"
+    colours = {"cmyk": (200, 30, 30), "png": (10, 200, 30), "gray": (90, 90, 90)}
+    a, b = root / "train" / "n01440764", root / "train" / "n01443537"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (40 * i, 100, 150)).save(d / f"{d.name}_{i}.JPEG", quality=95)
+    Image.new("RGB", (40, 30), colours["cmyk"]).convert("CMYK").save(a / "cmyk.JPEG", quality=95)
+    Image.new("RGB", (40, 30), colours["png"]).save(a / "png.JPEG", format="PNG")
+    Image.new("L", (40, 30), colours["gray"][0]).save(a / "gray.JPEG", quality=95)
+    out = work / "odd_files_data"
+    proc = check(spark_submit("--input", root, "--output", out, "--image-size", 16, "--channels", 3,
+                              "--val-fraction", 0.01))
+    manifest = read_manifest(out)
+    assert manifest["conversions"] == {"CMYK to RGB": 1, "L to RGB": 1, "PNG named .JPEG": 1}
+    assert "converted: CMYK to RGB 1, L to RGB 1, PNG named .JPEG 1" in proc.stdout
+    assert manifest["skipped"] == [] and sum(s["count"] for s in manifest["splits"].values()) == 9
+    got = read_all(out)
+    for name, colour in colours.items():
+        pixels = got[f"train/n01440764/{name}.JPEG"]["pixels"]
+        assert pixels.shape == (16, 16, 3)
+        assert np.abs(pixels.reshape(-1, 3).mean(axis=0) - colour).max() < 8, (name, pixels[0, 0])

@@ -79,7 +79,8 @@ def _skip_lines(skipped: list[dict], limit: int = MAX_LISTED_SKIPS) -> str:
 def run(cfg: JobConfig, t_start: float) -> int:
     a = cfg.args
     options = effective_options(cfg)
-    split_desc = ("train/ and val/ folders" if cfg.has_val_dir
+    split_desc = (f"val/ labelled by {a.val_labels}" if cfg.val_labels is not None
+                  else "train/ and val/ folders" if cfg.has_val_dir
                   else f"val = {a.val_fraction:g} of train/ by path hash (seed {a.seed})")
     log.info("start: input %s (%d classes; split: %s) -> output %s", cfg.root, len(cfg.classes),
              split_desc, cfg.output)

@@ -137,9 +137,10 @@ def keep_finished_work(spark, partial: Path, plan: ChunkPlan) -> frozenset:
     return shards
 
 
-def _chunk_items(units: Iterable[str], *, root: str, lister_kw: dict, plan: ChunkPlan,
+def _chunk_items(units: Iterable[str], *, root: str, lister_kw: dict, val_labels, plan: ChunkPlan,
                  class_index: dict) -> Iterator[tuple[int, tuple[str, str, str, int]]]:
-    for rel, split, cls in files_to_decode(units, root=root, lister_kw=lister_kw):
+    kw = {**lister_kw, "val_labels": val_labels.value if val_labels is not None else None}
+    for rel, split, cls in files_to_decode(units, root=root, lister_kw=kw):
         key = shard_key(rel)
         yield plan.chunk(split, key), (key, rel, split, class_index[cls])
 
@@ -151,8 +152,10 @@ def process(spark, cfg: JobConfig, t: Transform, plan: ChunkPlan, partial: Path,
     a = cfg.args
     root = str(cfg.root)
     units = decode_units(cfg)
-    lister_kw = _lister_kw(cfg)
-    items = bind(_chunk_items, root=root, lister_kw=lister_kw, plan=plan,
+    # The labels of a flat val/ (50,000 for ImageNet) go to each executor once, not with each task.
+    val_labels = sc.broadcast(cfg.val_labels) if cfg.val_labels is not None else None
+    lister_kw = {**_lister_kw(cfg), "val_labels": None}
+    items = bind(_chunk_items, root=root, lister_kw=lister_kw, val_labels=val_labels, plan=plan,
                        class_index={c: i for i, c in enumerate(cfg.classes)})
     job = ChunkJob(partial=str(partial), root=root, plan=plan, t=t, num_classes=len(cfg.classes),
                    finished_shards=finished_shards)
