@@ -61,6 +61,7 @@ from lottery.data.tfrecord import write_shard
 from spark_jobs.preprocess import images
 from spark_jobs.preprocess.labels import resolve_val_labels
 from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, assign, shard_key
+from spark_jobs.preprocess.spark import JVM_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -253,7 +254,8 @@ def spark_env() -> dict:
 def spark_submit_cmd(corpus: Corpus, out: Path, master_args: list[str], args) -> list[str]:
     return [str(Path(sys.executable).parent / "spark-submit"), *master_args,
             "--conf", "spark.ui.enabled=false", "--driver-memory", args.driver_memory,
-            *(["--driver-java-options", args.jvm_options] if args.jvm_options else []),
+            *[arg for side in ("driver", "executor")
+              for arg in ("--conf", f"spark.{side}.extraJavaOptions={args.jvm_options}")],
             str(REPO / "spark_jobs" / "preprocess_images.py"), "--input", str(corpus.root), "--output", str(out),
             "--val-labels", str(corpus.labels),
             "--image-size", str(args.image_size), "--encoding", "jpeg", "--jpeg-quality", str(args.jpeg_quality),
@@ -619,8 +621,8 @@ def header(res: dict) -> str:
         opts.append(f"--memory-sizes {','.join(str(x) for x in a.memory_sizes)}")
     if a.cluster_count:
         opts.append(f"--cluster-count {a.cluster_count}")
-    if a.jvm_options:
-        opts.append(f"--jvm-options={a.jvm_options}")
+    if a.jvm_options != JVM_OPTIONS:
+        opts.append(f"--jvm-options='{a.jvm_options}'")
     return (f"`python -m bench.spark_preprocess {' '.join(opts)}`: {describe(res['corpus'])}; -> "
             f"{a.image_size}x{a.image_size} shorter-side-crop, jpeg q{a.jpeg_quality}, {a.cores} processes / "
             f"local[{a.cores}], the val labels from LOC_val_solution.csv (`--val-labels`). {res['machine']}; "
@@ -782,9 +784,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jpeg-quality", type=int, default=95)
     ap.add_argument("--shard-mb", type=float, default=100.0)
     ap.add_argument("--driver-memory", default="2g")
-    ap.add_argument("--jvm-options", default="",
-                    help="extra JVM options of the Spark driver (local mode: also the executor), "
-                         "e.g. -XX:TieredStopAtLevel=1")
+    ap.add_argument("--jvm-options", default=JVM_OPTIONS,
+                    help="JVM options of the Spark driver and executors (default: the DAG's, "
+                         f"{JVM_OPTIONS!r}; '' for Spark's own)")
     ap.add_argument("--repeat", type=_positive, default=1,
                     help="run Spark and the plain loop this many times, alternating; report the median of each")
     ap.add_argument("--memory-sizes", type=_sizes, default=None, metavar="A,B",

@@ -26,11 +26,11 @@ import pytest
 
 from lottery.data import read_manifest
 from lottery.locks import lock_path, wait_lock
-from tests.test_spark_preprocess import (FAST_JVM, JOB, ROOT, check, check_fashion_mnist_output, fashion_mnist_root,
+from tests.test_spark_preprocess import (JOB, ROOT, check, check_fashion_mnist_output, fashion_mnist_root,
                                          leftovers, spark_env, spark_submit, spark_submit_cmd)
 from spark_jobs.preprocess.cluster import EXECUTOR_TIMEOUT_ENV
 from spark_jobs.preprocess.errors import EXIT_CLUSTER, ClusterError
-from spark_jobs.preprocess.spark import build_py_files
+from spark_jobs.preprocess.spark import JVM_OPTIONS, build_py_files
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ class Standalone:
         self.env["SPARK_LOG_DIR"] = str(d / "logs")
         self.env["SPARK_WORKER_DIR"] = str(d / "work")
         self.env["SPARK_NO_DAEMONIZE"] = "1"
-        self.env["SPARK_DAEMON_JAVA_OPTS"] = FAST_JVM   # master and worker JVMs: start-up CPU matters here
+        self.env["SPARK_DAEMON_JAVA_OPTS"] = JVM_OPTIONS   # master and worker JVMs: start-up CPU matters here
         self.spark_class = str(Path(sys.executable).parent / "spark-class")
         self.url = ""
         self.started: list[tuple[subprocess.Popen, object]] = []
@@ -174,8 +174,7 @@ def _operator(root: Path, out: Path):
 
     env = spark_env()
     conf = {k: v for k, _, v in (c.partition("=") for c in CLUSTER_CONF[1::2])}
-    conf.update({"spark.ui.enabled": "false", "spark.driver.memory": "1g",
-                 "spark.driver.extraJavaOptions": FAST_JVM, "spark.executor.extraJavaOptions": FAST_JVM})
+    conf.update({"spark.ui.enabled": "false", "spark.driver.memory": "1g"})   # the JVM options: the operator's
     return PreprocessOperator(task_id="preprocess", conn_id="spark_default", application=str(JOB),
                               application_args=["--input", str(root), "--output", str(out), "--num-shards", "2"],
                               env_vars={k: env[k] for k in SPARK_ENV_KEYS}, conf=conf)

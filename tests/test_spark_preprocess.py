@@ -28,7 +28,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "spark_jobs" / "preprocess_images.py"
 FM_LIMIT = 100
-FAST_JVM = "-XX:TieredStopAtLevel=1"
 
 from lottery.data import ChannelStats, example, tfrecord  # noqa: E402
 from lottery.data.manifest import MANIFEST_NAME, dataset_id, read_manifest, shard_paths, verify_dataset  # noqa: E402
@@ -36,6 +35,7 @@ from lottery.data.verify import verify_shards  # noqa: E402
 from spark_jobs.preprocess import args as job_args  # noqa: E402
 from spark_jobs.preprocess import images, sharding  # noqa: E402
 from spark_jobs.preprocess.errors import InputError  # noqa: E402
+from spark_jobs.preprocess.spark import JVM_CONF  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +59,8 @@ def spark_env() -> dict:
 def spark_submit_cmd(*args, master: str = "local[2]", extra: tuple = ()) -> list[str]:
     return [str(Path(sys.executable).parent / "spark-submit"), "--master", master,
             "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=1g",
-            # short runs: the C1 JIT alone costs about half the CPU of the default tiered JIT
-            "--conf", f"spark.driver.extraJavaOptions={FAST_JVM}",
-            "--conf", f"spark.executor.extraJavaOptions={FAST_JVM}",
+            # the options the DAG's preprocess task gives the job
+            *[arg for key, value in JVM_CONF.items() for arg in ("--conf", f"{key}={value}")],
             *extra, str(JOB), *[str(a) for a in args]]
 
 

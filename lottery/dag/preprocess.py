@@ -37,7 +37,13 @@ class SparkJobError(LotteryError):
 
 class PreprocessOperator(SparkSubmitOperator):
     """A ``SparkSubmitOperator`` that waits for another run writing the same data, starts Spark only
-    when the data is missing, damaged or out of date, and fails naming the job's own error."""
+    when the data is missing, damaged or out of date, and fails naming the job's own error. The
+    job's JVM options (`spark_jobs.preprocess.spark.JVM_CONF`) come first in ``conf``."""
+
+    def __init__(self, *, conf: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        from spark_jobs.preprocess.spark import JVM_CONF
+
+        super().__init__(conf={**JVM_CONF, **(conf or {})}, **kwargs)
 
     def execute(self, context: Any) -> None:
         from lottery.locks import lock_path, wait_lock
