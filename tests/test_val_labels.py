@@ -232,7 +232,7 @@ def test_assign_with_val_labels():
 
 def _listing(cfg: job_args.JobConfig) -> dict:
     """`list_inputs`'s result, walked in this process (as `local_fingerprint` does)."""
-    kw = listing._lister_kw(cfg)
+    kw = listing.lister_kwargs(cfg)
     walked = next(listing._walk_partition(listing.class_dirs(cfg), root=str(cfg.root), lister_kw=kw))
     return listing._finish(listing._merge_listing(listing._top_level(cfg, kw), walked))
 

@@ -136,7 +136,8 @@ def class_dirs(cfg: JobConfig) -> list[str]:
     return dirs
 
 
-def _lister_kw(cfg: JobConfig) -> dict:
+def lister_kwargs(cfg: JobConfig) -> dict:
+    """How a `_Lister` places and counts the files of this job (also what `files_to_decode` takes)."""
     a = cfg.args
     return {"derived_val": cfg.derived_val, "val_fraction": a.val_fraction, "seed": a.seed,
             "class_set": frozenset(cfg.classes), "sample_size": HEADER_SAMPLE, "val_labels": cfg.val_labels}
@@ -167,7 +168,7 @@ def _finish(listing: dict) -> dict:
 
 def list_inputs(spark, cfg: JobConfig) -> dict:
     """Listing, fingerprint, counts and the probe sample of the input (no file contents read)."""
-    lister_kw = _lister_kw(cfg)
+    lister_kw = lister_kwargs(cfg)
     dirs = class_dirs(cfg)
     sc = spark.sparkContext
     root = str(cfg.root)
@@ -182,7 +183,7 @@ def list_inputs(spark, cfg: JobConfig) -> dict:
 def local_fingerprint(cfg: JobConfig) -> str:
     """The input fingerprint of `list_inputs`, walked in this process (no Spark): what the
     "already up to date" check compares before a Spark session is started."""
-    lister_kw = _lister_kw(cfg)
+    lister_kw = lister_kwargs(cfg)
     walked = next(_walk_partition(class_dirs(cfg), root=str(cfg.root), lister_kw=lister_kw))
     return _finish(_merge_listing(_top_level(cfg, lister_kw), walked))["fingerprint"]
 

@@ -19,7 +19,7 @@ from .chunks import (ChunkJob, ChunkPlan, assemble_shard, clear_claims, keep_fin
                      shard_result_path, shard_results)
 from .errors import DataError
 from .images import Transform, encode_record, mode_channels, sniff_format, transform_image
-from .listing import PARTITIONS_PER_CORE, _lister_kw, decode_units, files_to_decode
+from .listing import PARTITIONS_PER_CORE, decode_units, files_to_decode, lister_kwargs
 from .sharding import SPLITS, ShardPlan, shard_key
 from .spark import Progress
 from .spark import partial as bind
@@ -100,11 +100,15 @@ def estimate_record_bytes(spark, cfg: JobConfig, t: Transform, sample: list[str]
         return h * w * c + 120.0
     return float(sum(sizes)) / len(sizes)
 
+
+def _files_per_split(listing: dict) -> dict[str, int]:
+    return {split: sum(v for (s, _), v in listing["by_class"].items() if s == split) for split in SPLITS}
+
+
 def plan_shards(cfg: JobConfig, listing: dict, record_bytes: float) -> ShardPlan:
     a = cfg.args
     counts = []
-    for split in SPLITS:
-        n = sum(v for (s, _), v in listing["by_class"].items() if s == split)
+    for split, n in _files_per_split(listing).items():
         if a.num_shards is not None:
             k = a.num_shards
         else:
@@ -113,11 +117,11 @@ def plan_shards(cfg: JobConfig, listing: dict, record_bytes: float) -> ShardPlan
     offsets = tuple(sum(counts[:i]) for i in range(len(counts)))
     return ShardPlan(SPLITS, tuple(counts), offsets)
 
+
 def plan_work(cfg: JobConfig, listing: dict, record_bytes: float, cores: int) -> ChunkPlan:
     """The shards, cut into chunks: enough for every core to stay busy until the end."""
     shards = plan_shards(cfg, listing, record_bytes)
-    files = {s: sum(v for (sp, _), v in listing["by_class"].items() if sp == s) for s in SPLITS}
-    return plan_chunks(shards, files, cores * PARTITIONS_PER_CORE)
+    return plan_chunks(shards, _files_per_split(listing), cores * PARTITIONS_PER_CORE)
 
 
 def keep_finished_work(spark, partial: Path, plan: ChunkPlan) -> frozenset:
@@ -154,9 +158,9 @@ def process(spark, cfg: JobConfig, t: Transform, plan: ChunkPlan, partial: Path,
     units = decode_units(cfg)
     # The labels of a flat val/ (50,000 for ImageNet) go to each executor once, not with each task.
     val_labels = sc.broadcast(cfg.val_labels) if cfg.val_labels is not None else None
-    lister_kw = {**_lister_kw(cfg), "val_labels": None}
+    lister_kw = {**lister_kwargs(cfg), "val_labels": None}
     items = bind(_chunk_items, root=root, lister_kw=lister_kw, val_labels=val_labels, plan=plan,
-                       class_index={c: i for i, c in enumerate(cfg.classes)})
+                 class_index={c: i for i, c in enumerate(cfg.classes)})
     job = ChunkJob(partial=str(partial), root=root, plan=plan, t=t, num_classes=len(cfg.classes),
                    finished_shards=finished_shards)
     counter = sc.accumulator(0)
@@ -186,15 +190,10 @@ def process(spark, cfg: JobConfig, t: Transform, plan: ChunkPlan, partial: Path,
 def _assemble_unclaimed(spark, job: ChunkJob) -> None:
     """Shards whose last chunk's task did not assemble them (it failed and was retried): now."""
     missing = [p for p in range(job.plan.shards.total)
-               if p not in job.finished_shards and not _shard_done(job, p)]
+               if p not in job.finished_shards and not shard_result_path(job.partial, job.plan, p).is_file()]
     if missing:
         log.info("assembling %d shards whose last chunk's task did not", len(missing))
         sc = spark.sparkContext
         sc.setJobGroup("preprocess-assemble", "assemble shards from their fragments")
         sc.parallelize(missing, len(missing)).foreach(
             lambda p: assemble_shard(job.partial, job.plan, p, job.num_classes))
-
-
-def _shard_done(job: ChunkJob, p: int) -> bool:
-    return shard_result_path(job.partial, job.plan, p).is_file()
-
