@@ -54,7 +54,8 @@ NOT_UNIT = {
     "test_records": {"test_record_format_and_fetch_do_not_import_tensorflow"},
     "test_val_labels": {"test_flat_val_end_to_end"},
     "test_preprocess_resume": {"test_a_killed_job_run_again_writes_only_the_missing_shards",
-                               "test_a_killed_job_whose_input_changed_starts_over"},
+                               "test_a_killed_job_whose_input_changed_starts_over",
+                               "test_the_dag_tasks_retry_resumes_a_killed_job"},
 }
 
 

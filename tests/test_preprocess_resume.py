@@ -22,7 +22,7 @@ from lottery.files import read_json
 from spark_jobs.preprocess import chunks
 from spark_jobs.preprocess.images import Transform
 from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, shard_key
-from tests.test_spark_preprocess import check, leftovers, spark_env, spark_submit, spark_submit_cmd
+from tests.test_spark_preprocess import JOB, check, leftovers, spark_env, spark_submit, spark_submit_cmd
 
 CLASSES = ("n01440764", "n01443537", "n02102040")
 
@@ -198,3 +198,26 @@ def test_a_killed_job_whose_input_changed_starts_over(photos, tmp_path):
 def test_a_transform_survives_the_resume_record():
     for t in (Transform(channels=3, size=None, native=(64, 48)), Transform(channels=1, size=32, encoding="raw")):
         assert Transform.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+@pytest.mark.slow
+def test_the_dag_tasks_retry_resumes_a_killed_job(photos, tmp_path, monkeypatch):
+    """The DAG's preprocess task (PreprocessOperator, as its retry runs it) after a killed job:
+    the finished shards are kept as they are, the rest is written, the output is the whole one."""
+    from lottery.dag.preprocess import PreprocessOperator
+
+    out = tmp_path / "data"
+    finished = _run_until_some_shards_are_done(photos, out)
+    partial = out.with_name(out.name + ".partial")
+    before = {name: (partial / name).stat().st_mtime_ns for name in finished}
+
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    env = spark_env()
+    PreprocessOperator(task_id="preprocess", conn_id="spark_default", application=str(JOB),
+                       application_args=["--input", str(photos), "--output", str(out), *JOB_ARGS],
+                       env_vars={k: env[k] for k in ("PATH", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_LOCAL_IP")},
+                       conf={"spark.ui.enabled": "false", "spark.driver.memory": "1g"}).execute({"run_id": "test"})
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == before
+    manifest = read_manifest(out)
+    assert sum(s["count"] for s in manifest["splits"].values()) == 1800 and not manifest["skipped"]
+    assert leftovers(out) == []
