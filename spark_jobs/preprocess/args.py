@@ -192,7 +192,7 @@ def effective_options(cfg: JobConfig) -> dict:
     opts["split"] = ("folders" if cfg.has_val_dir
                      else {"val_fraction": a.val_fraction, "seed": a.seed})
     if cfg.val_labels is not None:   # only then: the options (and ids) of every other input stay as they were
-        opts["val_labels"] = cfg.val_labels_sha256 or label_file_sha256(a.val_labels)
+        opts["val_labels"] = cfg.val_labels_sha256
     if a.num_shards is not None:
         opts["num_shards"] = a.num_shards
     else:

@@ -16,8 +16,11 @@ Pure functions of the file system (no Spark): the executors run them, the tests 
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import hashlib
+import itertools
 import math
 import os
 import warnings
@@ -54,24 +57,28 @@ class ChunkPlan:
     def total(self) -> int:
         return sum(self.per_shard)
 
+    @functools.cached_property
+    def _first_chunks(self) -> tuple[int, ...]:
+        """The first chunk of each shard (computed once: `chunk` runs for every input file)."""
+        return tuple(itertools.accumulate(self.per_shard, initial=0))[:-1]
+
     def first_chunk(self, p: int) -> int:
-        return sum(self.per_shard[:p])
+        return self._first_chunks[p]
 
     def chunk(self, split: str, key: str) -> int:
         """The chunk of a file: its shard's range of keys cut into equal parts (monotone in the key)."""
         p = self.shards.partition(split, key)
-        n = self.shards.counts[self.shards.splits.index(split)]
-        x = key_unit(key) * n - (p - self.shards.offsets[self.shards.splits.index(split)])
+        i = self.shards.splits.index(split)
+        x = key_unit(key) * self.shards.counts[i] - (p - self.shards.offsets[i])
         k = self.per_shard[p]
-        return self.first_chunk(p) + min(max(int(x * k), 0), k - 1)
+        return self._first_chunks[p] + min(max(int(x * k), 0), k - 1)
 
     def locate(self, c: int) -> tuple[int, int]:
         """(shard partition, index of the chunk in its shard) of chunk ``c``."""
-        for p, k in enumerate(self.per_shard):
-            if c < k:
-                return p, c
-            c -= k
-        raise IndexError(c)
+        if not 0 <= c < self.total:
+            raise IndexError(c)
+        p = bisect.bisect_right(self._first_chunks, c) - 1
+        return p, c - self._first_chunks[p]
 
     def to_dict(self) -> dict:
         return {"shard_counts": list(self.shards.counts), "chunks_per_shard": list(self.per_shard)}

@@ -53,7 +53,6 @@ class _Run:
 class _Written:
     """What stage 3 produced, and what the manifest is built from."""
     t: Transform
-    plan: ChunkPlan
     listing: dict
     results: list[dict]
     decision: dict
@@ -198,7 +197,7 @@ def _write(job: _Run, t: Transform, plan: ChunkPlan, listing: dict, decision: di
     results, timeline = process(job.spark, cfg, t, plan, partial, listing, finished)
     job.timings["process_s"] = time.time() - t0
     job.timings["process_started_at"] = t0
-    manifest = assemble(job, _Written(t, plan, listing, results, decision, timeline))
+    manifest = assemble(job, _Written(t, listing, results, decision, timeline))
     write_manifest(partial, manifest)   # a reader needs it: the swap below makes it visible with the shards
     shards = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
     publish_partial(partial, cfg.output, shards | {MANIFEST_NAME})

@@ -38,38 +38,43 @@ class _Lister:
         self.agg = _new_listing()
         self.heap: list[tuple[str, str]] = []   # negated keys: a max-heap of the smallest keys
 
-    def add(self, rel: str, size: int, mtime_ns: int) -> tuple[str, str] | None:
-        """Count one file; (split, class) of a file to decode, None for one skipped here."""
+    def place(self, rel: str, size: int) -> tuple[str, str | None, str | None]:
+        """(split, class, why it is skipped or None) of one file: the rules of the listing, which
+        the decode stage applies again to the files it reads (`files_to_decode`)."""
+        split, cls = assign(rel, **self.kw)
+        if cls is None or cls not in self.class_set:
+            where = ("not inside a class folder and not in the val label file"
+                     if self.kw["val_labels"] is not None and split == "val" else "not inside a class folder")
+            return split, cls, f"outside-class: {where}"
+        if any(part.startswith("_") for part in rel.split("/")[2:]):
+            return split, cls, "ignored-name: Spark does not read names starting with '_'"
+        if size == 0:
+            return split, cls, "empty: zero-byte file"
+        return split, cls, None
+
+    def add(self, rel: str, size: int, mtime_ns: int) -> None:
+        """Count one file."""
         agg = self.agg
         agg["files"] += 1
         agg["bytes"] += size
         digest = hashlib.sha256(f"{rel}\0{size}\0{mtime_ns}".encode("utf-8")).digest()
         agg["fp"] = (agg["fp"] + int.from_bytes(digest[:16], "big")) % (1 << 128)
-        split, cls = assign(rel, **self.kw)
+        split, cls, skipped = self.place(rel, size)
         s = agg["by_split"].setdefault(split, [0, 0])
         s[0] += 1
         s[1] += size
-        if cls is None or cls not in self.class_set:
-            agg["outside"] += 1
-            where = ("not inside a class folder and not in the val label file"
-                     if self.kw["val_labels"] is not None and split == "val" else "not inside a class folder")
-            agg["skipped"].append({"path": rel, "reason": f"outside-class: {where}"})
-            return None
-        if any(part.startswith("_") for part in rel.split("/")[2:]):
-            agg["skipped"].append({"path": rel, "reason": "ignored-name: Spark does not read names "
-                                                          "starting with '_'"})
-            return None
-        if size == 0:
-            agg["skipped"].append({"path": rel, "reason": "empty: zero-byte file"})
-            return None
+        if skipped is not None:
+            if skipped.startswith("outside-class"):
+                agg["outside"] += 1
+            agg["skipped"].append({"path": rel, "reason": skipped})
+            return
         agg["readable"] += 1
         agg["by_class"][(split, cls)] = agg["by_class"].get((split, cls), 0) + 1
         item = (_neg_hex(shard_key(rel)), rel)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, item)
-        elif self.heap and item > self.heap[0]:
+        elif item > self.heap[0]:
             heapq.heapreplace(self.heap, item)
-        return split, cls
 
     def result(self) -> dict:
         self.agg["sample"] = sorted((_neg_hex(k), rel) for k, rel in self.heap)
@@ -197,9 +202,10 @@ def decode_units(cfg: JobConfig) -> list[str]:
 def files_to_decode(units: Iterable[str], *, root: str, lister_kw: dict) -> Iterator[tuple[str, str, str]]:
     """(relative path, split, class) of every file of some `decode_units` that the listing counts as
     readable: the same rules, applied again by the executors that decode them."""
-    lister = _Lister(**{**lister_kw, "sample_size": 0})
+    lister = _Lister(**lister_kw)
     for unit in units:
         files = _files_directly_in(unit.rstrip("/"), root) if unit.endswith("/") else _files_under(unit, root)
         for rel, st in files:
-            if (placed := lister.add(rel, st.st_size, st.st_mtime_ns)) is not None:
-                yield rel, *placed
+            split, cls, skipped = lister.place(rel, st.st_size)
+            if skipped is None:
+                yield rel, split, cls
