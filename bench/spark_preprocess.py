@@ -44,7 +44,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,8 @@ from lottery.data.tfrecord import write_shard
 from spark_jobs.preprocess import images
 from spark_jobs.preprocess.labels import resolve_val_labels
 from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, assign, shard_key
+from lottery.deploy.cluster import SPARK_MASTER_READY, SPARK_WORKER_READY, spark_master_argv, spark_worker_argv
+from lottery.deploy.supervisor import Supervisor, free_port, stop_groups
 from spark_jobs.preprocess.spark import JVM_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +276,7 @@ def run_spark(corpus: Corpus, out: Path, master_args: list[str], args, also_watc
         stdout, stderr = proc.communicate()
         ended = time.time()
     finally:
-        stop_group(proc)        # interrupted: leave no spark-submit behind
+        stop_groups({"spark-submit": proc.pid}, {}, procs={"spark-submit": proc})   # interrupted: leave none behind
         cpu_s = monitor.stop()
     if proc.returncode != 0:
         sys.stderr.write(stdout[-5000:] + stderr[-5000:])
@@ -291,24 +292,6 @@ def run_spark(corpus: Corpus, out: Path, master_args: list[str], args, also_watc
             "stages": {k: t[k] for k in ("listing_s", "probe_s", "process_s") if k in t},
             "memory_kb": monitor.peaks_by_role(),
             "log": [l for l in stdout.splitlines() if "preprocess_images INFO" in l]}
-
-
-def stop_group(proc: subprocess.Popen, term_wait: float = 20) -> None:
-    """End a process we started in its own session, and everything in its process group."""
-    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)   # its children may outlive it (executors)
-            except (ProcessLookupError, PermissionError):
-                pass
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,16 +396,9 @@ def run_plain(corpus: Corpus, out: Path, cores: int, t: images.Transform, plan: 
 # a loopback standalone cluster: a master and 1-core workers on 127.0.0.1
 # ---------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LoopbackCluster:
-    """A standalone master and `workers` workers of 1 core each, started from the venv's pyspark
-    (`spark-class org.apache.spark.deploy.{master.Master,worker.Worker}`) on 127.0.0.1: the master
-    on a free port, everything else on ports the OS picks (web UIs included: nobody browses them).
+    """A standalone master and `workers` workers of 1 core each on 127.0.0.1, started and stopped by
+    the project's `Supervisor` with the loopback cluster's own commands (`lottery.deploy.cluster`).
     Each process has its own session (the executors a worker starts are in its group and session);
     leaving the `with` block stops them all, also on an error or an interrupt."""
 
@@ -431,52 +407,31 @@ class LoopbackCluster:
     def __init__(self, workdir: Path, workers: int, worker_memory: str):
         self.workdir, self.workers, self.worker_memory = workdir, workers, worker_memory
         self.url = ""
-        self.procs: list[subprocess.Popen] = []
+        self.supervisor = Supervisor(workdir)
         self.env = spark_env() | {"SPARK_LOCAL_IP": "127.0.0.1"}
 
     def __enter__(self) -> "LoopbackCluster":
+        sup, deadline = self.supervisor, time.monotonic() + self.READY_TIMEOUT
         try:
             port = free_port()
             self.url = f"spark://127.0.0.1:{port}"
-            self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                   "--port", str(port), "--webui-port", "0"], "I have been elected leader")
+            sup.start("master", spark_master_argv(port, free_port()), self.env)
+            sup.wait_log("master", SPARK_MASTER_READY, deadline)
             for i in range(self.workers):
-                self._start(f"worker-{i}", ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                            "--port", "0", "--webui-port", "0", "--cores", "1",
-                                            "--memory", self.worker_memory,
-                                            "--work-dir", str(self.workdir / "work"), self.url],
-                            "Successfully registered with master")
+                sup.start(f"worker-{i}", spark_worker_argv(self.url, cores=1, memory=self.worker_memory,
+                                                           work_dir=self.workdir / "work"), self.env)
+                sup.wait_log(f"worker-{i}", SPARK_WORKER_READY, deadline)
         except BaseException:
-            self.stop()
+            sup.stop()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.supervisor.stop()
 
     @property
     def sessions(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def _start(self, name: str, args: list[str], ready: str) -> None:
-        log = self.workdir / f"{name}.log"
-        with open(log, "w") as f:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "spark-class"), *args], stdout=f,
-                                    stderr=subprocess.STDOUT, env=self.env, cwd=str(self.workdir),
-                                    start_new_session=True)
-        self.procs.append(proc)
-        deadline = time.time() + self.READY_TIMEOUT
-        while ready not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.time() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise SystemExit(f"spark {name} did not log {ready!r} "
-                                 f"({'exited ' + str(proc.returncode) if proc.poll() is not None else 'timed out'}):\n{tail}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            stop_group(proc)
-        self.procs = []
+        return list(self.supervisor.pids.values())
 
     def master_args(self, executors: int, executor_memory: str) -> list[str]:
         """spark-submit's options for `executors` executors of 1 core each."""

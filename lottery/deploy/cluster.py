@@ -69,6 +69,22 @@ from lottery.deploy.supervisor import (
 
 DEFAULT_HOME = REPO / "build" / "cluster-local"
 STATE_FILE = "cluster.json"
+# What a standalone master and worker log once they serve (Supervisor.wait_log).
+SPARK_MASTER_READY = "I have been elected leader"
+SPARK_WORKER_READY = "Successfully registered with master"
+
+
+def spark_master_argv(port: int, ui_port: int) -> list[str]:
+    """A standalone Spark master on 127.0.0.1, from the venv's pyspark (also bench/spark_preprocess.py's)."""
+    return [str(venv_bin() / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+            "--port", str(port), "--webui-port", str(ui_port)]
+
+
+def spark_worker_argv(master: str, *, cores: int, memory: str, work_dir: Path) -> list[str]:
+    """A standalone Spark worker on 127.0.0.1 and free ports, offering ``cores`` and ``memory`` to ``master``."""
+    return [str(venv_bin() / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+            "--port", str(free_port()), "--webui-port", str(free_port()), "--cores", str(cores), "--memory", memory,
+            "--work-dir", str(work_dir), master]
 
 
 def worker_hostname() -> str:
@@ -349,17 +365,13 @@ class Cluster:
         env = dict(self.env)
         env.update(SPARK_LOG_DIR=str(self.home / "spark" / "logs"), SPARK_WORKER_DIR=str(self.home / "spark" / "work"),
                    SPARK_NO_DAEMONIZE="1")
-        spark_class = str(venv_bin() / "spark-class")
         mport, mui = free_port(), free_port()
         st.spark_master, st.spark_ui = f"spark://127.0.0.1:{mport}", f"http://127.0.0.1:{mui}"
-        sup.start("spark-master", [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                   "--port", str(mport), "--webui-port", str(mui)], env, restart=True)
-        sup.wait_log("spark-master", "I have been elected leader", deadline)
-        sup.start("spark-worker", [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                   "--port", str(free_port()), "--webui-port", str(free_port()),
-                                   "--cores", str(s.spark_cores), "--memory", s.spark_memory,
-                                   "--work-dir", str(self.home / "spark" / "work"), st.spark_master], env, restart=True)
-        sup.wait_log("spark-worker", "Successfully registered with master", deadline)
+        sup.start("spark-master", spark_master_argv(mport, mui), env, restart=True)
+        sup.wait_log("spark-master", SPARK_MASTER_READY, deadline)
+        sup.start("spark-worker", spark_worker_argv(st.spark_master, cores=s.spark_cores, memory=s.spark_memory,
+                                                    work_dir=self.home / "spark" / "work"), env, restart=True)
+        sup.wait_log("spark-worker", SPARK_WORKER_READY, deadline)
 
     def _init(self) -> None:
         env = dict(self.env)
