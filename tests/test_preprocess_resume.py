@@ -67,7 +67,7 @@ def _write_chunk(partial: Path, plan, p: int, j: int, payload: bytes) -> None:
     write_json(chunks.chunk_result_path(str(partial), plan, p, j),
                {"fragment": {"file": path.name, "records": 1, "sha256": hashlib.sha256(payload).hexdigest(),
                              "bytes": len(payload)},
-                "per_class": [1, 0], "skipped": [], "hist": [[0] * 256], "images": 0, "conversions": {}},
+                "per_class": [1, 0], "skipped": [], "hist": [[0] * 256], "conversions": {}},
                sealed=True)
 
 
@@ -82,7 +82,7 @@ def test_what_a_killed_run_left_is_kept_only_when_it_matches_its_result(tmp_path
 
     # a shard and its result: kept, and fragments a kill left beside it are removed
     _write_chunk(tmp_path, plan, 1, 0, b"v" * 5)
-    shard = chunks.assemble_shard(str(tmp_path), plan, 1, num_classes=2)
+    shard = chunks.assemble_shard(str(tmp_path), plan, 1)
     assert (tmp_path / shard["entry"]["file"]).read_bytes() == b"v" * 5
     assert not chunks.fragment_path(str(tmp_path), plan, 1, 0).exists()
     _write_chunk(tmp_path, plan, 1, 0, b"v" * 5)
@@ -100,7 +100,7 @@ def test_assembly_refuses_a_fragment_that_changed(tmp_path):
     _write_chunk(tmp_path, plan, 0, 1, b"y" * 8)
     chunks.fragment_path(str(tmp_path), plan, 0, 1).write_bytes(b"z" * 8)
     with pytest.raises(Exception, match="changed while the job was running"):
-        chunks.assemble_shard(str(tmp_path), plan, 0, num_classes=2)
+        chunks.assemble_shard(str(tmp_path), plan, 0)
     assert not (tmp_path / chunks.shard_file(plan, 0)).exists()
 
 

@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from lottery.data.manifest import shard_name
 from lottery.data.tfrecord import write_shard
 from lottery.errors import CorruptArtifactError
@@ -186,7 +188,7 @@ def run_chunk(job: ChunkJob, c: int, items: Iterable[tuple[str, str, str, int]])
         files = _decode_chunk(job, p, j, sorted(items))
         done = {"chunk": c, "files": files, "reused": None}
     if _last_chunk_done(job, p) and _claim(job, p):
-        assemble_shard(job.partial, job.plan, p, job.num_classes)
+        assemble_shard(job.partial, job.plan, p)
     return done
 
 
@@ -218,7 +220,7 @@ def _decode_chunk(job: ChunkJob, p: int, j: int, items: list) -> int:
         entry = write_shard(fragment_path(job.partial, job.plan, p, j), records())
     write_json(chunk_result_path(job.partial, job.plan, p, j),
                {"fragment": entry, "per_class": per_class, "skipped": skipped, "hist": stats.hist.tolist(),
-                "images": stats.images, "conversions": dict(conversions)}, sealed=True)
+                "conversions": dict(conversions)}, sealed=True)
     return len(items)
 
 
@@ -248,7 +250,7 @@ def clear_claims(partial: str) -> None:
 # a shard: its fragments concatenated
 # ---------------------------------------------------------------------------------------------
 
-def assemble_shard(partial: str, plan: ChunkPlan, p: int, num_classes: int) -> dict:
+def assemble_shard(partial: str, plan: ChunkPlan, p: int) -> dict:
     """Write shard ``p`` from its fragments (each checked against its result as it is copied),
     then its result; then delete the fragments. Returns the result."""
     name = shard_file(plan, p)
@@ -265,7 +267,7 @@ def assemble_shard(partial: str, plan: ChunkPlan, p: int, num_classes: int) -> d
             for j, result in enumerate(results):
                 size += _append(fragment_path(partial, plan, p, j), result["fragment"], out, digest)
                 records += result["fragment"]["records"]
-    merged = _merge(results, num_classes)
+    merged = _merge(results)
     shard = {"split": split, "index": index, "count": count,
              "entry": {"file": name, "records": records, "sha256": digest.hexdigest(), "bytes": size}, **merged}
     write_json(shard_result_path(partial, plan, p), shard, sealed=True)
@@ -290,19 +292,12 @@ def _append(fragment: Path, record: dict, out, digest) -> int:
     return size
 
 
-def _merge(results: list[dict], num_classes: int) -> dict:
-    per_class = [0] * num_classes
-    hist = None
-    conversions: Counter = Counter()
-    skipped, images = [], 0
-    for r in results:
-        per_class = [a + b for a, b in zip(per_class, r["per_class"])]
-        skipped += r["skipped"]
-        images += r["images"]
-        hist = r["hist"] if hist is None else [[a + b for a, b in zip(x, y)] for x, y in zip(hist, r["hist"])]
-        conversions.update(r["conversions"])
-    return {"per_class": per_class, "skipped": skipped, "hist": hist, "images": images,
-            "conversions": dict(conversions)}
+def _merge(results: list[dict]) -> dict:
+    """A shard's result from its chunks' (each has at least one)."""
+    return {"per_class": np.sum([r["per_class"] for r in results], axis=0).tolist(),
+            "skipped": [s for r in results for s in r["skipped"]],
+            "hist": np.sum([r["hist"] for r in results], axis=0).tolist(),
+            "conversions": dict(sum((Counter(r["conversions"]) for r in results), Counter()))}
 
 
 def shard_results(partial: str, plan: ChunkPlan) -> list[dict]:

@@ -196,4 +196,4 @@ def _assemble_unclaimed(spark, job: ChunkJob) -> None:
         sc = spark.sparkContext
         sc.setJobGroup("preprocess-assemble", "assemble shards from their fragments")
         sc.parallelize(missing, len(missing)).foreach(
-            lambda p: assemble_shard(job.partial, job.plan, p, job.num_classes))
+            lambda p: assemble_shard(job.partial, job.plan, p))
