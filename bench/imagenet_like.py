@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lottery.files import atomic_path
+from lottery.files import atomic_path, json_or, write_json
 
 # Bump when the same index would give another file (the cache is keyed by it).
 GENERATOR_VERSION = 3
@@ -243,10 +242,7 @@ def corpus_home(cache_dir: Path, count: int) -> Path:
 
 
 def load_complete(home: Path) -> Corpus | None:
-    try:
-        info = json.loads((home / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+    info = json_or(home / MARKER, {})
     return Corpus(home, info) if info.get("version") == GENERATOR_VERSION else None
 
 
@@ -268,7 +264,7 @@ def ensure_corpus(cache_dir: Path, count: int, procs: int) -> Corpus:
         rows = _generate(home, count, procs)
     info = {"version": GENERATOR_VERSION, "count": count, "seconds": round(time.time() - t0, 1),
             "linked_from": str(larger.home) if larger else None, **summarize(rows)}
-    (home / MARKER).write_text(json.dumps(info, indent=1))
+    write_json(home / MARKER, info)   # last, atomically: the corpus is complete
     return Corpus(home, info)
 
 
