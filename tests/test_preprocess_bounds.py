@@ -20,15 +20,10 @@ from tests.helpers import use_test_home  # noqa: E402  (before airflow is import
 use_test_home()
 
 from lottery.deploy.constants import PREPROCESS_TIMEOUT  # noqa: E402
+from lottery.deploy.supervisor import free_port  # noqa: E402
 from spark_jobs.preprocess.cluster import (EXECUTOR_TIMEOUT_ENV, check_master, executor_timeout,  # noqa: E402
                                            master_addresses)
 from spark_jobs.preprocess.errors import EXIT_CLUSTER, EXIT_USAGE, ClusterError, InputError  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_preprocess_has_an_execution_timeout():
@@ -74,7 +69,7 @@ def test_the_masters_checked_and_the_ones_that_are_not():
 
 
 def test_a_master_with_nothing_listening_is_named_unreachable():
-    refused = f"spark://127.0.0.1:{_free_port()}"
+    refused = f"spark://127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match=rf"^Spark master {refused} unreachable: connection refused; "
                                            r"is the master running, and is this its address\?$"):
         check_master(refused)
@@ -83,7 +78,7 @@ def test_a_master_with_nothing_listening_is_named_unreachable():
         listening.listen()
         port = listening.getsockname()[1]
         check_master(f"spark://127.0.0.1:{port}")
-        check_master(f"spark://127.0.0.1:{_free_port()},127.0.0.1:{port}")   # one standby master answers is enough
+        check_master(f"spark://127.0.0.1:{free_port()},127.0.0.1:{port}")   # one standby master answers is enough
 
 
 def test_the_jobs_error_becomes_the_tasks_error(tmp_path):

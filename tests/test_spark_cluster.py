@@ -15,9 +15,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from lottery.data import read_manifest
+from lottery.deploy.cluster import SPARK_MASTER_READY, SPARK_WORKER_READY, spark_master_argv, spark_worker_argv
+from lottery.deploy.supervisor import free_port
 from lottery.locks import lock_path, wait_lock
 from tests.test_spark_preprocess import (JOB, ROOT, check, check_fashion_mnist_output, fashion_mnist_root,
                                          leftovers, spark_env, spark_submit, spark_submit_cmd)
@@ -34,12 +34,6 @@ from spark_jobs.preprocess.spark import JVM_OPTIONS, build_py_files
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -79,34 +73,29 @@ class Standalone:
         self.env["SPARK_WORKER_DIR"] = str(d / "work")
         self.env["SPARK_NO_DAEMONIZE"] = "1"
         self.env["SPARK_DAEMON_JAVA_OPTS"] = JVM_OPTIONS   # master and worker JVMs: start-up CPU matters here
-        self.spark_class = str(Path(sys.executable).parent / "spark-class")
         self.url = ""
         self.started: list[tuple[subprocess.Popen, object]] = []
 
     def _start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.d / f"{name}.log"
         f = open(log, "w")
-        proc = subprocess.Popen([self.spark_class, *args], stdout=f, stderr=subprocess.STDOUT, env=self.env,
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=str(self.d), start_new_session=True)
         self.started.append((proc, f))
         return proc, log
 
     def master(self) -> str:
-        port = _free_port()
+        port = free_port()
         self.url = f"spark://127.0.0.1:{port}"
-        master, mlog = self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                              "--port", str(port), "--webui-port", str(_free_port())])
-        _wait_for(mlog, "I have been elected leader", master)
+        master, mlog = self._start("master", spark_master_argv(port, free_port()))
+        _wait_for(mlog, SPARK_MASTER_READY, master)
         return self.url
 
     def worker(self) -> subprocess.Popen:
         """A worker (2 cores, 1 GiB), once the master has registered it."""
         name = f"worker-{len(self.started)}"
-        worker, wlog = self._start(name, ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                          "--port", str(_free_port()), "--webui-port", str(_free_port()),
-                                          "--cores", "2", "--memory", "1g", "--work-dir", str(self.d / "work"),
-                                          self.url])
-        _wait_for(wlog, "Successfully registered with master", worker)
+        worker, wlog = self._start(name, spark_worker_argv(self.url, cores=2, memory="1g", work_dir=self.d / "work"))
+        _wait_for(wlog, SPARK_WORKER_READY, worker)
         return worker
 
     def stop(self) -> None:
@@ -259,7 +248,7 @@ def test_an_unreachable_master_fails_preprocess_at_once_naming_it(tmp_path, monk
     job run by hand before creating its session (Spark alone retries for about a minute)."""
     root = fashion_mnist_root(tmp_path, limit=FM_SMALL)
     out = tmp_path / "data"
-    url = f"spark://127.0.0.1:{_free_port()}"
+    url = f"spark://127.0.0.1:{free_port()}"
     _use_master(monkeypatch, url)
     task = _operator(root, out)
     started = time.monotonic()

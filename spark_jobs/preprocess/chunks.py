@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import math
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -215,9 +214,7 @@ def _decode_chunk(job: ChunkJob, p: int, j: int, items: list) -> int:
             per_class[label] += 1
             yield encode_record(pixels, label, rel, job.t)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        entry = write_shard(fragment_path(job.partial, job.plan, p, j), records())
+    entry = write_shard(fragment_path(job.partial, job.plan, p, j), records())   # transform_image mutes Pillow
     write_json(chunk_result_path(job.partial, job.plan, p, j),
                {"fragment": entry, "per_class": per_class, "skipped": skipped, "hist": stats.hist.tolist(),
                 "conversions": dict(conversions)}, sealed=True)
