@@ -13,8 +13,9 @@ from /auth/token).
 2. the Spark worker SIGKILLed (and its supervisor paused, so that nothing restarts it yet) before
    a preprocess: the task fails within the executor bound, naming the cause; once the supervisor
    goes on it restarts the worker, and the task's retry succeeds;
-3. the scheduler SIGKILLed while tickets train: restarted within seconds, the run succeeds and no
-   training task ran twice;
+3. the scheduler SIGKILLed while tickets train: its helper processes are stopped and it is restarted
+   within seconds, its health-check server on its port again; the run succeeds and no training task
+   ran twice;
 4. the Spark master SIGKILLed: restarted, and the next run, whose data is new, preprocesses on it;
 5. the supervisor itself SIGKILLed: every component is gone within 10 s (its reaper), and `up`
    starts the cluster again, saying so;
@@ -49,6 +50,7 @@ from tests.helpers import kill_tree, without_test_airflow
 
 EXECUTOR_BOUND_S = 30
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+HEALTH_PORT = "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"
 # Tickets of a few seconds each, four of them: long enough to SIGKILL the scheduler mid-training.
 FIRST = tiny_run(dataset_limit=200, training_steps="6ep", sparsities=[0.5, 0.9], controls=False,
                  drop=("control_sparsities",))
@@ -147,6 +149,12 @@ class Cluster:
         return took
 
 
+def listener(port: int) -> int | None:
+    """The pid listening on ``port`` on loopback."""
+    return next((s.pid for s in psutil.net_connections(kind="tcp")
+                 if s.status == psutil.CONN_LISTEN and s.laddr.port == port), None)
+
+
 def in_sessions(sessions: set[int]) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
@@ -227,8 +235,16 @@ def test_the_cluster_heals_itself(tmp_path):
         wait_for(lambda: any(t["task_id"] == "late_reset" and t["state"] == "running"
                              for t in api.task_instances(run_id)), 900, "a ticket in training", interval=1)
         scheduler = c.pid("airflow-scheduler")
+        helpers = psutil.Process(scheduler).children(recursive=True)  # its health-check server
+        assert helpers
         os.kill(scheduler, signal.SIGKILL)
         figures["scheduler back (s)"] = c.restarted("airflow-scheduler", scheduler)
+        # gone before the new one started: a helper shares the old scheduler's database connection,
+        # and with it any lock its transaction held (the new one could then never queue a task)
+        assert not any(h.is_running() and h.status() != psutil.STATUS_ZOMBIE for h in helpers), helpers
+        health = int(psutil.Process(c.pid("airflow-scheduler")).environ()[HEALTH_PORT])
+        wait_for(lambda: listener(health) in {p.pid for p in psutil.Process(c.pid("airflow-scheduler")).children()},
+                 60, "the new scheduler's health-check server", interval=0.5)
         run = finished(api, run_id)
         tis = api.task_instances(run_id)
         assert run["state"] == "success", tis

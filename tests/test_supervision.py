@@ -1,12 +1,14 @@
 """The process supervisor of make run / make ui (lottery.deploy.supervisor) and the task lifeline
 (lottery.deploy.lifeline), with real processes: a dead component is restarted up to its limit,
 stop() reaches processes that left the component's process group (as Airflow's task processes do),
-a LocalExecutor worker left by a dead scheduler is stopped once idle, and a process that asked for
-a lifeline stops when its parent is SIGKILLed. A few seconds in all; the same faults with the real
+a LocalExecutor worker left by a dead scheduler is stopped once idle, the scheduler's own helpers
+(forks under its command line) at once, and a process that asked for a lifeline stops when its
+parent is SIGKILLed. A few seconds in all; the same faults with the real
 scheduler are in tests/test_supervision_airflow.py."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lottery.deploy.supervisor import SWEEP_GRACE_S, ComponentFailed, HomeBusy, Supervisor, alive, stack_processes
+from lottery.deploy.supervisor import (SWEEP_GRACE_S, ComponentFailed, HomeBusy, Supervisor, alive, free_port,
+                                      stack_processes)
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +177,50 @@ def test_a_dead_schedulers_worker_is_kept_while_busy_and_stopped_once_idle(tmp_p
     finally:
         sup.stop(timeout=2)
     wait_for(lambda: not alive(busy), timeout=5, what="the busy worker to stop with the rest")
+
+
+# A component as Airflow's scheduler is: its own port and a database connection, then a helper forked
+# under the same command line (multiprocessing's fork, as for the health-check server) that inherits both.
+WITH_HELPER = """
+import os, socket, sys, time
+port, database = int(sys.argv[1]), int(sys.argv[2])
+server = socket.create_server(("127.0.0.1", port))
+connection = socket.create_connection(("127.0.0.1", database))
+if os.fork() == 0:
+    time.sleep(120)
+    os._exit(0)
+print("serving", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_dead_components_own_helpers_are_stopped_before_it_starts_again(tmp_path):
+    """Left running, the helper would keep the dead component's port (the new one could not bind it)
+    and its database connection open, with any lock its transaction held."""
+    database = socket.create_server(("127.0.0.1", 0))
+    database.settimeout(15)
+    port = free_port()
+    sup = Supervisor(tmp_path, say=lambda line: None)
+    try:
+        sup.start("scheduler", [sys.executable, "-c", WITH_HELPER, str(port), str(database.getsockname()[1])],
+                  dict(os.environ), restart=True)
+        first, _ = database.accept()
+        wait_for(lambda: "serving" in sup.log("scheduler").read_text(), what="the first start")
+        sup.watch()
+        [helper] = sup.below["scheduler"]
+        sup.procs["scheduler"].kill()
+        sup.procs["scheduler"].wait()
+        sup.watch()  # the helper is stopped, then the component restarted
+        assert not alive(helper)
+        first.settimeout(5)
+        assert first.recv(1) == b""  # the dead component's connection ended (its server's session with it)
+        second, _ = database.accept()
+        wait_for(lambda: sup.log("scheduler").read_text().count("serving") == 2, what="the second start")
+        assert sup.procs["scheduler"].poll() is None and "Address already in use" not in sup.log("scheduler").read_text()
+        first.close(), second.close()
+    finally:
+        sup.stop(timeout=5)
+        database.close()
 
 
 LIFELINE_PARENT = """

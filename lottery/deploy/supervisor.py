@@ -6,7 +6,8 @@ component dies. Airflow puts every task process in a group of its own, which a s
 component's group misses: ``watch()`` notes every process below each component and ``stop()``
 signals those too. A component started with ``restart=True`` is restarted when it dies, up to
 ``restart_limit`` times within ``restart_window`` seconds; what a dead one left running (a
-LocalExecutor worker supervising its task) is kept until idle, so no training is lost. A pid is
+LocalExecutor worker supervising its task) is kept until idle, so no training is lost, but its
+helpers (forks still under its own command line) are stopped before it starts again. A pid is
 only signalled while its start time matches, so a reused pid is never hit.
 
 Nothing outlives its supervisor. Each component leads a session of its own, and what it starts
@@ -310,7 +311,10 @@ class Supervisor:
         self._stop_idle_leftovers()
 
     def _restart(self, name: str, code: int) -> None:
-        self.leftovers.update({pid: t for pid, t in self.below.pop(name, {}).items() if alive(pid, t)})
+        left = {pid: t for pid, t in self.below.pop(name, {}).items() if alive(pid, t)}
+        helpers = self._own_forks(name, left)
+        self._stop_now(helpers)
+        self.leftovers.update({pid: t for pid, t in left.items() if pid not in helpers})
         now = time.monotonic()
         recent = [t for t in self.restarts.get(name, []) if now - t < self.restart_window]
         if len(recent) >= self.restart_limit:
@@ -323,6 +327,34 @@ class Supervisor:
         with open(self.log(name), "a") as log:
             log.write(f"\n---- {name} died (exit {code}); restarted by lottery.deploy.supervisor ----\n")
         self.start(name, *self.commands[name], restart=True)
+
+    def _own_forks(self, name: str, processes: dict[int, float]) -> dict[int, float]:
+        """Those of ``processes`` that still carry component ``name``'s command line: forks that took
+        no title of their own, its helpers (the scheduler's health-check server, a Celery worker's
+        bundle cleaner). They serve only the component, and a fork shares its sockets: left running,
+        one keeps the dead scheduler's database connection open, with any lock its transaction held,
+        and the port the new one needs."""
+        import psutil
+
+        argv = self.commands[name][0]
+        found = {}
+        for pid, created in processes.items():
+            try:
+                cmdline = psutil.Process(pid).cmdline()
+            except psutil.Error:
+                continue
+            if cmdline == argv or cmdline[1:] == argv:  # [interpreter, script, ...] for a script's shebang
+                found[pid] = created
+        return found
+
+    @staticmethod
+    def _stop_now(processes: dict[int, float], timeout: float = 5.0) -> None:
+        """SIGKILL ``processes`` and wait (up to ``timeout`` s) until they are gone."""
+        for pid, created in processes.items():
+            _kill(pid, created, signal.SIGKILL)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and any(alive(pid, created) for pid, created in processes.items()):
+            time.sleep(0.05)
 
     def _stop_idle_leftovers(self) -> None:
         """A LocalExecutor worker of a dead scheduler takes what is left in that scheduler's queue,
