@@ -76,7 +76,7 @@ def test_smaller_corpus_is_the_first_images_of_the_larger_linked(cache, corpus):
 def test_plain_loop_writes_every_shard_of_the_plan_in_key_order(corpus, tmp_path):
     classes = sorted(os.listdir(corpus.root / "train"))
     t = images.Transform(channels=3, size=32, encoding="jpeg", jpeg_quality=90)
-    plan = ShardPlan(SPLITS, (3, 1), (0, 3))
+    plan = ShardPlan.of(SPLITS, (3, 1))
     res = bench.run_plain(corpus, tmp_path / "out", 2, t, plan, classes)
     assert res["files"] == COUNT
     assert sorted(res["entries"]) == [("train", 0), ("train", 1), ("train", 2), ("val", 0)]

@@ -28,7 +28,7 @@ CLASSES = ("n01440764", "n01443537", "n02102040")
 
 
 def _plan(counts=(3, 2), per_shard=(2, 3, 1, 4, 2)) -> chunks.ChunkPlan:
-    return chunks.ChunkPlan(ShardPlan(SPLITS, counts, (0, counts[0])), per_shard)
+    return chunks.ChunkPlan(ShardPlan.of(SPLITS, counts), per_shard)
 
 
 def test_chunks_cut_each_shard_in_key_order():
@@ -52,10 +52,10 @@ def test_chunks_cut_each_shard_in_key_order():
 
 
 def test_plan_chunks_sizes():
-    shards = ShardPlan(SPLITS, (2, 1), (0, 2))
+    shards = ShardPlan.of(SPLITS, (2, 1))
     plan = chunks.plan_chunks(shards, {"train": 60000, "val": 100}, min_chunks=6)
     assert plan.per_shard == (118, 118, 2)      # ~256 files each; at least 2 per shard for 6 in all
-    assert chunks.plan_chunks(ShardPlan(SPLITS, (1, 1), (0, 1)), {"train": 10}, 1).per_shard == (1, 1)
+    assert chunks.plan_chunks(ShardPlan.of(SPLITS, (1, 1)), {"train": 10}, 1).per_shard == (1, 1)
 
 
 def _write_chunk(partial: Path, plan, p: int, j: int, payload: bytes) -> None:

@@ -43,11 +43,6 @@ FILES_PER_CHUNK = 256
 _COPY_BLOCK = 1 << 20
 
 
-def key_unit(key: str) -> float:
-    """A shard key (hex) as a number in [0, 1], the position `ShardPlan.partition` uses."""
-    return int(key, 16) / 16.0 ** len(key)
-
-
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
     """The shard plan, and how many chunks each shard partition is cut into."""
@@ -68,9 +63,7 @@ class ChunkPlan:
 
     def chunk(self, split: str, key: str) -> int:
         """The chunk of a file: its shard's range of keys cut into equal parts (monotone in the key)."""
-        p = self.shards.partition(split, key)
-        i = self.shards.splits.index(split)
-        x = key_unit(key) * self.shards.counts[i] - (p - self.shards.offsets[i])
+        p, x = self.shards.place(split, key)
         k = self.per_shard[p]
         return self._first_chunks[p] + min(max(int(x * k), 0), k - 1)
 
@@ -86,9 +79,7 @@ class ChunkPlan:
 
     @classmethod
     def from_dict(cls, d: dict, splits: tuple[str, ...]) -> "ChunkPlan":
-        counts = tuple(d["shard_counts"])
-        return cls(ShardPlan(splits, counts, tuple(sum(counts[:i]) for i in range(len(counts)))),
-                   tuple(d["chunks_per_shard"]))
+        return cls(ShardPlan.of(splits, tuple(d["shard_counts"])), tuple(d["chunks_per_shard"]))
 
 
 def plan_chunks(shards: ShardPlan, files_per_split: dict[str, int], min_chunks: int) -> ChunkPlan:
@@ -264,7 +255,7 @@ def assemble_shard(partial: str, plan: ChunkPlan, p: int) -> dict:
             for j, result in enumerate(results):
                 size += _append(fragment_path(partial, plan, p, j), result["fragment"], out, digest)
                 records += result["fragment"]["records"]
-    merged = _merge(results)
+    merged = sum_results(results)
     shard = {"split": split, "index": index, "count": count,
              "entry": {"file": name, "records": records, "sha256": digest.hexdigest(), "bytes": size}, **merged}
     write_json(shard_result_path(partial, plan, p), shard, sealed=True)
@@ -289,8 +280,9 @@ def _append(fragment: Path, record: dict, out, digest) -> int:
     return size
 
 
-def _merge(results: list[dict]) -> dict:
-    """A shard's result from its chunks' (each has at least one)."""
+def sum_results(results: list[dict]) -> dict:
+    """The counts of several results together (at least one): a shard's from its chunks', the
+    job's from its shards'."""
     return {"per_class": np.sum([r["per_class"] for r in results], axis=0).tolist(),
             "skipped": [s for r in results for s in r["skipped"]],
             "hist": np.sum([r["hist"] for r in results], axis=0).tolist(),

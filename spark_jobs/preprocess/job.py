@@ -24,7 +24,7 @@ from lottery.data.verify import record_written
 from lottery.files import write_text
 
 from .args import JobConfig, effective_options, parse_args, validate
-from .chunks import ChunkPlan
+from .chunks import ChunkPlan, sum_results
 from .cluster import ExecutorWatch, check_master, executor_timeout, submitted_master, wait_for_executors
 from .errors import EXIT_CLUSTER, EXIT_DATA, EXIT_OK, EXIT_USAGE, ClusterError, DataError, InputError
 from .images import HistogramStats, Transform
@@ -230,19 +230,15 @@ def assemble(job: _Run, w: _Written) -> dict:
 def _merge_results(cfg: JobConfig, t: Transform, results: list[dict]) -> tuple[dict, list[dict], ChannelStats, dict]:
     """Per-split counts and shard entries, the decode-time skips, the training pixel statistics
     (exact: from histograms) and the conversions of odd files."""
-    splits: dict[str, dict] = {s: {"count": 0, "per_class": [0] * len(cfg.classes), "shards": []} for s in SPLITS}
-    skipped: list[dict] = []
+    splits: dict[str, dict] = {}
+    for split in SPLITS:   # every split has at least one shard (plan_shards)
+        mine = [r for r in results if r["split"] == split]
+        splits[split] = {"count": sum(r["entry"]["records"] for r in mine),
+                         "per_class": sum_results(mine)["per_class"], "shards": [r["entry"] for r in mine]}
+    total = sum_results(results)
     hist = HistogramStats(t.channels)
-    conversions: Counter = Counter()
-    for r in results:
-        sp = splits[r["split"]]
-        sp["shards"].append(r["entry"])
-        sp["count"] += r["entry"]["records"]
-        sp["per_class"] = [x + y for x, y in zip(sp["per_class"], r["per_class"])]
-        skipped.extend(r["skipped"])
-        hist.hist += np.asarray(r["hist"], dtype=np.int64)
-        conversions.update(r["conversions"])
-    return splits, skipped, hist.to_channel_stats(), dict(sorted(conversions.items()))
+    hist.hist += np.asarray(total["hist"], dtype=np.int64)
+    return splits, total["skipped"], hist.to_channel_stats(), dict(sorted(total["conversions"].items()))
 
 
 def _check_data(cfg: JobConfig, t: Transform, listing: dict, splits: dict, skipped: list[dict]) -> list[dict]:

@@ -20,6 +20,11 @@ def shard_key(rel: str) -> str:
     return hashlib.sha256(("shard:" + rel).encode("utf-8")).hexdigest()[:16]
 
 
+def key_unit(key: str) -> float:
+    """A shard key (hex) as a number in [0, 1]: where the file falls in its split's shards."""
+    return int(key, 16) / 16.0 ** len(key)
+
+
 def assign(rel: str, *, derived_val: bool, val_fraction: float, seed: int,
            val_labels: dict[str, str] | None = None) -> tuple[str, str | None]:
     """(split, class folder or None) of a path relative to the input root ("train/cls/x.jpg").
@@ -43,14 +48,24 @@ class ShardPlan:
     counts: tuple[int, ...]     # shards per split
     offsets: tuple[int, ...]    # first partition of each split
 
+    @classmethod
+    def of(cls, splits: tuple[str, ...], counts: tuple[int, ...]) -> "ShardPlan":
+        """The plan of ``counts`` shards per split, the partitions of each split after the last's."""
+        return cls(tuple(splits), tuple(counts), tuple(sum(counts[:i]) for i in range(len(counts))))
+
     @property
     def total(self) -> int:
         return sum(self.counts)
 
-    def partition(self, split: str, key: str) -> int:
+    def place(self, split: str, key: str) -> tuple[int, float]:
+        """(partition of a file, its key's position in that shard's range of keys, in [0, 1])."""
         i = self.splits.index(split)
-        u = int(key, 16) / 16.0 ** len(key)
-        return self.offsets[i] + min(int(u * self.counts[i]), self.counts[i] - 1)
+        x = key_unit(key) * self.counts[i]
+        shard = min(int(x), self.counts[i] - 1)
+        return self.offsets[i] + shard, x - shard
+
+    def partition(self, split: str, key: str) -> int:
+        return self.place(split, key)[0]
 
     def shard_of(self, p: int) -> tuple[str, int, int]:
         for split, off, n in zip(self.splits, self.offsets, self.counts):

@@ -114,8 +114,7 @@ def plan_shards(cfg: JobConfig, listing: dict, record_bytes: float) -> ShardPlan
         else:
             k = math.ceil(n * record_bytes / (a.shard_mb * (1 << 20)))
         counts.append(max(1, min(k, max(n, 1))))
-    offsets = tuple(sum(counts[:i]) for i in range(len(counts)))
-    return ShardPlan(SPLITS, tuple(counts), offsets)
+    return ShardPlan.of(SPLITS, tuple(counts))
 
 
 def plan_work(cfg: JobConfig, listing: dict, record_bytes: float, cores: int) -> ChunkPlan:
