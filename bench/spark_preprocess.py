@@ -54,6 +54,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from bench.docs import DOCS, update_section
 from bench.imagenet_like import Corpus, describe, ensure_corpus
 from lottery.data.manifest import read_manifest, shard_name
 from lottery.data.tfrecord import write_shard
@@ -62,11 +63,9 @@ from spark_jobs.preprocess.labels import resolve_val_labels
 from spark_jobs.preprocess.sharding import SPLITS, ShardPlan, assign, shard_key
 from lottery.deploy.cluster import SPARK_MASTER_READY, SPARK_WORKER_READY, spark_master_argv, spark_worker_argv
 from lottery.deploy.supervisor import Supervisor, free_port, stop_groups
-from spark_jobs.preprocess.spark import JVM_OPTIONS
+from spark_jobs.preprocess.spark import JVM_CONF, JVM_OPTIONS, submit_env
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench/spark_preprocess.py:begin -->", "<!-- bench/spark_preprocess.py:end -->"
 
 IMAGENET_IMAGES = 1_281_167 + 50_000      # ILSVRC-2012 train + val
 PROJECTED_EXECUTORS = (1, 2, 8, 20, 64)
@@ -243,20 +242,10 @@ def steady_rate(timeline: list, total: int, lo: float = 0.2, hi: float = 0.9) ->
 # the Spark run
 # ---------------------------------------------------------------------------------------------
 
-def spark_env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYSPARK_PYTHON", sys.executable)
-    env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    env.pop("SPARK_HOME", None)     # the venv's pyspark, not another installation
-    return env
-
-
 def spark_submit_cmd(corpus: Corpus, out: Path, master_args: list[str], args) -> list[str]:
     return [str(Path(sys.executable).parent / "spark-submit"), *master_args,
             "--conf", "spark.ui.enabled=false", "--driver-memory", args.driver_memory,
-            *[arg for side in ("driver", "executor")
-              for arg in ("--conf", f"spark.{side}.extraJavaOptions={args.jvm_options}")],
+            *[arg for key in JVM_CONF for arg in ("--conf", f"{key}={args.jvm_options}")],
             str(REPO / "spark_jobs" / "preprocess_images.py"), "--input", str(corpus.root), "--output", str(out),
             "--val-labels", str(corpus.labels),
             "--image-size", str(args.image_size), "--encoding", "jpeg", "--jpeg-quality", str(args.jpeg_quality),
@@ -268,7 +257,7 @@ def run_spark(corpus: Corpus, out: Path, master_args: list[str], args, also_watc
     the sessions of a standalone cluster's processes, whose executors do the work."""
     cmd = spark_submit_cmd(corpus, out, master_args, args)
     launched = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=spark_env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=submit_env(),
                             start_new_session=True)
     monitor = ProcessMonitor.sessions(proc.pid, *also_watch)
     monitor.start()
@@ -408,7 +397,7 @@ class LoopbackCluster:
         self.workdir, self.workers, self.worker_memory = workdir, workers, worker_memory
         self.url = ""
         self.supervisor = Supervisor(workdir)
-        self.env = spark_env() | {"SPARK_LOCAL_IP": "127.0.0.1"}
+        self.env = submit_env()
 
     def __enter__(self) -> "LoopbackCluster":
         sup, deadline = self.supervisor, time.monotonic() + self.READY_TIMEOUT
@@ -536,7 +525,7 @@ def compare_once(corpus: Corpus, tmp: Path, tag: str, args, show_log: bool = Fal
     t = images.Transform(channels=m["image_shape"][2], size=args.image_size, resize="shorter-side-crop",
                          encoding="jpeg", jpeg_quality=args.jpeg_quality)
     counts = tuple(len(m["splits"][s]["shards"]) for s in SPLITS)
-    plan = ShardPlan(SPLITS, counts, (0, counts[0]))
+    plan = ShardPlan.of(SPLITS, counts)
     print(f"[{tag}] plain multiprocessing loop ({args.cores} processes) ...", file=sys.stderr, flush=True)
     plain = run_plain(corpus, plain_out, args.cores, t, plan, m["classes"])
     identical = all(plain["entries"][(s, i)]["sha256"] == sh["sha256"]
@@ -702,21 +691,6 @@ def report(res: dict) -> str:
     return "\n".join([header(res), "", *comparison(res), *memory(res), *cluster(res), *projection(res)])
 
 
-def write_docs(text: str) -> None:
-    section = f"{BEGIN}\n## Spark preprocessing vs a plain Pillow loop\n\n{text}\n{END}\n"
-    if DOCS.exists():
-        content = DOCS.read_text()
-        if BEGIN in content and END in content:
-            content = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, content,
-                             flags=re.S)
-        else:
-            content = content.rstrip("\n") + "\n\n" + section
-    else:
-        content = "# Benchmarks\n\n" + section
-    DOCS.write_text(content)
-    print(f"updated {DOCS}", file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------------------------
 
 def _positive(text: str) -> int:
@@ -825,7 +799,7 @@ def main(argv=None) -> int:
     text = report(res)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        update_section("Spark preprocessing vs a plain Pillow loop", text, key="spark-preprocess")
     return 0 if res["identical"] else 1
 
 

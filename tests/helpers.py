@@ -275,6 +275,20 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def listening(procs) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every listening TCP socket of ``procs`` (psutil processes)."""
+    import psutil
+
+    names = {}
+    for p in procs:
+        try:
+            names[p.pid] = " ".join(p.cmdline())[:80]
+        except psutil.Error:
+            pass
+    return [(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in names]
+
+
 def kill_at(cmd: list[str], env: Mapping[str, str], checkpoint: Path, *paths: Path, timeout: float = 600) -> None:
     """Start ``cmd`` (``python -m MODULE ...``), held for good once it has written ``checkpoint``
     (tests/stop_at.py), and SIGKILL it there, once ``paths`` exist too (or it ended, or time ran out)."""

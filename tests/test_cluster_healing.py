@@ -46,7 +46,7 @@ from lottery.deploy.constants import DAG_ID, GPU_QUEUE, POOL, REPO
 from lottery.deploy.databases import REDIS_OWNER_KEY, pg_connect, redis_client
 from lottery.deploy.supervisor import alive
 from tests.helpers import PG_URL, REDIS_URL, cluster_databases, require_cluster_services, tiny_run, wait_for
-from tests.helpers import kill_tree, without_test_airflow
+from tests.helpers import kill_tree, listening, without_test_airflow
 
 EXECUTOR_BOUND_S = 30
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -149,12 +149,6 @@ class Cluster:
         return took
 
 
-def listener(port: int) -> int | None:
-    """The pid listening on ``port`` on loopback."""
-    return next((s.pid for s in psutil.net_connections(kind="tcp")
-                 if s.status == psutil.CONN_LISTEN and s.laddr.port == port), None)
-
-
 def in_sessions(sessions: set[int]) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
@@ -207,9 +201,7 @@ def test_the_cluster_heals_itself(tmp_path):
 
         # ---- 1. every port on loopback ----
         sessions = c.sessions()
-        names = {p.pid: " ".join(p.cmdline())[:60] for p in in_sessions(sessions)}
-        sockets = [(s.laddr.ip, s.laddr.port, names[s.pid]) for s in psutil.net_connections(kind="tcp")
-                   if s.status == psutil.CONN_LISTEN and s.pid in names]
+        sockets = listening(in_sessions(sessions))
         assert any(port == c.state.port for _, port, _ in sockets), sockets
         assert all(ip in LOOPBACK for ip, _, _ in sockets), sockets
 
@@ -243,7 +235,8 @@ def test_the_cluster_heals_itself(tmp_path):
         # and with it any lock its transaction held (the new one could then never queue a task)
         assert not any(h.is_running() and h.status() != psutil.STATUS_ZOMBIE for h in helpers), helpers
         health = int(psutil.Process(c.pid("airflow-scheduler")).environ()[HEALTH_PORT])
-        wait_for(lambda: listener(health) in {p.pid for p in psutil.Process(c.pid("airflow-scheduler")).children()},
+        wait_for(lambda: any(port == health for _, port, _ in
+                             listening(psutil.Process(c.pid("airflow-scheduler")).children())),
                  60, "the new scheduler's health-check server", interval=0.5)
         run = finished(api, run_id)
         tis = api.task_instances(run_id)

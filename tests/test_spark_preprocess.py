@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import struct
@@ -36,25 +35,12 @@ from spark_jobs.preprocess import args as job_args  # noqa: E402
 from spark_jobs.preprocess import images, sharding  # noqa: E402
 from spark_jobs.preprocess.errors import InputError  # noqa: E402
 from spark_jobs.preprocess.spark import JVM_CONF  # noqa: E402
+from spark_jobs.preprocess.spark import submit_env as spark_env  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers (also used by tests/test_spark_cluster.py)
 # ---------------------------------------------------------------------------------------------
-
-def spark_env() -> dict:
-    """Environment for spark-submit: the venv's scripts first, its python on the executors, and no
-    PYTHONPATH (the job must ship `lottery` to the executors itself)."""
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env["PYSPARK_PYTHON"] = sys.executable
-    env["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    env["SPARK_LOCAL_IP"] = "127.0.0.1"
-    env.pop("PYTHONPATH", None)
-    env.pop("SPARK_HOME", None)
-    return env
-
 
 def spark_submit_cmd(*args, master: str = "local[2]", extra: tuple = ()) -> list[str]:
     return [str(Path(sys.executable).parent / "spark-submit"), "--master", master,
@@ -617,7 +603,7 @@ def test_split_is_stable_when_files_are_added():
 
 
 def test_shard_plan_covers_every_partition():
-    plan = sharding.ShardPlan(("train", "val"), (5, 2), (0, 5))
+    plan = sharding.ShardPlan.of(("train", "val"), (5, 2))
     seen = set()
     for i in range(3000):
         key = sharding.shard_key(f"train/c/{i}.jpg")

@@ -26,7 +26,7 @@ import pytest
 
 from lottery.deploy.constants import REPO
 from lottery.deploy.supervisor import free_port
-from tests.helpers import wait_for, without_test_airflow
+from tests.helpers import listening, wait_for, without_test_airflow
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -55,18 +55,6 @@ def describe(procs: list[psutil.Process]) -> list[str]:
         except psutil.Error:
             pass
     return out
-
-
-def listening(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
-    """(address, port, process) of every listening TCP socket of ``procs``."""
-    names = {}
-    for p in procs:
-        try:
-            names[p.pid] = " ".join(p.cmdline())[:80]
-        except psutil.Error:
-            pass
-    return [(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in names]
 
 
 class MakeUi:

@@ -1,4 +1,5 @@
-"""Spark plumbing: the session, the code on the executors, file URIs, progress.
+"""Spark plumbing: the session, the code on the executors, the JVM options, the environment of a
+`spark-submit` from this Python, progress.
 
 The executors run functions of `spark_jobs.preprocess` that use `lottery.data`: unless the caller
 gave both packages with `--py-files`, the driver zips them (`build_py_files`) and ships the zip
@@ -20,6 +21,18 @@ log = logging.getLogger("preprocess_images")
 # parallel collector, and with these options they use about half the CPU (bench/spark_preprocess.py).
 JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 JVM_CONF = {"spark.driver.extraJavaOptions": JVM_OPTIONS, "spark.executor.extraJavaOptions": JVM_OPTIONS}
+
+def submit_env() -> dict[str, str]:
+    """The environment of a `spark-submit` of this Python's pyspark (the tests', the benchmark's):
+    its scripts first on PATH, this Python on driver and executors, Spark on loopback, and no
+    PYTHONPATH or SPARK_HOME (the job ships `lottery` to the executors itself)."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+    env.pop("PYTHONPATH", None)
+    env.pop("SPARK_HOME", None)
+    return env
+
 
 # The packages the executors import, as paths inside a --py-files zip or directory.
 SHIPPED_PACKAGES = ("lottery", "spark_jobs")
