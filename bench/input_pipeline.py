@@ -58,8 +58,9 @@ def build_dataset(cache_dir: Path, count: int) -> Path:
     if not (folder / "train").is_dir():
         print(f"writing {count} 224 px JPEGs to {folder}", file=sys.stderr, flush=True)
         make_image_folder(folder, count)
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    from spark_jobs.preprocess.spark import submit_env
+
+    env = submit_env()
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]", "--conf", "spark.ui.enabled=false",
            str(REPO / "spark_jobs" / "preprocess_images.py"), "--input", str(folder), "--output", str(out),
            "--image-size", "224", "--encoding", "jpeg", "--jpeg-quality", "90", "--num-shards", "8",
